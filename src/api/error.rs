@@ -1,0 +1,151 @@
+//! Every error answer, mapped to HTTP in one place. Bodies are JSON
+//! `{"error": "<reason>", ...}`; internal details go to the log, not to the client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::live::{LimitKind, Limited};
+use crate::pipeline::{AckError, SubmitError};
+use crate::registry::RegistryError;
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// Missing, unknown, or the wrong kind of secret.
+    Unauthorized,
+    /// The thing does not exist, or is not the caller's: the two look the same.
+    NotFound,
+    /// A bad request. Validation errors name the event index and the field.
+    Invalid {
+        message: String,
+        index: Option<usize>,
+        field: Option<String>,
+    },
+    Conflict(String),
+    TooLarge(String),
+    RateLimited(Limited),
+    /// The store, registry or pipeline cannot take the request now.
+    Unavailable(String),
+}
+
+impl ApiError {
+    /// A bad query parameter or body field, without an event index.
+    pub fn field(field: &str, reason: impl std::fmt::Display) -> Self {
+        ApiError::Invalid {
+            message: format!("{field}: {reason}"),
+            index: None,
+            field: Some(field.to_owned()),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// Whole seconds for `Retry-After`, never zero.
+fn retry_after_secs(ms: f64) -> u64 {
+    ((ms / 1000.0).ceil() as u64).max(1)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut retry_after = None;
+        let body = match self {
+            ApiError::Unauthorized => json!({"error": "missing or invalid bearer secret"}),
+            ApiError::NotFound => json!({"error": "not found"}),
+            ApiError::Invalid {
+                message,
+                index,
+                field,
+            } => {
+                let mut body = json!({ "error": message });
+                if let Some(i) = index {
+                    body["index"] = json!(i);
+                }
+                if let Some(f) = field {
+                    body["field"] = json!(f);
+                }
+                body
+            }
+            ApiError::Conflict(m) | ApiError::TooLarge(m) => json!({ "error": m }),
+            ApiError::RateLimited(Limited {
+                limit,
+                retry_after_ms,
+            }) => {
+                retry_after = Some(retry_after_secs(retry_after_ms));
+                let what = match limit {
+                    LimitKind::Device => "the device's",
+                    LimitKind::User => "the user's",
+                };
+                json!({
+                    "error": format!("rate limit exceeded: {what} events per second"),
+                    "limit": limit.as_str(),
+                })
+            }
+            ApiError::Unavailable(m) => {
+                retry_after = Some(1);
+                json!({ "error": m })
+            }
+        };
+        let mut response = (status, Json(body)).into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Conflict(what) => ApiError::Conflict(format!("{what} is already taken")),
+            other => {
+                tracing::warn!(error = %other, "registry call failed");
+                ApiError::Unavailable("the registry is unavailable; try again".to_owned())
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::warn!(error = %e, "event store call failed");
+        ApiError::Unavailable("the event store is unavailable; try again".to_owned())
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        ApiError::Unavailable(match e {
+            SubmitError::Full => "the ingest pipeline is full; try again shortly".to_owned(),
+            SubmitError::Closed => "the server is shutting down".to_owned(),
+        })
+    }
+}
+
+impl From<AckError> for ApiError {
+    fn from(e: AckError) -> Self {
+        tracing::warn!(error = %e, "events were not stored");
+        ApiError::Unavailable("the events could not be stored; nothing was kept, try again".to_owned())
+    }
+}
+
+impl From<Limited> for ApiError {
+    fn from(l: Limited) -> Self {
+        ApiError::RateLimited(l)
+    }
+}

@@ -1,0 +1,67 @@
+//! `POST /v1/users` (admin).
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::{json_body, AppState};
+use crate::model::{format_ms, now_ms};
+use crate::registry::secrets::{self, SecretKind};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    username: String,
+    email: String,
+}
+
+pub(super) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.admin()?;
+    let new: NewUser = json_body(body)?;
+    let username_ok = (1..=64).contains(&new.username.len())
+        && new
+            .username
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if !username_ok {
+        return Err(ApiError::field(
+            "username",
+            "must be 1 to 64 characters from A-Z a-z 0-9 _ . -",
+        ));
+    }
+    let email_ok = new.email.len() <= 254
+        && new
+            .email
+            .split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
+        && !new.email.chars().any(char::is_whitespace);
+    if !email_ok {
+        return Err(ApiError::field("email", "must be an email address"));
+    }
+    let api_key = secrets::generate(SecretKind::UserKey);
+    let user = state
+        .auth
+        .registry()
+        .create_user(&new.username, &new.email, &secrets::hash_hex(&api_key), now_ms())
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": user.id,
+            "username": user.username,
+            "email": user.email,
+            "api_key": api_key,
+            "created_at": format_ms(user.created_at_ms),
+        })),
+    ))
+}

@@ -1,0 +1,212 @@
+//! `POST /v1/ingest`: the HTTP source.
+//!
+//! The answer is sent only once the pipeline reports the events durable, so a 200
+//! means stored. Every refusal is counted in `/metrics` and, where the device is
+//! known, in its live `rejected_total` and `last_error`.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::decode::{self, DecodeError, DecodeOptions, Format};
+use crate::api::auth::authenticate;
+use crate::api::error::ApiError;
+use crate::api::{body_error, AppState};
+use crate::model::{now_ms, DeviceId, Record, UserId};
+use crate::registry::auth::Principal;
+use crate::telemetry::{Reason, Source};
+
+/// Sheds ingest requests beyond `http.max_inflight_requests` with 503 before their
+/// bodies are read, so that request bodies never pile up in memory.
+pub async fn limit_inflight(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Ok(_slot) = state.ingest_slots.clone().try_acquire_owned() else {
+        state.telemetry.rejected(Source::Http, Reason::Overloaded, 1);
+        return ApiError::Unavailable("too many ingest requests in flight; try again".into())
+            .into_response();
+    };
+    next.run(req).await
+}
+
+/// Who the events are charged to once known, for rejection accounting.
+struct Rejector<'a> {
+    state: &'a AppState,
+    device: Option<(UserId, DeviceId)>,
+}
+
+impl Rejector<'_> {
+    async fn reject(&self, error: ApiError, reason: Reason, events: usize) -> ApiError {
+        self.state
+            .telemetry
+            .rejected(Source::Http, reason, events as u64);
+        if let Some((user, device)) = self.device {
+            let message = match &error {
+                ApiError::Invalid { message, .. } => message.clone(),
+                other => format!("{} ({})", reason.as_str(), other.status()),
+            };
+            self.state
+                .live
+                .record_rejected(user, device, events as u64, &message)
+                .await;
+        }
+        error
+    }
+}
+
+pub async fn ingest(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let received_ms = now_ms();
+    let mut rejector = Rejector {
+        state: &state,
+        device: None,
+    };
+    let principal = match authenticate(&state, &headers).await {
+        Ok(p @ (Principal::Device { .. } | Principal::User(_))) => p,
+        Ok(Principal::Admin) => {
+            return Err(rejector.reject(ApiError::Unauthorized, Reason::Unauthorized, 1).await)
+        }
+        Err(e) => {
+            let reason = match e {
+                ApiError::Unauthorized => Reason::Unauthorized,
+                _ => Reason::Overloaded,
+            };
+            return Err(rejector.reject(e, reason, 1).await);
+        }
+    };
+    if let Principal::Device { id, user_id } = principal {
+        rejector.device = Some((user_id, id));
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let err = body_error(e);
+            let reason = match err {
+                ApiError::TooLarge(_) => Reason::TooLarge,
+                _ => Reason::Invalid,
+            };
+            return Err(rejector.reject(err, reason, 1).await);
+        }
+    };
+    let format = match headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(ct) if ct.trim_start().starts_with("application/x-ndjson") => Format::NdJson,
+        _ => Format::Json,
+    };
+    let opts = DecodeOptions {
+        max_events: state.limits.max_events,
+        now_ms: received_ms,
+    };
+    let decoded = match decode::decode(&body, format, opts) {
+        Ok(d) => d,
+        Err(e) => {
+            let events = e.events();
+            let (err, reason) = match e {
+                DecodeError::TooMany { limit } => (
+                    ApiError::TooLarge(format!("too many events: at most {limit} per request")),
+                    Reason::TooLarge,
+                ),
+                DecodeError::Invalid {
+                    index,
+                    field,
+                    reason,
+                    ..
+                } => (
+                    ApiError::Invalid {
+                        message: format!("event {index}: {field}: {reason}"),
+                        index: Some(index),
+                        field: Some(field),
+                    },
+                    Reason::Invalid,
+                ),
+            };
+            return Err(rejector.reject(err, reason, events).await);
+        }
+    };
+    let accepted = decoded.len();
+    if accepted == 0 {
+        return Ok(Json(json!({ "accepted": 0 })));
+    }
+
+    // Resolve the owner of every event.
+    let mut records = Vec::with_capacity(accepted);
+    let mut per_device: HashMap<DeviceId, (UserId, u64)> = HashMap::new();
+    match principal {
+        Principal::Device { id, user_id } => {
+            if let Some(index) = decoded.iter().position(|d| d.device_id.is_some()) {
+                let err = ApiError::Invalid {
+                    message: format!(
+                        "event {index}: device_id: is only allowed with a user key (gateway mode)"
+                    ),
+                    index: Some(index),
+                    field: Some("device_id".into()),
+                };
+                return Err(rejector.reject(err, Reason::Invalid, accepted).await);
+            }
+            per_device.insert(id, (user_id, accepted as u64));
+            records.extend(decoded.into_iter().map(|d| Record {
+                user_id,
+                device_id: id,
+                received_ms,
+                event: d.event,
+            }));
+        }
+        Principal::User(user_id) => {
+            for (index, d) in decoded.iter().enumerate() {
+                let Some(device) = d.device_id else {
+                    let err = ApiError::Invalid {
+                        message: format!(
+                            "event {index}: device_id: is required with a user key (gateway mode)"
+                        ),
+                        index: Some(index),
+                        field: Some("device_id".into()),
+                    };
+                    return Err(rejector.reject(err, Reason::Invalid, accepted).await);
+                };
+                per_device.entry(device).or_insert((user_id, 0)).1 += 1;
+            }
+            for device in per_device.keys() {
+                if state.auth.device_owner(*device).await? != Some(user_id) {
+                    return Err(rejector
+                        .reject(ApiError::NotFound, Reason::UnknownDevice, accepted)
+                        .await);
+                }
+            }
+            records.extend(decoded.into_iter().map(|d| Record {
+                user_id,
+                device_id: d.device_id.unwrap_or_default(),
+                received_ms,
+                event: d.event,
+            }));
+        }
+        Principal::Admin => unreachable!("refused above"),
+    }
+
+    for (device, (user, n)) in &per_device {
+        if let Err(limited) = state.live.admit(*user, *device, *n, received_ms).await {
+            let r = Rejector {
+                state: &state,
+                device: Some((*user, *device)),
+            };
+            return Err(r.reject(limited.into(), Reason::RateLimited, accepted).await);
+        }
+    }
+
+    let ack = match state.pipeline.try_submit(records) {
+        Ok(ack) => ack,
+        Err(e) => return Err(rejector.reject(e.into(), Reason::Overloaded, accepted).await),
+    };
+    ack.durable().await?;
+    state.telemetry.ingested(Source::Http, accepted as u64);
+    Ok(Json(json!({ "accepted": accepted })))
+}

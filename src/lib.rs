@@ -1,0 +1,40 @@
+//! iotpipe: a time-series ingestion pipeline for IoT events.
+//!
+//! # Module map
+//!
+//! An event travels through the crate in this order:
+//!
+//! - [`ingest`]: the sources. [`ingest::http`] takes `POST /v1/ingest`;
+//!   [`ingest::decode`] turns any payload into validated [`model::Event`]s.
+//! - [`pipeline`]: where events wait. A bounded queue feeds the
+//!   [`pipeline::batcher`], which groups events by store partition and flushes on size or
+//!   age; the [`pipeline::writer`] writes each flush durably and only then acknowledges
+//!   the sources.
+//! - [`store`]: where events are written and read back, behind the [`store::EventStore`]
+//!   trait (the embedded engine is [`store::embedded`]).
+//! - [`query`]: where events are read: windowed aggregates and event listings, computed
+//!   above the store trait so that every backend shares them.
+//!
+//! Beside the data path:
+//!
+//! - [`registry`]: users, devices and their hashed secrets, behind [`registry::Registry`].
+//! - [`live`]: live counters and rate limits, behind [`live::Live`].
+//! - [`api`]: the HTTP router, authentication and error mapping.
+//! - [`config`], [`topology`] (wiring, start-up and ordered shutdown), [`telemetry`]
+//!   (Prometheus series) and [`model`] (shared types and time rules).
+#![warn(unreachable_pub)]
+#![warn(clippy::await_holding_lock)]
+
+pub mod api;
+pub mod config;
+pub mod ingest;
+pub mod live;
+pub mod model;
+pub mod pipeline;
+pub mod query;
+pub mod registry;
+pub mod store;
+pub mod telemetry;
+pub mod topology;
+
+pub use config::Config;

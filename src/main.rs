@@ -1,0 +1,77 @@
+//! The `iotpipe` binary: CLI → Config → topology.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use iotpipe::{topology, Config};
+use tracing_subscriber::EnvFilter;
+
+/// A time-series ingestion pipeline for IoT events.
+#[derive(Parser)]
+#[command(name = "iotpipe", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start everything: HTTP API, ingest pipeline and store.
+    Serve {
+        /// A TOML settings file; environment variables win over it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Apply the registry migrations and the schema of the configured backends.
+    Migrate {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve { config } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            let server = topology::start(config).await?;
+            // One stable line on stdout, for scripts and tests that start on port 0.
+            println!("iotpipe listening http={}", server.http_addr);
+            let stop = server.shutdown_token();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down: draining in-flight batches");
+                stop.cancel();
+            });
+            server.wait().await;
+        }
+        Command::Migrate { config } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            topology::migrate(&config).await?;
+            println!("migrations applied");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

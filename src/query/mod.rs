@@ -1,0 +1,315 @@
+//! Reads: windowed aggregates and event listings, computed above the store trait so
+//! that every backend shares the same semantics.
+//!
+//! - Windows start at multiples of the window length since the epoch, in UTC.
+//! - The range is half-open, `[from, to)`; empty windows are left out.
+//! - Scans fan out in parallel over chunks of the range that follow partition
+//!   (bucket) boundaries, and the partial results are merged in time order.
+
+pub mod routes;
+
+use std::collections::BTreeMap;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+
+use crate::model::{bucket_start, DeviceId, UserId};
+use crate::store::{EventStore, Point, PointQuery, StoreError};
+
+/// Most windows one query may span.
+pub const MAX_WINDOWS: i64 = 10_000;
+
+/// How many chunks a device scan is split into, at most.
+const SCAN_CHUNKS: i64 = 8;
+
+/// How many scans run at once for one query.
+const SCAN_CONCURRENCY: usize = 8;
+
+/// A half-open time range `[from_ms, to_ms)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
+impl Range {
+    /// `ceil((to - from) / window)`, the contract's window count.
+    pub fn window_count(&self, window_ms: i64) -> i64 {
+        let span = self.to_ms - self.from_ms;
+        span / window_ms + i64::from(span % window_ms != 0)
+    }
+
+    /// Splits the range into at most `n` consecutive chunks whose inner edges fall on
+    /// bucket boundaries, so that no partition is scanned by two chunks.
+    pub fn chunks(&self, bucket_len_ms: i64, n: i64) -> Vec<Range> {
+        let first = bucket_start(self.from_ms, bucket_len_ms);
+        let last = bucket_start(self.to_ms - 1, bucket_len_ms);
+        let buckets = (last - first) / bucket_len_ms + 1;
+        let n = n.max(1);
+        let per_chunk = (buckets + n - 1) / n;
+        let mut out = Vec::new();
+        let mut from = self.from_ms;
+        let mut edge = first;
+        while from < self.to_ms {
+            edge += per_chunk * bucket_len_ms;
+            let to = edge.min(self.to_ms);
+            out.push(Range { from_ms: from, to_ms: to });
+            from = to;
+        }
+        out
+    }
+}
+
+/// Count, min, max and sum of one window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+}
+
+impl Stats {
+    const EMPTY: Stats = Stats {
+        count: 0,
+        min: f64::INFINITY,
+        max: f64::NEG_INFINITY,
+        sum: 0.0,
+    };
+
+    fn add(&mut self, value: Option<f64>) {
+        self.count += 1;
+        if let Some(v) = value {
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+            self.sum += v;
+        }
+    }
+
+    pub fn avg(&self) -> f64 {
+        self.sum / self.count as f64
+    }
+}
+
+/// One non-empty window of a device aggregate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Window {
+    pub start_ms: i64,
+    pub stats: Stats,
+}
+
+/// Accumulates points into aligned windows, indexed directly: a query spans at most
+/// [`MAX_WINDOWS`] (+1 for alignment) windows, so a flat vector beats a map.
+#[derive(Debug)]
+pub struct Windows {
+    origin_ms: i64,
+    window_ms: i64,
+    stats: Vec<Stats>,
+}
+
+impl Windows {
+    pub fn new(range: Range, window_ms: i64) -> Self {
+        let origin_ms = bucket_start(range.from_ms, window_ms);
+        let last = bucket_start(range.to_ms - 1, window_ms);
+        let n = ((last - origin_ms) / window_ms + 1) as usize;
+        Self {
+            origin_ms,
+            window_ms,
+            stats: vec![Stats::EMPTY; n],
+        }
+    }
+
+    pub fn add(&mut self, ts_ms: i64, value: Option<f64>) {
+        let i = ((ts_ms - self.origin_ms) / self.window_ms) as usize;
+        if let Some(s) = self.stats.get_mut(i) {
+            s.add(value);
+        }
+    }
+
+    /// The non-empty windows, in ascending order.
+    pub fn finish(self) -> Vec<Window> {
+        let (origin, w) = (self.origin_ms, self.window_ms);
+        self.stats
+            .into_iter()
+            .enumerate()
+            .filter(|(_, s)| s.count > 0)
+            .map(|(i, stats)| Window {
+                start_ms: origin + i as i64 * w,
+                stats,
+            })
+            .collect()
+    }
+}
+
+/// Scans one device's points over a range, in parallel chunks, in time order.
+async fn device_points(
+    store: &dyn EventStore,
+    template: PointQuery,
+    range: Range,
+    bucket_len_ms: i64,
+) -> Result<Vec<Vec<Point>>, StoreError> {
+    let queries = range
+        .chunks(bucket_len_ms, SCAN_CHUNKS)
+        .into_iter()
+        .map(|chunk| PointQuery {
+            from_ms: chunk.from_ms,
+            to_ms: chunk.to_ms,
+            ..template.clone()
+        });
+    stream::iter(queries)
+        .map(|q| store.points(q))
+        .buffered(SCAN_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// Filters for an aggregate.
+#[derive(Debug, Clone, Default)]
+pub struct AggregateFilter {
+    pub metric: Option<String>,
+    pub kind: Option<String>,
+}
+
+/// The windows of one device. With a metric, only events carrying it are counted and
+/// its statistics are filled.
+///
+/// # Errors
+///
+/// A store failure.
+pub async fn device_aggregate(
+    store: &dyn EventStore,
+    user_id: UserId,
+    device_id: DeviceId,
+    range: Range,
+    window_ms: i64,
+    filter: AggregateFilter,
+    bucket_len_ms: i64,
+) -> Result<Vec<Window>, StoreError> {
+    let template = PointQuery {
+        user_id,
+        device_id,
+        from_ms: range.from_ms,
+        to_ms: range.to_ms,
+        kind: filter.kind,
+        metric: filter.metric,
+        with_kind: false,
+    };
+    let mut windows = Windows::new(range, window_ms);
+    for chunk in device_points(store, template, range, bucket_len_ms).await? {
+        for p in chunk {
+            windows.add(p.ts_ms, p.value);
+        }
+    }
+    Ok(windows.finish())
+}
+
+/// What grouped aggregates group by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Type,
+    Device,
+}
+
+/// One (window, group) count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupCount {
+    pub start_ms: i64,
+    pub group: String,
+    pub count: u64,
+}
+
+/// Counts per window and group over several devices, sorted by window then group.
+///
+/// # Errors
+///
+/// A store failure.
+pub async fn grouped_counts(
+    store: &dyn EventStore,
+    user_id: UserId,
+    devices: &[DeviceId],
+    range: Range,
+    window_ms: i64,
+    group_by: GroupBy,
+    kind: Option<String>,
+    bucket_len_ms: i64,
+) -> Result<Vec<GroupCount>, StoreError> {
+    let per_device = stream::iter(devices.iter().copied())
+        .map(|device_id| {
+            let template = PointQuery {
+                user_id,
+                device_id,
+                from_ms: range.from_ms,
+                to_ms: range.to_ms,
+                kind: kind.clone(),
+                metric: None,
+                with_kind: group_by == GroupBy::Type,
+            };
+            async move {
+                let chunks = device_points(store, template, range, bucket_len_ms).await?;
+                Ok::<_, StoreError>((device_id, chunks))
+            }
+        })
+        .buffer_unordered(SCAN_CONCURRENCY / 2);
+    let mut counts: BTreeMap<(i64, String), u64> = BTreeMap::new();
+    let mut per_device = std::pin::pin!(per_device);
+    while let Some((device_id, chunks)) = per_device.try_next().await? {
+        let device_group = device_id.to_string();
+        for p in chunks.into_iter().flatten() {
+            let start = bucket_start(p.ts_ms, window_ms);
+            let group = match group_by {
+                GroupBy::Device => device_group.clone(),
+                GroupBy::Type => p.kind.unwrap_or_default(),
+            };
+            *counts.entry((start, group)).or_default() += 1;
+        }
+    }
+    Ok(counts
+        .into_iter()
+        .map(|((start_ms, group), count)| GroupCount {
+            start_ms,
+            group,
+            count,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_count_rounds_up() {
+        let r = Range { from_ms: 0, to_ms: 10_001 };
+        assert_eq!(r.window_count(1000), 11);
+        assert_eq!(Range { from_ms: 0, to_ms: 10_000 }.window_count(1000), 10);
+    }
+
+    #[test]
+    fn chunks_cover_the_range_exactly_and_meet_on_bucket_edges() {
+        let r = Range { from_ms: 1_500, to_ms: 25_250 };
+        let chunks = r.chunks(1000, 8);
+        assert!(chunks.len() <= 8);
+        assert_eq!(chunks.first().unwrap().from_ms, 1_500);
+        assert_eq!(chunks.last().unwrap().to_ms, 25_250);
+        for pair in chunks.windows(2) {
+            assert_eq!(pair[0].to_ms, pair[1].from_ms);
+            assert_eq!(pair[0].to_ms % 1000, 0);
+        }
+        let one = Range { from_ms: 5, to_ms: 6 }.chunks(1000, 8);
+        assert_eq!(one, vec![Range { from_ms: 5, to_ms: 6 }]);
+    }
+
+    #[test]
+    fn windows_are_aligned_and_empty_ones_left_out() {
+        let mut w = Windows::new(Range { from_ms: 1_500, to_ms: 10_000 }, 1000);
+        w.add(1_500, Some(2.0));
+        w.add(1_999, Some(4.0));
+        w.add(5_000, None);
+        let out = w.finish();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].start_ms, 1_000);
+        assert_eq!(out[0].stats.count, 2);
+        assert_eq!((out[0].stats.min, out[0].stats.max), (2.0, 4.0));
+        assert_eq!(out[0].stats.avg(), 3.0);
+        assert_eq!(out[1].start_ms, 5_000);
+    }
+}

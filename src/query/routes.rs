@@ -1,0 +1,286 @@
+//! The read endpoints (user key): events, aggregates, and live figures.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use base64::Engine;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{AggregateFilter, GroupBy, Range, MAX_WINDOWS};
+use crate::api::auth::Caller;
+use crate::api::devices::owned_device;
+use crate::api::error::ApiError;
+use crate::api::AppState;
+use crate::config::parse_duration_ms;
+use crate::model::{format_ms, now_ms, parse_instant, Event, MAX_FUTURE_MS, MIN_TS_MS};
+use crate::store::{ListQuery, Position};
+
+/// The largest page of events.
+const MAX_LIMIT: usize = 10_000;
+const DEFAULT_LIMIT: usize = 100;
+
+type Params = Query<HashMap<String, String>>;
+
+fn instant(params: &Params, name: &str) -> Result<Option<i64>, ApiError> {
+    params
+        .get(name)
+        .map(|v| {
+            parse_instant(v)
+                .ok_or_else(|| ApiError::field(name, "must be an RFC 3339 instant or integer ms"))
+        })
+        .transpose()
+}
+
+fn required_range(params: &Params) -> Result<Range, ApiError> {
+    let from = instant(params, "from")?.ok_or_else(|| ApiError::field("from", "is required"))?;
+    let to = instant(params, "to")?.ok_or_else(|| ApiError::field("to", "is required"))?;
+    if to <= from {
+        return Err(ApiError::field("to", "must be after from"));
+    }
+    Ok(Range {
+        from_ms: from,
+        to_ms: to,
+    })
+}
+
+fn window(params: &Params, range: Range) -> Result<i64, ApiError> {
+    let raw = params
+        .get("window")
+        .ok_or_else(|| ApiError::field("window", "is required"))?;
+    let window = parse_duration_ms(raw).ok_or_else(|| {
+        ApiError::field(
+            "window",
+            "must be an integer followed by s, m, h or d, at least 1s",
+        )
+    })?;
+    if range.window_count(window) > MAX_WINDOWS {
+        return Err(ApiError::field(
+            "window",
+            format!("the range spans more than {MAX_WINDOWS} windows"),
+        ));
+    }
+    Ok(window)
+}
+
+fn kind(params: &Params) -> Result<Option<String>, ApiError> {
+    match params.get("type") {
+        None => Ok(None),
+        Some(t) if crate::model::is_valid_name(t) => Ok(Some(t.clone())),
+        Some(_) => Err(ApiError::field("type", "is not a valid event type")),
+    }
+}
+
+fn event_json(e: &Event) -> Value {
+    let metrics: serde_json::Map<String, Value> =
+        e.metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    let attrs: serde_json::Map<String, Value> =
+        e.attrs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    json!({
+        "id": e.id,
+        "ts": format_ms(e.ts_ms),
+        "type": e.kind,
+        "metrics": metrics,
+        "attrs": attrs,
+    })
+}
+
+fn encode_cursor(p: Position) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}:{}", p.ts_ms, p.id.simple()))
+}
+
+fn decode_cursor(s: &str) -> Option<Position> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (ts, id) = text.split_once(':')?;
+    Some(Position {
+        ts_ms: ts.parse().ok()?,
+        id: Uuid::parse_str(id).ok()?,
+    })
+}
+
+/// `GET /v1/devices/{id}/events`
+pub async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
+    let user = caller.user()?;
+    let device = owned_device(&state, user, &id).await?;
+    let from = instant(&params, "from")?.unwrap_or(MIN_TS_MS);
+    let to = instant(&params, "to")?.unwrap_or_else(|| now_ms() + MAX_FUTURE_MS);
+    let limit = match params.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => return Err(ApiError::field("limit", "must be an integer from 1 to 10000")),
+        },
+    };
+    let before = params
+        .get("cursor")
+        .map(|c| decode_cursor(c).ok_or_else(|| ApiError::field("cursor", "is not a valid cursor")))
+        .transpose()?;
+    let mut page = state
+        .store
+        .list(ListQuery {
+            user_id: user,
+            device_id: device,
+            from_ms: from,
+            to_ms: to,
+            before,
+            kind: kind(&params)?,
+            limit: limit + 1,
+        })
+        .await?;
+    let next_cursor = if page.len() > limit {
+        page.truncate(limit);
+        page.last().map(|e| encode_cursor(Position::of(e)))
+    } else {
+        None
+    };
+    let events: Vec<Value> = page.iter().map(event_json).collect();
+    Ok(Json(json!({ "events": events, "next_cursor": next_cursor })))
+}
+
+/// `GET /v1/devices/{id}/aggregates`
+pub async fn device_aggregates(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
+    let user = caller.user()?;
+    let device = owned_device(&state, user, &id).await?;
+    let range = required_range(&params)?;
+    let window_ms = window(&params, range)?;
+    let metric = match params.get("metric") {
+        None => None,
+        Some(m) if crate::model::is_valid_name(m) => Some(m.clone()),
+        Some(_) => return Err(ApiError::field("metric", "is not a valid metric name")),
+    };
+    let with_stats = metric.is_some();
+    let filter = AggregateFilter {
+        metric,
+        kind: kind(&params)?,
+    };
+    let windows = super::device_aggregate(
+        state.store.as_ref(),
+        user,
+        device,
+        range,
+        window_ms,
+        filter,
+        state.bucket_len_ms,
+    )
+    .await?;
+    let buckets: Vec<Value> = windows
+        .iter()
+        .map(|w| {
+            let mut b = json!({
+                "start": format_ms(w.start_ms),
+                "start_ms": w.start_ms,
+                "count": w.stats.count,
+            });
+            if with_stats {
+                b["min"] = json!(w.stats.min);
+                b["max"] = json!(w.stats.max);
+                b["avg"] = json!(w.stats.avg());
+                b["sum"] = json!(w.stats.sum);
+            }
+            b
+        })
+        .collect();
+    Ok(Json(json!({
+        "device_id": device,
+        "window_ms": window_ms,
+        "buckets": buckets,
+    })))
+}
+
+/// `GET /v1/aggregates`
+pub async fn grouped_aggregates(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
+    let user = caller.user()?;
+    let range = required_range(&params)?;
+    let window_ms = window(&params, range)?;
+    let group_by = match params.get("group_by").map(String::as_str) {
+        None | Some("type") => GroupBy::Type,
+        Some("device") => GroupBy::Device,
+        Some(_) => return Err(ApiError::field("group_by", "must be type or device")),
+    };
+    let kind = kind(&params)?;
+    // Only the user's current devices: a deleted device's events are never served.
+    let devices: Vec<Uuid> = state
+        .auth
+        .registry()
+        .devices(user)
+        .await?
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    let counts = super::grouped_counts(
+        state.store.as_ref(),
+        user,
+        &devices,
+        range,
+        window_ms,
+        group_by,
+        kind,
+        state.bucket_len_ms,
+    )
+    .await?;
+    let buckets: Vec<Value> = counts
+        .iter()
+        .map(|c| {
+            json!({
+                "start": format_ms(c.start_ms),
+                "start_ms": c.start_ms,
+                "group": c.group,
+                "count": c.count,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "window_ms": window_ms, "buckets": buckets })))
+}
+
+/// `GET /v1/devices/{id}/live`
+pub async fn device_live(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let user = caller.user()?;
+    let device = owned_device(&state, user, &id).await?;
+    let live = state.live.device(device, now_ms()).await;
+    Ok(Json(json!(live)))
+}
+
+/// `GET /v1/live`
+pub async fn user_live(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    let user = caller.user()?;
+    let live = state.live.user(user, now_ms()).await;
+    Ok(Json(json!(live)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let p = Position {
+            ts_ms: 1_795_000_000_123,
+            id: Uuid::from_u128(42),
+        };
+        assert_eq!(decode_cursor(&encode_cursor(p)), Some(p));
+        assert_eq!(decode_cursor("not a cursor"), None);
+    }
+}

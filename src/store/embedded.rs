@@ -1,0 +1,331 @@
+//! The embedded event store, on fjall (an LSM-tree engine).
+//!
+//! Why fjall: the write path is an append to a journal plus a memtable insert, so a
+//! flush of thousands of events costs one `fsync` (group commit); keys are kept sorted,
+//! so a device's range scan is sequential. See `docs/architecture.md` for the
+//! measurements behind the choice.
+//!
+//! Layout, in three keyspaces:
+//! - `events`: key = user (8) | device (16) | bucket (8) | ts (8) | event id (16), all
+//!   big-endian with the sign bit flipped so byte order is numeric order; value = the
+//!   rest of the event, in postcard.
+//! - `ids`: key = device (16) | event id (16), value = ts (8). The duplicate index:
+//!   the contract makes an id a duplicate whatever its `ts`, so the `events` key alone
+//!   cannot detect it.
+//! - `meta`: the bucket length this data directory was created with.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{EventStore, ListQuery, Point, PointQuery, Position, StoreError};
+use crate::model::{bucket_start, DeviceId, Event, UserId};
+use crate::pipeline::batcher::PartitionBatch;
+
+const KEY_LEN: usize = 8 + 16 + 8 + 8 + 16;
+const BUCKET_META_KEY: &str = "bucket_len_ms";
+
+/// The embedded store. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    events: Keyspace,
+    ids: Keyspace,
+    bucket_len_ms: i64,
+    // A std mutex, held only around the check-then-insert of duplicate ids, never
+    // across an await or an fsync: two flushes carrying the same id must not both see
+    // it absent.
+    dedup: std::sync::Mutex<()>,
+}
+
+/// The part of an event that is not in its key.
+#[derive(Serialize, Deserialize)]
+struct StoredValue<'a> {
+    #[serde(borrow)]
+    kind: &'a str,
+    #[serde(borrow)]
+    metrics: Vec<(&'a str, f64)>,
+    #[serde(borrow)]
+    attrs: Vec<(&'a str, &'a str)>,
+    received_ms: i64,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir`.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the engine cannot open the directory, or if the directory was created
+    /// with another bucket length (the key layout depends on it).
+    pub fn open(dir: &Path, bucket_len_ms: i64) -> Result<Self, StoreError> {
+        let db = Database::builder(dir).open().map_err(engine)?;
+        let events = db
+            .keyspace("events", KeyspaceCreateOptions::default)
+            .map_err(engine)?;
+        let ids = db
+            .keyspace("ids", KeyspaceCreateOptions::default)
+            .map_err(engine)?;
+        let meta = db
+            .keyspace("meta", KeyspaceCreateOptions::default)
+            .map_err(engine)?;
+        match meta.get(BUCKET_META_KEY).map_err(engine)? {
+            Some(v) => {
+                let stored = i64::from_be_bytes(v.as_ref().try_into().map_err(corrupt)?);
+                if stored != bucket_len_ms {
+                    return Err(StoreError::Invalid(format!(
+                        "{} was created with a bucket of {stored} ms, not {bucket_len_ms} ms; \
+                         set the bucket back or use a new data directory",
+                        dir.display()
+                    )));
+                }
+            }
+            None => {
+                meta.insert(BUCKET_META_KEY, bucket_len_ms.to_be_bytes())
+                    .map_err(engine)?;
+                db.persist(PersistMode::SyncAll).map_err(engine)?;
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                events,
+                ids,
+                bucket_len_ms,
+                dedup: std::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Runs blocking engine work off the async threads.
+    async fn blocking<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&Inner) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+}
+
+impl Inner {
+    fn write(&self, partitions: &[PartitionBatch]) -> Result<Vec<usize>, StoreError> {
+        let mut counts = Vec::with_capacity(partitions.len());
+        let mut batch = self.db.batch();
+        {
+            let _guard = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
+            let mut in_flush = HashSet::new();
+            for p in partitions {
+                let mut new = 0;
+                for r in &p.records {
+                    let id_key = id_key(r.device_id, r.event.id);
+                    if !in_flush.insert(id_key) || self.ids.contains_key(id_key).map_err(engine)? {
+                        continue;
+                    }
+                    let ts = r.event.ts_ms;
+                    let key = event_key(r.user_id, r.device_id, self.bucket_len_ms, ts, r.event.id);
+                    batch.insert(&self.ids, id_key, ordered(ts));
+                    batch.insert(&self.events, key, encode_value(&r.event, r.received_ms)?);
+                    new += 1;
+                }
+                counts.push(new);
+            }
+            batch.commit().map_err(engine)?;
+        }
+        // Group commit: one fsync for the whole flush, outside the lock so that a
+        // concurrent flush can append meanwhile and share the next sync.
+        self.db.persist(PersistMode::SyncAll).map_err(engine)?;
+        Ok(counts)
+    }
+
+    fn list(&self, q: &ListQuery) -> Result<Vec<Event>, StoreError> {
+        let lo = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.from_ms, Uuid::nil());
+        let mut hi = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.to_ms, Uuid::nil());
+        if let Some(p) = q.before {
+            if p.ts_ms < q.to_ms {
+                hi = event_key(q.user_id, q.device_id, self.bucket_len_ms, p.ts_ms, p.id);
+            }
+        }
+        let mut out = Vec::with_capacity(q.limit.min(1024));
+        if lo >= hi {
+            return Ok(out);
+        }
+        for item in self.events.range(lo..hi).rev() {
+            if out.len() == q.limit {
+                break;
+            }
+            let (key, value) = item.into_inner().map_err(engine)?;
+            let v: StoredValue<'_> = postcard::from_bytes(&value).map_err(corrupt)?;
+            if q.kind.as_deref().is_some_and(|k| k != v.kind) {
+                continue;
+            }
+            let (ts_ms, id) = decode_key_tail(&key)?;
+            out.push(Event {
+                id,
+                ts_ms,
+                kind: v.kind.to_owned(),
+                metrics: v.metrics.iter().map(|&(k, x)| (k.to_owned(), x)).collect(),
+                attrs: v
+                    .attrs
+                    .iter()
+                    .map(|&(k, x)| (k.to_owned(), x.to_owned()))
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn points(&self, q: &PointQuery) -> Result<Vec<Point>, StoreError> {
+        let lo = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.from_ms, Uuid::nil());
+        let hi = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.to_ms, Uuid::nil());
+        let mut out = Vec::new();
+        if lo >= hi {
+            return Ok(out);
+        }
+        for item in self.events.range(lo..hi) {
+            let (key, value) = item.into_inner().map_err(engine)?;
+            let v: StoredValue<'_> = postcard::from_bytes(&value).map_err(corrupt)?;
+            if q.kind.as_deref().is_some_and(|k| k != v.kind) {
+                continue;
+            }
+            let value = match &q.metric {
+                None => None,
+                Some(m) => match v.metrics.iter().find(|(k, _)| k == m) {
+                    Some(&(_, x)) => Some(x),
+                    None => continue,
+                },
+            };
+            let (ts_ms, _) = decode_key_tail(&key)?;
+            out.push(Point {
+                ts_ms,
+                value,
+                kind: q.with_kind.then(|| v.kind.to_owned()),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl EventStore for EmbeddedStore {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn write(&self, partitions: Arc<Vec<PartitionBatch>>) -> Result<Vec<usize>, StoreError> {
+        self.blocking(move |inner| inner.write(&partitions)).await
+    }
+
+    async fn list(&self, query: ListQuery) -> Result<Vec<Event>, StoreError> {
+        self.blocking(move |inner| inner.list(&query)).await
+    }
+
+    async fn points(&self, query: PointQuery) -> Result<Vec<Point>, StoreError> {
+        self.blocking(move |inner| inner.points(&query)).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.blocking(|inner| {
+            inner.events.first_key_value();
+            Ok(())
+        })
+        .await
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.blocking(|inner| inner.db.persist(PersistMode::SyncAll).map_err(engine))
+            .await
+    }
+}
+
+/// Flips the sign bit so that big-endian byte order is numeric order.
+fn ordered(v: i64) -> [u8; 8] {
+    ((v as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn unordered(b: [u8; 8]) -> i64 {
+    (u64::from_be_bytes(b) ^ (1 << 63)) as i64
+}
+
+fn event_key(user: UserId, device: DeviceId, bucket_len_ms: i64, ts_ms: i64, id: Uuid) -> [u8; KEY_LEN] {
+    let mut k = [0u8; KEY_LEN];
+    k[0..8].copy_from_slice(&ordered(user));
+    k[8..24].copy_from_slice(device.as_bytes());
+    k[24..32].copy_from_slice(&ordered(bucket_start(ts_ms, bucket_len_ms)));
+    k[32..40].copy_from_slice(&ordered(ts_ms));
+    k[40..56].copy_from_slice(id.as_bytes());
+    k
+}
+
+fn decode_key_tail(key: &[u8]) -> Result<(i64, Uuid), StoreError> {
+    if key.len() != KEY_LEN {
+        return Err(StoreError::Corrupt(format!("event key of {} bytes", key.len())));
+    }
+    let ts = unordered(key[32..40].try_into().map_err(corrupt)?);
+    let id = Uuid::from_slice(&key[40..56]).map_err(corrupt)?;
+    Ok((ts, id))
+}
+
+fn id_key(device: DeviceId, id: Uuid) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k[..16].copy_from_slice(device.as_bytes());
+    k[16..].copy_from_slice(id.as_bytes());
+    k
+}
+
+fn encode_value(event: &Event, received_ms: i64) -> Result<Vec<u8>, StoreError> {
+    let value = StoredValue {
+        kind: &event.kind,
+        metrics: event.metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+        attrs: event
+            .attrs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        received_ms,
+    };
+    postcard::to_allocvec(&value).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+fn engine(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl Position {
+    /// The position of `event`.
+    pub fn of(event: &Event) -> Self {
+        Position {
+            ts_ms: event.ts_ms,
+            id: event.id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_order_is_numeric_order_across_the_sign() {
+        let d = Uuid::nil();
+        let a = event_key(1, d, 1000, -5, Uuid::nil());
+        let b = event_key(1, d, 1000, 3, Uuid::nil());
+        let c = event_key(1, d, 1000, 3, Uuid::from_u128(1));
+        assert!(a < b && b < c);
+        assert_eq!(decode_key_tail(&c).unwrap(), (3, Uuid::from_u128(1)));
+    }
+}

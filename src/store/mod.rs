@@ -1,0 +1,111 @@
+//! Where events are written and read back.
+//!
+//! [`EventStore`] is the seam between the shared logic and an engine. Above it sit
+//! partitioning (the batcher), validation (ingest) and aggregation (query); below it an
+//! adapter only turns partitions into engine writes and range scans into rows.
+//!
+//! Contract of every implementation:
+//! - [`EventStore::write`] returns only once the events are durable, and stores each
+//!   (device, event id) once: a duplicate id is skipped even if its `ts` differs.
+//! - Events are ordered by (user, device, bucket, ts, id).
+
+pub mod embedded;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::model::{DeviceId, Event, UserId};
+use crate::pipeline::batcher::PartitionBatch;
+
+/// Why a store call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The engine cannot be reached or is overloaded; worth retrying.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// The engine refused the request itself; retrying cannot help.
+    #[error("event store refused the request: {0}")]
+    Invalid(String),
+    /// Data read back could not be decoded.
+    #[error("event store returned undecodable data: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Timeouts and overload are retried; invalid requests and bad data never are.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A position in a device's event order, used for paging newest-first listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub ts_ms: i64,
+    pub id: Uuid,
+}
+
+/// One device's events in `[from_ms, to_ms)`, newest first.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Only events strictly older than this position (the previous page's last event).
+    pub before: Option<Position>,
+    pub kind: Option<String>,
+    pub limit: usize,
+}
+
+/// A projection of one device's events in `[from_ms, to_ms)`, oldest first: just what
+/// aggregation needs, so that engines can skip decoding the rest.
+#[derive(Debug, Clone)]
+pub struct PointQuery {
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Only events of this type.
+    pub kind: Option<String>,
+    /// Only events that carry this metric, with its value in [`Point::value`].
+    pub metric: Option<String>,
+    /// Fill [`Point::kind`].
+    pub with_kind: bool,
+}
+
+/// One event, projected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub ts_ms: i64,
+    pub value: Option<f64>,
+    pub kind: Option<String>,
+}
+
+/// An event engine. See the module docs for the contract.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// The engine's name, as `/health` reports it.
+    fn backend(&self) -> &'static str;
+
+    /// Writes a flush durably. Returns, for each partition in order, how many of its
+    /// events were new (not duplicates of stored ones or of earlier ones in the flush).
+    async fn write(&self, partitions: Arc<Vec<PartitionBatch>>) -> Result<Vec<usize>, StoreError>;
+
+    /// Lists events newest first, at most `limit`.
+    async fn list(&self, query: ListQuery) -> Result<Vec<Event>, StoreError>;
+
+    /// Scans a projection oldest first.
+    async fn points(&self, query: PointQuery) -> Result<Vec<Point>, StoreError>;
+
+    /// A cheap round trip, for `/health`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Makes everything written durable and releases the engine.
+    async fn close(&self) -> Result<(), StoreError>;
+}
+
+/// Shared handle to the configured store.
+pub type SharedStore = Arc<dyn EventStore>;
