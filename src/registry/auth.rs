@@ -87,6 +87,23 @@ impl Auth {
         Ok(found)
     }
 
+    /// Checks a device's own credentials (MQTT CONNECT: username = device id,
+    /// password = token). Returns the device's user if the token belongs to that device.
+    ///
+    /// # Errors
+    ///
+    /// When the registry cannot be asked and the cache does not know the token.
+    pub async fn authenticate_device(
+        &self,
+        device: DeviceId,
+        token: &str,
+    ) -> Result<Option<UserId>, RegistryError> {
+        match self.authenticate(token).await? {
+            Some(Principal::Device { id, user_id }) if id == device => Ok(Some(user_id)),
+            _ => Ok(None),
+        }
+    }
+
     /// The owner of a device, if it exists.
     ///
     /// # Errors
