@@ -188,8 +188,19 @@ async fn bind(addr: &str, setting: &'static str) -> Result<TcpListener, StartErr
 /// A backend that cannot be opened, or an address that cannot be bound.
 pub async fn start(config: Config) -> Result<Server, StartError> {
     ensure_data_dir(&config.data_dir)?;
-    let admin_token = admin_token(&config)?;
     let store = open_store(&config)?;
+    start_with_store(config, store).await
+}
+
+/// As [`start`], with an event store built by the caller: a seam for wrapping the
+/// store (tests make it slow or unreachable on purpose).
+///
+/// # Errors
+///
+/// As [`start`].
+pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Server, StartError> {
+    ensure_data_dir(&config.data_dir)?;
+    let admin_token = admin_token(&config)?;
     let registry = open_registry(&config).await?;
     let live = open_live(&config)?;
     let telemetry = Telemetry::new();

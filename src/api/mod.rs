@@ -125,10 +125,18 @@ pub fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Re
     let body = body.map_err(body_error)?;
     let de = &mut serde_json::Deserializer::from_slice(&body);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." { "body".to_owned() } else { path };
         let reason = e.inner().to_string();
         let reason = reason.split(" at line ").next().unwrap_or_default().to_owned();
+        let path = e.path().to_string();
+        // serde reports a missing field at its parent; name the field itself.
+        let missing = reason
+            .strip_prefix("missing field `")
+            .and_then(|r| r.strip_suffix('`'));
+        let field = match (missing, path.as_str()) {
+            (Some(name), _) => name.to_owned(),
+            (None, ".") => "body".to_owned(),
+            (None, _) => path,
+        };
         ApiError::field(&field, reason)
     })
 }

@@ -1,0 +1,219 @@
+//! The registry endpoints over a real socket: users, devices, auth, isolation.
+
+mod common;
+
+use common::TestServer;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+#[tokio::test]
+async fn only_the_admin_creates_users_and_secrets_are_shown_once() {
+    let t = TestServer::start().await;
+    let (status, _, v) = t
+        .call(
+            Method::POST,
+            "/v1/users",
+            Some(&t.admin),
+            Some(json!({"username": "ann", "email": "ann@example.com"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(v["username"], "ann");
+    assert_eq!(v["email"], "ann@example.com");
+    assert!(v["id"].is_i64());
+    let key = v["api_key"].as_str().unwrap();
+    assert!(key.len() >= 32, "at least 128 bits: {key}");
+    let created = v["created_at"].as_str().unwrap();
+    assert_eq!(created.len(), "2026-11-21T10:00:00.123Z".len());
+    assert!(created.ends_with('Z'));
+
+    // A user key or no key is not the admin.
+    for secret in [Some(key), None, Some("ipa_nope")] {
+        let (status, _, v) = t
+            .call(
+                Method::POST,
+                "/v1/users",
+                secret,
+                Some(json!({"username": "bob", "email": "b@example.com"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{secret:?}");
+        assert!(v["error"].is_string());
+    }
+
+    // The username is unique.
+    let (status, _, v) = t
+        .call(
+            Method::POST,
+            "/v1/users",
+            Some(&t.admin),
+            Some(json!({"username": "ann", "email": "other@example.com"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+}
+
+#[tokio::test]
+async fn secrets_are_stored_hashed() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("ann").await;
+    let (_, token) = t.device(&key, "d").await;
+    let db = std::fs::read(t.dir.path().join("registry.db")).unwrap();
+    let wal = std::fs::read(t.dir.path().join("registry.db-wal")).unwrap_or_default();
+    for secret in [&key, &token] {
+        let needle = secret.as_bytes();
+        for file in [&db, &wal] {
+            assert!(
+                !file.windows(needle.len()).any(|w| w == needle),
+                "a secret is stored in clear"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_user_bodies_name_the_field() {
+    let t = TestServer::start().await;
+    let cases = [
+        (json!({"username": "a b", "email": "a@x.io"}), "username"),
+        (json!({"username": "ab", "email": "nope"}), "email"),
+        (json!({"username": "ab", "email": "a@x.io", "admin": true}), "admin"),
+        (json!({"email": "a@x.io"}), "username"),
+        (json!(["not", "an", "object"]), "body"),
+    ];
+    for (body, field) in cases {
+        let (status, _, v) = t
+            .call(Method::POST, "/v1/users", Some(&t.admin), Some(body.clone()))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(v["field"], field, "{body} → {v}");
+    }
+}
+
+#[tokio::test]
+async fn devices_are_created_listed_shown_and_deleted() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("ann").await;
+    let (status, _, created) = t
+        .call(
+            Method::POST,
+            "/v1/devices",
+            Some(&key),
+            Some(json!({"name": "boiler", "type": "thermo"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = created["id"].as_str().unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok());
+    assert_eq!(created["type"], "thermo");
+    assert!(created["token"].as_str().unwrap().len() >= 32);
+
+    let (status, v) = t.get("/v1/devices", &key).await;
+    assert_eq!(status, StatusCode::OK);
+    let list = v["devices"].as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["id"], id);
+    assert!(list[0].get("token").is_none(), "tokens are shown once");
+
+    let (status, v) = t.get(&format!("/v1/devices/{id}"), &key).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["name"], "boiler");
+
+    // Another spelling of the same UUID is the same device.
+    let upper = id.to_uppercase();
+    let (status, _) = t.get(&format!("/v1/devices/{upper}"), &key).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, _, _) = t
+        .call(Method::DELETE, &format!("/v1/devices/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = t.get(&format!("/v1/devices/{id}"), &key).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = t
+        .call(Method::DELETE, &format!("/v1/devices/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_deleted_devices_token_is_refused_at_once() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("ann").await;
+    let (id, token) = t.device(&key, "d").await;
+    let (status, _) = t.ingest(&token, json!({"type": "t"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = t
+        .call(Method::DELETE, &format!("/v1/devices/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, v) = t.ingest(&token, json!({"type": "t"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    for path in ["events", "aggregates?from=0&to=1000&window=1s", "live"] {
+        let (status, _) = t.get(&format!("/v1/devices/{id}/{path}"), &key).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn users_never_see_each_others_devices_either_way() {
+    let t = TestServer::start().await;
+    let (_, ann) = t.user("ann").await;
+    let (_, bob) = t.user("bob").await;
+    let (ann_dev, ann_token) = t.device(&ann, "a").await;
+    let (bob_dev, _) = t.device(&bob, "b").await;
+    let (status, _) = t.ingest(&ann_token, json!({"type": "t"})).await;
+    assert_eq!(status, StatusCode::OK);
+
+    for (key, other) in [(&ann, &bob_dev), (&bob, &ann_dev)] {
+        for path in [
+            format!("/v1/devices/{other}"),
+            format!("/v1/devices/{other}/events"),
+            format!("/v1/devices/{other}/aggregates?from=0&to=1000&window=1s"),
+            format!("/v1/devices/{other}/live"),
+        ] {
+            let (status, v) = t.get(&path, key).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {v}");
+        }
+        let (status, _, _) = t
+            .call(Method::DELETE, &format!("/v1/devices/{other}"), Some(key), None)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (_, list) = t.get("/v1/devices", key).await;
+        assert_eq!(list["devices"].as_array().unwrap().len(), 1);
+    }
+    // A device that does not exist looks exactly the same.
+    let (status, v) = t
+        .get(&format!("/v1/devices/{}", uuid::Uuid::new_v4()), &ann)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(v, json!({"error": "not found"}));
+    // Bob's grouped aggregates do not include Ann's events.
+    let now = common::now_ms();
+    let (status, v) = t
+        .get(
+            &format!("/v1/aggregates?from={}&to={}&window=1h&group_by=device", now - 3_600_000, now + 1000),
+            &bob,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["buckets"], json!([]));
+}
+
+#[tokio::test]
+async fn the_wrong_kind_of_secret_is_a_401() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("ann").await;
+    let (_, token) = t.device(&key, "d").await;
+    // A device token cannot manage devices or read; the admin token is not a user.
+    for secret in [&token, &t.admin] {
+        let (status, _) = t.get("/v1/devices", secret).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = t.get("/v1/live", secret).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, v) = t.ingest(&t.admin, json!({"type": "t"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    let (status, _) = t.get("/v1/devices", "ipk_notakey").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
