@@ -1,0 +1,259 @@
+//! Reads over a real socket: aggregates checked against figures computed here,
+//! independently, from what the test sent; listings, cursors, and query refusals.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{now_ms, TestServer};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const MIN: i64 = 60_000;
+
+/// Count, min, max, sum per window, computed the plain way.
+fn expected(points: &[(i64, f64)], from: i64, to: i64, window: i64) -> BTreeMap<i64, (u64, f64, f64, f64)> {
+    let mut out: BTreeMap<i64, (u64, f64, f64, f64)> = BTreeMap::new();
+    for &(ts, v) in points {
+        if ts < from || ts >= to {
+            continue;
+        }
+        let start = ts - ts.rem_euclid(window);
+        let e = out.entry(start).or_insert((0, f64::MAX, f64::MIN, 0.0));
+        e.0 += 1;
+        e.1 = e.1.min(v);
+        e.2 = e.2.max(v);
+        e.3 += v;
+    }
+    out
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+#[tokio::test]
+async fn device_aggregates_match_an_independent_computation() {
+    let t = TestServer::start_with(|c| c.limits.device_per_sec = 0).await;
+    let (_, key) = t.user("ann").await;
+    let (dev, token) = t.device(&key, "d").await;
+    // Two hours of events, sent out of order (late ones last), with window-edge
+    // timestamps, duplicates, and events without the metric.
+    let base = (now_ms() - 3 * 3_600_000) / 3_600_000 * 3_600_000;
+    let mut sent: Vec<Value> = Vec::new();
+    let mut points: Vec<(i64, f64)> = Vec::new();
+    for i in 0..600i64 {
+        let ts = base + i * 12_345 % (2 * 3_600_000);
+        let v = ((i * 37) % 101) as f64 / 7.0 - 5.0;
+        let id = uuid::Uuid::new_v4();
+        sent.push(json!({"id": id, "ts": ts, "type": "t", "metrics": {"temp": v, "other": 1}}));
+        points.push((ts, v));
+    }
+    for edge in [base, base + MIN, base + MIN - 1, base + 5 * MIN] {
+        sent.push(json!({"ts": edge, "type": "t", "metrics": {"temp": 100.0}}));
+        points.push((edge, 100.0));
+    }
+    // Events of another type, and events without the metric.
+    for i in 0..50 {
+        sent.push(json!({"ts": base + i * MIN, "type": "boot"}));
+    }
+    let late: Vec<Value> = sent.drain(..100).collect();
+    let dupes: Vec<Value> = sent[..40].to_vec();
+    for chunk in sent.chunks(97) {
+        assert_eq!(t.ingest(&token, Value::Array(chunk.to_vec())).await.0, StatusCode::OK);
+    }
+    assert_eq!(t.ingest(&token, Value::Array(late)).await.0, StatusCode::OK);
+    assert_eq!(t.ingest(&token, Value::Array(dupes)).await.0, StatusCode::OK);
+
+    for (from, to, window) in [
+        (base, base + 2 * 3_600_000, MIN),
+        (base + 7 * MIN + 123, base + 95 * MIN + 7, 5 * MIN),
+        (base - 3_600_000, base + 4 * 3_600_000, 3_600_000),
+        (base + MIN - 1, base + MIN + 1, 1000),
+    ] {
+        let want = expected(&points, from, to, window);
+        let path = format!(
+            "/v1/devices/{dev}/aggregates?from={from}&to={to}&window={}s&metric=temp",
+            window / 1000
+        );
+        let (status, v) = t.get(&path, &key).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["device_id"], dev);
+        assert_eq!(v["window_ms"], window);
+        let buckets = v["buckets"].as_array().unwrap();
+        assert_eq!(buckets.len(), want.len(), "{path}");
+        for (b, (start, (count, min, max, sum))) in buckets.iter().zip(&want) {
+            assert_eq!(b["start_ms"], *start);
+            assert_eq!(b["start"], iotpipe::model::format_ms(*start));
+            assert_eq!(b["count"], *count, "{path} at {start}");
+            assert!(close(b["min"].as_f64().unwrap(), *min));
+            assert!(close(b["max"].as_f64().unwrap(), *max));
+            assert!(close(b["sum"].as_f64().unwrap(), *sum));
+            assert!(close(b["avg"].as_f64().unwrap(), sum / *count as f64));
+        }
+    }
+
+    // Without a metric: every event counts, only start/start_ms/count are given.
+    let (from, to) = (base, base + 2 * 3_600_000);
+    let (_, v) = t
+        .get(&format!("/v1/devices/{dev}/aggregates?from={from}&to={to}&window=1h"), &key)
+        .await;
+    let total: u64 = v["buckets"].as_array().unwrap().iter().map(|b| b["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, 604 + 50);
+    assert!(v["buckets"][0].get("min").is_none());
+    assert_eq!(v["buckets"][0].as_object().unwrap().len(), 3);
+    // With a type filter.
+    let (_, v) = t
+        .get(&format!("/v1/devices/{dev}/aggregates?from={from}&to={to}&window=1d&type=boot"), &key)
+        .await;
+    let total: u64 = v["buckets"].as_array().unwrap().iter().map(|b| b["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, 50);
+}
+
+#[tokio::test]
+async fn grouped_aggregates_count_by_type_and_by_device_across_the_users_devices() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("ann").await;
+    let (d1, t1) = t.device(&key, "one").await;
+    let (d2, t2) = t.device(&key, "two").await;
+    let (d3, t3) = t.device(&key, "gone").await;
+    let base = (now_ms() - 3_600_000) / MIN * MIN;
+    let ev = |ts: i64, kind: &str| json!({"ts": ts, "type": kind});
+    t.ingest(&t1, json!([ev(base, "a"), ev(base + 1, "b"), ev(base + MIN, "a")])).await;
+    t.ingest(&t2, json!([ev(base + 2, "a"), ev(base + MIN + 5, "b")])).await;
+    t.ingest(&t3, json!([ev(base, "a")])).await;
+    // A deleted device's events are never served.
+    t.call(reqwest::Method::DELETE, &format!("/v1/devices/{d3}"), Some(&key), None).await;
+
+    let q = format!("from={base}&to={}&window=1m", base + 2 * MIN);
+    let (status, v) = t.get(&format!("/v1/aggregates?{q}&group_by=type"), &key).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["window_ms"], MIN);
+    let got: Vec<(i64, String, u64)> = v["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["start_ms"].as_i64().unwrap(), b["group"].as_str().unwrap().to_owned(), b["count"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (base, "a".into(), 2),
+            (base, "b".into(), 1),
+            (base + MIN, "a".into(), 1),
+            (base + MIN, "b".into(), 1),
+        ]
+    );
+    let (_, v) = t.get(&format!("/v1/aggregates?{q}&group_by=device"), &key).await;
+    let mut want = vec![(base, d1.clone(), 2), (base, d2.clone(), 1), (base + MIN, d1.clone(), 1), (base + MIN, d2.clone(), 1)];
+    want.sort();
+    let got: Vec<(i64, String, u64)> = v["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["start_ms"].as_i64().unwrap(), b["group"].as_str().unwrap().to_owned(), b["count"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(got, want);
+    let (_, v) = t.get(&format!("/v1/aggregates?{q}&group_by=device&type=b"), &key).await;
+    assert_eq!(v["buckets"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn events_page_newest_first_with_cursors() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("ann").await;
+    let (dev, token) = t.device(&key, "d").await;
+    let base = now_ms() - 100_000;
+    // Several events share a timestamp, so the cursor must break ties by id.
+    let sent: Vec<Value> = (0..57)
+        .map(|i| json!({"ts": base + (i / 3) * 1000, "type": if i % 2 == 0 { "even" } else { "odd" }}))
+        .collect();
+    t.ingest(&token, Value::Array(sent)).await;
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/devices/{dev}/events?limit=10");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let (status, v) = t.get(&path, &key).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let page = v["events"].as_array().unwrap();
+        assert!(page.len() <= 10);
+        seen.extend(page.iter().cloned());
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 57);
+    let ids: std::collections::HashSet<_> = seen.iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids.len(), 57);
+    let ts: Vec<String> = seen.iter().map(|e| e["ts"].as_str().unwrap().to_owned()).collect();
+    let mut sorted = ts.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(ts, sorted, "newest first");
+
+    let (_, v) = t.get(&format!("/v1/devices/{dev}/events?type=odd&limit=1000"), &key).await;
+    assert_eq!(v["events"].as_array().unwrap().len(), 28);
+    assert_eq!(v["next_cursor"], Value::Null);
+    let (from, to) = (base + 3000, base + 6000);
+    let (_, v) = t.get(&format!("/v1/devices/{dev}/events?from={from}&to={to}"), &key).await;
+    assert_eq!(v["events"].as_array().unwrap().len(), 9, "[from, to) is half-open");
+}
+
+#[tokio::test]
+async fn bad_query_parameters_are_named() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("ann").await;
+    let (dev, _) = t.device(&key, "d").await;
+    let agg = format!("/v1/devices/{dev}/aggregates");
+    let cases = [
+        (format!("{agg}?to=1000&window=1s"), "from"),
+        (format!("{agg}?from=0&window=1s"), "to"),
+        (format!("{agg}?from=1000&to=1000&window=1s"), "to"),
+        (format!("{agg}?from=0&to=1000"), "window"),
+        (format!("{agg}?from=0&to=1000&window=500ms"), "window"),
+        (format!("{agg}?from=0&to=1000&window=1.5s"), "window"),
+        (format!("{agg}?from=0&to=10001000&window=1s"), "window"),
+        (format!("{agg}?from=yesterday&to=1000&window=1s"), "from"),
+        (format!("/v1/devices/{dev}/events?limit=10001"), "limit"),
+        (format!("/v1/devices/{dev}/events?limit=0"), "limit"),
+        (format!("/v1/devices/{dev}/events?cursor=zzz"), "cursor"),
+        ("/v1/aggregates?from=0&to=1000&window=1s&group_by=color".to_string(), "group_by"),
+    ];
+    for (path, field) in cases {
+        let (status, v) = t.get(&path, &key).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert_eq!(v["field"], field, "{path}: {v}");
+    }
+    // Exactly 10,000 windows is allowed.
+    let (status, _) = t.get(&format!("{agg}?from=0&to=10000000&window=1s"), &key).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = t.get(&format!("{agg}?from=2026-11-21T10:00:00Z&to=2026-11-21T11:00:00.000Z&window=1m"), &key).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn live_figures_count_new_events_once() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("ann").await;
+    let (d1, t1) = t.device(&key, "a").await;
+    let (_, t2) = t.device(&key, "b").await;
+    let (_, _idle) = t.device(&key, "c").await;
+    let id = uuid::Uuid::new_v4();
+    // An old ts still counts as received now.
+    t.ingest(&t1, json!([{"id": id, "type": "t", "ts": "2001-01-01T00:00:00Z"}, {"type": "t"}])).await;
+    t.ingest(&t1, json!([{"id": id, "type": "t", "ts": "2001-01-01T00:00:00Z"}])).await;
+    t.ingest(&t2, json!({"type": "t"})).await;
+    let (status, v) = t.get(&format!("/v1/devices/{d1}/live"), &key).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["events_total"], 2, "{v}");
+    assert_eq!(v["events_last_minute"], 2);
+    assert_eq!(v["rejected_total"], 0);
+    assert_eq!(v["last_error"], Value::Null);
+    let last_seen = iotpipe::model::parse_rfc3339_ms(v["last_seen"].as_str().unwrap()).unwrap();
+    assert!((now_ms() - last_seen).abs() < 60_000);
+    let (_, v) = t.get("/v1/live", &key).await;
+    assert_eq!(v, json!({"events_total": 3, "events_last_minute": 3, "devices_active_5m": 2}));
+}
