@@ -5,6 +5,9 @@
 //! - The range is half-open, `[from, to)`; empty windows are left out.
 //! - Scans fan out in parallel over chunks of the range that follow partition
 //!   (bucket) boundaries, and the partial results are merged in time order.
+//! - When the window is a whole number of minutes, the whole minutes of the range are
+//!   read from the store's per-minute rollups (if it keeps them) and only the ragged
+//!   edges are scanned event by event: each minute then falls in exactly one window.
 
 pub mod routes;
 
@@ -13,7 +16,7 @@ use std::collections::BTreeMap;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
 use crate::model::{bucket_start, DeviceId, UserId};
-use crate::store::{EventStore, Point, PointQuery, StoreError};
+use crate::store::{EventStore, Point, PointQuery, RollupQuery, StoreError, Summary, ROLLUP_MS};
 
 /// Most windows one query may span.
 pub const MAX_WINDOWS: i64 = 10_000;
@@ -59,42 +62,11 @@ impl Range {
     }
 }
 
-/// Count, min, max and sum of one window.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Stats {
-    pub count: u64,
-    pub min: f64,
-    pub max: f64,
-    pub sum: f64,
-}
-
-impl Stats {
-    const EMPTY: Stats = Stats {
-        count: 0,
-        min: f64::INFINITY,
-        max: f64::NEG_INFINITY,
-        sum: 0.0,
-    };
-
-    fn add(&mut self, value: Option<f64>) {
-        self.count += 1;
-        if let Some(v) = value {
-            self.min = self.min.min(v);
-            self.max = self.max.max(v);
-            self.sum += v;
-        }
-    }
-
-    pub fn avg(&self) -> f64 {
-        self.sum / self.count as f64
-    }
-}
-
 /// One non-empty window of a device aggregate.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Window {
     pub start_ms: i64,
-    pub stats: Stats,
+    pub stats: Summary,
 }
 
 /// Accumulates points into aligned windows, indexed directly: a query spans at most
@@ -103,7 +75,7 @@ pub struct Window {
 pub struct Windows {
     origin_ms: i64,
     window_ms: i64,
-    stats: Vec<Stats>,
+    stats: Vec<Summary>,
 }
 
 impl Windows {
@@ -114,15 +86,26 @@ impl Windows {
         Self {
             origin_ms,
             window_ms,
-            stats: vec![Stats::EMPTY; n],
+            stats: vec![Summary::EMPTY; n],
         }
     }
 
     pub fn add(&mut self, ts_ms: i64, value: Option<f64>) {
-        let i = ((ts_ms - self.origin_ms) / self.window_ms) as usize;
-        if let Some(s) = self.stats.get_mut(i) {
+        if let Some(s) = self.slot(ts_ms) {
             s.add(value);
         }
+    }
+
+    /// Merges a summary of events that all fall in the window holding `ts_ms`.
+    pub fn merge(&mut self, ts_ms: i64, summary: &Summary) {
+        if let Some(s) = self.slot(ts_ms) {
+            s.merge(summary);
+        }
+    }
+
+    fn slot(&mut self, ts_ms: i64) -> Option<&mut Summary> {
+        let i = (ts_ms - self.origin_ms).div_euclid(self.window_ms);
+        usize::try_from(i).ok().and_then(|i| self.stats.get_mut(i))
     }
 
     /// The non-empty windows, in ascending order.
@@ -162,6 +145,69 @@ async fn device_points(
         .await
 }
 
+/// How a range is read: event by event at the ragged edges, from rollups in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub raw: Vec<Range>,
+    pub rollup: Option<Range>,
+}
+
+impl Plan {
+    pub fn new(range: Range, window_ms: i64) -> Plan {
+        let all_raw = Plan {
+            raw: vec![range],
+            rollup: None,
+        };
+        if window_ms % ROLLUP_MS != 0 {
+            return all_raw;
+        }
+        let m0 = -bucket_start(-range.from_ms, ROLLUP_MS); // rounded up
+        let m1 = bucket_start(range.to_ms, ROLLUP_MS);
+        if m0 >= m1 {
+            return all_raw;
+        }
+        let mut raw = Vec::new();
+        if range.from_ms < m0 {
+            raw.push(Range {
+                from_ms: range.from_ms,
+                to_ms: m0,
+            });
+        }
+        if m1 < range.to_ms {
+            raw.push(Range {
+                from_ms: m1,
+                to_ms: range.to_ms,
+            });
+        }
+        Plan {
+            raw,
+            rollup: Some(Range {
+                from_ms: m0,
+                to_ms: m1,
+            }),
+        }
+    }
+}
+
+/// Reads the rollups of the plan's middle part. If the store keeps none, that part is
+/// moved to the raw ranges instead.
+async fn read_rollups(
+    store: &dyn EventStore,
+    plan: &mut Plan,
+    query: impl FnOnce(Range) -> RollupQuery,
+) -> Result<Vec<crate::store::Rollup>, StoreError> {
+    let Some(middle) = plan.rollup.take() else {
+        return Ok(Vec::new());
+    };
+    match store.rollups(query(middle)).await? {
+        Some(rows) => Ok(rows),
+        None => {
+            plan.raw.push(middle);
+            Ok(Vec::new())
+        }
+    }
+}
+
 /// Filters for an aggregate.
 #[derive(Debug, Clone, Default)]
 pub struct AggregateFilter {
@@ -184,19 +230,34 @@ pub async fn device_aggregate(
     filter: AggregateFilter,
     bucket_len_ms: i64,
 ) -> Result<Vec<Window>, StoreError> {
-    let template = PointQuery {
+    let mut windows = Windows::new(range, window_ms);
+    let mut plan = Plan::new(range, window_ms);
+    let rollups = read_rollups(store, &mut plan, |middle| RollupQuery {
         user_id,
         device_id,
-        from_ms: range.from_ms,
-        to_ms: range.to_ms,
-        kind: filter.kind,
-        metric: filter.metric,
-        with_kind: false,
-    };
-    let mut windows = Windows::new(range, window_ms);
-    for chunk in device_points(store, template, range, bucket_len_ms).await? {
-        for p in chunk {
-            windows.add(p.ts_ms, p.value);
+        from_ms: middle.from_ms,
+        to_ms: middle.to_ms,
+        metric: filter.metric.clone(),
+        kind: filter.kind.clone(),
+    })
+    .await?;
+    for r in &rollups {
+        windows.merge(r.minute_ms, &r.summary);
+    }
+    for part in plan.raw {
+        let template = PointQuery {
+            user_id,
+            device_id,
+            from_ms: part.from_ms,
+            to_ms: part.to_ms,
+            kind: filter.kind.clone(),
+            metric: filter.metric.clone(),
+            with_kind: false,
+        };
+        for chunk in device_points(store, template, part, bucket_len_ms).await? {
+            for p in chunk {
+                windows.add(p.ts_ms, p.value);
+            }
         }
     }
     Ok(windows.finish())
@@ -234,32 +295,50 @@ pub async fn grouped_counts(
 ) -> Result<Vec<GroupCount>, StoreError> {
     let per_device = stream::iter(devices.iter().copied())
         .map(|device_id| {
-            let template = PointQuery {
-                user_id,
-                device_id,
-                from_ms: range.from_ms,
-                to_ms: range.to_ms,
-                kind: kind.clone(),
-                metric: None,
-                with_kind: group_by == GroupBy::Type,
-            };
+            let kind = kind.clone();
             async move {
-                let chunks = device_points(store, template, range, bucket_len_ms).await?;
-                Ok::<_, StoreError>((device_id, chunks))
+                let mut plan = Plan::new(range, window_ms);
+                let rollups = read_rollups(store, &mut plan, |middle| RollupQuery {
+                    user_id,
+                    device_id,
+                    from_ms: middle.from_ms,
+                    to_ms: middle.to_ms,
+                    metric: None,
+                    kind: kind.clone(),
+                })
+                .await?;
+                let mut points = Vec::new();
+                for part in plan.raw {
+                    let template = PointQuery {
+                        user_id,
+                        device_id,
+                        from_ms: part.from_ms,
+                        to_ms: part.to_ms,
+                        kind: kind.clone(),
+                        metric: None,
+                        with_kind: group_by == GroupBy::Type,
+                    };
+                    points.extend(device_points(store, template, part, bucket_len_ms).await?);
+                }
+                Ok::<_, StoreError>((device_id, rollups, points))
             }
         })
         .buffer_unordered(SCAN_CONCURRENCY / 2);
     let mut counts: BTreeMap<(i64, String), u64> = BTreeMap::new();
     let mut per_device = std::pin::pin!(per_device);
-    while let Some((device_id, chunks)) = per_device.try_next().await? {
+    while let Some((device_id, rollups, points)) = per_device.try_next().await? {
         let device_group = device_id.to_string();
-        for p in chunks.into_iter().flatten() {
+        let group_of = |kind: Option<String>| match group_by {
+            GroupBy::Device => device_group.clone(),
+            GroupBy::Type => kind.unwrap_or_default(),
+        };
+        for r in rollups {
+            let start = bucket_start(r.minute_ms, window_ms);
+            *counts.entry((start, group_of(Some(r.kind)))).or_default() += r.summary.count;
+        }
+        for p in points.into_iter().flatten() {
             let start = bucket_start(p.ts_ms, window_ms);
-            let group = match group_by {
-                GroupBy::Device => device_group.clone(),
-                GroupBy::Type => p.kind.unwrap_or_default(),
-            };
-            *counts.entry((start, group)).or_default() += 1;
+            *counts.entry((start, group_of(p.kind))).or_default() += 1;
         }
     }
     Ok(counts
@@ -296,6 +375,23 @@ mod tests {
         }
         let one = Range { from_ms: 5, to_ms: 6 }.chunks(1000, 8);
         assert_eq!(one, vec![Range { from_ms: 5, to_ms: 6 }]);
+    }
+
+    #[test]
+    fn whole_minutes_go_to_rollups_and_ragged_edges_are_scanned() {
+        let r = Range { from_ms: 90_000, to_ms: 400_500 };
+        let p = Plan::new(r, 120_000);
+        assert_eq!(p.rollup, Some(Range { from_ms: 120_000, to_ms: 360_000 }));
+        assert_eq!(
+            p.raw,
+            vec![Range { from_ms: 90_000, to_ms: 120_000 }, Range { from_ms: 360_000, to_ms: 400_500 }]
+        );
+        // Aligned ends: no raw part at all.
+        let p = Plan::new(Range { from_ms: -60_000, to_ms: 60_000 }, 60_000);
+        assert_eq!(p.raw, vec![]);
+        // Windows that are not whole minutes, or ranges inside one minute: all raw.
+        assert_eq!(Plan::new(r, 90_000).rollup, None);
+        assert_eq!(Plan::new(Range { from_ms: 1, to_ms: 59_000 }, 60_000).rollup, None);
     }
 
     #[test]
