@@ -33,7 +33,10 @@ fn event(i: usize, ts_ms: i64) -> Event {
         id: Uuid::new_v4(),
         ts_ms,
         kind: "telemetry".into(),
-        metrics: vec![("temperature".into(), 20.0 + (i % 100) as f64 / 10.0), ("battery".into(), 0.93)],
+        metrics: vec![
+            ("temperature".into(), 20.0 + (i % 100) as f64 / 10.0),
+            ("battery".into(), 0.93),
+        ],
         attrs: vec![("fw".into(), "1.4.2".into())],
     }
 }
@@ -62,7 +65,11 @@ async fn raw_store_rate(secs: f64) -> Result<f64> {
                 }
             })
             .collect();
-        written += store.write(Arc::new(partitions)).await?.iter().sum::<usize>();
+        written += store
+            .write(Arc::new(partitions))
+            .await?
+            .iter()
+            .sum::<usize>();
     }
     Ok(written as f64 / started.elapsed().as_secs_f64())
 }
@@ -121,7 +128,12 @@ async fn post_json(http: &reqwest::Client, url: &str, secret: &str, body: &Value
 }
 
 /// Returns (events/s, peak RSS in MB).
-async fn http_ingest_rate(server: &Server, http: &reqwest::Client, token: &str, secs: f64) -> Result<(f64, f64)> {
+async fn http_ingest_rate(
+    server: &Server,
+    http: &reqwest::Client,
+    token: &str,
+    secs: f64,
+) -> Result<(f64, f64)> {
     // Pre-built bodies, so the client spends its time on HTTP, not on JSON.
     let now = iotpipe::model::now_ms();
     let bodies: Vec<bytes::Bytes> = (0..64)
@@ -143,8 +155,14 @@ async fn http_ingest_rate(server: &Server, http: &reqwest::Client, token: &str, 
     let mut tasks = Vec::new();
     let started = Instant::now();
     for w in 0..8 {
-        let (http, url, token, bodies, done, stop) =
-            (http.clone(), url.clone(), token.to_owned(), bodies.clone(), done.clone(), stop.clone());
+        let (http, url, token, bodies, done, stop) = (
+            http.clone(),
+            url.clone(),
+            token.to_owned(),
+            bodies.clone(),
+            done.clone(),
+            stop.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut i = w;
             while !stop.load(Ordering::Relaxed) {
@@ -182,7 +200,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median ms of the HTTP aggregate query over 86,400 events of one device.
-async fn aggregate_query_ms(server: &Server, http: &reqwest::Client, key: &str, token: &str, dev: &str) -> Result<(f64, i64)> {
+async fn aggregate_query_ms(
+    server: &Server,
+    http: &reqwest::Client,
+    key: &str,
+    token: &str,
+    dev: &str,
+) -> Result<(f64, i64)> {
     let end = iotpipe::model::now_ms() / 60_000 * 60_000;
     let start = end - DAY * 1000;
     let url = format!("{}/v1/ingest", server.base);
@@ -194,10 +218,21 @@ async fn aggregate_query_ms(server: &Server, http: &reqwest::Client, key: &str, 
             post_json(http, &url, token, &Value::Array(events)).await?;
         }
     }
-    let q = format!("{}/v1/devices/{dev}/aggregates?from={start}&to={end}&window=1m&metric=temperature", server.base);
+    let q = format!(
+        "{}/v1/devices/{dev}/aggregates?from={start}&to={end}&window=1m&metric=temperature",
+        server.base
+    );
     let check: Value = http.get(&q).bearer_auth(key).send().await?.json().await?;
-    let n: u64 = check["buckets"].as_array().context("buckets")?.iter().map(|b| b["count"].as_u64().unwrap()).sum();
-    anyhow::ensure!(n == DAY as u64, "expected 86400 events, the aggregate saw {n}");
+    let n: u64 = check["buckets"]
+        .as_array()
+        .context("buckets")?
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
+    anyhow::ensure!(
+        n == DAY as u64,
+        "expected 86400 events, the aggregate saw {n}"
+    );
     let mut times = Vec::new();
     for _ in 0..41 {
         let t = Instant::now();
@@ -212,10 +247,15 @@ async fn aggregate_query_ms(server: &Server, http: &reqwest::Client, key: &str, 
 async fn sqlite_group_by_ms() -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("agg.db").display());
-    let pool = SqlitePoolOptions::new().max_connections(1).connect(&url).await?;
-    sqlx::query("CREATE TABLE ev (device TEXT, ts INTEGER, temperature REAL, PRIMARY KEY (device, ts))")
-        .execute(&pool)
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
         .await?;
+    sqlx::query(
+        "CREATE TABLE ev (device TEXT, ts INTEGER, temperature REAL, PRIMARY KEY (device, ts))",
+    )
+    .execute(&pool)
+    .await?;
     let mut tx = pool.begin().await?;
     for i in 0..DAY {
         sqlx::query("INSERT INTO ev VALUES ('d', ?, ?)")
@@ -244,7 +284,10 @@ async fn main() -> Result<()> {
     if !std::env::args().any(|a| a == "--bench") {
         return Ok(());
     }
-    let secs: f64 = std::env::var("E2E_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10.0);
+    let secs: f64 = std::env::var("E2E_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10.0);
     let cpu = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("machine: {cpu} cores");
 
@@ -253,15 +296,35 @@ async fn main() -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let server = start_server(dir.path())?;
-    let http = reqwest::Client::builder().pool_max_idle_per_host(16).build()?;
-    let user = post_json(&http, &format!("{}/v1/users", server.base), ADMIN, &json!({"username": "bench", "email": "b@example.com"})).await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(16)
+        .build()?;
+    let user = post_json(
+        &http,
+        &format!("{}/v1/users", server.base),
+        ADMIN,
+        &json!({"username": "bench", "email": "b@example.com"}),
+    )
+    .await?;
     let key = user["api_key"].as_str().context("key")?.to_owned();
-    let dev = post_json(&http, &format!("{}/v1/devices", server.base), &key, &json!({"name": "d", "type": "t"})).await?;
+    let dev = post_json(
+        &http,
+        &format!("{}/v1/devices", server.base),
+        &key,
+        &json!({"name": "d", "type": "t"}),
+    )
+    .await?;
     let token = dev["token"].as_str().context("token")?.to_owned();
     let (rate, peak_rss) = http_ingest_rate(&server, &http, &token, secs).await?;
     println!("http ingest, 1,000-event batches: {rate:.0} events/s, peak RSS {peak_rss:.0} MB");
 
-    let agg_dev = post_json(&http, &format!("{}/v1/devices", server.base), &key, &json!({"name": "agg", "type": "t"})).await?;
+    let agg_dev = post_json(
+        &http,
+        &format!("{}/v1/devices", server.base),
+        &key,
+        &json!({"name": "agg", "type": "t"}),
+    )
+    .await?;
     let (agg_ms, _) = aggregate_query_ms(
         &server,
         &http,
@@ -278,6 +341,9 @@ async fn main() -> Result<()> {
     println!("|---|---|---|---|");
     println!("| HTTP ingest, 1,000-event batches, acked durable | {rate:.0} ev/s | raw store bulk write {raw:.0} ev/s | {:.0}% |", 100.0 * rate / raw);
     println!("| 1-minute aggregate, 86,400 events, HTTP, median | {agg_ms:.2} ms | SQLite GROUP BY {sqlite_ms:.2} ms | {:.2}x faster |", sqlite_ms / agg_ms);
-    println!("| server peak RSS while ingesting | {peak_rss:.0} MB | bar: 300 MB | {:.0}% of bar |", 100.0 * peak_rss / 300.0);
+    println!(
+        "| server peak RSS while ingesting | {peak_rss:.0} MB | bar: 300 MB | {:.0}% of bar |",
+        100.0 * peak_rss / 300.0
+    );
     Ok(())
 }

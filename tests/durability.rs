@@ -90,7 +90,9 @@ async fn stored_ids(http: &reqwest::Client, base: &str, key: &str, dev: &str) ->
     let mut cursor = String::new();
     loop {
         let v: Value = http
-            .get(format!("{base}/v1/devices/{dev}/events?limit=10000&from=0{cursor}"))
+            .get(format!(
+                "{base}/v1/devices/{dev}/events?limit=10000&from=0{cursor}"
+            ))
             .bearer_auth(key)
             .send()
             .await
@@ -152,14 +154,23 @@ async fn acknowledged_events_survive_kill_9() {
         w.await.unwrap();
     }
     let acked: Vec<String> = acked.lock().clone();
-    assert!(acked.len() >= 1_000, "too few acknowledged before the kill: {}", acked.len());
+    assert!(
+        acked.len() >= 1_000,
+        "too few acknowledged before the kill: {}",
+        acked.len()
+    );
 
     let mut p = spawn(dir.path());
     let stored = stored_ids(&http, &p.base, &key, &dev).await;
     let stored_set: HashSet<&String> = stored.iter().collect();
     assert_eq!(stored_set.len(), stored.len(), "an event is stored twice");
     let missing = acked.iter().filter(|id| !stored_set.contains(id)).count();
-    assert_eq!(missing, 0, "{missing} acknowledged events lost of {}", acked.len());
+    assert_eq!(
+        missing,
+        0,
+        "{missing} acknowledged events lost of {}",
+        acked.len()
+    );
     let sent = sent.lock();
     assert!(stored.iter().all(|id| sent.contains(id)));
     p.child.kill().unwrap();
@@ -172,7 +183,9 @@ async fn sigterm_drains_and_everything_acknowledged_is_there_after_restart() {
     let mut p = spawn(dir.path());
     let http = reqwest::Client::new();
     let (key, dev, token) = setup(&http, &p.base).await;
-    let body: Vec<Value> = (0..500).map(|i| json!({"type": "t", "metrics": {"i": i}})).collect();
+    let body: Vec<Value> = (0..500)
+        .map(|i| json!({"type": "t", "metrics": {"i": i}}))
+        .collect();
     for _ in 0..4 {
         let r = http
             .post(format!("{}/v1/ingest", p.base))
@@ -211,7 +224,10 @@ fn a_taken_port_stops_start_up_naming_the_setting() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&addr) && err.contains("IOTPIPE_HTTP_ADDR"), "{err}");
+    assert!(
+        err.contains(&addr) && err.contains("IOTPIPE_HTTP_ADDR"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -223,7 +239,11 @@ fn the_admin_token_is_generated_once_with_mode_0600() {
         .env("IOTPIPE_DATA_DIR", dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(dir.path().join("registry.db").exists());
     let mut p = spawn_without_admin(dir.path());
     let path = dir.path().join("admin.token");
@@ -234,7 +254,11 @@ fn the_admin_token_is_generated_once_with_mode_0600() {
     p.kill().unwrap();
     p.wait().unwrap();
     let mut p = spawn_without_admin(dir.path());
-    assert_eq!(std::fs::read_to_string(&path).unwrap(), token, "kept across restarts");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        token,
+        "kept across restarts"
+    );
     p.kill().unwrap();
     p.wait().unwrap();
 }

@@ -25,7 +25,10 @@ async fn one_event_an_array_and_ndjson_are_accepted_and_stored() {
         .await;
     assert_eq!((status, v), (StatusCode::OK, json!({"accepted": 1})));
     let (status, v) = t
-        .ingest(&token, json!([{"type": "a"}, {"type": "b", "ts": now_ms() - 1000}]))
+        .ingest(
+            &token,
+            json!([{"type": "a"}, {"type": "b", "ts": now_ms() - 1000}]),
+        )
         .await;
     assert_eq!((status, v), (StatusCode::OK, json!({"accepted": 2})));
     let nd = "{\"type\":\"n1\"}\n\n{\"type\":\"n2\"}\n";
@@ -59,16 +62,48 @@ async fn each_bad_event_gets_a_400_naming_index_and_field_and_nothing_is_stored(
     let good = json!({"type": "ok", "metrics": {"v": 1}});
     let future = now_ms() + 6 * 60 * 1000;
     let cases: Vec<(String, u64, &str)> = vec![
-        (json!([good, {"type": "t", "colour": "red"}]).to_string(), 1, "colour"),
+        (
+            json!([good, {"type": "t", "colour": "red"}]).to_string(),
+            1,
+            "colour",
+        ),
         (json!([good, good, {"type": 5}]).to_string(), 2, "type"),
         (json!([{"type": "t", "ts": future}]).to_string(), 0, "ts"),
-        (json!([{"type": "t", "ts": "1999-01-01T00:00:00Z"}]).to_string(), 0, "ts"),
-        (r#"[{"type":"ok"},{"type":"t","ts":1795000000000.5}]"#.to_string(), 1, "ts"),
-        (r#"[{"type":"t","metrics":{"x":1e400}}]"#.to_string(), 0, "metrics.x"),
-        (r#"[{"type":"t","metrics":{"x":"NaN"}}]"#.to_string(), 0, "metrics.x"),
-        (r#"[{"type":"t","metrics":{"bad name":1}}]"#.to_string(), 0, "metrics.bad name"),
-        (json!([{"type": "t", "attrs": {"a": "x".repeat(1025)}}]).to_string(), 0, "attrs.a"),
-        (json!([{"type": "t", "id": "not-a-uuid"}]).to_string(), 0, "id"),
+        (
+            json!([{"type": "t", "ts": "1999-01-01T00:00:00Z"}]).to_string(),
+            0,
+            "ts",
+        ),
+        (
+            r#"[{"type":"ok"},{"type":"t","ts":1795000000000.5}]"#.to_string(),
+            1,
+            "ts",
+        ),
+        (
+            r#"[{"type":"t","metrics":{"x":1e400}}]"#.to_string(),
+            0,
+            "metrics.x",
+        ),
+        (
+            r#"[{"type":"t","metrics":{"x":"NaN"}}]"#.to_string(),
+            0,
+            "metrics.x",
+        ),
+        (
+            r#"[{"type":"t","metrics":{"bad name":1}}]"#.to_string(),
+            0,
+            "metrics.bad name",
+        ),
+        (
+            json!([{"type": "t", "attrs": {"a": "x".repeat(1025)}}]).to_string(),
+            0,
+            "attrs.a",
+        ),
+        (
+            json!([{"type": "t", "id": "not-a-uuid"}]).to_string(),
+            0,
+            "id",
+        ),
         (json!([{"ts": 1}]).to_string(), 0, "type"),
         (r#"[{"type":"ok"},{"type":"t","#.to_string(), 1, "body"),
     ];
@@ -83,13 +118,23 @@ async fn each_bad_event_gets_a_400_naming_index_and_field_and_nothing_is_stored(
     let (status, _, v) = t.ingest_raw(&token, Some("application/x-ndjson"), nd).await;
     assert_invalid(status, &v, 1, "x");
 
-    assert!(t.all_events(&key, &dev).await.is_empty(), "nothing is half-stored");
+    assert!(
+        t.all_events(&key, &dev).await.is_empty(),
+        "nothing is half-stored"
+    );
     let (_, live) = t.get(&format!("/v1/devices/{dev}/live"), &key).await;
     assert_eq!(live["events_total"], 0);
     assert!(live["rejected_total"].as_u64().unwrap() >= cases.len() as u64);
     assert!(live["last_error"].as_str().unwrap().contains('x'), "{live}");
     let m = t.metrics().await;
-    assert!(sample(&m, r#"iotpipe_events_rejected_total{source="http",reason="invalid"}"#).unwrap() >= 13.0);
+    assert!(
+        sample(
+            &m,
+            r#"iotpipe_events_rejected_total{source="http",reason="invalid"}"#
+        )
+        .unwrap()
+            >= 13.0
+    );
 }
 
 #[tokio::test]
@@ -113,7 +158,14 @@ async fn too_many_events_and_too_large_bodies_get_413() {
     assert!(v["error"].is_string());
     assert!(t.all_events(&key, &dev).await.is_empty());
     let m = t.metrics().await;
-    assert!(sample(&m, r#"iotpipe_events_rejected_total{source="http",reason="too_large"}"#).unwrap() >= 2.0);
+    assert!(
+        sample(
+            &m,
+            r#"iotpipe_events_rejected_total{source="http",reason="too_large"}"#
+        )
+        .unwrap()
+            >= 2.0
+    );
 }
 
 #[tokio::test]
@@ -131,7 +183,8 @@ async fn duplicates_are_stored_once_but_accepted_counts_them() {
     let (status, v) = t.ingest(&token, body.clone()).await;
     assert_eq!((status, v), (StatusCode::OK, json!({"accepted": 2})));
     // Sent again, even with another ts: still the same event.
-    let again = json!([{"id": id.simple().to_string(), "type": "t", "ts": ts + 5, "metrics": {"v": 1}}]);
+    let again =
+        json!([{"id": id.simple().to_string(), "type": "t", "ts": ts + 5, "metrics": {"v": 1}}]);
     let (status, _) = t.ingest(&token, again).await;
     assert_eq!(status, StatusCode::OK);
     let events = t.all_events(&key, &dev).await;
@@ -163,12 +216,17 @@ async fn gateway_mode_writes_for_the_users_own_devices_only() {
         .await;
     assert_invalid(status, &v, 1, "device_id");
     // A device token may not name a device.
-    let (status, v) = t.ingest(&token1, json!([{"type": "t", "device_id": d1}])).await;
+    let (status, v) = t
+        .ingest(&token1, json!([{"type": "t", "device_id": d1}]))
+        .await;
     assert_invalid(status, &v, 0, "device_id");
     // Another user's device, or none at all: 404, and nothing of the request stored.
     for other in [bob_dev.clone(), uuid::Uuid::new_v4().to_string()] {
         let (status, v) = t
-            .ingest(&ann, json!([{"type": "t", "device_id": d1}, {"type": "t", "device_id": other}]))
+            .ingest(
+                &ann,
+                json!([{"type": "t", "device_id": d1}, {"type": "t", "device_id": other}]),
+            )
             .await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
     }
@@ -192,7 +250,10 @@ async fn a_bad_or_missing_token_is_a_401() {
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     let m = t.metrics().await;
     assert_eq!(
-        sample(&m, r#"iotpipe_events_rejected_total{source="http",reason="unauthorized"}"#),
+        sample(
+            &m,
+            r#"iotpipe_events_rejected_total{source="http",reason="unauthorized"}"#
+        ),
         Some(2.0)
     );
 }
@@ -232,7 +293,10 @@ async fn the_user_limit_sums_over_the_users_devices() {
     let (_, a) = t.device(&key, "a").await;
     let (_, b) = t.device(&key, "b").await;
     let ten: Vec<Value> = (0..10).map(|_| json!({"type": "t"})).collect();
-    assert_eq!(t.ingest(&a, Value::Array(ten.clone())).await.0, StatusCode::OK);
+    assert_eq!(
+        t.ingest(&a, Value::Array(ten.clone())).await.0,
+        StatusCode::OK
+    );
     assert_eq!(t.ingest(&b, Value::Array(ten)).await.0, StatusCode::OK);
     let (status, headers, v) = t.ingest_raw(&a, None, r#"{"type":"t"}"#).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");

@@ -11,7 +11,7 @@ use common::{sample, TestServer};
 use iotpipe::model::Event;
 use iotpipe::pipeline::batcher::PartitionBatch;
 use iotpipe::store::embedded::EmbeddedStore;
-use iotpipe::store::{EventStore, ListQuery, Point, PointQuery, StoreError};
+use iotpipe::store::{EventStore, ListQuery, Point, PointQuery, Rollup, RollupQuery, StoreError};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -73,6 +73,10 @@ impl EventStore for FaultyStore {
         self.check()?;
         self.inner.points(q).await
     }
+    async fn rollups(&self, q: RollupQuery) -> Result<Option<Vec<Rollup>>, StoreError> {
+        self.check()?;
+        self.inner.rollups(q).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.ping().await
@@ -85,11 +89,21 @@ impl EventStore for FaultyStore {
 #[tokio::test]
 async fn health_reports_every_component() {
     let t = TestServer::start().await;
-    let resp = t.http.get(format!("{}/health", t.base)).send().await.unwrap();
+    let resp = t
+        .http
+        .get(format!("{}/health", t.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["status"], "ok");
-    for (name, backend) in [("store", "embedded"), ("registry", "sqlite"), ("live", "local"), ("mqtt", "off")] {
+    for (name, backend) in [
+        ("store", "embedded"),
+        ("registry", "sqlite"),
+        ("live", "local"),
+        ("mqtt", "off"),
+    ] {
         let c = &v["components"][name];
         assert_eq!(c["backend"], backend, "{v}");
         assert_eq!(c["ok"], true);
@@ -102,21 +116,43 @@ async fn every_listed_series_exists_at_zero_from_start_up() {
     let t = TestServer::start().await;
     let m = t.metrics().await;
     for source in ["http", "mqtt"] {
-        assert_eq!(sample(&m, &format!(r#"iotpipe_events_ingested_total{{source="{source}"}}"#)), Some(0.0), "{m}");
-        for reason in ["invalid", "unauthorized", "rate_limited", "too_large", "unknown_device", "overloaded"] {
-            let series = format!(r#"iotpipe_events_rejected_total{{source="{source}",reason="{reason}"}}"#);
+        assert_eq!(
+            sample(
+                &m,
+                &format!(r#"iotpipe_events_ingested_total{{source="{source}"}}"#)
+            ),
+            Some(0.0),
+            "{m}"
+        );
+        for reason in [
+            "invalid",
+            "unauthorized",
+            "rate_limited",
+            "too_large",
+            "unknown_device",
+            "overloaded",
+        ] {
+            let series =
+                format!(r#"iotpipe_events_rejected_total{{source="{source}",reason="{reason}"}}"#);
             assert_eq!(sample(&m, &series), Some(0.0), "{series}");
         }
     }
     assert_eq!(sample(&m, "iotpipe_batches_written_total"), Some(0.0));
     assert_eq!(sample(&m, "iotpipe_pipeline_queue_depth"), Some(0.0));
-    assert!(m.contains("# TYPE iotpipe_store_write_seconds histogram"), "{m}");
+    assert!(
+        m.contains("# TYPE iotpipe_store_write_seconds histogram"),
+        "{m}"
+    );
 
     let (_, key) = t.user("ann").await;
     let (_, token) = t.device(&key, "d").await;
-    t.ingest(&token, json!([{"type": "t"}, {"type": "t"}])).await;
+    t.ingest(&token, json!([{"type": "t"}, {"type": "t"}]))
+        .await;
     let m = t.metrics().await;
-    assert_eq!(sample(&m, r#"iotpipe_events_ingested_total{source="http"}"#), Some(2.0));
+    assert_eq!(
+        sample(&m, r#"iotpipe_events_ingested_total{source="http"}"#),
+        Some(2.0)
+    );
     assert_eq!(sample(&m, "iotpipe_batches_written_total"), Some(1.0));
     assert!(m.contains("iotpipe_store_write_seconds_bucket{le="), "{m}");
     assert_eq!(sample(&m, "iotpipe_store_write_seconds_count"), Some(1.0));
@@ -141,7 +177,13 @@ async fn a_full_pipeline_answers_503_with_retry_after_and_recovers() {
         let (t2, body, token) = (t.http.clone(), fifty.to_string(), token.clone());
         let url = format!("{}/v1/ingest", t.base);
         waiting.push(tokio::spawn(async move {
-            t2.post(url).bearer_auth(token).body(body).send().await.unwrap().status()
+            t2.post(url)
+                .bearer_auth(token)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
         }));
     }
     // Wait until both are inside the pipeline.
@@ -151,7 +193,10 @@ async fn a_full_pipeline_answers_503_with_retry_after_and_recovers() {
         if sample(&m, "iotpipe_pipeline_queue_depth") == Some(100.0) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "pipeline never filled: {m}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pipeline never filled: {m}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (status, headers, v) = t.ingest_raw(&token, None, r#"{"type":"t"}"#).await;
@@ -159,7 +204,12 @@ async fn a_full_pipeline_answers_503_with_retry_after_and_recovers() {
     assert!(headers.contains_key("retry-after"));
     assert!(v["error"].is_string());
     // Health still answers while ingest is saturated.
-    let resp = t.http.get(format!("{}/health", t.base)).send().await.unwrap();
+    let resp = t
+        .http
+        .get(format!("{}/health", t.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 
     store.open_gate();
@@ -170,7 +220,13 @@ async fn a_full_pipeline_answers_503_with_retry_after_and_recovers() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(t.all_events(&key, &dev).await.len(), 101);
     let m = t.metrics().await;
-    assert_eq!(sample(&m, r#"iotpipe_events_rejected_total{source="http",reason="overloaded"}"#), Some(1.0));
+    assert_eq!(
+        sample(
+            &m,
+            r#"iotpipe_events_rejected_total{source="http",reason="overloaded"}"#
+        ),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
@@ -184,7 +240,12 @@ async fn an_unreachable_store_is_503_health_down_and_nothing_is_acknowledged() {
     let (status, headers, v) = t.ingest_raw(&token, None, r#"{"type":"t"}"#).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert!(headers.contains_key("retry-after"));
-    let resp = t.http.get(format!("{}/health", t.base)).send().await.unwrap();
+    let resp = t
+        .http
+        .get(format!("{}/health", t.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     let h: Value = resp.json().await.unwrap();
     assert_eq!(h["status"], "down");
@@ -203,16 +264,27 @@ async fn an_unreachable_store_is_503_health_down_and_nothing_is_acknowledged() {
 async fn a_write_that_is_retried_through_a_short_outage_is_acknowledged_once_stored() {
     let dir = tempfile::tempdir().unwrap();
     let store = FaultyStore::new(&dir.path().join("events"));
-    let t = TestServer::start_with_store(store.clone(), |c| c.pipeline.retry_budget_ms = 30_000).await;
+    let t =
+        TestServer::start_with_store(store.clone(), |c| c.pipeline.retry_budget_ms = 30_000).await;
     let (_, key) = t.user("ann").await;
     let (dev, token) = t.device(&key, "d").await;
     store.down.store(true, Ordering::SeqCst);
     let (client, url) = (t.http.clone(), format!("{}/v1/ingest", t.base));
     let pending = tokio::spawn(async move {
-        client.post(url).bearer_auth(token).body(r#"{"type":"t"}"#).send().await.unwrap().status()
+        client
+            .post(url)
+            .bearer_auth(token)
+            .body(r#"{"type":"t"}"#)
+            .send()
+            .await
+            .unwrap()
+            .status()
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!pending.is_finished(), "acknowledged while the store was down");
+    assert!(
+        !pending.is_finished(),
+        "acknowledged while the store was down"
+    );
     store.down.store(false, Ordering::SeqCst);
     assert_eq!(pending.await.unwrap(), StatusCode::OK);
     assert_eq!(t.all_events(&key, &dev).await.len(), 1);

@@ -12,7 +12,12 @@ use serde_json::{json, Value};
 const MIN: i64 = 60_000;
 
 /// Count, min, max, sum per window, computed the plain way.
-fn expected(points: &[(i64, f64)], from: i64, to: i64, window: i64) -> BTreeMap<i64, (u64, f64, f64, f64)> {
+fn expected(
+    points: &[(i64, f64)],
+    from: i64,
+    to: i64,
+    window: i64,
+) -> BTreeMap<i64, (u64, f64, f64, f64)> {
     let mut out: BTreeMap<i64, (u64, f64, f64, f64)> = BTreeMap::new();
     for &(ts, v) in points {
         if ts < from || ts >= to {
@@ -60,10 +65,16 @@ async fn device_aggregates_match_an_independent_computation() {
     let late: Vec<Value> = sent.drain(..100).collect();
     let dupes: Vec<Value> = sent[..40].to_vec();
     for chunk in sent.chunks(97) {
-        assert_eq!(t.ingest(&token, Value::Array(chunk.to_vec())).await.0, StatusCode::OK);
+        assert_eq!(
+            t.ingest(&token, Value::Array(chunk.to_vec())).await.0,
+            StatusCode::OK
+        );
     }
     assert_eq!(t.ingest(&token, Value::Array(late)).await.0, StatusCode::OK);
-    assert_eq!(t.ingest(&token, Value::Array(dupes)).await.0, StatusCode::OK);
+    assert_eq!(
+        t.ingest(&token, Value::Array(dupes)).await.0,
+        StatusCode::OK
+    );
 
     for (from, to, window) in [
         (base, base + 2 * 3_600_000, MIN),
@@ -96,17 +107,33 @@ async fn device_aggregates_match_an_independent_computation() {
     // Without a metric: every event counts, only start/start_ms/count are given.
     let (from, to) = (base, base + 2 * 3_600_000);
     let (_, v) = t
-        .get(&format!("/v1/devices/{dev}/aggregates?from={from}&to={to}&window=1h"), &key)
+        .get(
+            &format!("/v1/devices/{dev}/aggregates?from={from}&to={to}&window=1h"),
+            &key,
+        )
         .await;
-    let total: u64 = v["buckets"].as_array().unwrap().iter().map(|b| b["count"].as_u64().unwrap()).sum();
+    let total: u64 = v["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
     assert_eq!(total, 604 + 50);
     assert!(v["buckets"][0].get("min").is_none());
     assert_eq!(v["buckets"][0].as_object().unwrap().len(), 3);
     // With a type filter.
     let (_, v) = t
-        .get(&format!("/v1/devices/{dev}/aggregates?from={from}&to={to}&window=1d&type=boot"), &key)
+        .get(
+            &format!("/v1/devices/{dev}/aggregates?from={from}&to={to}&window=1d&type=boot"),
+            &key,
+        )
         .await;
-    let total: u64 = v["buckets"].as_array().unwrap().iter().map(|b| b["count"].as_u64().unwrap()).sum();
+    let total: u64 = v["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
     assert_eq!(total, 50);
 }
 
@@ -119,21 +146,40 @@ async fn grouped_aggregates_count_by_type_and_by_device_across_the_users_devices
     let (d3, t3) = t.device(&key, "gone").await;
     let base = (now_ms() - 3_600_000) / MIN * MIN;
     let ev = |ts: i64, kind: &str| json!({"ts": ts, "type": kind});
-    t.ingest(&t1, json!([ev(base, "a"), ev(base + 1, "b"), ev(base + MIN, "a")])).await;
-    t.ingest(&t2, json!([ev(base + 2, "a"), ev(base + MIN + 5, "b")])).await;
+    t.ingest(
+        &t1,
+        json!([ev(base, "a"), ev(base + 1, "b"), ev(base + MIN, "a")]),
+    )
+    .await;
+    t.ingest(&t2, json!([ev(base + 2, "a"), ev(base + MIN + 5, "b")]))
+        .await;
     t.ingest(&t3, json!([ev(base, "a")])).await;
     // A deleted device's events are never served.
-    t.call(reqwest::Method::DELETE, &format!("/v1/devices/{d3}"), Some(&key), None).await;
+    t.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/devices/{d3}"),
+        Some(&key),
+        None,
+    )
+    .await;
 
     let q = format!("from={base}&to={}&window=1m", base + 2 * MIN);
-    let (status, v) = t.get(&format!("/v1/aggregates?{q}&group_by=type"), &key).await;
+    let (status, v) = t
+        .get(&format!("/v1/aggregates?{q}&group_by=type"), &key)
+        .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["window_ms"], MIN);
     let got: Vec<(i64, String, u64)> = v["buckets"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| (b["start_ms"].as_i64().unwrap(), b["group"].as_str().unwrap().to_owned(), b["count"].as_u64().unwrap()))
+        .map(|b| {
+            (
+                b["start_ms"].as_i64().unwrap(),
+                b["group"].as_str().unwrap().to_owned(),
+                b["count"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         got,
@@ -144,17 +190,32 @@ async fn grouped_aggregates_count_by_type_and_by_device_across_the_users_devices
             (base + MIN, "b".into(), 1),
         ]
     );
-    let (_, v) = t.get(&format!("/v1/aggregates?{q}&group_by=device"), &key).await;
-    let mut want = vec![(base, d1.clone(), 2), (base, d2.clone(), 1), (base + MIN, d1.clone(), 1), (base + MIN, d2.clone(), 1)];
+    let (_, v) = t
+        .get(&format!("/v1/aggregates?{q}&group_by=device"), &key)
+        .await;
+    let mut want = vec![
+        (base, d1.clone(), 2),
+        (base, d2.clone(), 1),
+        (base + MIN, d1.clone(), 1),
+        (base + MIN, d2.clone(), 1),
+    ];
     want.sort();
     let got: Vec<(i64, String, u64)> = v["buckets"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| (b["start_ms"].as_i64().unwrap(), b["group"].as_str().unwrap().to_owned(), b["count"].as_u64().unwrap()))
+        .map(|b| {
+            (
+                b["start_ms"].as_i64().unwrap(),
+                b["group"].as_str().unwrap().to_owned(),
+                b["count"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(got, want);
-    let (_, v) = t.get(&format!("/v1/aggregates?{q}&group_by=device&type=b"), &key).await;
+    let (_, v) = t
+        .get(&format!("/v1/aggregates?{q}&group_by=device&type=b"), &key)
+        .await;
     assert_eq!(v["buckets"].as_array().unwrap().len(), 2);
 }
 
@@ -187,19 +248,39 @@ async fn events_page_newest_first_with_cursors() {
         }
     }
     assert_eq!(seen.len(), 57);
-    let ids: std::collections::HashSet<_> = seen.iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
+    let ids: std::collections::HashSet<_> = seen
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(ids.len(), 57);
-    let ts: Vec<String> = seen.iter().map(|e| e["ts"].as_str().unwrap().to_owned()).collect();
+    let ts: Vec<String> = seen
+        .iter()
+        .map(|e| e["ts"].as_str().unwrap().to_owned())
+        .collect();
     let mut sorted = ts.clone();
     sorted.sort_by(|a, b| b.cmp(a));
     assert_eq!(ts, sorted, "newest first");
 
-    let (_, v) = t.get(&format!("/v1/devices/{dev}/events?type=odd&limit=1000"), &key).await;
+    let (_, v) = t
+        .get(
+            &format!("/v1/devices/{dev}/events?type=odd&limit=1000"),
+            &key,
+        )
+        .await;
     assert_eq!(v["events"].as_array().unwrap().len(), 28);
     assert_eq!(v["next_cursor"], Value::Null);
     let (from, to) = (base + 3000, base + 6000);
-    let (_, v) = t.get(&format!("/v1/devices/{dev}/events?from={from}&to={to}"), &key).await;
-    assert_eq!(v["events"].as_array().unwrap().len(), 9, "[from, to) is half-open");
+    let (_, v) = t
+        .get(
+            &format!("/v1/devices/{dev}/events?from={from}&to={to}"),
+            &key,
+        )
+        .await;
+    assert_eq!(
+        v["events"].as_array().unwrap().len(),
+        9,
+        "[from, to) is half-open"
+    );
 }
 
 #[tokio::test]
@@ -220,7 +301,10 @@ async fn bad_query_parameters_are_named() {
         (format!("/v1/devices/{dev}/events?limit=10001"), "limit"),
         (format!("/v1/devices/{dev}/events?limit=0"), "limit"),
         (format!("/v1/devices/{dev}/events?cursor=zzz"), "cursor"),
-        ("/v1/aggregates?from=0&to=1000&window=1s&group_by=color".to_string(), "group_by"),
+        (
+            "/v1/aggregates?from=0&to=1000&window=1s&group_by=color".to_string(),
+            "group_by",
+        ),
     ];
     for (path, field) in cases {
         let (status, v) = t.get(&path, &key).await;
@@ -228,9 +312,16 @@ async fn bad_query_parameters_are_named() {
         assert_eq!(v["field"], field, "{path}: {v}");
     }
     // Exactly 10,000 windows is allowed.
-    let (status, _) = t.get(&format!("{agg}?from=0&to=10000000&window=1s"), &key).await;
+    let (status, _) = t
+        .get(&format!("{agg}?from=0&to=10000000&window=1s"), &key)
+        .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = t.get(&format!("{agg}?from=2026-11-21T10:00:00Z&to=2026-11-21T11:00:00.000Z&window=1m"), &key).await;
+    let (status, _) = t
+        .get(
+            &format!("{agg}?from=2026-11-21T10:00:00Z&to=2026-11-21T11:00:00.000Z&window=1m"),
+            &key,
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
 }
 
@@ -243,8 +334,16 @@ async fn live_figures_count_new_events_once() {
     let (_, _idle) = t.device(&key, "c").await;
     let id = uuid::Uuid::new_v4();
     // An old ts still counts as received now.
-    t.ingest(&t1, json!([{"id": id, "type": "t", "ts": "2001-01-01T00:00:00Z"}, {"type": "t"}])).await;
-    t.ingest(&t1, json!([{"id": id, "type": "t", "ts": "2001-01-01T00:00:00Z"}])).await;
+    t.ingest(
+        &t1,
+        json!([{"id": id, "type": "t", "ts": "2001-01-01T00:00:00Z"}, {"type": "t"}]),
+    )
+    .await;
+    t.ingest(
+        &t1,
+        json!([{"id": id, "type": "t", "ts": "2001-01-01T00:00:00Z"}]),
+    )
+    .await;
     t.ingest(&t2, json!({"type": "t"})).await;
     let (status, v) = t.get(&format!("/v1/devices/{d1}/live"), &key).await;
     assert_eq!(status, StatusCode::OK);
@@ -255,5 +354,8 @@ async fn live_figures_count_new_events_once() {
     let last_seen = iotpipe::model::parse_rfc3339_ms(v["last_seen"].as_str().unwrap()).unwrap();
     assert!((now_ms() - last_seen).abs() < 60_000);
     let (_, v) = t.get("/v1/live", &key).await;
-    assert_eq!(v, json!({"events_total": 3, "events_last_minute": 3, "devices_active_5m": 2}));
+    assert_eq!(
+        v,
+        json!({"events_total": 3, "events_last_minute": 3, "devices_active_5m": 2})
+    );
 }

@@ -77,13 +77,21 @@ async fn bad_user_bodies_name_the_field() {
     let cases = [
         (json!({"username": "a b", "email": "a@x.io"}), "username"),
         (json!({"username": "ab", "email": "nope"}), "email"),
-        (json!({"username": "ab", "email": "a@x.io", "admin": true}), "admin"),
+        (
+            json!({"username": "ab", "email": "a@x.io", "admin": true}),
+            "admin",
+        ),
         (json!({"email": "a@x.io"}), "username"),
         (json!(["not", "an", "object"]), "body"),
     ];
     for (body, field) in cases {
         let (status, _, v) = t
-            .call(Method::POST, "/v1/users", Some(&t.admin), Some(body.clone()))
+            .call(
+                Method::POST,
+                "/v1/users",
+                Some(&t.admin),
+                Some(body.clone()),
+            )
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert_eq!(v["field"], field, "{body} → {v}");
@@ -125,13 +133,23 @@ async fn devices_are_created_listed_shown_and_deleted() {
     assert_eq!(status, StatusCode::OK);
 
     let (status, _, _) = t
-        .call(Method::DELETE, &format!("/v1/devices/{id}"), Some(&key), None)
+        .call(
+            Method::DELETE,
+            &format!("/v1/devices/{id}"),
+            Some(&key),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = t.get(&format!("/v1/devices/{id}"), &key).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _, _) = t
-        .call(Method::DELETE, &format!("/v1/devices/{id}"), Some(&key), None)
+        .call(
+            Method::DELETE,
+            &format!("/v1/devices/{id}"),
+            Some(&key),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
@@ -144,7 +162,12 @@ async fn a_deleted_devices_token_is_refused_at_once() {
     let (status, _) = t.ingest(&token, json!({"type": "t"})).await;
     assert_eq!(status, StatusCode::OK);
     let (status, _, _) = t
-        .call(Method::DELETE, &format!("/v1/devices/{id}"), Some(&key), None)
+        .call(
+            Method::DELETE,
+            &format!("/v1/devices/{id}"),
+            Some(&key),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, v) = t.ingest(&token, json!({"type": "t"})).await;
@@ -176,7 +199,12 @@ async fn users_never_see_each_others_devices_either_way() {
             assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {v}");
         }
         let (status, _, _) = t
-            .call(Method::DELETE, &format!("/v1/devices/{other}"), Some(key), None)
+            .call(
+                Method::DELETE,
+                &format!("/v1/devices/{other}"),
+                Some(key),
+                None,
+            )
             .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         let (_, list) = t.get("/v1/devices", key).await;
@@ -192,7 +220,11 @@ async fn users_never_see_each_others_devices_either_way() {
     let now = common::now_ms();
     let (status, v) = t
         .get(
-            &format!("/v1/aggregates?from={}&to={}&window=1h&group_by=device", now - 3_600_000, now + 1000),
+            &format!(
+                "/v1/aggregates?from={}&to={}&window=1h&group_by=device",
+                now - 3_600_000,
+                now + 1000
+            ),
             &bob,
         )
         .await;

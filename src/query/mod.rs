@@ -55,7 +55,10 @@ impl Range {
         while from < self.to_ms {
             edge += per_chunk * bucket_len_ms;
             let to = edge.min(self.to_ms);
-            out.push(Range { from_ms: from, to_ms: to });
+            out.push(Range {
+                from_ms: from,
+                to_ms: to,
+            });
             from = to;
         }
         out
@@ -208,6 +211,15 @@ async fn read_rollups(
     }
 }
 
+/// Whose data a query reads, and from where.
+#[derive(Clone, Copy)]
+pub struct Scope<'a> {
+    pub store: &'a dyn EventStore,
+    pub user_id: UserId,
+    /// The store's partition bucket length, for splitting scans.
+    pub bucket_len_ms: i64,
+}
+
 /// Filters for an aggregate.
 #[derive(Debug, Clone, Default)]
 pub struct AggregateFilter {
@@ -222,14 +234,17 @@ pub struct AggregateFilter {
 ///
 /// A store failure.
 pub async fn device_aggregate(
-    store: &dyn EventStore,
-    user_id: UserId,
+    store: Scope<'_>,
     device_id: DeviceId,
     range: Range,
     window_ms: i64,
     filter: AggregateFilter,
-    bucket_len_ms: i64,
 ) -> Result<Vec<Window>, StoreError> {
+    let Scope {
+        store,
+        user_id,
+        bucket_len_ms,
+    } = store;
     let mut windows = Windows::new(range, window_ms);
     let mut plan = Plan::new(range, window_ms);
     let rollups = read_rollups(store, &mut plan, |middle| RollupQuery {
@@ -284,15 +299,18 @@ pub struct GroupCount {
 ///
 /// A store failure.
 pub async fn grouped_counts(
-    store: &dyn EventStore,
-    user_id: UserId,
+    store: Scope<'_>,
     devices: &[DeviceId],
     range: Range,
     window_ms: i64,
     group_by: GroupBy,
     kind: Option<String>,
-    bucket_len_ms: i64,
 ) -> Result<Vec<GroupCount>, StoreError> {
+    let Scope {
+        store,
+        user_id,
+        bucket_len_ms,
+    } = store;
     let per_device = stream::iter(devices.iter().copied())
         .map(|device_id| {
             let kind = kind.clone();
@@ -357,14 +375,27 @@ mod tests {
 
     #[test]
     fn the_window_count_rounds_up() {
-        let r = Range { from_ms: 0, to_ms: 10_001 };
+        let r = Range {
+            from_ms: 0,
+            to_ms: 10_001,
+        };
         assert_eq!(r.window_count(1000), 11);
-        assert_eq!(Range { from_ms: 0, to_ms: 10_000 }.window_count(1000), 10);
+        assert_eq!(
+            Range {
+                from_ms: 0,
+                to_ms: 10_000
+            }
+            .window_count(1000),
+            10
+        );
     }
 
     #[test]
     fn chunks_cover_the_range_exactly_and_meet_on_bucket_edges() {
-        let r = Range { from_ms: 1_500, to_ms: 25_250 };
+        let r = Range {
+            from_ms: 1_500,
+            to_ms: 25_250,
+        };
         let chunks = r.chunks(1000, 8);
         assert!(chunks.len() <= 8);
         assert_eq!(chunks.first().unwrap().from_ms, 1_500);
@@ -373,30 +404,80 @@ mod tests {
             assert_eq!(pair[0].to_ms, pair[1].from_ms);
             assert_eq!(pair[0].to_ms % 1000, 0);
         }
-        let one = Range { from_ms: 5, to_ms: 6 }.chunks(1000, 8);
-        assert_eq!(one, vec![Range { from_ms: 5, to_ms: 6 }]);
+        let one = Range {
+            from_ms: 5,
+            to_ms: 6,
+        }
+        .chunks(1000, 8);
+        assert_eq!(
+            one,
+            vec![Range {
+                from_ms: 5,
+                to_ms: 6
+            }]
+        );
     }
 
     #[test]
     fn whole_minutes_go_to_rollups_and_ragged_edges_are_scanned() {
-        let r = Range { from_ms: 90_000, to_ms: 400_500 };
+        let r = Range {
+            from_ms: 90_000,
+            to_ms: 400_500,
+        };
         let p = Plan::new(r, 120_000);
-        assert_eq!(p.rollup, Some(Range { from_ms: 120_000, to_ms: 360_000 }));
+        assert_eq!(
+            p.rollup,
+            Some(Range {
+                from_ms: 120_000,
+                to_ms: 360_000
+            })
+        );
         assert_eq!(
             p.raw,
-            vec![Range { from_ms: 90_000, to_ms: 120_000 }, Range { from_ms: 360_000, to_ms: 400_500 }]
+            vec![
+                Range {
+                    from_ms: 90_000,
+                    to_ms: 120_000
+                },
+                Range {
+                    from_ms: 360_000,
+                    to_ms: 400_500
+                }
+            ]
         );
         // Aligned ends: no raw part at all.
-        let p = Plan::new(Range { from_ms: -60_000, to_ms: 60_000 }, 60_000);
+        let p = Plan::new(
+            Range {
+                from_ms: -60_000,
+                to_ms: 60_000,
+            },
+            60_000,
+        );
         assert_eq!(p.raw, vec![]);
         // Windows that are not whole minutes, or ranges inside one minute: all raw.
         assert_eq!(Plan::new(r, 90_000).rollup, None);
-        assert_eq!(Plan::new(Range { from_ms: 1, to_ms: 59_000 }, 60_000).rollup, None);
+        assert_eq!(
+            Plan::new(
+                Range {
+                    from_ms: 1,
+                    to_ms: 59_000
+                },
+                60_000
+            )
+            .rollup,
+            None
+        );
     }
 
     #[test]
     fn windows_are_aligned_and_empty_ones_left_out() {
-        let mut w = Windows::new(Range { from_ms: 1_500, to_ms: 10_000 }, 1000);
+        let mut w = Windows::new(
+            Range {
+                from_ms: 1_500,
+                to_ms: 10_000,
+            },
+            1000,
+        );
         w.add(1_500, Some(2.0));
         w.add(1_999, Some(4.0));
         w.add(5_000, None);

@@ -141,7 +141,8 @@ impl Inner {
         {
             let _guard = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
             let mut in_flush = HashSet::new();
-            let mut rollups: HashMap<Vec<u8>, Summary> = HashMap::new();
+            // Keyed by borrowed parts; the byte keys are built once per rollup row.
+            let mut rollups: HashMap<(UserId, DeviceId, &str, i64, &str), Summary> = HashMap::new();
             for p in partitions {
                 let mut new = 0;
                 for r in &p.records {
@@ -154,15 +155,13 @@ impl Inner {
                     batch.insert(&self.ids, id_key, ordered(e.ts_ms));
                     batch.insert(&self.events, key, encode_value(e, r.received_ms)?);
                     let minute = bucket_start(e.ts_ms, ROLLUP_MS);
-                    let prefix = rollup_prefix(r.user_id, r.device_id, "");
                     rollups
-                        .entry(rollup_key(prefix, minute, &e.kind))
+                        .entry((r.user_id, r.device_id, "", minute, &e.kind))
                         .or_insert(Summary::EMPTY)
                         .add(None);
                     for (name, v) in &e.metrics {
-                        let prefix = rollup_prefix(r.user_id, r.device_id, name);
                         rollups
-                            .entry(rollup_key(prefix, minute, &e.kind))
+                            .entry((r.user_id, r.device_id, name, minute, &e.kind))
                             .or_insert(Summary::EMPTY)
                             .add(Some(*v));
                     }
@@ -170,12 +169,14 @@ impl Inner {
                 }
                 counts.push(new);
             }
-            for (key, mut summary) in rollups {
+            for ((user, device, metric, minute, kind), mut summary) in rollups {
+                let key = rollup_key(rollup_prefix(user, device, metric), minute, kind);
                 if let Some(old) = self.rollups.get(&key).map_err(engine)? {
                     let old: Summary = postcard::from_bytes(&old).map_err(corrupt)?;
                     summary.merge(&old);
                 }
-                let value = postcard::to_allocvec(&summary).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                let value = postcard::to_allocvec(&summary)
+                    .map_err(|e| StoreError::Invalid(e.to_string()))?;
                 batch.insert(&self.rollups, key, value);
             }
             batch.commit().map_err(engine)?;
@@ -187,8 +188,20 @@ impl Inner {
     }
 
     fn list(&self, q: &ListQuery) -> Result<Vec<Event>, StoreError> {
-        let lo = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.from_ms, Uuid::nil());
-        let mut hi = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.to_ms, Uuid::nil());
+        let lo = event_key(
+            q.user_id,
+            q.device_id,
+            self.bucket_len_ms,
+            q.from_ms,
+            Uuid::nil(),
+        );
+        let mut hi = event_key(
+            q.user_id,
+            q.device_id,
+            self.bucket_len_ms,
+            q.to_ms,
+            Uuid::nil(),
+        );
         if let Some(p) = q.before {
             if p.ts_ms < q.to_ms {
                 hi = event_key(q.user_id, q.device_id, self.bucket_len_ms, p.ts_ms, p.id);
@@ -224,8 +237,20 @@ impl Inner {
     }
 
     fn points(&self, q: &PointQuery) -> Result<Vec<Point>, StoreError> {
-        let lo = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.from_ms, Uuid::nil());
-        let hi = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.to_ms, Uuid::nil());
+        let lo = event_key(
+            q.user_id,
+            q.device_id,
+            self.bucket_len_ms,
+            q.from_ms,
+            Uuid::nil(),
+        );
+        let hi = event_key(
+            q.user_id,
+            q.device_id,
+            self.bucket_len_ms,
+            q.to_ms,
+            Uuid::nil(),
+        );
         let mut out = Vec::new();
         if lo >= hi {
             return Ok(out);
@@ -324,7 +349,13 @@ fn unordered(b: [u8; 8]) -> i64 {
     (u64::from_be_bytes(b) ^ (1 << 63)) as i64
 }
 
-fn event_key(user: UserId, device: DeviceId, bucket_len_ms: i64, ts_ms: i64, id: Uuid) -> [u8; KEY_LEN] {
+fn event_key(
+    user: UserId,
+    device: DeviceId,
+    bucket_len_ms: i64,
+    ts_ms: i64,
+    id: Uuid,
+) -> [u8; KEY_LEN] {
     let mut k = [0u8; KEY_LEN];
     k[0..8].copy_from_slice(&ordered(user));
     k[8..24].copy_from_slice(device.as_bytes());
@@ -336,7 +367,10 @@ fn event_key(user: UserId, device: DeviceId, bucket_len_ms: i64, ts_ms: i64, id:
 
 fn decode_key_tail(key: &[u8]) -> Result<(i64, Uuid), StoreError> {
     if key.len() != KEY_LEN {
-        return Err(StoreError::Corrupt(format!("event key of {} bytes", key.len())));
+        return Err(StoreError::Corrupt(format!(
+            "event key of {} bytes",
+            key.len()
+        )));
     }
     let ts = unordered(key[32..40].try_into().map_err(corrupt)?);
     let id = Uuid::from_slice(&key[40..56]).map_err(corrupt)?;
@@ -370,7 +404,11 @@ fn rollup_key(mut prefix: Vec<u8>, minute_ms: i64, kind: &str) -> Vec<u8> {
 fn encode_value(event: &Event, received_ms: i64) -> Result<Vec<u8>, StoreError> {
     let value = StoredValue {
         kind: &event.kind,
-        metrics: event.metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+        metrics: event
+            .metrics
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect(),
         attrs: event
             .attrs
             .iter()

@@ -138,7 +138,10 @@ impl TestServer {
             )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{v}");
-        (v["id"].as_i64().unwrap(), v["api_key"].as_str().unwrap().to_owned())
+        (
+            v["id"].as_i64().unwrap(),
+            v["api_key"].as_str().unwrap().to_owned(),
+        )
     }
 
     /// Creates a device; returns (id, token).
@@ -152,7 +155,10 @@ impl TestServer {
             )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{v}");
-        (v["id"].as_str().unwrap().to_owned(), v["token"].as_str().unwrap().to_owned())
+        (
+            v["id"].as_str().unwrap().to_owned(),
+            v["token"].as_str().unwrap().to_owned(),
+        )
     }
 
     /// All stored events of a device (newest first), following cursors.
