@@ -1,11 +1,15 @@
 //! Micro-benchmarks of the hot paths: decode and validate, batching, and window
 //! aggregation. Run: `cargo bench --bench hot_paths`.
 
+use std::sync::Arc;
+
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use iotpipe::ingest::decode::{decode, DecodeOptions, Format};
 use iotpipe::model::{Event, Record};
 use iotpipe::pipeline::batcher::Batcher;
 use iotpipe::query::{Range, Windows};
+use iotpipe::store::embedded::EmbeddedStore;
+use iotpipe::store::EventStore;
 use serde_json::json;
 use tokio::time::{Duration, Instant};
 use uuid::Uuid;
@@ -52,9 +56,9 @@ fn records() -> Vec<Record> {
             event: Event {
                 id: Uuid::new_v4(),
                 ts_ms: NOW - (i as i64) * 7_000,
-                kind: "t".into(),
-                metrics: vec![],
-                attrs: vec![],
+                kind: "telemetry".into(),
+                metrics: vec![("temperature".into(), 21.5), ("battery".into(), 0.93)],
+                attrs: vec![("fw".into(), "1.4.2".into())],
             },
         })
         .collect()
@@ -99,5 +103,28 @@ fn bench_windows(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_batcher, bench_windows);
+fn bench_store_write(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), 3_600_000).unwrap();
+    let mut g = c.benchmark_group("store");
+    g.throughput(Throughput::Elements(5 * N as u64));
+    g.sample_size(20);
+    g.bench_function("embedded_write_5000_events_durable", |b| {
+        b.iter_batched(
+            || {
+                let mut batcher = Batcher::new(usize::MAX, Duration::from_secs(1), 3_600_000);
+                for _ in 0..5 {
+                    batcher.push(records(), (), Instant::now());
+                }
+                Arc::new(batcher.take().unwrap().partitions)
+            },
+            |partitions| rt.block_on(store.write(partitions)).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_decode, bench_batcher, bench_windows, bench_store_write);
 criterion_main!(benches);
