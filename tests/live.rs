@@ -1,0 +1,153 @@
+//! One live-backend suite (counters and rate limits), run against the in-process
+//! backend and against the real Redis of this machine under a random key prefix.
+
+mod prod_support;
+
+use std::sync::Arc;
+
+use iotpipe::live::local::LocalLive;
+use iotpipe::live::redis::RedisLive;
+use iotpipe::live::{DeviceCount, LimitKind, Live, RateLimits};
+use prod_support::{random_name, REDIS};
+use uuid::Uuid;
+
+fn no_limits() -> RateLimits {
+    RateLimits {
+        device_per_sec: 0,
+        user_per_sec: 0,
+    }
+}
+
+fn redis(limits: RateLimits, prefix: &str) -> Arc<RedisLive> {
+    RedisLive::open(REDIS, prefix, limits).unwrap()
+}
+
+fn prefix() -> String {
+    format!("iotpipe_test_{}:", random_name())
+}
+
+/// Counters: totals, receipt-time windows, rejections, per-user figures.
+async fn counters_behave(live: &dyn Live) {
+    let (d1, d2) = (Uuid::new_v4(), Uuid::new_v4());
+    let user = 41;
+    let t = 1_800_000_000_000;
+    assert_eq!(live.device(d1, t).await.events_total, 0);
+    assert_eq!(live.device(d1, t).await.last_seen, None);
+    live.record_ingested(&[
+        DeviceCount { user_id: user, device_id: d1, new_events: 5, received_ms: t },
+        DeviceCount { user_id: user, device_id: d2, new_events: 2, received_ms: t + 500 },
+    ])
+    .await;
+    live.record_ingested(&[DeviceCount {
+        user_id: user,
+        device_id: d1,
+        new_events: 3,
+        received_ms: t + 30_000,
+    }])
+    .await;
+    live.record_rejected(user, d1, 4, "invalid: ts").await;
+    live.record_rejected(user, d1, 1, "rate_limited (429)").await;
+
+    let d = live.device(d1, t + 30_000).await;
+    assert_eq!(d.events_total, 8);
+    assert_eq!(d.rejected_total, 5);
+    assert_eq!(d.events_last_minute, 8);
+    assert_eq!(d.last_seen.as_deref(), Some("2027-01-15T08:00:30.000Z"));
+    assert_eq!(d.last_error.as_deref(), Some("rate_limited (429)"));
+    // The first flush leaves the minute after 60 s; the second stays.
+    assert_eq!(live.device(d1, t + 61_000).await.events_last_minute, 3);
+    assert_eq!(live.device(d1, t + 91_000).await.events_last_minute, 0);
+    assert_eq!(live.device(d1, t + 91_000).await.events_total, 8);
+
+    let u = live.user(user, t + 30_000).await;
+    assert_eq!(u.events_total, 10);
+    assert_eq!(u.events_last_minute, 10);
+    assert_eq!(u.devices_active_5m, 2);
+    assert_eq!(live.user(user, t + 301_000).await.devices_active_5m, 1);
+    assert_eq!(live.user(user, t + 331_000).await.devices_active_5m, 0);
+    assert_eq!(live.user(user + 1, t).await.events_total, 0);
+    live.ping().await.expect("ping");
+}
+
+/// Limits: the contract's debt accounting, for device and user budgets.
+async fn limits_behave(make: impl Fn(RateLimits) -> Arc<dyn Live>) {
+    let live = make(RateLimits { device_per_sec: 10, user_per_sec: 0 });
+    let d = Uuid::new_v4();
+    let t = 5_000_000;
+    // A request larger than the burst gets through, then the budget is in debt.
+    assert!(live.admit(1, d, 11, t).await.is_ok());
+    let refused = live.admit(1, d, 1, t).await.unwrap_err();
+    assert_eq!(refused.limit, LimitKind::Device);
+    assert!((refused.retry_after_ms - 100.0).abs() < 1e-6, "{refused:?}");
+    assert!(live.admit(1, d, 1, t + 100).await.is_ok());
+    assert!(live.admit(1, Uuid::new_v4(), 1, t).await.is_ok());
+
+    let live = make(RateLimits { device_per_sec: 0, user_per_sec: 10 });
+    let user = 77;
+    assert!(live.admit(user, Uuid::new_v4(), 8, t).await.is_ok());
+    assert!(live.admit(user, Uuid::new_v4(), 8, t).await.is_ok());
+    let refused = live.admit(user, Uuid::new_v4(), 1, t).await.unwrap_err();
+    assert_eq!(refused.limit, LimitKind::User);
+    assert!((refused.retry_after_ms - 600.0).abs() < 1e-6, "{refused:?}");
+
+    // A refused request is not charged: the device budget stays clean when the user
+    // budget refuses.
+    let live = make(RateLimits { device_per_sec: 5, user_per_sec: 5 });
+    let (u, d1, d2) = (9, Uuid::new_v4(), Uuid::new_v4());
+    assert!(live.admit(u, d1, 6, t).await.is_ok());
+    assert_eq!(live.admit(u, d2, 1, t).await.unwrap_err().limit, LimitKind::User);
+    // Long idle refills both, never beyond the burst: one burst is not yet debt, one
+    // more event is.
+    assert!(live.admit(u, d2, 5, t + 60_000).await.is_ok());
+    assert!(live.admit(u, d2, 1, t + 60_000).await.is_ok());
+    assert!(live.admit(u, d2, 1, t + 60_000).await.is_err());
+}
+
+#[tokio::test]
+async fn local_live_passes_the_shared_suite() {
+    counters_behave(&LocalLive::new(no_limits())).await;
+    limits_behave(|l| Arc::new(LocalLive::new(l))).await;
+}
+
+#[tokio::test]
+async fn redis_live_passes_the_shared_suite() {
+    let live = redis(no_limits(), &prefix());
+    counters_behave(live.as_ref()).await;
+    assert!(live.is_up());
+    limits_behave(|l| redis(l, &prefix())).await;
+}
+
+#[tokio::test]
+async fn redis_limits_are_shared_by_every_instance() {
+    let p = prefix();
+    let limits = RateLimits { device_per_sec: 10, user_per_sec: 0 };
+    let (a, b) = (redis(limits, &p), redis(limits, &p));
+    let d = Uuid::new_v4();
+    let t = 9_000_000;
+    assert!(a.admit(1, d, 10, t).await.is_ok());
+    assert!(b.admit(1, d, 1, t).await.is_ok());
+    // Instance b's charge put the shared budget in debt, so a refuses too.
+    assert_eq!(a.admit(1, d, 1, t).await.unwrap_err().limit, LimitKind::Device);
+}
+
+#[tokio::test]
+async fn concurrent_admissions_across_instances_never_overshoot() {
+    let p = prefix();
+    let limits = RateLimits { device_per_sec: 100, user_per_sec: 0 };
+    let instances: Vec<_> = (0..4).map(|_| redis(limits, &p)).collect();
+    let d = Uuid::new_v4();
+    let t = 7_000_000;
+    let mut tasks = Vec::new();
+    for live in &instances {
+        for _ in 0..50 {
+            let live = live.clone();
+            tasks.push(tokio::spawn(async move { live.admit(1, d, 1, t).await.is_ok() }));
+        }
+    }
+    let mut admitted = 0;
+    for task in tasks {
+        admitted += usize::from(task.await.unwrap());
+    }
+    // At one instant, exactly the burst (100) plus the one that tips it into debt.
+    assert_eq!(admitted, 101);
+}
