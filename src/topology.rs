@@ -118,7 +118,7 @@ fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
     })
 }
 
-fn open_store(config: &Config) -> Result<SharedStore, StartError> {
+async fn open_store(config: &Config) -> Result<SharedStore, StartError> {
     if config.store.scylla_nodes.is_some() {
         return Err(StartError::Unsupported(
             "IOTPIPE_SCYLLA_NODES is set, but this build has no ScyllaDB store yet; unset it \
@@ -200,8 +200,19 @@ async fn bind(addr: &str, setting: &'static str) -> Result<TcpListener, StartErr
 /// A backend that cannot be opened, or an address that cannot be bound.
 pub async fn start(config: Config) -> Result<Server, StartError> {
     ensure_data_dir(&config.data_dir)?;
+    let store = open_store(&config).await?;
+    start_with_store(config, store).await
+}
+
+/// As [`start`], with an event store built by the caller instead of the configured
+/// one (tests wrap a store to make it fail on demand).
+///
+/// # Errors
+///
+/// As [`start`].
+pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Server, StartError> {
+    ensure_data_dir(&config.data_dir)?;
     let admin_token = admin_token(&config)?;
-    let store = open_store(&config)?;
     let registry = open_registry(&config).await?;
     let (live, redis) = open_live(&config)?;
     let telemetry = Telemetry::new();
