@@ -28,6 +28,7 @@ use crate::registry::mysql::MySqlRegistry;
 use crate::registry::sqlite::SqliteRegistry;
 use crate::registry::{RegistryError, SharedRegistry};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::scylla::{ScyllaSettings, ScyllaStore};
 use crate::store::{SharedStore, StoreError};
 use crate::telemetry::Telemetry;
 
@@ -120,11 +121,8 @@ fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
 
 async fn open_store(config: &Config) -> Result<SharedStore, StartError> {
     if config.store.scylla_nodes.is_some() {
-        return Err(StartError::Unsupported(
-            "IOTPIPE_SCYLLA_NODES is set, but this build has no ScyllaDB store yet; unset it \
-             to use the embedded store"
-                .into(),
-        ));
+        let settings = ScyllaSettings::from_config(&config.store, config.pipeline.bucket_len_ms)?;
+        return Ok(Arc::new(ScyllaStore::connect(settings).await?));
     }
     let store = EmbeddedStore::open(
         &config.data_dir.join("events"),
@@ -171,8 +169,8 @@ fn open_live(config: &Config) -> Result<(SharedLive, Option<Arc<RedisLive>>), St
     }
 }
 
-/// Applies the registry migrations (and, later, the CQL schema) for the configured
-/// backends, then returns.
+/// Applies the registry migrations and, with ScyllaDB configured, creates its
+/// keyspace and tables (`cql/schema.cql`), then returns.
 ///
 /// # Errors
 ///
@@ -180,6 +178,11 @@ fn open_live(config: &Config) -> Result<(SharedLive, Option<Arc<RedisLive>>), St
 pub async fn migrate(config: &Config) -> Result<(), StartError> {
     ensure_data_dir(&config.data_dir)?;
     open_registry(config).await?;
+    if config.store.scylla_nodes.is_some() {
+        let settings = ScyllaSettings::from_config(&config.store, config.pipeline.bucket_len_ms)?;
+        ScyllaStore::migrate(&settings).await?;
+        tracing::info!(keyspace = %settings.keyspace, "ScyllaDB schema applied");
+    }
     Ok(())
 }
 
