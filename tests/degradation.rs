@@ -59,7 +59,10 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
     // Warm instance b's cache for the token and the device's owner.
     let (s, v, _) = api_b.ingest(&token, 2).await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(api_b.get(&format!("/v1/devices/{id}/live"), &key).await.0, 200);
+    assert_eq!(
+        api_b.get(&format!("/v1/devices/{id}/live"), &key).await.0,
+        200
+    );
     let health = api_b.health().await;
     assert_eq!(health["components"]["live"]["backend"], "redis");
     assert_eq!(health["status"], "ok", "{health}");
@@ -86,7 +89,12 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
     let _ = &mut conn;
 
     let (s, _, _) = api_a
-        .call(reqwest::Method::DELETE, &format!("/v1/devices/{id}"), &key, None)
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/devices/{id}"),
+            &key,
+            None,
+        )
         .await;
     assert_eq!(s, 204);
     let deleted_at = Instant::now();
@@ -94,8 +102,15 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
         api_b.ingest(&token, 1).await.0 == 401
     })
     .await;
-    assert!(refused, "instance b still took the token after {:?}", deleted_at.elapsed());
-    assert_eq!(api_b.get(&format!("/v1/devices/{id}/events"), &key).await.0, 404);
+    assert!(
+        refused,
+        "instance b still took the token after {:?}",
+        deleted_at.elapsed()
+    );
+    assert_eq!(
+        api_b.get(&format!("/v1/devices/{id}/events"), &key).await.0,
+        404
+    );
     a.stop().await;
     b.stop().await;
 }
@@ -123,7 +138,11 @@ async fn with_redis_down_ingest_continues_locally_and_counts_catch_up_when_it_re
     let started = Instant::now();
     let (s, v, _) = api.ingest(&token, 7).await;
     assert_eq!(s, 200, "ingest goes on without Redis: {v}");
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     let health = api.health().await;
     assert_eq!(health["status"], "degraded", "{health}");
     assert_eq!(health["components"]["live"]["ok"], false);
@@ -147,7 +166,10 @@ async fn with_redis_down_ingest_continues_locally_and_counts_catch_up_when_it_re
     .await;
     assert!(back, "health is ok again once Redis answers");
     let (_, live) = api.get(&live_path, &key).await;
-    assert_eq!(live["events_total"], 2007, "the gap's counts were pushed: {live}");
+    assert_eq!(
+        live["events_total"], 2007,
+        "the gap's counts were pushed: {live}"
+    );
     assert_eq!(live["rejected_total"], 1, "{live}");
     assert_eq!(live["events_last_minute"], 2007, "{live}");
     assert!(live["last_seen"].is_string());
@@ -176,20 +198,29 @@ impl CuttableProxy {
             let (cut, links) = (cut.clone(), links.clone());
             tokio::spawn(async move {
                 loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else { return };
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        return;
+                    };
                     if cut.load(Ordering::SeqCst) {
                         drop(inbound);
                         continue;
                     }
                     links.lock().push(tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream)).await {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream)).await
+                        {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                         }
                     }));
                 }
             })
         };
-        CuttableProxy { port, cut, links, accept }
+        CuttableProxy {
+            port,
+            cut,
+            links,
+            accept,
+        }
     }
 
     fn cut(&self) {
@@ -226,29 +257,46 @@ async fn with_mysql_down_known_devices_keep_ingesting_and_registry_writes_answer
     let key = api.user(&admin).await;
     let (id, token) = api.device(&key).await;
     assert_eq!(api.ingest(&token, 3).await.0, 200);
-    assert_eq!(api.get(&format!("/v1/devices/{id}/events"), &key).await.0, 200);
+    assert_eq!(
+        api.get(&format!("/v1/devices/{id}/events"), &key).await.0,
+        200
+    );
 
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // Known device, stale cache: still ingesting.
     let (s, v, _) = api.ingest(&token, 4).await;
     assert_eq!(s, 200, "{v}");
-    let (s, v) = api.get(&format!("/v1/devices/{id}/events?limit=100"), &key).await;
+    let (s, v) = api
+        .get(&format!("/v1/devices/{id}/events?limit=100"), &key)
+        .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["events"].as_array().unwrap().len(), 7);
     // Registry writes cannot be served.
     let (s, v, headers) = api
-        .call(reqwest::Method::POST, "/v1/devices", &key, Some(json!({"name": "n", "type": "t"})))
+        .call(
+            reqwest::Method::POST,
+            "/v1/devices",
+            &key,
+            Some(json!({"name": "n", "type": "t"})),
+        )
         .await;
     assert_eq!(s, 503, "{v}");
     assert!(headers.contains_key("retry-after"));
     assert!(v["error"].is_string());
     let (s, _, _) = api
-        .call(reqwest::Method::POST, "/v1/users", &admin, Some(json!({"username": "x", "email": "a@b.c"})))
+        .call(
+            reqwest::Method::POST,
+            "/v1/users",
+            &admin,
+            Some(json!({"username": "x", "email": "a@b.c"})),
+        )
         .await;
     assert_eq!(s, 503);
     // An unknown secret cannot be checked either: 503, not 401.
-    let (s, _, _) = api.ingest("ipd_unknownunknownunknownunknownunknownunknow", 1).await;
+    let (s, _, _) = api
+        .ingest("ipd_unknownunknownunknownunknownunknownunknow", 1)
+        .await;
     assert_eq!(s, 503);
     let health = api.health().await;
     assert_eq!(health["status"], "degraded", "{health}");
@@ -256,7 +304,10 @@ async fn with_mysql_down_known_devices_keep_ingesting_and_registry_writes_answer
 
     proxy.restore();
     let back = wait_until(Duration::from_secs(10), || async {
-        api.post("/v1/devices", &key, json!({"name": "n", "type": "t"})).await.0 == 201
+        api.post("/v1/devices", &key, json!({"name": "n", "type": "t"}))
+            .await
+            .0
+            == 201
     })
     .await;
     assert!(back, "registry writes work again once MySQL is back");
@@ -315,7 +366,9 @@ async fn with_the_store_down_ingest_answers_503_with_retry_after_and_resumes_by_
             .unwrap(),
         down: AtomicBool::new(false),
     });
-    let server = iotpipe::topology::start_with_store(config, store.clone()).await.unwrap();
+    let server = iotpipe::topology::start_with_store(config, store.clone())
+        .await
+        .unwrap();
     let api = Api::new(&server);
     let key = api.user(&admin).await;
     let (id, token) = api.device(&key).await;

@@ -34,8 +34,18 @@ async fn counters_behave(live: &dyn Live) {
     assert_eq!(live.device(d1, t).await.events_total, 0);
     assert_eq!(live.device(d1, t).await.last_seen, None);
     live.record_ingested(&[
-        DeviceCount { user_id: user, device_id: d1, new_events: 5, received_ms: t },
-        DeviceCount { user_id: user, device_id: d2, new_events: 2, received_ms: t + 500 },
+        DeviceCount {
+            user_id: user,
+            device_id: d1,
+            new_events: 5,
+            received_ms: t,
+        },
+        DeviceCount {
+            user_id: user,
+            device_id: d2,
+            new_events: 2,
+            received_ms: t + 500,
+        },
     ])
     .await;
     live.record_ingested(&[DeviceCount {
@@ -46,7 +56,8 @@ async fn counters_behave(live: &dyn Live) {
     }])
     .await;
     live.record_rejected(user, d1, 4, "invalid: ts").await;
-    live.record_rejected(user, d1, 1, "rate_limited (429)").await;
+    live.record_rejected(user, d1, 1, "rate_limited (429)")
+        .await;
 
     let d = live.device(d1, t + 30_000).await;
     assert_eq!(d.events_total, 8);
@@ -71,7 +82,10 @@ async fn counters_behave(live: &dyn Live) {
 
 /// Limits: the contract's debt accounting, for device and user budgets.
 async fn limits_behave(make: impl Fn(RateLimits) -> Arc<dyn Live>) {
-    let live = make(RateLimits { device_per_sec: 10, user_per_sec: 0 });
+    let live = make(RateLimits {
+        device_per_sec: 10,
+        user_per_sec: 0,
+    });
     let d = Uuid::new_v4();
     let t = 5_000_000;
     // A request larger than the burst gets through, then the budget is in debt.
@@ -82,7 +96,10 @@ async fn limits_behave(make: impl Fn(RateLimits) -> Arc<dyn Live>) {
     assert!(live.admit(1, d, 1, t + 100).await.is_ok());
     assert!(live.admit(1, Uuid::new_v4(), 1, t).await.is_ok());
 
-    let live = make(RateLimits { device_per_sec: 0, user_per_sec: 10 });
+    let live = make(RateLimits {
+        device_per_sec: 0,
+        user_per_sec: 10,
+    });
     let user = 77;
     assert!(live.admit(user, Uuid::new_v4(), 8, t).await.is_ok());
     assert!(live.admit(user, Uuid::new_v4(), 8, t).await.is_ok());
@@ -92,10 +109,16 @@ async fn limits_behave(make: impl Fn(RateLimits) -> Arc<dyn Live>) {
 
     // A refused request is not charged: the device budget stays clean when the user
     // budget refuses.
-    let live = make(RateLimits { device_per_sec: 5, user_per_sec: 5 });
+    let live = make(RateLimits {
+        device_per_sec: 5,
+        user_per_sec: 5,
+    });
     let (u, d1, d2) = (9, Uuid::new_v4(), Uuid::new_v4());
     assert!(live.admit(u, d1, 6, t).await.is_ok());
-    assert_eq!(live.admit(u, d2, 1, t).await.unwrap_err().limit, LimitKind::User);
+    assert_eq!(
+        live.admit(u, d2, 1, t).await.unwrap_err().limit,
+        LimitKind::User
+    );
     // Long idle refills both, never beyond the burst: one burst is not yet debt, one
     // more event is.
     assert!(live.admit(u, d2, 5, t + 60_000).await.is_ok());
@@ -120,20 +143,29 @@ async fn redis_live_passes_the_shared_suite() {
 #[tokio::test]
 async fn redis_limits_are_shared_by_every_instance() {
     let p = prefix();
-    let limits = RateLimits { device_per_sec: 10, user_per_sec: 0 };
+    let limits = RateLimits {
+        device_per_sec: 10,
+        user_per_sec: 0,
+    };
     let (a, b) = (redis(limits, &p), redis(limits, &p));
     let d = Uuid::new_v4();
     let t = 9_000_000;
     assert!(a.admit(1, d, 10, t).await.is_ok());
     assert!(b.admit(1, d, 1, t).await.is_ok());
     // Instance b's charge put the shared budget in debt, so a refuses too.
-    assert_eq!(a.admit(1, d, 1, t).await.unwrap_err().limit, LimitKind::Device);
+    assert_eq!(
+        a.admit(1, d, 1, t).await.unwrap_err().limit,
+        LimitKind::Device
+    );
 }
 
 #[tokio::test]
 async fn concurrent_admissions_across_instances_never_overshoot() {
     let p = prefix();
-    let limits = RateLimits { device_per_sec: 100, user_per_sec: 0 };
+    let limits = RateLimits {
+        device_per_sec: 100,
+        user_per_sec: 0,
+    };
     let instances: Vec<_> = (0..4).map(|_| redis(limits, &p)).collect();
     let d = Uuid::new_v4();
     let t = 7_000_000;
@@ -141,7 +173,9 @@ async fn concurrent_admissions_across_instances_never_overshoot() {
     for live in &instances {
         for _ in 0..50 {
             let live = live.clone();
-            tasks.push(tokio::spawn(async move { live.admit(1, d, 1, t).await.is_ok() }));
+            tasks.push(tokio::spawn(
+                async move { live.admit(1, d, 1, t).await.is_ok() },
+            ));
         }
     }
     let mut admitted = 0;

@@ -13,7 +13,10 @@ use uuid::Uuid;
 /// What every registry backend must do.
 async fn registry_behaves(reg: &dyn Registry) {
     reg.ping().await.expect("ping");
-    let alice = reg.create_user("alice", "a@x.io", "ka", 1_000).await.unwrap();
+    let alice = reg
+        .create_user("alice", "a@x.io", "ka", 1_000)
+        .await
+        .unwrap();
     let bob = reg.create_user("bob", "b@x.io", "kb", 2_000).await.unwrap();
     assert_ne!(alice.id, bob.id);
     assert_eq!(alice.username, "alice");
@@ -26,16 +29,28 @@ async fn registry_behaves(reg: &dyn Registry) {
     assert_eq!(reg.user_by_key("kb").await.unwrap(), Some(bob.id));
     assert_eq!(reg.user_by_key("nope").await.unwrap(), None);
 
-    let d1 = reg.create_device(alice.id, "one", "sensor", "t1", 10).await.unwrap();
-    let d2 = reg.create_device(alice.id, "two", "gw", "t2", 20).await.unwrap();
-    let d3 = reg.create_device(bob.id, "three", "sensor", "t3", 15).await.unwrap();
+    let d1 = reg
+        .create_device(alice.id, "one", "sensor", "t1", 10)
+        .await
+        .unwrap();
+    let d2 = reg
+        .create_device(alice.id, "two", "gw", "t2", 20)
+        .await
+        .unwrap();
+    let d3 = reg
+        .create_device(bob.id, "three", "sensor", "t3", 15)
+        .await
+        .unwrap();
     assert_eq!(d1.user_id, alice.id);
     assert_eq!(reg.device_by_token("t2").await.unwrap(), Some(d2.clone()));
     assert_eq!(reg.device_by_token("t9").await.unwrap(), None);
     assert_eq!(reg.device(d3.id).await.unwrap(), Some(d3.clone()));
     assert_eq!(reg.device(Uuid::new_v4()).await.unwrap(), None);
     // Oldest first, and only the user's own.
-    assert_eq!(reg.devices(alice.id).await.unwrap(), vec![d1.clone(), d2.clone()]);
+    assert_eq!(
+        reg.devices(alice.id).await.unwrap(),
+        vec![d1.clone(), d2.clone()]
+    );
     assert_eq!(reg.devices(bob.id).await.unwrap(), vec![d3.clone()]);
     assert_eq!(reg.devices(9_999_999).await.unwrap(), vec![]);
 
@@ -43,7 +58,10 @@ async fn registry_behaves(reg: &dyn Registry) {
     assert_eq!(reg.delete_device(bob.id, d1.id).await.unwrap(), None);
     assert!(reg.device(d1.id).await.unwrap().is_some());
     // The owner's delete returns the token hash, once.
-    assert_eq!(reg.delete_device(alice.id, d1.id).await.unwrap(), Some("t1".into()));
+    assert_eq!(
+        reg.delete_device(alice.id, d1.id).await.unwrap(),
+        Some("t1".into())
+    );
     assert_eq!(reg.delete_device(alice.id, d1.id).await.unwrap(), None);
     assert_eq!(reg.device(d1.id).await.unwrap(), None);
     assert_eq!(reg.device_by_token("t1").await.unwrap(), None);
@@ -75,7 +93,10 @@ async fn mysql_registry_passes_the_shared_suite() {
 async fn mysql_registry_reports_an_unreachable_server_as_unavailable() {
     let port = prod_support::free_port();
     let reg = MySqlRegistry::connect_lazy(&format!("mysql://root@127.0.0.1:{port}/x")).unwrap();
-    assert!(matches!(reg.ping().await, Err(RegistryError::Unavailable(_))));
+    assert!(matches!(
+        reg.ping().await,
+        Err(RegistryError::Unavailable(_))
+    ));
     assert!(matches!(
         reg.create_user("u", "e@x", "k", 1).await,
         Err(RegistryError::Unavailable(_))
@@ -98,11 +119,19 @@ async fn the_http_api_works_on_a_mysql_registry() {
 
     let key = api.user(&admin).await;
     let (s, v) = api
-        .post("/v1/users", &admin, json!({"username": "dup", "email": "a@b.c"}))
+        .post(
+            "/v1/users",
+            &admin,
+            json!({"username": "dup", "email": "a@b.c"}),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     let (s, _) = api
-        .post("/v1/users", &admin, json!({"username": "dup", "email": "a@b.c"}))
+        .post(
+            "/v1/users",
+            &admin,
+            json!({"username": "dup", "email": "a@b.c"}),
+        )
         .await;
     assert_eq!(s, 409);
 
@@ -117,7 +146,12 @@ async fn the_http_api_works_on_a_mysql_registry() {
     assert_eq!(v["devices"][0]["id"], id.as_str());
 
     let (s, _, _) = api
-        .call(reqwest::Method::DELETE, &format!("/v1/devices/{id}"), &key, None)
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/devices/{id}"),
+            &key,
+            None,
+        )
         .await;
     assert_eq!(s, 204);
     let (s, _, _) = api.ingest(&token, 1).await;
@@ -125,4 +159,21 @@ async fn the_http_api_works_on_a_mysql_registry() {
     let (s, _) = api.get(&format!("/v1/devices/{id}"), &key).await;
     assert_eq!(s, 404);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn iotpipe_migrate_creates_the_mysql_tables() {
+    let db = TestDb::create(MARIADB).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = prod_support::config(dir.path());
+    config.registry.url = Some(db.url.clone());
+    iotpipe::topology::migrate(&config).await.expect("migrate");
+    let reg = MySqlRegistry::connect(&db.url).await.unwrap();
+    // The tables exist and work without `serve` having run.
+    let user = reg.create_user("m", "m@x.io", "km", 1).await.unwrap();
+    assert_eq!(reg.user_by_key("km").await.unwrap(), Some(user.id));
+    // And a second migrate (as at `serve` start) keeps the data.
+    iotpipe::topology::migrate(&config).await.expect("migrate again");
+    assert_eq!(reg.user_by_key("km").await.unwrap(), Some(user.id));
+    reg.close().await;
 }

@@ -39,7 +39,12 @@ fn flush(user: i64, device: Uuid, events: Vec<Event>) -> Arc<Vec<PartitionBatch>
     let mut batcher: Batcher<()> = Batcher::new(1_000_000, Duration::from_secs(60), HOUR);
     let records = events
         .into_iter()
-        .map(|event| Record { user_id: user, device_id: device, received_ms: T0, event })
+        .map(|event| Record {
+            user_id: user,
+            device_id: device,
+            received_ms: T0,
+            event,
+        })
         .collect();
     batcher.push(records, (), Instant::now());
     let mut partitions = batcher.take().expect("a flush").partitions;
@@ -52,7 +57,15 @@ fn ids(events: &[Event]) -> Vec<u128> {
 }
 
 fn list(user: i64, device: Uuid, from_ms: i64, to_ms: i64, limit: usize) -> ListQuery {
-    ListQuery { user_id: user, device_id: device, from_ms, to_ms, before: None, kind: None, limit }
+    ListQuery {
+        user_id: user,
+        device_id: device,
+        from_ms,
+        to_ms,
+        before: None,
+        kind: None,
+        limit,
+    }
 }
 
 /// What every event store must do. `user` keeps concurrent runs apart.
@@ -73,7 +86,13 @@ async fn store_behaves(store: &dyn EventStore) {
     ];
     let counts = store.write(flush(user, a, first.clone())).await.unwrap();
     assert_eq!(counts.iter().sum::<usize>(), 6, "{counts:?}");
-    assert_eq!(store.write(flush(user, b, vec![event(1, T0, "x", &[])])).await.unwrap(), vec![1]);
+    assert_eq!(
+        store
+            .write(flush(user, b, vec![event(1, T0, "x", &[])]))
+            .await
+            .unwrap(),
+        vec![1]
+    );
 
     // Duplicates: the same id again, even with another ts and in another bucket, is
     // skipped; so is a repeat within one flush.
@@ -84,14 +103,23 @@ async fn store_behaves(store: &dyn EventStore) {
         event(1, T0 + 1_000, "telemetry", &m(1.0)),
     ];
     let counts = store.write(flush(user, a, again)).await.unwrap();
-    assert_eq!(counts.iter().sum::<usize>(), 1, "only id 7 is new: {counts:?}");
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        1,
+        "only id 7 is new: {counts:?}"
+    );
 
     // The whole past, newest first; the duplicate kept its first ts.
     let far = T0 + 24 * HOUR;
-    let all = store.list(list(user, a, MIN_TS_MS, far, 100)).await.unwrap();
+    let all = store
+        .list(list(user, a, MIN_TS_MS, far, 100))
+        .await
+        .unwrap();
     let expected_order = {
         let mut e = ids(&all);
-        e.sort_by_key(|id| std::cmp::Reverse(all.iter().find(|x| x.id.as_u128() == *id).unwrap().ts_ms));
+        e.sort_by_key(|id| {
+            std::cmp::Reverse(all.iter().find(|x| x.id.as_u128() == *id).unwrap().ts_ms)
+        });
         e
     };
     assert_eq!(ids(&all), expected_order, "newest first");
@@ -100,8 +128,18 @@ async fn store_behaves(store: &dyn EventStore) {
     let three = all.iter().find(|e| e.id.as_u128() == 3).unwrap();
     assert_eq!(three.ts_ms, T0 + HOUR + 5);
     assert_eq!(three, &first[2], "stored content comes back whole");
-    assert_eq!(ids(&store.list(list(user, b, MIN_TS_MS, far, 100)).await.unwrap()), vec![1]);
-    assert!(store.list(list(user + 1, a, MIN_TS_MS, far, 100)).await.unwrap().is_empty());
+    assert_eq!(
+        ids(&store
+            .list(list(user, b, MIN_TS_MS, far, 100))
+            .await
+            .unwrap()),
+        vec![1]
+    );
+    assert!(store
+        .list(list(user + 1, a, MIN_TS_MS, far, 100))
+        .await
+        .unwrap()
+        .is_empty());
 
     // Paging with a cursor visits everything once, in order, even across equal ts.
     let mut paged = Vec::new();
@@ -119,9 +157,19 @@ async fn store_behaves(store: &dyn EventStore) {
     assert_eq!(ids(&paged), ids(&all));
 
     // Half-open ranges, limits and the type filter.
-    let r = store.list(list(user, a, T0 + 1_000, T0 + HOUR + 5, 100)).await.unwrap();
+    let r = store
+        .list(list(user, a, T0 + 1_000, T0 + HOUR + 5, 100))
+        .await
+        .unwrap();
     assert_eq!(ids(&r), vec![2, 1]);
-    assert_eq!(store.list(list(user, a, MIN_TS_MS, far, 3)).await.unwrap().len(), 3);
+    assert_eq!(
+        store
+            .list(list(user, a, MIN_TS_MS, far, 3))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
     let mut q = list(user, a, MIN_TS_MS, far, 100);
     q.kind = Some("alarm".into());
     assert_eq!(ids(&store.list(q).await.unwrap()), vec![2]);
@@ -145,24 +193,54 @@ async fn store_behaves(store: &dyn EventStore) {
     assert!(values.windows(2).all(|w| w[0].0 <= w[1].0));
     let kinds = store.points(pq(None, None, true)).await.unwrap();
     assert_eq!(kinds.len(), 6);
-    assert_eq!(kinds[1], Point { ts_ms: T0 + 2_000, value: None, kind: Some("alarm".into()) });
-    assert_eq!(store.points(pq(None, Some("alarm"), false)).await.unwrap().len(), 1);
+    assert_eq!(
+        kinds[1],
+        Point {
+            ts_ms: T0 + 2_000,
+            value: None,
+            kind: Some("alarm".into())
+        }
+    );
+    assert_eq!(
+        store
+            .points(pq(None, Some("alarm"), false))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 
     // The shared query layer on top: hourly windows over the day.
     let windows = device_aggregate(
         store,
         user,
         a,
-        Range { from_ms: T0, to_ms: far },
+        Range {
+            from_ms: T0,
+            to_ms: far,
+        },
         HOUR,
-        AggregateFilter { metric: Some("temp".into()), kind: None },
+        AggregateFilter {
+            metric: Some("temp".into()),
+            kind: None,
+        },
         HOUR,
     )
     .await
     .unwrap();
-    let summary: Vec<(i64, u64, f64)> =
-        windows.iter().map(|w| (w.start_ms - T0, w.stats.count, w.stats.sum)).collect();
-    assert_eq!(summary, vec![(0, 1, 1.0), (HOUR, 1, 3.0), (3 * HOUR, 1, 7.0), (5 * HOUR, 2, 9.0)]);
+    let summary: Vec<(i64, u64, f64)> = windows
+        .iter()
+        .map(|w| (w.start_ms - T0, w.stats.count, w.stats.sum))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (0, 1, 1.0),
+            (HOUR, 1, 3.0),
+            (3 * HOUR, 1, 7.0),
+            (5 * HOUR, 2, 9.0)
+        ]
+    );
 }
 
 #[tokio::test]
@@ -193,14 +271,23 @@ async fn the_scylla_store_passes_the_shared_suite_when_configured() {
         ..StoreConfig::default()
     };
     let settings = ScyllaSettings::from_config(&config, HOUR).unwrap();
-    ScyllaStore::migrate(&settings).await.expect("schema applied");
+    ScyllaStore::migrate(&settings)
+        .await
+        .expect("schema applied");
     // Applying it again is harmless.
-    ScyllaStore::migrate(&settings).await.expect("schema applied twice");
-    let store = ScyllaStore::connect(settings.clone()).await.expect("connected");
+    ScyllaStore::migrate(&settings)
+        .await
+        .expect("schema applied twice");
+    let store = ScyllaStore::connect(settings.clone())
+        .await
+        .expect("connected");
     store_behaves(&store).await;
 
     // A keyspace keeps its bucket length.
-    let other = ScyllaSettings { bucket_len_ms: 2 * HOUR, ..settings };
+    let other = ScyllaSettings {
+        bucket_len_ms: 2 * HOUR,
+        ..settings
+    };
     assert!(ScyllaStore::connect(other).await.is_err());
 
     let session = scylla::client::session_builder::SessionBuilder::new()
@@ -208,6 +295,9 @@ async fn the_scylla_store_passes_the_shared_suite_when_configured() {
         .build()
         .await
         .unwrap();
-    session.query_unpaged(format!("DROP KEYSPACE {keyspace}"), ()).await.unwrap();
+    session
+        .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
+        .await
+        .unwrap();
     eprintln!("RAN: the ScyllaDB store suite passed against {node} (keyspace {keyspace})");
 }

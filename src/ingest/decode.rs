@@ -510,7 +510,7 @@ mod tests {
 
     #[test]
     fn too_many_events_is_its_own_error() {
-        let body = format!("[{}]", vec![r#"{"type":"t"}"#; 11].join(","));
+        let body = format!("[{}]", [r#"{"type":"t"}"#; 11].join(","));
         assert_eq!(
             decode(body.as_bytes(), Format::Json, opts()),
             Err(DecodeError::TooMany { limit: 10 })

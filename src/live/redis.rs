@@ -38,7 +38,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::local::LocalLive;
-use super::{gcra, DeviceCount, DeviceLive, LimitKind, Limited, Live, LiveError, RateLimits, UserLive};
+use super::{
+    gcra, DeviceCount, DeviceLive, LimitKind, Limited, Live, LiveError, RateLimits, UserLive,
+};
 use crate::model::{format_ms, DeviceId, UserId};
 use crate::registry::auth::{DeletionBroadcast, SharedAuth};
 
@@ -117,7 +119,9 @@ impl Backlog {
         gap.user = Some(c.user_id);
         gap.events += c.new_events;
         gap.last_seen = Some(gap.last_seen.unwrap_or(i64::MIN).max(c.received_ms));
-        *gap.seconds.entry(c.received_ms.div_euclid(1000)).or_default() += c.new_events;
+        *gap.seconds
+            .entry(c.received_ms.div_euclid(1000))
+            .or_default() += c.new_events;
         // Keep the map small over a long outage: seconds older than a key's TTL would
         // expire at once when pushed.
         if gap.seconds.len() > SECOND_KEY_TTL_SECS as usize {
@@ -189,7 +193,8 @@ impl RedisLive {
     ///
     /// A malformed URL.
     pub fn open(url: &str, prefix: &str, limits: RateLimits) -> Result<Arc<Self>, LiveError> {
-        let client = Client::open(url).map_err(|e| LiveError::Unavailable(format!("bad Redis URL: {e}")))?;
+        let client =
+            Client::open(url).map_err(|e| LiveError::Unavailable(format!("bad Redis URL: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(RESPONSE_TIMEOUT))
@@ -244,15 +249,32 @@ impl RedisLive {
         pipe.hincr(k.user(user), "events", events).ignore();
         for &(sec, n) in seconds {
             pipe.incr(k.device_second(device, sec), n).ignore();
-            pipe.expire(k.device_second(device, sec), SECOND_KEY_TTL_SECS).ignore();
+            pipe.expire(k.device_second(device, sec), SECOND_KEY_TTL_SECS)
+                .ignore();
             pipe.incr(k.user_second(user, sec), n).ignore();
-            pipe.expire(k.user_second(user, sec), SECOND_KEY_TTL_SECS).ignore();
+            pipe.expire(k.user_second(user, sec), SECOND_KEY_TTL_SECS)
+                .ignore();
         }
         // GT: several instances may report out of order; last seen only moves forward.
-        pipe.cmd("ZADD").arg(k.seen()).arg("GT").arg(last_seen).arg(device.to_string()).ignore();
+        pipe.cmd("ZADD")
+            .arg(k.seen())
+            .arg("GT")
+            .arg(last_seen)
+            .arg(device.to_string())
+            .ignore();
         let active = k.user_active(user);
-        pipe.cmd("ZADD").arg(&active).arg("GT").arg(last_seen).arg(device.to_string()).ignore();
-        pipe.zrembyscore(&active, "-inf", format!("({}", last_seen - ACTIVE_WINDOW_MS)).ignore();
+        pipe.cmd("ZADD")
+            .arg(&active)
+            .arg("GT")
+            .arg(last_seen)
+            .arg(device.to_string())
+            .ignore();
+        pipe.zrembyscore(
+            &active,
+            "-inf",
+            format!("({}", last_seen - ACTIVE_WINDOW_MS),
+        )
+        .ignore();
         pipe.expire(&active, ACTIVE_WINDOW_MS / 1000 * 2).ignore();
     }
 
@@ -269,15 +291,20 @@ impl RedisLive {
                 self.add_ingested(&mut pipe, user, *device, gap.events, &seconds, seen);
             }
             if gap.rejected > 0 {
-                pipe.hincr(self.keys.device(*device), "rejected", gap.rejected).ignore();
+                pipe.hincr(self.keys.device(*device), "rejected", gap.rejected)
+                    .ignore();
             }
             if let Some(e) = &gap.last_error {
-                pipe.hset(self.keys.device(*device), "last_error", e).ignore();
+                pipe.hset(self.keys.device(*device), "last_error", e)
+                    .ignore();
             }
         }
         match pipe.query_async::<()>(&mut self.conn()).await {
             Ok(()) => {
-                tracing::info!(devices = backlog.devices.len(), "pushed the counts kept while Redis was down");
+                tracing::info!(
+                    devices = backlog.devices.len(),
+                    "pushed the counts kept while Redis was down"
+                );
                 Ok(())
             }
             Err(e) => {
@@ -334,7 +361,11 @@ impl RedisLive {
         (now - 59)..=now
     }
 
-    async fn redis_device(&self, device: DeviceId, now_ms: i64) -> Result<DeviceLive, redis::RedisError> {
+    async fn redis_device(
+        &self,
+        device: DeviceId,
+        now_ms: i64,
+    ) -> Result<DeviceLive, redis::RedisError> {
         let seconds: Vec<String> = Self::minute(now_ms)
             .map(|s| self.keys.device_second(device, s))
             .collect();
@@ -344,7 +375,11 @@ impl RedisLive {
             .arg(&["events", "rejected", "last_error"])
             .zscore(self.keys.seen(), device.to_string())
             .mget(&seconds);
-        type Reply = ((Option<u64>, Option<u64>, Option<String>), Option<f64>, Vec<Option<u64>>);
+        type Reply = (
+            (Option<u64>, Option<u64>, Option<String>),
+            Option<f64>,
+            Vec<Option<u64>>,
+        );
         let ((events, rejected, last_error), seen, minute): Reply =
             pipe.query_async(&mut self.conn()).await?;
         Ok(DeviceLive {
@@ -362,7 +397,11 @@ impl RedisLive {
             .collect();
         let mut pipe = redis::pipe();
         pipe.hget(self.keys.user(user), "events")
-            .zcount(self.keys.user_active(user), now_ms - ACTIVE_WINDOW_MS, "+inf")
+            .zcount(
+                self.keys.user_active(user),
+                now_ms - ACTIVE_WINDOW_MS,
+                "+inf",
+            )
             .mget(&seconds);
         let (events, active, minute): (Option<u64>, u64, Vec<Option<u64>>) =
             pipe.query_async(&mut self.conn()).await?;
@@ -376,7 +415,11 @@ impl RedisLive {
     /// Listens for device deletions announced by any instance (this one included)
     /// and makes `auth` forget them. Reconnects by itself; after a disconnection it
     /// forgets the whole auth cache, since announcements may have been missed.
-    pub fn spawn_deletion_listener(&self, auth: SharedAuth, shutdown: CancellationToken) -> JoinHandle<()> {
+    pub fn spawn_deletion_listener(
+        &self,
+        auth: SharedAuth,
+        shutdown: CancellationToken,
+    ) -> JoinHandle<()> {
         let client = self.client.clone();
         let channel = self.keys.deletions();
         tokio::spawn(async move {
@@ -408,12 +451,16 @@ impl RedisLive {
                             let payload: String = msg.get_payload().unwrap_or_default();
                             match parse_deletion(&payload) {
                                 Some((device, hash)) => auth.forget_device(device, hash),
-                                None => tracing::warn!(payload, "ignoring a malformed deletion notice"),
+                                None => {
+                                    tracing::warn!(payload, "ignoring a malformed deletion notice")
+                                }
                             }
                         }
                         tracing::warn!("deletion channel lost; reconnecting");
                     }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "cannot subscribe to the deletion channel"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "cannot subscribe to the deletion channel")
+                    }
                     Err(_) => tracing::debug!("subscribing to the deletion channel timed out"),
                 }
                 tokio::select! {
@@ -485,7 +532,14 @@ impl Live for RedisLive {
             let mut pipe = redis::pipe();
             for c in counts {
                 let sec = c.received_ms.div_euclid(1000);
-                self.add_ingested(&mut pipe, c.user_id, c.device_id, c.new_events, &[(sec, c.new_events)], c.received_ms);
+                self.add_ingested(
+                    &mut pipe,
+                    c.user_id,
+                    c.device_id,
+                    c.new_events,
+                    &[(sec, c.new_events)],
+                    c.received_ms,
+                );
             }
             match pipe.query_async::<()>(&mut self.conn()).await {
                 Ok(()) => return,
@@ -514,7 +568,9 @@ impl Live for RedisLive {
                 Err(e) => self.mark_down(&e),
             }
         }
-        self.local.record_rejected(user, device, events, reason).await;
+        self.local
+            .record_rejected(user, device, events, reason)
+            .await;
         self.backlog.lock().rejected(device, events, reason);
     }
 
@@ -540,7 +596,9 @@ impl Live for RedisLive {
 
     async fn ping(&self) -> Result<(), LiveError> {
         if !self.is_up() {
-            return Err(LiveError::Unavailable("Redis is down; using local state".into()));
+            return Err(LiveError::Unavailable(
+                "Redis is down; using local state".into(),
+            ));
         }
         let pong: Result<String, _> = redis::cmd("PING").query_async(&mut self.conn()).await;
         match pong {

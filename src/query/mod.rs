@@ -222,6 +222,7 @@ pub struct GroupCount {
 /// # Errors
 ///
 /// A store failure.
+#[allow(clippy::too_many_arguments)] // Each is a distinct query parameter.
 pub async fn grouped_counts(
     store: &dyn EventStore,
     user_id: UserId,

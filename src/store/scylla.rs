@@ -99,7 +99,9 @@ impl ScyllaSettings {
             .map(str::to_owned)
             .collect();
         if nodes.is_empty() {
-            return Err(StoreError::Invalid("IOTPIPE_SCYLLA_NODES lists no node".into()));
+            return Err(StoreError::Invalid(
+                "IOTPIPE_SCYLLA_NODES lists no node".into(),
+            ));
         }
         // The keyspace is spliced into statements, so it must be a plain identifier.
         let ks = &config.keyspace;
@@ -144,7 +146,9 @@ pub fn parse_consistency(name: &str) -> Result<Consistency, StoreError> {
         "EACH_QUORUM" => Consistency::EachQuorum,
         "LOCAL_ONE" => Consistency::LocalOne,
         other => {
-            return Err(StoreError::Invalid(format!("store.consistency = {other:?} is not a consistency level")))
+            return Err(StoreError::Invalid(format!(
+                "store.consistency = {other:?} is not a consistency level"
+            )))
         }
     })
 }
@@ -409,9 +413,15 @@ impl ScyllaStore {
         let session = session(settings).await?;
         for statement in schema_statements(settings) {
             // DDL is not prepared (it has no values); everything else is.
-            session.query_unpaged(statement, ()).await.map_err(exec_error)?;
+            session
+                .query_unpaged(statement, ())
+                .await
+                .map_err(exec_error)?;
         }
-        session.await_schema_agreement().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        session
+            .await_schema_agreement()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         check_bucket_len(&session, settings, true).await
     }
 
@@ -460,14 +470,22 @@ impl ScyllaStore {
 }
 
 /// Checks (and with `record`, records) the bucket length of the keyspace.
-async fn check_bucket_len(session: &Session, settings: &ScyllaSettings, record: bool) -> Result<(), StoreError> {
+async fn check_bucket_len(
+    session: &Session,
+    settings: &ScyllaSettings,
+    record: bool,
+) -> Result<(), StoreError> {
     let ks = &settings.keyspace;
-    let select = session.prepare(Cql::select_meta(ks)).await.map_err(|e| match prepare_error(e) {
-        StoreError::Invalid(m) => StoreError::Invalid(format!(
-            "{m}; has `iotpipe migrate` been run for keyspace {ks}?"
-        )),
-        other => other,
-    })?;
+    let select =
+        session
+            .prepare(Cql::select_meta(ks))
+            .await
+            .map_err(|e| match prepare_error(e) {
+                StoreError::Invalid(m) => StoreError::Invalid(format!(
+                    "{m}; has `iotpipe migrate` been run for keyspace {ks}?"
+                )),
+                other => other,
+            })?;
     let stored = session
         .execute_unpaged(&select, MetaKeyIn { name: BUCKET_META })
         .await
@@ -484,9 +502,18 @@ async fn check_bucket_len(session: &Session, settings: &ScyllaSettings, record: 
         ))),
         Some(_) => Ok(()),
         None if record => {
-            let insert = session.prepare(Cql::insert_meta(ks)).await.map_err(prepare_error)?;
-            let row = MetaIn { name: BUCKET_META, value: settings.bucket_len_ms };
-            session.execute_unpaged(&insert, row).await.map_err(exec_error)?;
+            let insert = session
+                .prepare(Cql::insert_meta(ks))
+                .await
+                .map_err(prepare_error)?;
+            let row = MetaIn {
+                name: BUCKET_META,
+                value: settings.bucket_len_ms,
+            };
+            session
+                .execute_unpaged(&insert, row)
+                .await
+                .map_err(exec_error)?;
             Ok(())
         }
         None => Err(StoreError::Invalid(format!(
@@ -537,20 +564,36 @@ fn event_row(r: &Record, bucket_len_ms: i64) -> EventIn<'_> {
         ts: ms(r.event.ts_ms),
         event_id: r.event.id,
         kind: &r.event.kind,
-        metrics: r.event.metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
-        attrs: r.event.attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+        metrics: r
+            .event
+            .metrics
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect(),
+        attrs: r
+            .event
+            .attrs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
         received: ms(r.received_ms),
     }
 }
 
 impl Inner {
     async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.permits.acquire().await.expect("the semaphore is never closed")
+        self.permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
     }
 
     async fn is_known(&self, r: &Record) -> Result<bool, StoreError> {
         let _p = self.permit().await;
-        let key = IdKeyIn { device_id: r.device_id, event_id: r.event.id };
+        let key = IdKeyIn {
+            device_id: r.device_id,
+            event_id: r.event.id,
+        };
         let rows = self
             .session
             .execute_unpaged(&self.cql.select_id, key)
@@ -597,7 +640,11 @@ impl Inner {
 
     async fn write_id(&self, r: &Record) -> Result<(), StoreError> {
         let _p = self.permit().await;
-        let row = IdIn { device_id: r.device_id, event_id: r.event.id, ts: ms(r.event.ts_ms) };
+        let row = IdIn {
+            device_id: r.device_id,
+            event_id: r.event.id,
+            ts: ms(r.event.ts_ms),
+        };
         self.session
             .execute_unpaged(&self.cql.insert_id, row)
             .await
@@ -623,7 +670,12 @@ impl Inner {
         let mut known = known.into_iter();
         let fresh: Vec<Vec<&Record>> = candidates
             .iter()
-            .map(|rs| rs.iter().copied().filter(|_| !known.next().unwrap_or(false)).collect())
+            .map(|rs| {
+                rs.iter()
+                    .copied()
+                    .filter(|_| !known.next().unwrap_or(false))
+                    .collect()
+            })
             .collect();
 
         // 2. Events, and the bucket index, partition by partition.
@@ -634,7 +686,9 @@ impl Inner {
                 continue;
             }
             for run in split_by_bytes(rs, max) {
-                writes.push(futures::future::Either::Left(async move { self.write_run(&run).await }));
+                writes.push(futures::future::Either::Left(async move {
+                    self.write_run(&run).await
+                }));
             }
             writes.push(futures::future::Either::Right(self.write_bucket(p)));
         }
@@ -646,7 +700,13 @@ impl Inner {
     }
 
     /// The buckets of a device that hold events in `[from_ms, to_ms)`, newest first.
-    async fn buckets(&self, user: UserId, device: DeviceId, from_ms: i64, to_ms: i64) -> Result<Vec<i64>, StoreError> {
+    async fn buckets(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<i64>, StoreError> {
         if from_ms >= to_ms {
             return Ok(Vec::new());
         }
@@ -681,7 +741,9 @@ impl Inner {
                     before_ts: ms(p.ts_ms),
                     before_id: p.id,
                 };
-                self.session.execute_iter(self.cql.list_before.clone(), v).await
+                self.session
+                    .execute_iter(self.cql.list_before.clone(), v)
+                    .await
             }
             None => {
                 let v = SliceIn {
@@ -691,10 +753,15 @@ impl Inner {
                     from_ts: ms(q.from_ms),
                     to_ts: ms(q.to_ms),
                 };
-                self.session.execute_iter(self.cql.list_slice.clone(), v).await
+                self.session
+                    .execute_iter(self.cql.list_slice.clone(), v)
+                    .await
             }
         };
-        let rows = pager.map_err(pager_error)?.rows_stream::<EventOut>().map_err(corrupt)?;
+        let rows = pager
+            .map_err(pager_error)?
+            .rows_stream::<EventOut>()
+            .map_err(corrupt)?;
         rows.map_err(row_error)
             .try_filter(|r| futures::future::ready(q.kind.as_deref().is_none_or(|k| k == r.kind)))
             .take(q.limit)
@@ -716,7 +783,9 @@ impl Inner {
         };
         let buckets = self.buckets(q.user_id, q.device_id, q.from_ms, hi).await?;
         let mut out = Vec::with_capacity(q.limit.min(1024));
-        let mut pages = stream::iter(buckets).map(|b| self.list_bucket(q, b)).buffered(READ_FANOUT);
+        let mut pages = stream::iter(buckets)
+            .map(|b| self.list_bucket(q, b))
+            .buffered(READ_FANOUT);
         while let Some(page) = pages.try_next().await? {
             out.extend(page.into_iter().take(q.limit - out.len()));
             if out.len() == q.limit {
@@ -747,7 +816,11 @@ impl Inner {
                 while let Some(r) = rows.try_next().await.map_err(row_error)? {
                     let value = r.metrics.as_ref().and_then(|m| m.get(metric).copied());
                     if let (true, Some(v)) = (kind_ok(&r.kind), value) {
-                        out.push(Point { ts_ms: r.ts.0, value: Some(v), kind: q.with_kind.then_some(r.kind) });
+                        out.push(Point {
+                            ts_ms: r.ts.0,
+                            value: Some(v),
+                            kind: q.with_kind.then_some(r.kind),
+                        });
                     }
                 }
                 Ok(out)
@@ -762,7 +835,11 @@ impl Inner {
                 let mut out = Vec::new();
                 while let Some(r) = rows.try_next().await.map_err(row_error)? {
                     if kind_ok(&r.kind) {
-                        out.push(Point { ts_ms: r.ts.0, value: None, kind: q.with_kind.then_some(r.kind) });
+                        out.push(Point {
+                            ts_ms: r.ts.0,
+                            value: None,
+                            kind: q.with_kind.then_some(r.kind),
+                        });
                     }
                 }
                 Ok(out)
@@ -771,7 +848,9 @@ impl Inner {
     }
 
     async fn points(&self, q: &PointQuery) -> Result<Vec<Point>, StoreError> {
-        let mut buckets = self.buckets(q.user_id, q.device_id, q.from_ms, q.to_ms).await?;
+        let mut buckets = self
+            .buckets(q.user_id, q.device_id, q.from_ms, q.to_ms)
+            .await?;
         buckets.reverse();
         let parts: Vec<Vec<Point>> = stream::iter(buckets)
             .map(|b| self.points_bucket(q, b))
@@ -837,7 +916,9 @@ fn exec_error(e: ExecutionError) -> StoreError {
         ExecutionError::BadQuery(_) => true,
         ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => db_error(db),
         ExecutionError::LastAttemptError(RequestAttemptError::SerializationError(_)) => true,
-        ExecutionError::PrepareError(p) => matches!(prepare_error(p.clone()), StoreError::Invalid(_)),
+        ExecutionError::PrepareError(p) => {
+            matches!(prepare_error(p.clone()), StoreError::Invalid(_))
+        }
         _ => false,
     };
     if invalid {
@@ -905,7 +986,9 @@ mod tests {
     use std::collections::HashMap;
 
     use scylla::deserialize::row::DeserializeRow;
-    use scylla::frame::response::result::{CollectionType, ColumnSpec, ColumnType, NativeType, TableSpec};
+    use scylla::frame::response::result::{
+        CollectionType, ColumnSpec, ColumnType, NativeType, TableSpec,
+    };
     use scylla::serialize::row::{RowSerializationContext, SerializeRow};
     use scylla::serialize::writers::RowWriter;
 
@@ -1027,7 +1110,8 @@ mod tests {
         let mut i = 0;
         while i < chars.len() {
             let c = chars[i];
-            let word = |j: usize| chars[j].is_ascii_alphanumeric() || chars[j] == '_' || chars[j] == '.';
+            let word =
+                |j: usize| chars[j].is_ascii_alphanumeric() || chars[j] == '_' || chars[j] == '.';
             if c.is_whitespace() {
                 i += 1;
             } else if c == ':' || word(i) {
@@ -1068,20 +1152,30 @@ mod tests {
     fn specs(cql: &str) -> (Vec<ColumnSpec<'static>>, Vec<ColumnSpec<'static>>) {
         let schema = schema();
         let t = tokens(cql);
-        let table_of = |tok: &str| tok.strip_prefix(&format!("{KS}.")).expect("qualified").to_owned();
+        let table_of = |tok: &str| {
+            tok.strip_prefix(&format!("{KS}."))
+                .expect("qualified")
+                .to_owned()
+        };
         let pos = |word: &str| t.iter().position(|x| x.eq_ignore_ascii_case(word));
         let table = match t[0].to_ascii_uppercase().as_str() {
             "INSERT" => table_of(&t[2]),
             "SELECT" => table_of(&t[pos("FROM").unwrap() + 1]),
             other => panic!("unexpected statement {other}"),
         };
-        let cols = schema.get(&table).unwrap_or_else(|| panic!("table {table} is not in cql/schema.cql"));
+        let cols = schema
+            .get(&table)
+            .unwrap_or_else(|| panic!("table {table} is not in cql/schema.cql"));
         let spec = |name: &str, col: &str| {
             let typ = cols
                 .get(col)
                 .unwrap_or_else(|| panic!("column {table}.{col} is not in cql/schema.cql"))
                 .clone();
-            ColumnSpec::owned(name.to_owned(), typ, TableSpec::owned(KS.into(), table.clone()))
+            ColumnSpec::owned(
+                name.to_owned(),
+                typ,
+                TableSpec::owned(KS.into(), table.clone()),
+            )
         };
         let marker_name = |m: &str, col: &str| m.strip_prefix(':').unwrap_or(col).to_owned();
         let mut binds = Vec::new();
@@ -1104,10 +1198,12 @@ mod tests {
             while i < end {
                 if t[i] == "(" {
                     let close = i + t[i..].iter().position(|x| x == ")").unwrap();
-                    let columns: Vec<&String> = t[i + 1..close].iter().filter(|x| *x != ",").collect();
+                    let columns: Vec<&String> =
+                        t[i + 1..close].iter().filter(|x| *x != ",").collect();
                     assert!(is_op(&t[close + 1]) && t[close + 2] == "(", "{cql}");
                     let mclose = close + 2 + t[close + 2..].iter().position(|x| x == ")").unwrap();
-                    let markers: Vec<&String> = t[close + 3..mclose].iter().filter(|x| *x != ",").collect();
+                    let markers: Vec<&String> =
+                        t[close + 3..mclose].iter().filter(|x| *x != ",").collect();
                     assert_eq!(columns.len(), markers.len(), "{cql}");
                     for (c, m) in columns.iter().zip(markers) {
                         if is_marker(m) {
@@ -1165,7 +1261,10 @@ mod tests {
         assert_eq!(s["events"]["ts"], ColumnType::Native(NativeType::Timestamp));
         assert!(matches!(
             s["events"]["metrics"],
-            ColumnType::Collection { frozen: true, typ: CollectionType::Map(..) }
+            ColumnType::Collection {
+                frozen: true,
+                typ: CollectionType::Map(..)
+            }
         ));
     }
 
@@ -1176,19 +1275,87 @@ mod tests {
         let (d, e) = (Uuid::from_u128(1), Uuid::from_u128(2));
         let checks = [
             check_bind(&Cql::insert_event(KS), &event_row(&r, 3_600_000)),
-            check_bind(&Cql::insert_bucket(KS), &BucketIn { user_id: 1, device_id: d, bucket: t }),
-            check_bind(&Cql::insert_id(KS), &IdIn { device_id: d, event_id: e, ts: t }),
-            check_bind(&Cql::select_id(KS), &IdKeyIn { device_id: d, event_id: e }),
-            check_bind(&Cql::select_buckets(KS), &BucketRangeIn { user_id: 1, device_id: d, lo: t, hi: t }),
-            check_bind(&Cql::list_slice(KS), &SliceIn { user_id: 1, device_id: d, bucket: t, from_ts: t, to_ts: t }),
+            check_bind(
+                &Cql::insert_bucket(KS),
+                &BucketIn {
+                    user_id: 1,
+                    device_id: d,
+                    bucket: t,
+                },
+            ),
+            check_bind(
+                &Cql::insert_id(KS),
+                &IdIn {
+                    device_id: d,
+                    event_id: e,
+                    ts: t,
+                },
+            ),
+            check_bind(
+                &Cql::select_id(KS),
+                &IdKeyIn {
+                    device_id: d,
+                    event_id: e,
+                },
+            ),
+            check_bind(
+                &Cql::select_buckets(KS),
+                &BucketRangeIn {
+                    user_id: 1,
+                    device_id: d,
+                    lo: t,
+                    hi: t,
+                },
+            ),
+            check_bind(
+                &Cql::list_slice(KS),
+                &SliceIn {
+                    user_id: 1,
+                    device_id: d,
+                    bucket: t,
+                    from_ts: t,
+                    to_ts: t,
+                },
+            ),
             check_bind(
                 &Cql::list_before(KS),
-                &SliceBeforeIn { user_id: 1, device_id: d, bucket: t, from_ts: t, before_ts: t, before_id: e },
+                &SliceBeforeIn {
+                    user_id: 1,
+                    device_id: d,
+                    bucket: t,
+                    from_ts: t,
+                    before_ts: t,
+                    before_id: e,
+                },
             ),
-            check_bind(&Cql::metric_slice(KS), &SliceIn { user_id: 1, device_id: d, bucket: t, from_ts: t, to_ts: t }),
-            check_bind(&Cql::count_slice(KS), &SliceIn { user_id: 1, device_id: d, bucket: t, from_ts: t, to_ts: t }),
+            check_bind(
+                &Cql::metric_slice(KS),
+                &SliceIn {
+                    user_id: 1,
+                    device_id: d,
+                    bucket: t,
+                    from_ts: t,
+                    to_ts: t,
+                },
+            ),
+            check_bind(
+                &Cql::count_slice(KS),
+                &SliceIn {
+                    user_id: 1,
+                    device_id: d,
+                    bucket: t,
+                    from_ts: t,
+                    to_ts: t,
+                },
+            ),
             check_bind(&Cql::select_meta(KS), &MetaKeyIn { name: BUCKET_META }),
-            check_bind(&Cql::insert_meta(KS), &MetaIn { name: BUCKET_META, value: 1 }),
+            check_bind(
+                &Cql::insert_meta(KS),
+                &MetaIn {
+                    name: BUCKET_META,
+                    value: 1,
+                },
+            ),
         ];
         for c in checks {
             c.unwrap();
@@ -1215,7 +1382,11 @@ mod tests {
             device_id: Uuid,
             bucket: CqlTimestamp,
         }
-        let wrong = NarrowUser { user_id: 1, device_id: Uuid::nil(), bucket: ms(0) };
+        let wrong = NarrowUser {
+            user_id: 1,
+            device_id: Uuid::nil(),
+            bucket: ms(0),
+        };
         assert!(check_bind(&Cql::insert_bucket(KS), &wrong).is_err());
         // A bind marker name the statement does not have.
         #[derive(SerializeRow)]
@@ -1225,7 +1396,12 @@ mod tests {
             low: CqlTimestamp,
             hi: CqlTimestamp,
         }
-        let wrong = Misnamed { user_id: 1, device_id: Uuid::nil(), low: ms(0), hi: ms(0) };
+        let wrong = Misnamed {
+            user_id: 1,
+            device_id: Uuid::nil(),
+            low: ms(0),
+            hi: ms(0),
+        };
         assert!(check_bind(&Cql::select_buckets(KS), &wrong).is_err());
         // ts is a timestamp, not text; metrics a map of doubles, not of text.
         #[derive(DeserializeRow)]
@@ -1250,7 +1426,11 @@ mod tests {
         let mut r = record();
         r.event.attrs.push(("note".into(), "é".repeat(500)));
         let actual = check_bind(&Cql::insert_event(KS), &event_row(&r, 3_600_000)).unwrap();
-        assert!(actual <= row_bytes(&r.event), "{actual} > {}", row_bytes(&r.event));
+        assert!(
+            actual <= row_bytes(&r.event),
+            "{actual} > {}",
+            row_bytes(&r.event)
+        );
     }
 
     #[test]
@@ -1275,12 +1455,18 @@ mod tests {
         assert_eq!(flat, records.iter().map(|r| r.event.id).collect::<Vec<_>>());
         for run in &runs {
             let size: usize = run.iter().map(|r| row_bytes(&r.event)).sum();
-            assert!(size <= 5 * 1024 || run.len() == 1, "a run of {} bytes", size);
+            assert!(
+                size <= 5 * 1024 || run.len() == 1,
+                "a run of {} bytes",
+                size
+            );
         }
         // Every run stays within one partition: the batcher hands one partition at a
         // time, and the rows' partition key is the batch key.
         let key = PartitionKey::of(&records[0], 3_600_000);
-        assert!(records.iter().all(|r| PartitionKey::of(r, 3_600_000) == key));
+        assert!(records
+            .iter()
+            .all(|r| PartitionKey::of(r, 3_600_000) == key));
     }
 
     #[test]
@@ -1315,7 +1501,10 @@ mod tests {
         assert!(stmts[1].contains("TimeWindowCompactionStrategy"));
         assert!(stmts[1].contains("default_time_to_live = 86400"));
         for placeholder in ["{keyspace}", "{replication}", "{ttl}"] {
-            assert!(stmts.iter().all(|s| !s.contains(placeholder)), "{placeholder} left");
+            assert!(
+                stmts.iter().all(|s| !s.contains(placeholder)),
+                "{placeholder} left"
+            );
         }
     }
 }

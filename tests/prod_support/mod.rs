@@ -98,7 +98,10 @@ impl Drop for Proc {
 pub async fn wait_for_port(port: u16, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -109,14 +112,24 @@ pub async fn wait_for_port(port: u16, within: Duration) -> bool {
 /// Starts a private, non-persistent `redis-server` on `port`.
 pub async fn start_redis(port: u16) -> Proc {
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .args(["--daemonize", "no", "--bind", "127.0.0.1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server is installed");
     let proc = Proc(child);
-    assert!(wait_for_port(port, Duration::from_secs(10)).await, "redis-server started");
+    assert!(
+        wait_for_port(port, Duration::from_secs(10)).await,
+        "redis-server started"
+    );
     proc
 }
 
@@ -178,7 +191,9 @@ impl Api {
     }
 
     pub async fn post(&self, path: &str, secret: &str, body: Value) -> (u16, Value) {
-        let (s, v, _) = self.call(reqwest::Method::POST, path, secret, Some(body)).await;
+        let (s, v, _) = self
+            .call(reqwest::Method::POST, path, secret, Some(body))
+            .await;
         (s, v)
     }
 
@@ -197,7 +212,11 @@ impl Api {
     pub async fn user(&self, admin: &str) -> String {
         let name = format!("u{}", random_name());
         let (s, v) = self
-            .post("/v1/users", admin, json!({"username": name, "email": "a@b.c"}))
+            .post(
+                "/v1/users",
+                admin,
+                json!({"username": name, "email": "a@b.c"}),
+            )
             .await;
         assert_eq!(s, 201, "{v}");
         v["api_key"].as_str().unwrap().to_owned()
@@ -219,7 +238,12 @@ impl Api {
         let events: Vec<Value> = (0..n)
             .map(|i| json!({"type": "t", "metrics": {"x": i as f64}}))
             .collect();
-        self.call(reqwest::Method::POST, "/v1/ingest", token, Some(json!(events)))
-            .await
+        self.call(
+            reqwest::Method::POST,
+            "/v1/ingest",
+            token,
+            Some(json!(events)),
+        )
+        .await
     }
 }
