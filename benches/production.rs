@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::stream::{self, StreamExt};
 use iotpipe::Config;
-use prod_support::{random_name, Api, TestDb, MARIADB, REDIS};
+use prod_support::{Api, TestDb, MARIADB, REDIS};
 use serde_json::{json, Value};
 
 const EVENTS_PER_REQUEST: usize = 100;
@@ -45,7 +45,13 @@ async fn target(configure: impl FnOnce(&mut Config)) -> Target {
     let body = json!((0..EVENTS_PER_REQUEST)
         .map(|i| json!({"type": "telemetry", "metrics": {"temp": i as f64, "battery": 0.5}}))
         .collect::<Vec<_>>());
-    Target { api, token, body, _server: server, _dir: dir }
+    Target {
+        api,
+        token,
+        body,
+        _server: server,
+        _dir: dir,
+    }
 }
 
 async fn round(t: &Target) {
@@ -69,8 +75,12 @@ async fn round(t: &Target) {
 }
 
 fn production(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let db = rt.block_on(TestDb::create(MARIADB));
+    let prefix = prod_support::redis_prefix();
     let targets = rt.block_on(async {
         vec![
             ("embedded", target(|_| {}).await),
@@ -78,15 +88,20 @@ fn production(c: &mut Criterion) {
                 "redis_live",
                 target(|c| {
                     c.live.redis_url = Some(REDIS.into());
-                    c.live.key_prefix = format!("iotpipe_bench_{}:", random_name());
+                    c.live.key_prefix = prefix.clone();
                 })
                 .await,
             ),
-            ("mysql_registry", target(|c| c.registry.url = Some(db.url.clone())).await),
+            (
+                "mysql_registry",
+                target(|c| c.registry.url = Some(db.url.clone())).await,
+            ),
         ]
     });
     let mut group = c.benchmark_group("http_ingest");
-    group.throughput(Throughput::Elements((EVENTS_PER_REQUEST * REQUESTS_PER_ROUND) as u64));
+    group.throughput(Throughput::Elements(
+        (EVENTS_PER_REQUEST * REQUESTS_PER_ROUND) as u64,
+    ));
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(8));
     for (name, t) in &targets {
@@ -129,6 +144,7 @@ fn production(c: &mut Criterion) {
         );
     }
     drop(targets);
+    rt.block_on(prod_support::clear_redis(REDIS, &prefix));
     drop(db);
 }
 

@@ -17,7 +17,7 @@ use iotpipe::pipeline::batcher::PartitionBatch;
 use iotpipe::store::embedded::EmbeddedStore;
 use iotpipe::store::{EventStore, ListQuery, Point, PointQuery, StoreError};
 use parking_lot::Mutex;
-use prod_support::{free_port, random_name, start_redis, Api, TestDb, MARIADB, REDIS};
+use prod_support::{free_port, start_redis, Api, TestDb, MARIADB, REDIS};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -40,7 +40,7 @@ where
 #[tokio::test]
 async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second() {
     let db = TestDb::create(MARIADB).await;
-    let prefix = format!("iotpipe_test_{}:", random_name());
+    let prefix = prod_support::redis_prefix();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = prod_support::config(dir_a.path());
     a.registry.url = Some(db.url.clone());
@@ -122,7 +122,7 @@ async fn with_redis_down_ingest_continues_locally_and_counts_catch_up_when_it_re
     let dir = tempfile::tempdir().unwrap();
     let mut config = prod_support::config(dir.path());
     config.live.redis_url = Some(format!("redis://127.0.0.1:{port}/0"));
-    config.live.key_prefix = format!("iotpipe_test_{}:", random_name());
+    config.live.key_prefix = prod_support::redis_prefix();
     let admin = config.admin_token.clone().unwrap();
     let server = prod_support::start(config).await;
     let api = Api::new(&server);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use iotpipe::live::local::LocalLive;
 use iotpipe::live::redis::RedisLive;
 use iotpipe::live::{DeviceCount, LimitKind, Live, RateLimits};
-use prod_support::{random_name, REDIS};
+use prod_support::{clear_redis, REDIS};
 use uuid::Uuid;
 
 fn no_limits() -> RateLimits {
@@ -23,7 +23,7 @@ fn redis(limits: RateLimits, prefix: &str) -> Arc<RedisLive> {
 }
 
 fn prefix() -> String {
-    format!("iotpipe_test_{}:", random_name())
+    prod_support::redis_prefix()
 }
 
 /// Counters: totals, receipt-time windows, rejections, per-user figures.
@@ -134,9 +134,11 @@ async fn local_live_passes_the_shared_suite() {
 
 #[tokio::test]
 async fn redis_live_passes_the_shared_suite() {
-    let live = redis(no_limits(), &prefix());
+    let p = prefix();
+    let live = redis(no_limits(), &p);
     counters_behave(live.as_ref()).await;
     assert!(live.is_up());
+    clear_redis(REDIS, &p).await;
     limits_behave(|l| redis(l, &prefix())).await;
 }
 

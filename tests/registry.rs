@@ -173,7 +173,9 @@ async fn iotpipe_migrate_creates_the_mysql_tables() {
     let user = reg.create_user("m", "m@x.io", "km", 1).await.unwrap();
     assert_eq!(reg.user_by_key("km").await.unwrap(), Some(user.id));
     // And a second migrate (as at `serve` start) keeps the data.
-    iotpipe::topology::migrate(&config).await.expect("migrate again");
+    iotpipe::topology::migrate(&config)
+        .await
+        .expect("migrate again");
     assert_eq!(reg.user_by_key("km").await.unwrap(), Some(user.id));
     reg.close().await;
 }

@@ -227,13 +227,12 @@ struct SliceIn {
     to_ts: CqlTimestamp,
 }
 
-/// One partition's slice from `from_ts` to strictly before a position.
+/// One partition's rows strictly before a position.
 #[derive(Debug, SerializeRow)]
 struct SliceBeforeIn {
     user_id: i64,
     device_id: Uuid,
     bucket: CqlTimestamp,
-    from_ts: CqlTimestamp,
     before_ts: CqlTimestamp,
     before_id: Uuid,
 }
@@ -312,37 +311,43 @@ impl Cql {
     fn select_id(ks: &str) -> String {
         format!("SELECT ts FROM {ks}.event_ids WHERE device_id = ? AND event_id = ?")
     }
+    // Statements with a range use named markers throughout (never mixed with `?`),
+    // named after their column where they have one.
     fn select_buckets(ks: &str) -> String {
         format!(
-            "SELECT bucket FROM {ks}.buckets WHERE user_id = ? AND device_id = ? \
+            "SELECT bucket FROM {ks}.buckets WHERE user_id = :user_id AND device_id = :device_id \
              AND bucket >= :lo AND bucket <= :hi"
         )
     }
     fn list_slice(ks: &str) -> String {
         format!(
             "SELECT ts, event_id, type, metrics, attrs FROM {ks}.events \
-             WHERE user_id = ? AND device_id = ? AND bucket = ? AND ts >= :from_ts AND ts < :to_ts \
-             ORDER BY ts DESC, event_id DESC"
+             WHERE user_id = :user_id AND device_id = :device_id AND bucket = :bucket \
+             AND ts >= :from_ts AND ts < :to_ts ORDER BY ts DESC, event_id DESC"
         )
     }
+    /// Only an upper bound: CQL does not allow a single-column relation on `ts` beside
+    /// the tuple relation, so the lower bound `from` is applied while reading (the
+    /// rows come newest first, so reading stops at the first older one).
     fn list_before(ks: &str) -> String {
         format!(
             "SELECT ts, event_id, type, metrics, attrs FROM {ks}.events \
-             WHERE user_id = ? AND device_id = ? AND bucket = ? \
-             AND (ts) >= (:from_ts) AND (ts, event_id) < (:before_ts, :before_id) \
-             ORDER BY ts DESC, event_id DESC"
+             WHERE user_id = :user_id AND device_id = :device_id AND bucket = :bucket \
+             AND (ts, event_id) < (:before_ts, :before_id) ORDER BY ts DESC, event_id DESC"
         )
     }
     fn metric_slice(ks: &str) -> String {
         format!(
             "SELECT ts, type, metrics FROM {ks}.events \
-             WHERE user_id = ? AND device_id = ? AND bucket = ? AND ts >= :from_ts AND ts < :to_ts"
+             WHERE user_id = :user_id AND device_id = :device_id AND bucket = :bucket \
+             AND ts >= :from_ts AND ts < :to_ts"
         )
     }
     fn count_slice(ks: &str) -> String {
         format!(
             "SELECT ts, type FROM {ks}.events \
-             WHERE user_id = ? AND device_id = ? AND bucket = ? AND ts >= :from_ts AND ts < :to_ts"
+             WHERE user_id = :user_id AND device_id = :device_id AND bucket = :bucket \
+             AND ts >= :from_ts AND ts < :to_ts"
         )
     }
     fn select_meta(ks: &str) -> String {
@@ -737,7 +742,6 @@ impl Inner {
                     user_id: q.user_id,
                     device_id: q.device_id,
                     bucket: ms(bucket),
-                    from_ts: ms(q.from_ms),
                     before_ts: ms(p.ts_ms),
                     before_id: p.id,
                 };
@@ -763,6 +767,8 @@ impl Inner {
             .rows_stream::<EventOut>()
             .map_err(corrupt)?;
         rows.map_err(row_error)
+            // Newest first: the first row older than `from` ends the bucket's slice.
+            .try_take_while(|r| futures::future::ready(Ok(r.ts.0 >= q.from_ms)))
             .try_filter(|r| futures::future::ready(q.kind.as_deref().is_none_or(|k| k == r.kind)))
             .take(q.limit)
             .map_ok(|r| Event {
@@ -1323,7 +1329,6 @@ mod tests {
                     user_id: 1,
                     device_id: d,
                     bucket: t,
-                    from_ts: t,
                     before_ts: t,
                     before_id: e,
                 },

@@ -22,6 +22,41 @@ pub fn random_name() -> String {
     Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
+/// A random Redis key prefix for one test run.
+pub fn redis_prefix() -> String {
+    format!("iotpipe_prodtest_{}:", random_name())
+}
+
+/// Deletes every key under `prefix` (keys without a TTL would otherwise stay behind
+/// in the shared Redis).
+pub async fn clear_redis(url: &str, prefix: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+}
+
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
