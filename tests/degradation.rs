@@ -113,6 +113,7 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
     );
     a.stop().await;
     b.stop().await;
+    prod_support::clear_redis(REDIS, &prefix).await;
 }
 
 #[tokio::test]
