@@ -50,6 +50,15 @@ struct Cached<T> {
     fetched: Instant,
 }
 
+impl<T> Cached<T> {
+    fn now(value: T) -> Self {
+        Self {
+            value,
+            fetched: Instant::now(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Auth {
     registry: SharedRegistry,
@@ -115,14 +124,12 @@ impl Auth {
                 .user_by_key(&hash)
                 .await
                 .map(|u| u.map(Principal::User)),
-            Some(SecretKind::DeviceToken) => {
-                self.registry.device_by_token(&hash).await.map(|d| {
-                    d.map(|d| Principal::Device {
-                        id: d.id,
-                        user_id: d.user_id,
-                    })
+            Some(SecretKind::DeviceToken) => self.registry.device_by_token(&hash).await.map(|d| {
+                d.map(|d| Principal::Device {
+                    id: d.id,
+                    user_id: d.user_id,
                 })
-            }
+            }),
             Some(SecretKind::Admin) | None => Ok(None),
         };
         let found = match (asked, cached) {
@@ -134,7 +141,7 @@ impl Auth {
             (Err(e), _) => return Err(e),
         };
         match found {
-            Some(p) => self.secrets.insert(digest, Cached { value: p, fetched: Instant::now() }),
+            Some(p) => self.secrets.insert(digest, Cached::now(p)),
             None => self.secrets.invalidate(&digest),
         }
         Ok(found)
@@ -175,7 +182,7 @@ impl Auth {
             }
             (Err(e), _) => return Err(e),
         };
-        self.owners.insert(device, Cached { value: owner, fetched: Instant::now() });
+        self.owners.insert(device, Cached::now(owner));
         Ok(owner)
     }
 
@@ -183,7 +190,7 @@ impl Auth {
     pub fn forget_device(&self, device: DeviceId, token_hash: &str) {
         // Remembered as absent (not merely evicted), so that a registry outage cannot
         // bring back a stale "exists" answer.
-        self.owners.insert(device, Cached { value: None, fetched: Instant::now() });
+        self.owners.insert(device, Cached::now(None));
         if let Ok(bytes) = hex::decode(token_hash) {
             if let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) {
                 self.secrets.invalidate(&digest);
@@ -208,7 +215,7 @@ impl Auth {
 
     /// Remembers a new device's owner, so the first ingest does not miss.
     pub fn remember_device(&self, device: DeviceId, owner: UserId) {
-        self.owners.insert(device, Cached { value: Some(owner), fetched: Instant::now() });
+        self.owners.insert(device, Cached::now(Some(owner)));
     }
 }
 
