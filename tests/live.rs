@@ -187,3 +187,68 @@ async fn concurrent_admissions_across_instances_never_overshoot() {
     // At one instant, exactly the burst (100) plus the one that tips it into debt.
     assert_eq!(admitted, 101);
 }
+
+/// Counts the writes a client makes towards Redis: a pipelined request goes out as
+/// one write, so this counts round trips.
+async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let writes = Arc::new(AtomicUsize::new(0));
+    let counter = writes.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let outbound = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                    .await
+                    .unwrap();
+                let (mut in_r, mut in_w) = inbound.into_split();
+                let (mut out_r, mut out_w) = outbound.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut out_r, &mut in_w).await;
+                });
+                let mut buf = vec![0u8; 1 << 20];
+                while let Ok(n) = in_r.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    if out_w.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, writes)
+}
+
+#[tokio::test]
+async fn a_flush_costs_one_redis_round_trip_whatever_its_size() {
+    use std::sync::atomic::Ordering;
+    let (port, writes) = counting_proxy(6379).await;
+    let p = prefix();
+    let live = RedisLive::open(&format!("redis://127.0.0.1:{port}/0"), &p, no_limits()).unwrap();
+    live.ping().await.unwrap(); // connects (and sends its handshake)
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let before = writes.load(Ordering::SeqCst);
+    let counts: Vec<DeviceCount> = (0..20)
+        .map(|i| DeviceCount {
+            user_id: 1 + i % 3,
+            device_id: Uuid::new_v4(),
+            new_events: 100,
+            received_ms: 1_800_000_000_000,
+        })
+        .collect();
+    live.record_ingested(&counts).await;
+    let after = writes.load(Ordering::SeqCst);
+    // 20 devices are about 200 commands; unpipelined that would be 200 round trips.
+    assert_eq!(after - before, 1, "writes for one flush");
+    let u = live.user(1, 1_800_000_000_000).await;
+    assert_eq!(u.events_total, 700);
+    assert_eq!(u.devices_active_5m, 7);
+    assert!(live.is_up());
+    clear_redis(REDIS, &p).await;
+}
