@@ -250,8 +250,12 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
         }
     };
 
-    let (pipeline, pipeline_tasks) =
-        pipeline::spawn(&config.pipeline, store.clone(), live.clone(), telemetry.clone());
+    let (pipeline, pipeline_tasks) = pipeline::spawn(
+        &config.pipeline,
+        store.clone(),
+        live.clone(),
+        telemetry.clone(),
+    );
     let state = AppState {
         auth,
         store: store.clone(),
