@@ -19,8 +19,8 @@
 //! an LWT is a Paxos round (four round trips, and contention handling) per event,
 //! several times the cost of the write itself, paid by every event to catch rare
 //! retransmissions. The read is a single-partition lookup that bloom filters answer
-//! cheaply for new ids. What it gives up: two instances writing the same id at the
-//! same moment can both see it absent. With the same `ts` (the contract's expected
+//! cheaply for new ids. What it gives up: two flushes (on one instance or several)
+//! writing the same id at the same moment can both see it absent. With the same `ts` (the contract's expected
 //! duplicate: a device retrying) both write the same row, so it is still stored once;
 //! only the live counters may count it twice. With a different `ts` both copies would
 //! be kept. See `docs/production.md`.
