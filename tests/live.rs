@@ -252,3 +252,40 @@ async fn a_flush_costs_one_redis_round_trip_whatever_its_size() {
     assert!(live.is_up());
     clear_redis(REDIS, &p).await;
 }
+
+#[tokio::test]
+async fn a_redis_down_at_start_degrades_to_local_state_then_takes_over() {
+    let port = prod_support::free_port();
+    let limits = RateLimits {
+        device_per_sec: 10,
+        user_per_sec: 0,
+    };
+    let live = RedisLive::open(&format!("redis://127.0.0.1:{port}/0"), &prefix(), limits).unwrap();
+    let d = Uuid::new_v4();
+    // Nothing listens: the first call fails over to the local limiter at once.
+    assert!(live.admit(1, d, 11, 0).await.is_ok());
+    assert_eq!(
+        live.admit(1, d, 1, 0).await.unwrap_err().limit,
+        LimitKind::Device
+    );
+    assert!(!live.is_up());
+    assert!(live.ping().await.is_err());
+    live.record_ingested(&[DeviceCount {
+        user_id: 1,
+        device_id: d,
+        new_events: 4,
+        received_ms: 1_000,
+    }])
+    .await;
+    assert_eq!(live.device(d, 1_000).await.events_total, 4);
+
+    let _redis = prod_support::start_redis(port).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !live.is_up() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(live.is_up(), "the probe switched back to Redis");
+    live.ping().await.unwrap();
+    // The count made while down was pushed to Redis.
+    assert_eq!(live.device(d, 1_000).await.events_total, 4);
+}
