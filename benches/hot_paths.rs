@@ -126,5 +126,11 @@ fn bench_store_write(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_batcher, bench_windows, bench_store_write);
+criterion_group!(
+    benches,
+    bench_decode,
+    bench_batcher,
+    bench_windows,
+    bench_store_write
+);
 criterion_main!(benches);

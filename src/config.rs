@@ -88,12 +88,15 @@ pub struct RegistryConfig {
 }
 
 /// Live counters and distributed rate limits.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LiveConfig {
     /// `redis://host:port/db`. Unset: in-process counters and limits.
     /// Env: `IOTPIPE_REDIS_URL`.
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel iotpipe uses, so that several
+    /// deployments (or test runs) can share one Redis. Env: `IOTPIPE_REDIS_PREFIX`.
+    pub key_prefix: String,
 }
 
 /// Rate limits, in events per second. The burst is one second's worth.
@@ -117,6 +120,28 @@ pub struct StoreConfig {
     /// Length of a partition's time bucket, e.g. `1h` or `1d`. Fixed once a store
     /// holds data.
     pub bucket: String,
+    /// ScyllaDB keyspace. Env: `IOTPIPE_SCYLLA_KEYSPACE`.
+    pub keyspace: String,
+    /// Replication of the keyspace, as a CQL map, used by `iotpipe migrate` when it
+    /// creates the keyspace.
+    pub replication: String,
+    /// Consistency of reads and writes: `LOCAL_QUORUM`, `QUORUM`, `LOCAL_ONE`, `ONE`,
+    /// `ALL`...
+    pub consistency: String,
+    /// Default TTL of stored events, in seconds; 0 keeps them forever. Applied to the
+    /// tables by `iotpipe migrate`.
+    pub ttl_secs: u64,
+    /// Largest unlogged batch sent to ScyllaDB, in bytes of bound values; a partition's
+    /// events are split into batches under it (ScyllaDB warns past 5 KiB by default).
+    pub batch_max_bytes: usize,
+    /// Most ScyllaDB writes in flight at once, per instance.
+    pub write_concurrency: usize,
+    /// How long one ScyllaDB request may take, in ms, before it counts as failed.
+    pub request_timeout_ms: u64,
+    /// Rows per page when reading a partition.
+    pub page_size: i32,
+    /// The local datacenter, for datacenter-aware routing. Unset: any.
+    pub local_datacenter: Option<String>,
 }
 
 /// Batching and queue bounds.
@@ -198,6 +223,15 @@ impl Default for RegistryConfig {
     }
 }
 
+impl Default for LiveConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            key_prefix: "iotpipe:".to_owned(),
+        }
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
@@ -212,6 +246,15 @@ impl Default for StoreConfig {
         Self {
             scylla_nodes: None,
             bucket: "1h".to_owned(),
+            keyspace: "iotpipe".to_owned(),
+            replication: "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}".to_owned(),
+            consistency: "LOCAL_QUORUM".to_owned(),
+            ttl_secs: 0,
+            batch_max_bytes: 5 * 1024,
+            write_concurrency: 64,
+            request_timeout_ms: 5_000,
+            page_size: 5_000,
+            local_datacenter: None,
         }
     }
 }
@@ -300,6 +343,12 @@ impl Config {
         if let Some(v) = env("IOTPIPE_SCYLLA_NODES") {
             self.store.scylla_nodes = Some(v);
         }
+        if let Some(v) = env("IOTPIPE_SCYLLA_KEYSPACE") {
+            self.store.keyspace = v;
+        }
+        if let Some(v) = env("IOTPIPE_REDIS_PREFIX") {
+            self.live.key_prefix = v;
+        }
         if let Some(v) = env("IOTPIPE_ADMIN_TOKEN") {
             self.admin_token = Some(v);
         }
@@ -344,6 +393,8 @@ impl Config {
                 "http.max_inflight_requests",
                 self.http.max_inflight_requests,
             ),
+            ("store.batch_max_bytes", self.store.batch_max_bytes),
+            ("store.write_concurrency", self.store.write_concurrency),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
@@ -410,6 +461,11 @@ mod tests {
         assert_eq!(parsed.limits.device_per_sec, d.limits.device_per_sec);
         assert_eq!(parsed.pipeline.queue_events, d.pipeline.queue_events);
         assert_eq!(parsed.store.bucket, d.store.bucket);
+        assert_eq!(parsed.store.keyspace, d.store.keyspace);
+        assert_eq!(parsed.store.replication, d.store.replication);
+        assert_eq!(parsed.store.consistency, d.store.consistency);
+        assert_eq!(parsed.store.batch_max_bytes, d.store.batch_max_bytes);
+        assert_eq!(parsed.live.key_prefix, d.live.key_prefix);
     }
 
     #[test]

@@ -19,13 +19,16 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState, MqttStatus, RequestLimits};
 use crate::config::Config;
 use crate::live::local::LocalLive;
-use crate::live::{RateLimits, SharedLive};
+use crate::live::redis::RedisLive;
+use crate::live::{LiveError, RateLimits, SharedLive};
 use crate::pipeline;
 use crate::registry::auth::Auth;
+use crate::registry::mysql::MySqlRegistry;
 use crate::registry::secrets::{self, SecretKind};
 use crate::registry::sqlite::SqliteRegistry;
 use crate::registry::{RegistryError, SharedRegistry};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::scylla::{ScyllaSettings, ScyllaStore};
 use crate::store::{SharedStore, StoreError};
 use crate::telemetry::Telemetry;
 
@@ -47,6 +50,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
+    #[error("live backend: {0}")]
+    Live(#[from] LiveError),
     #[error("{0}")]
     Unsupported(String),
 }
@@ -114,13 +119,10 @@ fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
     })
 }
 
-fn open_store(config: &Config) -> Result<SharedStore, StartError> {
+async fn open_store(config: &Config) -> Result<SharedStore, StartError> {
     if config.store.scylla_nodes.is_some() {
-        return Err(StartError::Unsupported(
-            "IOTPIPE_SCYLLA_NODES is set, but this build has no ScyllaDB store yet; unset it \
-             to use the embedded store"
-                .into(),
-        ));
+        let settings = ScyllaSettings::from_config(&config.store, config.pipeline.bucket_len_ms)?;
+        return Ok(Arc::new(ScyllaStore::connect(settings).await?));
     }
     let store = EmbeddedStore::open(
         &config.data_dir.join("events"),
@@ -135,32 +137,40 @@ async fn open_registry(config: &Config) -> Result<SharedRegistry, StartError> {
         .url
         .clone()
         .unwrap_or_else(|| SqliteRegistry::default_url(&config.data_dir));
-    if !url.starts_with("sqlite:") {
-        return Err(StartError::Unsupported(format!(
-            "IOTPIPE_REGISTRY_URL={url}: this build supports only sqlite:// registries"
-        )));
+    if url.starts_with("sqlite:") {
+        let registry = SqliteRegistry::connect(&url).await?;
+        registry.migrate().await?;
+        Ok(Arc::new(registry))
+    } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+        let url = url.replacen("mariadb:", "mysql:", 1);
+        let registry = MySqlRegistry::connect(&url).await?;
+        registry.migrate().await?;
+        Ok(Arc::new(registry))
+    } else {
+        Err(StartError::Unsupported(format!(
+            "IOTPIPE_REGISTRY_URL={url}: expected sqlite://PATH or mysql://user:pass@host:port/db"
+        )))
     }
-    let registry = SqliteRegistry::connect(&url).await?;
-    registry.migrate().await?;
-    Ok(Arc::new(registry))
 }
 
-fn open_live(config: &Config) -> Result<SharedLive, StartError> {
-    if config.live.redis_url.is_some() {
-        return Err(StartError::Unsupported(
-            "IOTPIPE_REDIS_URL is set, but this build has no Redis backend yet; unset it to use \
-             in-process counters and limits"
-                .into(),
-        ));
-    }
-    Ok(Arc::new(LocalLive::new(RateLimits {
+/// The live backend, and the Redis one again when configured: it also carries the
+/// deletion broadcast and its listener.
+fn open_live(config: &Config) -> Result<(SharedLive, Option<Arc<RedisLive>>), StartError> {
+    let limits = RateLimits {
         device_per_sec: config.limits.device_per_sec,
         user_per_sec: config.limits.user_per_sec,
-    })))
+    };
+    match &config.live.redis_url {
+        None => Ok((Arc::new(LocalLive::new(limits)), None)),
+        Some(url) => {
+            let redis = RedisLive::open(url, &config.live.key_prefix, limits)?;
+            Ok((redis.clone(), Some(redis)))
+        }
+    }
 }
 
-/// Applies the registry migrations (and, later, the CQL schema) for the configured
-/// backends, then returns.
+/// Applies the registry migrations and, with ScyllaDB configured, creates its
+/// keyspace and tables (`cql/schema.cql`), then returns.
 ///
 /// # Errors
 ///
@@ -168,6 +178,11 @@ fn open_live(config: &Config) -> Result<SharedLive, StartError> {
 pub async fn migrate(config: &Config) -> Result<(), StartError> {
     ensure_data_dir(&config.data_dir)?;
     open_registry(config).await?;
+    if config.store.scylla_nodes.is_some() {
+        let settings = ScyllaSettings::from_config(&config.store, config.pipeline.bucket_len_ms)?;
+        ScyllaStore::migrate(&settings).await?;
+        tracing::info!(keyspace = %settings.keyspace, "ScyllaDB schema applied");
+    }
     Ok(())
 }
 
@@ -188,12 +203,12 @@ async fn bind(addr: &str, setting: &'static str) -> Result<TcpListener, StartErr
 /// A backend that cannot be opened, or an address that cannot be bound.
 pub async fn start(config: Config) -> Result<Server, StartError> {
     ensure_data_dir(&config.data_dir)?;
-    let store = open_store(&config)?;
+    let store = open_store(&config).await?;
     start_with_store(config, store).await
 }
 
-/// As [`start`], with an event store built by the caller: a seam for wrapping the
-/// store (tests make it slow or unreachable on purpose).
+/// As [`start`], with an event store built by the caller instead of the configured
+/// one (tests wrap a store to make it fail on demand).
 ///
 /// # Errors
 ///
@@ -202,13 +217,22 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
     ensure_data_dir(&config.data_dir)?;
     let admin_token = admin_token(&config)?;
     let registry = open_registry(&config).await?;
-    let live = open_live(&config)?;
+    let (live, redis) = open_live(&config)?;
     let telemetry = Telemetry::new();
-    let auth = Arc::new(Auth::new(
+    let mut auth = Auth::new(
         registry,
         &admin_token,
         Duration::from_secs(config.registry.cache_ttl_secs),
-    ));
+    );
+    if let Some(redis) = &redis {
+        auth = auth.with_broadcast(redis.clone());
+    }
+    let auth = Arc::new(auth);
+    let shutdown = CancellationToken::new();
+    // Deletions announced by other instances reach this one through this listener.
+    let deletions = redis
+        .as_ref()
+        .map(|r| r.spawn_deletion_listener(auth.clone(), shutdown.child_token()));
 
     // Producers are bound before the consumers start, so a taken port fails start-up
     // without leaving pipeline tasks behind.
@@ -246,7 +270,6 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
         bucket_len_ms: config.pipeline.bucket_len_ms,
         mqtt,
     };
-    let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     let app = api::router(state);
     tracing::info!(%http_addr, "HTTP API listening");
@@ -258,6 +281,9 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
             tracing::error!(error = %e, "HTTP server failed");
         }
         pipeline_tasks.shutdown().await;
+        if let Some(task) = deletions {
+            let _ = task.await;
+        }
         if let Err(e) = store.close().await {
             tracing::error!(error = %e, "closing the event store failed");
         }

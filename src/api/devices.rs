@@ -116,7 +116,7 @@ pub(super) async fn delete(
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     match state.auth.registry().delete_device(user, id).await? {
         Some(token_hash) => {
-            state.auth.forget_device(id, &token_hash);
+            state.auth.device_deleted(id, &token_hash).await;
             Ok(StatusCode::NO_CONTENT)
         }
         None => Err(ApiError::NotFound),

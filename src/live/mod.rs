@@ -5,6 +5,7 @@
 
 pub mod gcra;
 pub mod local;
+pub mod redis;
 
 use std::sync::Arc;
 

@@ -3,11 +3,18 @@
 //! Every ingest request authenticates, so this is the hot path: a warm cache answers
 //! with one SHA-256 and one map lookup. Deleting a device evicts its token and its
 //! ownership entry here at once; other instances (production mode) are told through
-//! the live backend.
+//! a [`DeletionBroadcast`] (Redis pub/sub), whose listener calls
+//! [`Auth::forget_device`] on each of them.
+//!
+//! Design: an answer is fresh for `ttl`; after that the registry is asked again, but if
+//! the registry is unavailable the stale answer is served (for up to [`STALE_LIMIT`]),
+//! so that known devices keep ingesting while MySQL is down. Deletions do not depend
+//! on the TTL: they are pushed to every instance.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use moka::sync::Cache;
 
 use super::secrets::{self, SecretKind};
@@ -25,29 +32,71 @@ pub enum Principal {
 /// How many secrets and device owners are cached at most.
 const CACHE_CAPACITY: u64 = 200_000;
 
+/// How long a cached answer may still be served while the registry cannot be asked.
+pub const STALE_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Tells the other instances that a device was deleted, so that they forget it too.
+#[async_trait]
+pub trait DeletionBroadcast: Send + Sync + 'static {
+    /// Best effort: a failure is logged by the implementation, and the other instances
+    /// then fall back on their own recovery (see `docs/production.md`).
+    async fn device_deleted(&self, device: DeviceId, token_hash: &str);
+}
+
+/// A cached answer and when the registry gave it.
+#[derive(Debug, Clone, Copy)]
+struct Cached<T> {
+    value: T,
+    fetched: Instant,
+}
+
+impl<T> Cached<T> {
+    fn now(value: T) -> Self {
+        Self {
+            value,
+            fetched: Instant::now(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Auth {
     registry: SharedRegistry,
     admin: [u8; 32],
-    secrets: Cache<[u8; 32], Principal>,
-    owners: Cache<DeviceId, Option<UserId>>,
+    fresh_for: Duration,
+    secrets: Cache<[u8; 32], Cached<Principal>>,
+    owners: Cache<DeviceId, Cached<Option<UserId>>>,
+    broadcast: Option<Arc<dyn DeletionBroadcast>>,
 }
 
 impl Auth {
     /// `ttl` bounds how long a cached answer is trusted without asking the registry.
     pub fn new(registry: SharedRegistry, admin_token: &str, ttl: Duration) -> Self {
+        let keep = ttl.max(STALE_LIMIT);
         Self {
             registry,
             admin: secrets::digest(admin_token),
+            fresh_for: ttl,
             secrets: Cache::builder()
                 .max_capacity(CACHE_CAPACITY)
-                .time_to_live(ttl)
+                .time_to_live(keep)
                 .build(),
             owners: Cache::builder()
                 .max_capacity(CACHE_CAPACITY)
-                .time_to_live(ttl)
+                .time_to_live(keep)
                 .build(),
+            broadcast: None,
         }
+    }
+
+    /// Announces deletions to the other instances through `broadcast`.
+    pub fn with_broadcast(mut self, broadcast: Arc<dyn DeletionBroadcast>) -> Self {
+        self.broadcast = Some(broadcast);
+        self
+    }
+
+    fn is_fresh<T>(&self, cached: &Cached<T>) -> bool {
+        cached.fetched.elapsed() < self.fresh_for
     }
 
     pub fn registry(&self) -> &SharedRegistry {
@@ -64,27 +113,36 @@ impl Auth {
         if constant_time_eq(&digest, &self.admin) {
             return Ok(Some(Principal::Admin));
         }
-        if let Some(p) = self.secrets.get(&digest) {
-            return Ok(Some(p));
+        let cached = self.secrets.get(&digest);
+        if let Some(c) = cached.filter(|c| self.is_fresh(c)) {
+            return Ok(Some(c.value));
         }
         let hash = hex::encode(digest);
-        let found = match SecretKind::of(secret) {
-            Some(SecretKind::UserKey) => {
-                self.registry.user_by_key(&hash).await?.map(Principal::User)
-            }
-            Some(SecretKind::DeviceToken) => {
-                self.registry
-                    .device_by_token(&hash)
-                    .await?
-                    .map(|d| Principal::Device {
-                        id: d.id,
-                        user_id: d.user_id,
-                    })
-            }
-            Some(SecretKind::Admin) | None => None,
+        let asked = match SecretKind::of(secret) {
+            Some(SecretKind::UserKey) => self
+                .registry
+                .user_by_key(&hash)
+                .await
+                .map(|u| u.map(Principal::User)),
+            Some(SecretKind::DeviceToken) => self.registry.device_by_token(&hash).await.map(|d| {
+                d.map(|d| Principal::Device {
+                    id: d.id,
+                    user_id: d.user_id,
+                })
+            }),
+            Some(SecretKind::Admin) | None => Ok(None),
         };
-        if let Some(p) = found {
-            self.secrets.insert(digest, p);
+        let found = match (asked, cached) {
+            (Ok(found), _) => found,
+            (Err(RegistryError::Unavailable(e)), Some(stale)) => {
+                tracing::debug!(error = %e, "registry unavailable; serving a cached secret");
+                return Ok(Some(stale.value));
+            }
+            (Err(e), _) => return Err(e),
+        };
+        match found {
+            Some(p) => self.secrets.insert(digest, Cached::now(p)),
+            None => self.secrets.invalidate(&digest),
         }
         Ok(found)
     }
@@ -112,17 +170,27 @@ impl Auth {
     ///
     /// When the registry cannot be asked and the cache does not know the device.
     pub async fn device_owner(&self, device: DeviceId) -> Result<Option<UserId>, RegistryError> {
-        if let Some(owner) = self.owners.get(&device) {
-            return Ok(owner);
+        let cached = self.owners.get(&device);
+        if let Some(c) = cached.filter(|c| self.is_fresh(c)) {
+            return Ok(c.value);
         }
-        let owner = self.registry.device(device).await?.map(|d| d.user_id);
-        self.owners.insert(device, owner);
+        let owner = match (self.registry.device(device).await, cached) {
+            (Ok(d), _) => d.map(|d| d.user_id),
+            (Err(RegistryError::Unavailable(e)), Some(stale)) => {
+                tracing::debug!(error = %e, "registry unavailable; serving a cached owner");
+                return Ok(stale.value);
+            }
+            (Err(e), _) => return Err(e),
+        };
+        self.owners.insert(device, Cached::now(owner));
         Ok(owner)
     }
 
-    /// Forgets a deleted device: its token and its ownership.
+    /// Forgets a deleted device on this instance: its token and its ownership.
     pub fn forget_device(&self, device: DeviceId, token_hash: &str) {
-        self.owners.insert(device, None);
+        // Remembered as absent (not merely evicted), so that a registry outage cannot
+        // bring back a stale "exists" answer.
+        self.owners.insert(device, Cached::now(None));
         if let Ok(bytes) = hex::decode(token_hash) {
             if let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) {
                 self.secrets.invalidate(&digest);
@@ -130,9 +198,24 @@ impl Auth {
         }
     }
 
+    /// Forgets a deleted device here and tells the other instances.
+    pub async fn device_deleted(&self, device: DeviceId, token_hash: &str) {
+        self.forget_device(device, token_hash);
+        if let Some(b) = &self.broadcast {
+            b.device_deleted(device, token_hash).await;
+        }
+    }
+
+    /// Forgets everything cached. Used when deletions from other instances may have
+    /// been missed (the broadcast channel was down).
+    pub fn forget_all(&self) {
+        self.secrets.invalidate_all();
+        self.owners.invalidate_all();
+    }
+
     /// Remembers a new device's owner, so the first ingest does not miss.
     pub fn remember_device(&self, device: DeviceId, owner: UserId) {
-        self.owners.insert(device, Some(owner));
+        self.owners.insert(device, Cached::now(Some(owner)));
     }
 }
 

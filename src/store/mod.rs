@@ -10,6 +10,7 @@
 //! - Events are ordered by (user, device, bucket, ts, id).
 
 pub mod embedded;
+pub mod scylla;
 
 use std::sync::Arc;
 

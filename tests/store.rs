@@ -1,0 +1,306 @@
+//! One event-store behaviour suite over `&dyn EventStore`: run against the embedded
+//! store always, and against a real ScyllaDB/Cassandra when `IOTPIPE_TEST_SCYLLA` is
+//! set (`host:port`), in a fresh random keyspace that is dropped afterwards.
+//!
+//! `docker compose up -d scylla` and the command in `docs/production.md` run it.
+
+mod prod_support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use iotpipe::config::StoreConfig;
+use iotpipe::model::{Event, Record, MIN_TS_MS};
+use iotpipe::pipeline::batcher::{Batcher, PartitionBatch};
+use iotpipe::query::{device_aggregate, AggregateFilter, Range, Scope};
+use iotpipe::store::embedded::EmbeddedStore;
+use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
+use iotpipe::store::{EventStore, ListQuery, Point, PointQuery, Position};
+use tokio::time::{Duration, Instant};
+use uuid::Uuid;
+
+const HOUR: i64 = 3_600_000;
+/// 2023-11-14T22:00:00Z, on an hour boundary.
+const T0: i64 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR;
+
+fn event(id: u128, ts_ms: i64, kind: &str, metrics: &[(&str, f64)]) -> Event {
+    Event {
+        id: Uuid::from_u128(id),
+        ts_ms,
+        kind: kind.into(),
+        // Sorted by name, as every engine may hand them back sorted.
+        metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        attrs: vec![("fw".into(), "1.4.2".into())],
+    }
+}
+
+/// Groups records into partitions with the real batcher, as the pipeline does.
+fn flush(user: i64, device: Uuid, events: Vec<Event>) -> Arc<Vec<PartitionBatch>> {
+    let mut batcher: Batcher<()> = Batcher::new(1_000_000, Duration::from_secs(60), HOUR);
+    let records = events
+        .into_iter()
+        .map(|event| Record {
+            user_id: user,
+            device_id: device,
+            received_ms: T0,
+            event,
+        })
+        .collect();
+    batcher.push(records, (), Instant::now());
+    let mut partitions = batcher.take().expect("a flush").partitions;
+    partitions.sort_by_key(|p| p.key);
+    Arc::new(partitions)
+}
+
+fn ids(events: &[Event]) -> Vec<u128> {
+    events.iter().map(|e| e.id.as_u128()).collect()
+}
+
+fn list(user: i64, device: Uuid, from_ms: i64, to_ms: i64, limit: usize) -> ListQuery {
+    ListQuery {
+        user_id: user,
+        device_id: device,
+        from_ms,
+        to_ms,
+        before: None,
+        kind: None,
+        limit,
+    }
+}
+
+/// What every event store must do. `user` keeps concurrent runs apart.
+async fn store_behaves(store: &dyn EventStore) {
+    store.ping().await.expect("ping");
+    let user = (Uuid::new_v4().as_u128() % 1_000_000_000) as i64;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let m = |v: f64| vec![("temp", v)];
+
+    // Four buckets for device a, with gaps between them; one event for device b.
+    let first = vec![
+        event(1, T0 + 1_000, "telemetry", &m(1.0)),
+        event(2, T0 + 2_000, "alarm", &[]),
+        event(3, T0 + HOUR + 5, "telemetry", &m(3.0)),
+        event(4, T0 + 5 * HOUR, "telemetry", &m(4.0)),
+        event(5, T0 + 5 * HOUR, "telemetry", &m(5.0)),
+        event(6, T0 - 30 * 24 * HOUR, "telemetry", &m(6.0)),
+    ];
+    let counts = store.write(flush(user, a, first.clone())).await.unwrap();
+    assert_eq!(counts.iter().sum::<usize>(), 6, "{counts:?}");
+    assert_eq!(
+        store
+            .write(flush(user, b, vec![event(1, T0, "x", &[])]))
+            .await
+            .unwrap(),
+        vec![1]
+    );
+
+    // Duplicates: the same id again, even with another ts and in another bucket, is
+    // skipped; so is a repeat within one flush.
+    let again = vec![
+        event(3, T0 + 3 * HOUR, "telemetry", &m(99.0)),
+        event(7, T0 + 3 * HOUR + 1, "telemetry", &m(7.0)),
+        event(7, T0 + 3 * HOUR + 1, "telemetry", &m(7.0)),
+        event(1, T0 + 1_000, "telemetry", &m(1.0)),
+    ];
+    let counts = store.write(flush(user, a, again)).await.unwrap();
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        1,
+        "only id 7 is new: {counts:?}"
+    );
+
+    // The whole past, newest first; the duplicate kept its first ts.
+    let far = T0 + 24 * HOUR;
+    let all = store
+        .list(list(user, a, MIN_TS_MS, far, 100))
+        .await
+        .unwrap();
+    let expected_order = {
+        let mut e = ids(&all);
+        e.sort_by_key(|id| {
+            std::cmp::Reverse(all.iter().find(|x| x.id.as_u128() == *id).unwrap().ts_ms)
+        });
+        e
+    };
+    assert_eq!(ids(&all), expected_order, "newest first");
+    let set: HashSet<u128> = ids(&all).into_iter().collect();
+    assert_eq!(set, [1, 2, 3, 4, 5, 6, 7].into_iter().collect());
+    let three = all.iter().find(|e| e.id.as_u128() == 3).unwrap();
+    assert_eq!(three.ts_ms, T0 + HOUR + 5);
+    assert_eq!(three, &first[2], "stored content comes back whole");
+    assert_eq!(
+        ids(&store
+            .list(list(user, b, MIN_TS_MS, far, 100))
+            .await
+            .unwrap()),
+        vec![1]
+    );
+    assert!(store
+        .list(list(user + 1, a, MIN_TS_MS, far, 100))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Paging with a cursor visits everything once, in order, even across equal ts.
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let mut q = list(user, a, MIN_TS_MS, far, 2);
+        q.before = before;
+        let page = store.list(q).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().map(Position::of);
+        paged.extend(page);
+    }
+    assert_eq!(ids(&paged), ids(&all));
+
+    // Half-open ranges, limits and the type filter.
+    let r = store
+        .list(list(user, a, T0 + 1_000, T0 + HOUR + 5, 100))
+        .await
+        .unwrap();
+    assert_eq!(ids(&r), vec![2, 1]);
+    assert_eq!(
+        store
+            .list(list(user, a, MIN_TS_MS, far, 3))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    let mut q = list(user, a, MIN_TS_MS, far, 100);
+    q.kind = Some("alarm".into());
+    assert_eq!(ids(&store.list(q).await.unwrap()), vec![2]);
+
+    // Points: oldest first, projected.
+    let pq = |metric: Option<&str>, kind: Option<&str>, with_kind: bool| PointQuery {
+        user_id: user,
+        device_id: a,
+        from_ms: T0,
+        to_ms: far,
+        kind: kind.map(str::to_owned),
+        metric: metric.map(str::to_owned),
+        with_kind,
+    };
+    let with_metric = store.points(pq(Some("temp"), None, false)).await.unwrap();
+    let values: Vec<(i64, Option<f64>)> = with_metric.iter().map(|p| (p.ts_ms, p.value)).collect();
+    assert_eq!(values.len(), 5, "{values:?}");
+    assert_eq!(values[0], (T0 + 1_000, Some(1.0)));
+    assert_eq!(values[1], (T0 + HOUR + 5, Some(3.0)));
+    assert_eq!(values[2], (T0 + 3 * HOUR + 1, Some(7.0)));
+    assert!(values.windows(2).all(|w| w[0].0 <= w[1].0));
+    let kinds = store.points(pq(None, None, true)).await.unwrap();
+    assert_eq!(kinds.len(), 6);
+    assert_eq!(
+        kinds[1],
+        Point {
+            ts_ms: T0 + 2_000,
+            value: None,
+            kind: Some("alarm".into())
+        }
+    );
+    assert_eq!(
+        store
+            .points(pq(None, Some("alarm"), false))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // The shared query layer on top: hourly windows over the day.
+    let scope = Scope {
+        store,
+        user_id: user,
+        bucket_len_ms: HOUR,
+    };
+    let windows = device_aggregate(
+        scope,
+        a,
+        Range {
+            from_ms: T0,
+            to_ms: far,
+        },
+        HOUR,
+        AggregateFilter {
+            metric: Some("temp".into()),
+            kind: None,
+        },
+    )
+    .await
+    .unwrap();
+    let summary: Vec<(i64, u64, f64)> = windows
+        .iter()
+        .map(|w| (w.start_ms - T0, w.stats.count, w.stats.sum))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (0, 1, 1.0),
+            (HOUR, 1, 3.0),
+            (3 * HOUR, 1, 7.0),
+            (5 * HOUR, 2, 9.0)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_embedded_store_passes_the_shared_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), HOUR).unwrap();
+    store_behaves(&store).await;
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_scylla_store_passes_the_shared_suite_when_configured() {
+    let Ok(node) = std::env::var("IOTPIPE_TEST_SCYLLA") else {
+        eprintln!(
+            "NOT RUN: the ScyllaDB store suite needs IOTPIPE_TEST_SCYLLA=host:port \
+             (see docs/production.md); nothing was checked against ScyllaDB"
+        );
+        return;
+    };
+    let keyspace = format!("iotpipe_test_{}", prod_support::random_name());
+    let config = StoreConfig {
+        scylla_nodes: Some(node.clone()),
+        keyspace: keyspace.clone(),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+        // Small, so the suite also crosses batch and page boundaries.
+        batch_max_bytes: 512,
+        page_size: 2,
+        ..StoreConfig::default()
+    };
+    let settings = ScyllaSettings::from_config(&config, HOUR).unwrap();
+    ScyllaStore::migrate(&settings)
+        .await
+        .expect("schema applied");
+    // Applying it again is harmless.
+    ScyllaStore::migrate(&settings)
+        .await
+        .expect("schema applied twice");
+    let store = ScyllaStore::connect(settings.clone())
+        .await
+        .expect("connected");
+    store_behaves(&store).await;
+
+    // A keyspace keeps its bucket length.
+    let other = ScyllaSettings {
+        bucket_len_ms: 2 * HOUR,
+        ..settings
+    };
+    assert!(ScyllaStore::connect(other).await.is_err());
+
+    let session = scylla::client::session_builder::SessionBuilder::new()
+        .known_node(&node)
+        .build()
+        .await
+        .unwrap();
+    session
+        .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
+        .await
+        .unwrap();
+    eprintln!("RAN: the ScyllaDB store suite passed against {node} (keyspace {keyspace})");
+}
