@@ -497,3 +497,58 @@ async fn shutdown_acknowledges_what_is_durable_and_waits_for_connections() {
     assert!(stored.len() >= acked, "{} stored, {acked} acknowledged", stored.len());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn every_acknowledged_event_survives_kill_9_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Process::spawn(dir.path(), &[]).await;
+    let api = Api::new(first.http);
+    let o = api.owner().await;
+    let t = topic(&o.device);
+    let ts = iotpipe::model::now_ms();
+    let ids: Vec<Uuid> = (0..3000).map(|_| Uuid::new_v4()).collect();
+
+    let mut d = Device::connect(first.mqtt.unwrap(), &o.device, &o.token);
+    d.connected().await;
+    // Kill -9 once 500 PUBACKs have arrived, in the middle of the stream.
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel();
+    let mut kill_tx = Some(kill_tx);
+    let killer = tokio::spawn(async move {
+        if kill_rx.await.is_ok() {
+            first.kill9().await;
+        }
+    });
+    let acked = stream_ids(&mut d, &t, &ids, ts, |n| {
+        if n == 500 {
+            if let Some(tx) = kill_tx.take() {
+                let _ = tx.send(());
+            }
+        }
+    })
+    .await;
+    killer.await.unwrap();
+    assert!(acked.len() >= 500 && acked.len() < ids.len(), "{} acked", acked.len());
+
+    // Restart on the same data dir; the device resends everything not acknowledged.
+    let second = Process::spawn(dir.path(), &[]).await;
+    let api = Api::new(second.http);
+    let acked_set: std::collections::HashSet<Uuid> = acked.iter().copied().collect();
+    let stored = api.events(&o).await;
+    let counts = id_counts(&stored);
+    for id in &acked {
+        assert_eq!(counts.get(&id.to_string()), Some(&1), "acked {id} is stored once");
+    }
+    let resend: Vec<Uuid> = ids.iter().filter(|id| !acked_set.contains(id)).copied().collect();
+    let mut d = Device::connect(second.mqtt.unwrap(), &o.device, &o.token);
+    d.connected().await;
+    let acked_again = stream_ids(&mut d, &t, &resend, ts, |_| {}).await;
+    assert_eq!(acked_again.len(), resend.len());
+
+    let stored = api.events(&o).await;
+    let counts = id_counts(&stored);
+    assert_eq!(stored.len(), ids.len(), "every event once, no duplicate");
+    assert!(ids.iter().all(|id| counts.get(&id.to_string()) == Some(&1)));
+    let live = api.live(&o).await;
+    assert!(live["events_total"].as_u64().unwrap() <= ids.len() as u64);
+    second.kill9().await;
+}

@@ -324,3 +324,191 @@ pub fn id_counts(events: &[Value]) -> HashMap<String, usize> {
 pub fn topic(device: &str) -> String {
     format!("devices/{device}/events")
 }
+
+/// The real `iotpipe` binary, started on port 0.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub http: SocketAddr,
+    pub mqtt: Option<SocketAddr>,
+}
+
+impl Process {
+    /// Starts `iotpipe serve` with `env` on top of a test environment, and reads the
+    /// addresses from its stdout line.
+    pub async fn spawn(data_dir: &Path, env: &[(&str, String)]) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_iotpipe"));
+        cmd.arg("serve")
+            .env("IOTPIPE_DATA_DIR", data_dir)
+            .env("IOTPIPE_HTTP_ADDR", "127.0.0.1:0")
+            .env("IOTPIPE_MQTT_ADDR", "127.0.0.1:0")
+            .env("IOTPIPE_ADMIN_TOKEN", ADMIN)
+            .env("IOTPIPE_RATE_DEVICE", "0")
+            .env("IOTPIPE_RATE_USER", "0")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("the iotpipe binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = timeout(PATIENCE, lines.next_line())
+            .await
+            .expect("iotpipe prints its addresses in time")
+            .unwrap()
+            .expect("a line on stdout");
+        // iotpipe listening http=ADDR mqtt=ADDR|off
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .to_owned()
+        };
+        let http = field("http=").parse().unwrap();
+        let mqtt = field("mqtt=").parse().ok();
+        // Keep reading stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, http, mqtt }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill9(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// One event with an id and a fixed `ts`, as JSON text.
+pub fn event_at(id: &uuid::Uuid, ts_ms: i64) -> String {
+    json!({"id": id.to_string(), "ts": ts_ms, "type": "telemetry", "metrics": {"seq": 1.0}})
+        .to_string()
+}
+
+/// Publishes `ids` at QoS 1 through `addr` and returns which of them were PUBACKed
+/// before the connection ended (or all were). `on_ack` sees the running count.
+pub async fn stream_ids(
+    device: &mut Device,
+    topic: &str,
+    ids: &[uuid::Uuid],
+    ts_ms: i64,
+    mut on_ack: impl FnMut(usize),
+) -> Vec<uuid::Uuid> {
+    let client = device.client.clone();
+    let payloads: Vec<String> = ids.iter().map(|id| event_at(id, ts_ms)).collect();
+    let topic = topic.to_owned();
+    let publisher = tokio::spawn(async move {
+        for p in payloads {
+            if client
+                .publish(&topic, rumqttc::QoS::AtLeastOnce, false, p)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    // rumqttc sends publishes in the order they were requested, so the k-th
+    // outgoing PUBLISH carries ids[k]; a packet id names one message in flight.
+    let mut in_flight: HashMap<u16, uuid::Uuid> = HashMap::new();
+    let mut next = 0;
+    let mut acked = Vec::new();
+    while acked.len() < ids.len() {
+        match device.next().await {
+            Seen::Sent(pkid) => {
+                in_flight.insert(pkid, ids[next]);
+                next += 1;
+            }
+            Seen::PubAck(pkid) => {
+                acked.push(in_flight.remove(&pkid).expect("a PUBACK for a message sent"));
+                on_ack(acked.len());
+            }
+            Seen::Closed(_) => break,
+            _ => {}
+        }
+    }
+    publisher.abort();
+    acked
+}
+
+/// A private Mosquitto on a free loopback port, with its own config and data dir.
+/// Killed when dropped.
+pub struct Broker {
+    pub port: u16,
+    child: std::process::Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// Tuned as `docs/mqtt.md` says the guarantee needs: a large in-flight window, a
+    /// queue that never drops QoS 1 messages, and persistence.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
+                 persistence true\npersistence_location {}/\nautosave_interval 1\n\
+                 max_inflight_messages 1000\nmax_queued_messages 0\nmax_queued_bytes 0\n\
+                 log_dest none\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed");
+        let deadline = Instant::now() + PATIENCE;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { port, child, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A device publishing straight to a broker (which authenticates it, not iotpipe).
+pub fn broker_device(port: u16) -> Device {
+    let mut o = MqttOptions::new(
+        format!("p{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        "127.0.0.1",
+        port,
+    );
+    o.set_keep_alive(Duration::from_secs(30));
+    Device::with_options(o)
+}
+
+/// Waits until `/health` reports the MQTT component ok.
+pub async fn wait_mqtt_ok(api: &Api) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let h = api.health().await;
+        if h["components"]["mqtt"]["ok"] == true {
+            return;
+        }
+        assert!(Instant::now() < deadline, "MQTT never became ok: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
