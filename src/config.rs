@@ -285,7 +285,9 @@ impl Config {
     ///
     /// As [`Config::load`].
     pub fn from_process(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load(file, |name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        Self::load(file, |name| {
+            std::env::var(name).ok().filter(|v| !v.is_empty())
+        })
     }
 
     /// Parses TOML without the environment or the derived fields.
@@ -327,17 +329,26 @@ impl Config {
         }
         parse_env(&env, "IOTPIPE_RATE_DEVICE", &mut self.limits.device_per_sec)?;
         parse_env(&env, "IOTPIPE_RATE_USER", &mut self.limits.user_per_sec)?;
-        parse_env(&env, "IOTPIPE_MAX_BODY_BYTES", &mut self.http.max_body_bytes)?;
-        parse_env(&env, "IOTPIPE_MAX_EVENTS", &mut self.http.max_events_per_request)?;
+        parse_env(
+            &env,
+            "IOTPIPE_MAX_BODY_BYTES",
+            &mut self.http.max_body_bytes,
+        )?;
+        parse_env(
+            &env,
+            "IOTPIPE_MAX_EVENTS",
+            &mut self.http.max_events_per_request,
+        )?;
         Ok(())
     }
 
     fn finish(&mut self) -> Result<(), ConfigError> {
-        self.pipeline.bucket_len_ms = parse_duration_ms(&self.store.bucket)
-            .ok_or_else(|| ConfigError::Invalid(format!(
+        self.pipeline.bucket_len_ms = parse_duration_ms(&self.store.bucket).ok_or_else(|| {
+            ConfigError::Invalid(format!(
                 "store.bucket = {:?}: expected an integer followed by s, m, h or d",
                 self.store.bucket
-            )))?;
+            ))
+        })?;
         let p = &self.pipeline;
         if p.queue_events < self.http.max_events_per_request {
             return Err(ConfigError::Invalid(format!(
@@ -349,8 +360,14 @@ impl Config {
             ("pipeline.queue_submissions", p.queue_submissions),
             ("pipeline.batch_max_events", p.batch_max_events),
             ("pipeline.writers", p.writers),
-            ("http.max_events_per_request", self.http.max_events_per_request),
-            ("http.max_inflight_requests", self.http.max_inflight_requests),
+            (
+                "http.max_events_per_request",
+                self.http.max_events_per_request,
+            ),
+            (
+                "http.max_inflight_requests",
+                self.http.max_inflight_requests,
+            ),
             ("mqtt.max_connections", self.mqtt.max_connections),
             ("mqtt.max_inflight", self.mqtt.max_inflight),
             ("mqtt.broker_max_inflight", self.mqtt.broker_max_inflight),
@@ -431,8 +448,11 @@ mod tests {
     fn the_environment_wins_over_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "[limits]\ndevice_per_sec = 5\n[http]\naddr = \"0.0.0.0:1\"\n")
-            .unwrap();
+        std::fs::write(
+            &path,
+            "[limits]\ndevice_per_sec = 5\n[http]\naddr = \"0.0.0.0:1\"\n",
+        )
+        .unwrap();
         let env: HashMap<&str, &str> =
             [("IOTPIPE_RATE_DEVICE", "7"), ("IOTPIPE_MQTT_ADDR", "off")].into();
         let c = Config::load(Some(&path), |k| env.get(k).map(|v| v.to_string())).unwrap();
@@ -443,8 +463,8 @@ mod tests {
 
     #[test]
     fn a_bad_variable_is_named() {
-        let err = Config::load(None, |k| (k == "IOTPIPE_RATE_USER").then(|| "lots".into()))
-            .unwrap_err();
+        let err =
+            Config::load(None, |k| (k == "IOTPIPE_RATE_USER").then(|| "lots".into())).unwrap_err();
         assert!(err.to_string().contains("IOTPIPE_RATE_USER"), "{err}");
     }
 

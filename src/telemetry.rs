@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 /// Where an event came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,12 +172,14 @@ impl Telemetry {
             recorder.register_gauge(&Key::from_name("iotpipe_pipeline_queue_depth"), &meta);
         let mqtt_connections =
             recorder.register_gauge(&Key::from_name("iotpipe_mqtt_connections"), &meta);
-        let mqtt_messages_received = recorder
-            .register_counter(&Key::from_name("iotpipe_mqtt_messages_received_total"), &meta);
+        let mqtt_messages_received = recorder.register_counter(
+            &Key::from_name("iotpipe_mqtt_messages_received_total"),
+            &meta,
+        );
         let mqtt_acks_sent =
             recorder.register_counter(&Key::from_name("iotpipe_mqtt_acks_sent_total"), &meta);
-        let mqtt_ack_latency = recorder
-            .register_histogram(&Key::from_name("iotpipe_mqtt_ack_latency_seconds"), &meta);
+        let mqtt_ack_latency =
+            recorder.register_histogram(&Key::from_name("iotpipe_mqtt_ack_latency_seconds"), &meta);
         for c in ingested
             .iter()
             .chain(rejected.iter().flatten())

@@ -236,8 +236,12 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         (Some(_), Some(_)) => MqttStatus::new("builtin+external", false),
     };
 
-    let (pipeline, pipeline_tasks) =
-        pipeline::spawn(&config.pipeline, store.clone(), live.clone(), telemetry.clone());
+    let (pipeline, pipeline_tasks) = pipeline::spawn(
+        &config.pipeline,
+        store.clone(),
+        live.clone(),
+        telemetry.clone(),
+    );
     let shutdown = CancellationToken::new();
     let mqtt_ctx = MqttContext {
         auth: auth.clone(),

@@ -39,7 +39,10 @@ async fn messages_through_the_shared_broker_are_stored_and_bad_ones_counted() {
     })
     .await;
     wait_mqtt_ok(&inst.api).await;
-    assert_eq!(inst.api.health().await["components"]["mqtt"]["backend"], "external");
+    assert_eq!(
+        inst.api.health().await["components"]["mqtt"]["backend"],
+        "external"
+    );
     let o = inst.api.owner().await;
     let mut d = broker_device(1883);
     d.connected().await;
@@ -55,7 +58,12 @@ async fn messages_through_the_shared_broker_are_stored_and_bad_ones_counted() {
         .map(|id| json!({"id": id.to_string(), "type": "telemetry", "metrics": {"temperature": 2.0}}))
         .collect();
     d.client
-        .publish(&t, QoS::AtLeastOnce, false, serde_json::to_vec(&array).unwrap())
+        .publish(
+            &t,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&array).unwrap(),
+        )
         .await
         .unwrap();
     d.client
@@ -67,7 +75,12 @@ async fn messages_through_the_shared_broker_are_stored_and_bad_ones_counted() {
         .await
         .unwrap();
     d.client
-        .publish(topic(&Uuid::new_v4().to_string()), QoS::AtLeastOnce, false, event(&Uuid::new_v4(), 1.0))
+        .publish(
+            topic(&Uuid::new_v4().to_string()),
+            QoS::AtLeastOnce,
+            false,
+            event(&Uuid::new_v4(), 1.0),
+        )
         .await
         .unwrap();
 
@@ -86,11 +99,17 @@ async fn messages_through_the_shared_broker_are_stored_and_bad_ones_counted() {
             r#"iotpipe_events_rejected_total{source="mqtt",reason="unknown_device"}"#,
         );
         if live["rejected_total"] == 1 && unknown >= 1.0 {
-            assert!(live["last_error"].as_str().unwrap().contains("type"), "{live}");
+            assert!(
+                live["last_error"].as_str().unwrap().contains("type"),
+                "{live}"
+            );
             assert!(metric(&page, "iotpipe_mqtt_acks_sent_total") >= 4.0);
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{live} unknown={unknown}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{live} unknown={unknown}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     inst.server.stop().await;
@@ -133,10 +152,19 @@ async fn two_instances_split_a_shared_subscription_with_no_double_count() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
-    assert!(!in_a.is_empty() && !in_b.is_empty(), "{} / {}", in_a.len(), in_b.len());
+    assert!(
+        !in_a.is_empty() && !in_b.is_empty(),
+        "{} / {}",
+        in_a.len(),
+        in_b.len()
+    );
     let union: HashSet<&String> = in_a.keys().chain(in_b.keys()).collect();
     let sent: HashSet<String> = ids.iter().map(|id| id.to_string()).collect();
-    assert_eq!(union.len(), in_a.len() + in_b.len(), "no message in both instances");
+    assert_eq!(
+        union.len(),
+        in_a.len() + in_b.len(),
+        "no message in both instances"
+    );
     assert_eq!(union.into_iter().cloned().collect::<HashSet<_>>(), sent);
     let total = a.api.live(&o).await["events_total"].as_u64().unwrap()
         + b.api.live(&o).await["events_total"].as_u64().unwrap();
@@ -179,7 +207,11 @@ async fn nothing_the_broker_acknowledged_is_lost_when_iotpipe_is_killed() {
     })
     .await;
     killer.await.unwrap();
-    assert_eq!(acked.len(), ids.len(), "the broker acknowledged every message");
+    assert_eq!(
+        acked.len(),
+        ids.len(),
+        "the broker acknowledged every message"
+    );
 
     // Same data dir, so the same client id and persistent session.
     let second = Process::spawn(dir.path(), &env).await;

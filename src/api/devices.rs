@@ -70,7 +70,13 @@ pub(super) async fn create(
     let device = state
         .auth
         .registry()
-        .create_device(user, &new.name, &new.kind, &secrets::hash_hex(&token), now_ms())
+        .create_device(
+            user,
+            &new.name,
+            &new.kind,
+            &secrets::hash_hex(&token),
+            now_ms(),
+        )
         .await?;
     state.auth.remember_device(device.id, user);
     let mut body = device_json(&device);

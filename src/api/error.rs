@@ -140,7 +140,9 @@ impl From<SubmitError> for ApiError {
 impl From<AckError> for ApiError {
     fn from(e: AckError) -> Self {
         tracing::warn!(error = %e, "events were not stored");
-        ApiError::Unavailable("the events could not be stored; nothing was kept, try again".to_owned())
+        ApiError::Unavailable(
+            "the events could not be stored; nothing was kept, try again".to_owned(),
+        )
     }
 }
 

@@ -97,8 +97,14 @@ pub fn router(state: AppState) -> Router {
             "/v1/devices/{id}/aggregates",
             get(crate::query::routes::device_aggregates),
         )
-        .route("/v1/aggregates", get(crate::query::routes::grouped_aggregates))
-        .route("/v1/devices/{id}/live", get(crate::query::routes::device_live))
+        .route(
+            "/v1/aggregates",
+            get(crate::query::routes::grouped_aggregates),
+        )
+        .route(
+            "/v1/devices/{id}/live",
+            get(crate::query::routes::device_live),
+        )
         .route("/v1/live", get(crate::query::routes::user_live))
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
@@ -128,7 +134,11 @@ pub fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Re
         let path = e.path().to_string();
         let field = if path == "." { "body".to_owned() } else { path };
         let reason = e.inner().to_string();
-        let reason = reason.split(" at line ").next().unwrap_or_default().to_owned();
+        let reason = reason
+            .split(" at line ")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         ApiError::field(&field, reason)
     })
 }

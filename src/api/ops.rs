@@ -52,7 +52,10 @@ pub(super) async fn health(State(state): State<AppState>) -> impl IntoResponse {
 
 pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.telemetry.render(state.pipeline.depth()),
     )
 }

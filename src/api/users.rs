@@ -52,7 +52,12 @@ pub(super) async fn create(
     let user = state
         .auth
         .registry()
-        .create_user(&new.username, &new.email, &secrets::hash_hex(&api_key), now_ms())
+        .create_user(
+            &new.username,
+            &new.email,
+            &secrets::hash_hex(&api_key),
+            now_ms(),
+        )
         .await?;
     Ok((
         StatusCode::CREATED,

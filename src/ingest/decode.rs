@@ -84,7 +84,11 @@ pub struct DecodeOptions {
 ///
 /// [`DecodeError::Invalid`] names the first bad event and field;
 /// [`DecodeError::TooMany`] when the payload holds more than `max_events`.
-pub fn decode(body: &[u8], format: Format, opts: DecodeOptions) -> Result<Vec<Decoded>, DecodeError> {
+pub fn decode(
+    body: &[u8],
+    format: Format,
+    opts: DecodeOptions,
+) -> Result<Vec<Decoded>, DecodeError> {
     let raw = match format {
         Format::Json => parse_json(body, opts.max_events)?,
         Format::NdJson => parse_ndjson(body, opts.max_events)?,
@@ -106,8 +110,8 @@ fn parse_json(body: &[u8], max_events: usize) -> Result<Vec<RawEvent>, DecodeErr
     let first = body.iter().copied().find(|b| !b.is_ascii_whitespace());
     match first {
         Some(b'[') => {
-            let events: Vec<RawEvent> = serde_json::from_slice(body)
-                .map_err(|_| explain_array(body))?;
+            let events: Vec<RawEvent> =
+                serde_json::from_slice(body).map_err(|_| explain_array(body))?;
             if events.len() > max_events {
                 return Err(DecodeError::TooMany { limit: max_events });
             }
@@ -287,7 +291,11 @@ fn check_names<'a>(
             ));
         }
         if !seen.insert(name) {
-            return Err(DecodeError::invalid(index, format!("{map}.{name}"), "appears twice"));
+            return Err(DecodeError::invalid(
+                index,
+                format!("{map}.{name}"),
+                "appears twice",
+            ));
         }
     }
     Ok(())
@@ -504,13 +512,16 @@ mod tests {
         let (_, field, _) = invalid(r#"{"type":"t","metrics":{"bad name":1}}"#);
         assert_eq!(field, "metrics.bad name");
         let many: Vec<String> = (0..65).map(|i| format!(r#""m{i}":1"#)).collect();
-        let (_, field, _) = invalid(&format!(r#"{{"type":"t","metrics":{{{}}}}}"#, many.join(",")));
+        let (_, field, _) = invalid(&format!(
+            r#"{{"type":"t","metrics":{{{}}}}}"#,
+            many.join(",")
+        ));
         assert!(field.starts_with("metrics"), "{field}");
     }
 
     #[test]
     fn too_many_events_is_its_own_error() {
-        let body = format!("[{}]", vec![r#"{"type":"t"}"#; 11].join(","));
+        let body = format!("[{}]", [r#"{"type":"t"}"#; 11].join(","));
         assert_eq!(
             decode(body.as_bytes(), Format::Json, opts()),
             Err(DecodeError::TooMany { limit: 10 })
@@ -526,7 +537,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let ok = decode(b"{\"type\":\"a\"}\n\n{\"type\":\"b\"}", Format::NdJson, opts()).unwrap();
+        let ok = decode(
+            b"{\"type\":\"a\"}\n\n{\"type\":\"b\"}",
+            Format::NdJson,
+            opts(),
+        )
+        .unwrap();
         assert_eq!(ok.len(), 2);
     }
 

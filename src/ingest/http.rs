@@ -27,7 +27,9 @@ use crate::telemetry::{Reason, Source};
 /// bodies are read, so that request bodies never pile up in memory.
 pub async fn limit_inflight(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Ok(_slot) = state.ingest_slots.clone().try_acquire_owned() else {
-        state.telemetry.rejected(Source::Http, Reason::Overloaded, 1);
+        state
+            .telemetry
+            .rejected(Source::Http, Reason::Overloaded, 1);
         return ApiError::Unavailable("too many ingest requests in flight; try again".into())
             .into_response();
     };
@@ -72,7 +74,9 @@ pub async fn ingest(
     let principal = match authenticate(&state, &headers).await {
         Ok(p @ (Principal::Device { .. } | Principal::User(_))) => p,
         Ok(Principal::Admin) => {
-            return Err(rejector.reject(ApiError::Unauthorized, Reason::Unauthorized, 1).await)
+            return Err(rejector
+                .reject(ApiError::Unauthorized, Reason::Unauthorized, 1)
+                .await)
         }
         Err(e) => {
             let reason = match e {
@@ -198,13 +202,19 @@ pub async fn ingest(
                 state: &state,
                 device: Some((*user, *device)),
             };
-            return Err(r.reject(limited.into(), Reason::RateLimited, accepted).await);
+            return Err(r
+                .reject(limited.into(), Reason::RateLimited, accepted)
+                .await);
         }
     }
 
     let ack = match state.pipeline.try_submit(records) {
         Ok(ack) => ack,
-        Err(e) => return Err(rejector.reject(e.into(), Reason::Overloaded, accepted).await),
+        Err(e) => {
+            return Err(rejector
+                .reject(e.into(), Reason::Overloaded, accepted)
+                .await)
+        }
     };
     ack.durable().await?;
     state.telemetry.ingested(Source::Http, accepted as u64);

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{gcra, DeviceCount, DeviceLive, LimitKind, Limited, Live, LiveError, RateLimits, UserLive};
+use super::{
+    gcra, DeviceCount, DeviceLive, LimitKind, Limited, Live, LiveError, RateLimits, UserLive,
+};
 use crate::model::{format_ms, now_ms, DeviceId, UserId};
 
 /// Counts per second over the last minute.
@@ -129,7 +131,8 @@ impl Live for LocalLive {
         }
         if user_per_sec > 0 {
             let tat = l.users.get(&user).copied();
-            l.users.insert(user, gcra::charge(tat, now, user_per_sec, events));
+            l.users
+                .insert(user, gcra::charge(tat, now, user_per_sec, events));
         }
         if l.devices.len() > LIMITER_PRUNE_AT {
             l.devices.retain(|_, tat| *tat > now);

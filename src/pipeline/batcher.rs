@@ -211,7 +211,9 @@ mod tests {
     fn a_submission_reaching_the_size_bound_flushes_at_once() {
         let mut b = Batcher::new(3, Duration::from_secs(60), BUCKET);
         let t0 = Instant::now();
-        assert!(b.push(vec![record(1, 0, 1), record(2, 0, 2)], (), t0).is_none());
+        assert!(b
+            .push(vec![record(1, 0, 1), record(2, 0, 2)], (), t0)
+            .is_none());
         let f = b.push(vec![record(1, 0, 3)], (), t0).unwrap();
         assert_eq!(f.events, 3);
         assert_eq!(f.partitions.len(), 2);

@@ -96,7 +96,11 @@ impl Pipeline {
     ///
     /// [`SubmitError::Full`] or [`SubmitError::Closed`].
     pub fn try_submit(&self, records: Vec<Record>) -> Result<Ack, SubmitError> {
-        let permit = match self.permits.clone().try_acquire_many_owned(weight(&records)) {
+        let permit = match self
+            .permits
+            .clone()
+            .try_acquire_many_owned(weight(&records))
+        {
             Ok(p) => p,
             Err(tokio::sync::TryAcquireError::NoPermits) => return Err(SubmitError::Full),
             Err(tokio::sync::TryAcquireError::Closed) => return Err(SubmitError::Closed),

@@ -52,7 +52,10 @@ impl Range {
         while from < self.to_ms {
             edge += per_chunk * bucket_len_ms;
             let to = edge.min(self.to_ms);
-            out.push(Range { from_ms: from, to_ms: to });
+            out.push(Range {
+                from_ms: from,
+                to_ms: to,
+            });
             from = to;
         }
         out
@@ -222,6 +225,7 @@ pub struct GroupCount {
 /// # Errors
 ///
 /// A store failure.
+#[allow(clippy::too_many_arguments)]
 pub async fn grouped_counts(
     store: &dyn EventStore,
     user_id: UserId,
@@ -278,14 +282,27 @@ mod tests {
 
     #[test]
     fn the_window_count_rounds_up() {
-        let r = Range { from_ms: 0, to_ms: 10_001 };
+        let r = Range {
+            from_ms: 0,
+            to_ms: 10_001,
+        };
         assert_eq!(r.window_count(1000), 11);
-        assert_eq!(Range { from_ms: 0, to_ms: 10_000 }.window_count(1000), 10);
+        assert_eq!(
+            Range {
+                from_ms: 0,
+                to_ms: 10_000
+            }
+            .window_count(1000),
+            10
+        );
     }
 
     #[test]
     fn chunks_cover_the_range_exactly_and_meet_on_bucket_edges() {
-        let r = Range { from_ms: 1_500, to_ms: 25_250 };
+        let r = Range {
+            from_ms: 1_500,
+            to_ms: 25_250,
+        };
         let chunks = r.chunks(1000, 8);
         assert!(chunks.len() <= 8);
         assert_eq!(chunks.first().unwrap().from_ms, 1_500);
@@ -294,13 +311,29 @@ mod tests {
             assert_eq!(pair[0].to_ms, pair[1].from_ms);
             assert_eq!(pair[0].to_ms % 1000, 0);
         }
-        let one = Range { from_ms: 5, to_ms: 6 }.chunks(1000, 8);
-        assert_eq!(one, vec![Range { from_ms: 5, to_ms: 6 }]);
+        let one = Range {
+            from_ms: 5,
+            to_ms: 6,
+        }
+        .chunks(1000, 8);
+        assert_eq!(
+            one,
+            vec![Range {
+                from_ms: 5,
+                to_ms: 6
+            }]
+        );
     }
 
     #[test]
     fn windows_are_aligned_and_empty_ones_left_out() {
-        let mut w = Windows::new(Range { from_ms: 1_500, to_ms: 10_000 }, 1000);
+        let mut w = Windows::new(
+            Range {
+                from_ms: 1_500,
+                to_ms: 10_000,
+            },
+            1000,
+        );
         w.add(1_500, Some(2.0));
         w.add(1_999, Some(4.0));
         w.add(5_000, None);

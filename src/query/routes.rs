@@ -73,8 +73,11 @@ fn kind(params: &Params) -> Result<Option<String>, ApiError> {
 }
 
 fn event_json(e: &Event) -> Value {
-    let metrics: serde_json::Map<String, Value> =
-        e.metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    let metrics: serde_json::Map<String, Value> = e
+        .metrics
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
     let attrs: serde_json::Map<String, Value> =
         e.attrs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
     json!({
@@ -87,11 +90,17 @@ fn event_json(e: &Event) -> Value {
 }
 
 fn encode_cursor(p: Position) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}:{}", p.ts_ms, p.id.simple()))
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+        "{}:{}",
+        p.ts_ms,
+        p.id.simple()
+    ))
 }
 
 fn decode_cursor(s: &str) -> Option<Position> {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()?;
     let text = String::from_utf8(raw).ok()?;
     let (ts, id) = text.split_once(':')?;
     Some(Position {
@@ -115,7 +124,12 @@ pub async fn events(
         None => DEFAULT_LIMIT,
         Some(v) => match v.parse::<usize>() {
             Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => return Err(ApiError::field("limit", "must be an integer from 1 to 10000")),
+            _ => {
+                return Err(ApiError::field(
+                    "limit",
+                    "must be an integer from 1 to 10000",
+                ))
+            }
         },
     };
     let before = params
@@ -141,7 +155,9 @@ pub async fn events(
         None
     };
     let events: Vec<Value> = page.iter().map(event_json).collect();
-    Ok(Json(json!({ "events": events, "next_cursor": next_cursor })))
+    Ok(Json(
+        json!({ "events": events, "next_cursor": next_cursor }),
+    ))
 }
 
 /// `GET /v1/devices/{id}/aggregates`

@@ -69,7 +69,9 @@ impl Auth {
         }
         let hash = hex::encode(digest);
         let found = match SecretKind::of(secret) {
-            Some(SecretKind::UserKey) => self.registry.user_by_key(&hash).await?.map(Principal::User),
+            Some(SecretKind::UserKey) => {
+                self.registry.user_by_key(&hash).await?.map(Principal::User)
+            }
             Some(SecretKind::DeviceToken) => {
                 self.registry
                     .device_by_token(&hash)

@@ -26,9 +26,13 @@ impl SecretKind {
 
     /// The kind a secret claims by its prefix.
     pub fn of(secret: &str) -> Option<SecretKind> {
-        [SecretKind::Admin, SecretKind::UserKey, SecretKind::DeviceToken]
-            .into_iter()
-            .find(|k| secret.starts_with(k.prefix()))
+        [
+            SecretKind::Admin,
+            SecretKind::UserKey,
+            SecretKind::DeviceToken,
+        ]
+        .into_iter()
+        .find(|k| secret.starts_with(k.prefix()))
     }
 }
 

@@ -6,7 +6,9 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::SqlSafeStr;
 use uuid::Uuid;
 
@@ -184,13 +186,12 @@ impl Registry for SqliteRegistry {
         user: UserId,
         id: DeviceId,
     ) -> Result<Option<String>, RegistryError> {
-        let row: Option<(String,)> = sqlx::query_as(
-            "DELETE FROM devices WHERE id = ? AND user_id = ? RETURNING token_hash",
-        )
-        .bind(id.to_string())
-        .bind(user)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(String,)> =
+            sqlx::query_as("DELETE FROM devices WHERE id = ? AND user_id = ? RETURNING token_hash")
+                .bind(id.to_string())
+                .bind(user)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(|r| r.0))
     }
 

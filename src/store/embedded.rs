@@ -149,8 +149,20 @@ impl Inner {
     }
 
     fn list(&self, q: &ListQuery) -> Result<Vec<Event>, StoreError> {
-        let lo = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.from_ms, Uuid::nil());
-        let mut hi = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.to_ms, Uuid::nil());
+        let lo = event_key(
+            q.user_id,
+            q.device_id,
+            self.bucket_len_ms,
+            q.from_ms,
+            Uuid::nil(),
+        );
+        let mut hi = event_key(
+            q.user_id,
+            q.device_id,
+            self.bucket_len_ms,
+            q.to_ms,
+            Uuid::nil(),
+        );
         if let Some(p) = q.before {
             if p.ts_ms < q.to_ms {
                 hi = event_key(q.user_id, q.device_id, self.bucket_len_ms, p.ts_ms, p.id);
@@ -186,8 +198,20 @@ impl Inner {
     }
 
     fn points(&self, q: &PointQuery) -> Result<Vec<Point>, StoreError> {
-        let lo = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.from_ms, Uuid::nil());
-        let hi = event_key(q.user_id, q.device_id, self.bucket_len_ms, q.to_ms, Uuid::nil());
+        let lo = event_key(
+            q.user_id,
+            q.device_id,
+            self.bucket_len_ms,
+            q.from_ms,
+            Uuid::nil(),
+        );
+        let hi = event_key(
+            q.user_id,
+            q.device_id,
+            self.bucket_len_ms,
+            q.to_ms,
+            Uuid::nil(),
+        );
         let mut out = Vec::new();
         if lo >= hi {
             return Ok(out);
@@ -257,7 +281,13 @@ fn unordered(b: [u8; 8]) -> i64 {
     (u64::from_be_bytes(b) ^ (1 << 63)) as i64
 }
 
-fn event_key(user: UserId, device: DeviceId, bucket_len_ms: i64, ts_ms: i64, id: Uuid) -> [u8; KEY_LEN] {
+fn event_key(
+    user: UserId,
+    device: DeviceId,
+    bucket_len_ms: i64,
+    ts_ms: i64,
+    id: Uuid,
+) -> [u8; KEY_LEN] {
     let mut k = [0u8; KEY_LEN];
     k[0..8].copy_from_slice(&ordered(user));
     k[8..24].copy_from_slice(device.as_bytes());
@@ -269,7 +299,10 @@ fn event_key(user: UserId, device: DeviceId, bucket_len_ms: i64, ts_ms: i64, id:
 
 fn decode_key_tail(key: &[u8]) -> Result<(i64, Uuid), StoreError> {
     if key.len() != KEY_LEN {
-        return Err(StoreError::Corrupt(format!("event key of {} bytes", key.len())));
+        return Err(StoreError::Corrupt(format!(
+            "event key of {} bytes",
+            key.len()
+        )));
     }
     let ts = unordered(key[32..40].try_into().map_err(corrupt)?);
     let id = Uuid::from_slice(&key[40..56]).map_err(corrupt)?;
@@ -286,7 +319,11 @@ fn id_key(device: DeviceId, id: Uuid) -> [u8; 32] {
 fn encode_value(event: &Event, received_ms: i64) -> Result<Vec<u8>, StoreError> {
     let value = StoredValue {
         kind: &event.kind,
-        metrics: event.metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+        metrics: event
+            .metrics
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect(),
         attrs: event
             .attrs
             .iter()

@@ -20,11 +20,13 @@ pub const ADMIN: &str = "test-admin-token";
 
 /// A test configuration: loopback port 0 for HTTP and MQTT, data in `dir`.
 pub fn config(dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_owned();
+    let mut c = Config {
+        data_dir: dir.to_owned(),
+        admin_token: Some(ADMIN.into()),
+        ..Config::default()
+    };
     c.http.addr = "127.0.0.1:0".into();
     c.mqtt.addr = "127.0.0.1:0".into();
-    c.admin_token = Some(ADMIN.into());
     c
 }
 
@@ -87,7 +89,10 @@ impl Api {
             .await
             .unwrap();
         assert_eq!(r.status(), 201);
-        r.json::<Value>().await.unwrap()["api_key"].as_str().unwrap().to_owned()
+        r.json::<Value>().await.unwrap()["api_key"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     pub async fn device(&self, key: &str) -> (String, String) {
@@ -128,13 +133,17 @@ impl Api {
     /// Every stored event of a device, newest first.
     pub async fn events(&self, o: &Owner) -> Vec<Value> {
         let v = self
-            .get(&o.key, &format!("/v1/devices/{}/events?limit=10000", o.device))
+            .get(
+                &o.key,
+                &format!("/v1/devices/{}/events?limit=10000", o.device),
+            )
             .await;
         v["events"].as_array().unwrap().clone()
     }
 
     pub async fn live(&self, o: &Owner) -> Value {
-        self.get(&o.key, &format!("/v1/devices/{}/live", o.device)).await
+        self.get(&o.key, &format!("/v1/devices/{}/live", o.device))
+            .await
     }
 
     pub async fn metrics(&self) -> String {
@@ -180,7 +189,9 @@ pub fn metric(page: &str, series: &str) -> f64 {
         None => (series, None),
     };
     for line in page.lines() {
-        let Some((key, value)) = line.rsplit_once(' ') else { continue };
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let (kname, klabels) = match key.split_once('{') {
             Some((n, l)) => (n, Some(l.trim_end_matches('}'))),
             None => (key, None),
@@ -421,7 +432,11 @@ pub async fn stream_ids(
                 next += 1;
             }
             Seen::PubAck(pkid) => {
-                acked.push(in_flight.remove(&pkid).expect("a PUBACK for a message sent"));
+                acked.push(
+                    in_flight
+                        .remove(&pkid)
+                        .expect("a PUBACK for a message sent"),
+                );
                 on_ack(acked.len());
             }
             Seen::Closed(_) => break,
@@ -470,7 +485,10 @@ impl Broker {
             .spawn()
             .expect("mosquitto is installed");
         let deadline = Instant::now() + PATIENCE;
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
             assert!(Instant::now() < deadline, "mosquitto did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

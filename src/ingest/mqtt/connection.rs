@@ -81,7 +81,8 @@ async fn login(
         Ok(Some(Ok(Packet::Connect(c)))) => c,
         Ok(Some(Ok(Packet::Publish(_)))) => {
             tracing::debug!(%peer, "MQTT PUBLISH before CONNECT; closing");
-            ctx.telemetry.rejected(Source::Mqtt, Reason::Unauthorized, 1);
+            ctx.telemetry
+                .rejected(Source::Mqtt, Reason::Unauthorized, 1);
             return None;
         }
         Ok(Some(Ok(other))) => {
@@ -107,18 +108,21 @@ async fn login(
         return refuse(framed, ConnectReturnCode::BadClientId).await;
     }
     let Some(login) = connect.login else {
-        ctx.telemetry.rejected(Source::Mqtt, Reason::Unauthorized, 1);
+        ctx.telemetry
+            .rejected(Source::Mqtt, Reason::Unauthorized, 1);
         return refuse(framed, ConnectReturnCode::NotAuthorized).await;
     };
     let Ok(device) = Uuid::parse_str(&login.username) else {
-        ctx.telemetry.rejected(Source::Mqtt, Reason::Unauthorized, 1);
+        ctx.telemetry
+            .rejected(Source::Mqtt, Reason::Unauthorized, 1);
         return refuse(framed, ConnectReturnCode::BadUserNamePassword).await;
     };
     let user = match ctx.auth.authenticate_device(device, &login.password).await {
         Ok(Some(user)) => user,
         Ok(None) => {
             tracing::debug!(%peer, %device, "MQTT CONNECT with bad credentials");
-            ctx.telemetry.rejected(Source::Mqtt, Reason::Unauthorized, 1);
+            ctx.telemetry
+                .rejected(Source::Mqtt, Reason::Unauthorized, 1);
             return refuse(framed, ConnectReturnCode::BadUserNamePassword).await;
         }
         Err(e) => {
@@ -134,8 +138,8 @@ async fn login(
         _ => return None,
     }
     // MQTT 3.1.1 §3.1.2.10: close after one and a half keepalive periods of silence.
-    let keep_alive =
-        (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let keep_alive = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     tracing::debug!(%peer, %device, "MQTT device connected");
     Some((user, device, keep_alive))
 }
@@ -256,7 +260,10 @@ impl Session {
             match o {
                 Outcome::Ack { pkid, received } => {
                     let puback = Packet::PubAck(PubAck::new(pkid));
-                    if !matches!(timeout(WRITE_TIMEOUT, framed.feed(puback)).await, Ok(Ok(()))) {
+                    if !matches!(
+                        timeout(WRITE_TIMEOUT, framed.feed(puback)).await,
+                        Ok(Ok(()))
+                    ) {
                         return false;
                     }
                     acked.push(received);
@@ -276,7 +283,9 @@ impl Session {
             match timeout(WRITE_TIMEOUT, framed.flush()).await {
                 Ok(Ok(())) => {
                     for received in acked {
-                        self.ctx.telemetry.mqtt_acked(received.elapsed().as_secs_f64());
+                        self.ctx
+                            .telemetry
+                            .mqtt_acked(received.elapsed().as_secs_f64());
                     }
                 }
                 _ => return false,

@@ -79,8 +79,11 @@ impl ExternalSettings {
     }
 }
 
+/// Broker host, port, and optional user name and password.
+type BrokerAddress = (String, u16, Option<(String, String)>);
+
 /// `mqtt://[user[:pass]@]host[:port]` (also `tcp://`); the port defaults to 1883.
-fn parse_url(url: &str) -> Result<(String, u16, Option<(String, String)>), String> {
+fn parse_url(url: &str) -> Result<BrokerAddress, String> {
     let rest = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
@@ -126,7 +129,9 @@ fn persistent_client_id(data_dir: &Path) -> Result<String, MqttError> {
     let id = format!("iotpipe{}", &Uuid::new_v4().simple().to_string()[..16]);
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{id}\n")).map_err(err)?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(err)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(err)?;
     Ok(id)
 }
@@ -144,7 +149,12 @@ pub async fn run(settings: ExternalSettings, ctx: MqttContext, status: MqttStatu
     }
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     let (tx, rx) = mpsc::channel(settings.max_inflight);
-    let acker = tokio::spawn(ack_loop(ctx.clone(), client.clone(), rx, settings.max_inflight));
+    let acker = tokio::spawn(ack_loop(
+        ctx.clone(),
+        client.clone(),
+        rx,
+        settings.max_inflight,
+    ));
 
     let broker = format!("{}:{}", settings.host, settings.port);
     let mut backoff = MIN_BACKOFF;
@@ -266,11 +276,7 @@ async fn ack_loop(
     }
 }
 
-fn deliver(
-    ctx: MqttContext,
-    publish: Publish,
-    cancel: CancellationToken,
-) -> super::Pending {
+fn deliver(ctx: MqttContext, publish: Publish, cancel: CancellationToken) -> super::Pending {
     Box::pin(async move {
         let received = Instant::now();
         ctx.telemetry.mqtt_received(1);
@@ -336,7 +342,10 @@ mod tests {
             parse_url("mqtt://127.0.0.1:1884").unwrap(),
             ("127.0.0.1".to_owned(), 1884, None)
         );
-        assert_eq!(parse_url("tcp://broker/").unwrap(), ("broker".to_owned(), 1883, None));
+        assert_eq!(
+            parse_url("tcp://broker/").unwrap(),
+            ("broker".to_owned(), 1883, None)
+        );
         assert_eq!(
             parse_url("mqtt://u:p@h:1").unwrap(),
             ("h".to_owned(), 1, Some(("u".to_owned(), "p".to_owned())))
