@@ -679,3 +679,86 @@ async fn every_acknowledged_event_survives_kill_9_exactly_once() {
     assert!(live["events_total"].as_u64().unwrap() <= ids.len() as u64);
     second.kill9().await;
 }
+
+#[tokio::test]
+async fn a_slow_flush_fills_the_window_and_reading_stops_until_acks_go_out() {
+    // Flushes wait 1.5 s: a slow store, as seen from the connection.
+    let inst = Instance::start_with(|c| {
+        c.mqtt.max_inflight = 10;
+        c.pipeline.batch_max_age_ms = 1500;
+    })
+    .await;
+    let o = inst.api.owner().await;
+    let mut d = connected(&inst, &o).await;
+    for i in 0..40 {
+        d.client
+            .publish(
+                topic(&o.device),
+                QoS::AtLeastOnce,
+                false,
+                event(&Uuid::new_v4(), f64::from(i)),
+            )
+            .await
+            .unwrap();
+    }
+    let api = inst.api.clone();
+    let done = tokio_util::sync::CancellationToken::new();
+    let stop = done.clone();
+    let sampler = tokio::spawn(async move {
+        let mut most = 0.0f64;
+        while !stop.is_cancelled() {
+            let page = api.metrics().await;
+            let outstanding = metric(&page, "iotpipe_mqtt_messages_received_total")
+                - metric(&page, "iotpipe_mqtt_acks_sent_total");
+            assert!(
+                outstanding <= 10.0,
+                "{outstanding} messages read and not acknowledged"
+            );
+            most = most.max(outstanding);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        most
+    });
+    d.pubacks(40).await;
+    done.cancel();
+    let most = sampler.await.unwrap();
+    assert_eq!(most, 10.0, "the window filled while the flush was slow");
+    assert_eq!(inst.api.events(&o).await.len(), 40, "nothing lost");
+    inst.server.stop().await;
+}
+
+#[tokio::test]
+async fn mosquitto_pub_can_publish_to_the_builtin_endpoint() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let id = Uuid::new_v4();
+    let status = tokio::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &inst.mqtt().port().to_string(),
+            "-V",
+            "mqttv311",
+        ])
+        .args([
+            "-q",
+            "1",
+            "-u",
+            &o.device,
+            "-P",
+            &o.token,
+            "-t",
+            &topic(&o.device),
+        ])
+        .args(["-m", &event(&id, 21.5)])
+        .status()
+        .await
+        .expect("mosquitto_pub is installed");
+    assert!(status.success());
+    // mosquitto_pub exits after its PUBACK: the event is already stored.
+    let stored = inst.api.events(&o).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0]["id"], id.to_string());
+    inst.server.stop().await;
+}
