@@ -64,7 +64,84 @@ async fn main() -> anyhow::Result<()> {
         ten
     );
     println!("  ratio built-in / mosquitto:              {:>9.2}", single / baseline);
+
+    let connections = env_or("MQTT_BENCH_IDLE_CONNECTIONS", 10_000);
+    if connections > 0 {
+        let per_connection = idle_memory(connections).await?;
+        println!(
+            "  idle connections: {connections}, RSS {:.1} KB per connection (iotpipe process)",
+            per_connection / 1024.0
+        );
+    }
     Ok(())
+}
+
+/// Opens `n` idle, logged-in connections to the real binary and returns its RSS
+/// growth per connection, in bytes.
+async fn idle_memory(n: usize) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir()?;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_iotpipe"))
+        .arg("serve")
+        .env("IOTPIPE_DATA_DIR", dir.path())
+        .env("IOTPIPE_HTTP_ADDR", "127.0.0.1:0")
+        .env("IOTPIPE_MQTT_ADDR", "127.0.0.1:0")
+        .env("IOTPIPE_ADMIN_TOKEN", ADMIN)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("pid")?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let line = lines.next_line().await?.context("no stdout line")?;
+    let field = |name: &str| -> anyhow::Result<SocketAddr> {
+        Ok(line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .context("address")?
+            .parse()?)
+    };
+    let (http, mqtt) = (field("http=")?, field("mqtt=")?);
+    let (id, token) = devices(http, 1).await?.remove(0);
+    let mut connect = rumqttc::Connect::new("idle");
+    connect.keep_alive = 0;
+    connect.set_login(&id, &token);
+    let mut bytes = bytes::BytesMut::new();
+    rumqttc::Packet::Connect(connect).write(&mut bytes, usize::MAX)?;
+    let connect = bytes.to_vec();
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss(pid)?;
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(mqtt).await?;
+        s.write_all(&connect).await?;
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack).await?;
+        if connack != [0x20, 2, 0, 0] {
+            bail!("CONNACK {connack:?}");
+        }
+        streams.push(s);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss(pid)?;
+    drop(streams);
+    child.kill().await?;
+    Ok((after.saturating_sub(before)) as f64 / n as f64)
+}
+
+/// Resident set size of a process, in bytes.
+fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("VmRSS")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
 }
 
 fn env_or(name: &str, default: usize) -> usize {

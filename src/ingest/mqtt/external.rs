@@ -34,6 +34,11 @@ use crate::telemetry::Reason;
 /// the request queue full.
 const REQUEST_CAPACITY: usize = 65_536 + 64;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// The largest packet MQTT can frame. A smaller client limit would make an oversized
+/// message a poison pill: rumqttc would drop the connection on it, and the broker
+/// would deliver it again on every reconnect. Taken whole, it is refused as
+/// `too_large` and acknowledged. The broker's `message_size_limit` bounds it.
+const MAX_INCOMING_PACKET: usize = 268_435_455;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// At shutdown, how long messages in progress may take to become durable and be
@@ -143,7 +148,7 @@ pub async fn run(settings: ExternalSettings, ctx: MqttContext, status: MqttStatu
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(KEEP_ALIVE)
-        .set_max_packet_size(ctx.limits.max_payload_bytes + 1024, 64 * 1024);
+        .set_max_packet_size(MAX_INCOMING_PACKET, 64 * 1024);
     if let Some((user, pass)) = &settings.credentials {
         options.set_credentials(user, pass);
     }
