@@ -63,7 +63,10 @@ async fn main() -> anyhow::Result<()> {
         ten * 10.0,
         ten
     );
-    println!("  ratio built-in / mosquitto:              {:>9.2}", single / baseline);
+    println!(
+        "  ratio built-in / mosquitto:              {:>9.2}",
+        single / baseline
+    );
 
     let connections = env_or("MQTT_BENCH_IDLE_CONNECTIONS", 10_000);
     if connections > 0 {
@@ -218,7 +221,12 @@ async fn run_publishers(
     let (start_tx, start_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for (o, topic, payloads) in jobs {
-        tasks.push(tokio::spawn(publisher(o, topic, payloads, start_rx.clone())));
+        tasks.push(tokio::spawn(publisher(
+            o,
+            topic,
+            payloads,
+            start_rx.clone(),
+        )));
     }
     // Let every publisher connect before the clock starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -255,7 +263,11 @@ async fn mosquitto_pass_through(port: u16, publishers: usize, per: usize) -> any
     let jobs = (0..publishers)
         .map(|i| {
             let payloads = (0..per).map(|_| payload(1)).collect();
-            (options(format!("bench-pub-{i}"), addr), format!("bench/{i}/events"), payloads)
+            (
+                options(format!("bench-pub-{i}"), addr),
+                format!("bench/{i}/events"),
+                payloads,
+            )
         })
         .collect();
     run_publishers(jobs, async { received.await? }, total).await
@@ -319,7 +331,9 @@ struct Mosquitto {
 impl Mosquitto {
     fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
@@ -352,7 +366,10 @@ impl Drop for Mosquitto {
 
 async fn wait_port(port: u16) -> anyhow::Result<()> {
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
