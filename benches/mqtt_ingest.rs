@@ -30,6 +30,11 @@ async fn main() -> anyhow::Result<()> {
     let baseline = mosquitto_pass_through(broker.port, publishers, per).await?;
     drop(broker);
 
+    let broker = Mosquitto::start()?;
+    wait_port(broker.port).await?;
+    let external = external(broker.port, publishers, per).await?;
+    drop(broker);
+
     let dir = tempfile::tempdir()?;
     let mut config = Config {
         data_dir: dir.path().to_owned(),
@@ -64,8 +69,16 @@ async fn main() -> anyhow::Result<()> {
         ten
     );
     println!(
+        "  iotpipe external (pub→broker→iotpipe):   {:>9.0} msg/s, stored durably",
+        external
+    );
+    println!(
         "  ratio built-in / mosquitto:              {:>9.2}",
         single / baseline
+    );
+    println!(
+        "  ratio external / mosquitto:              {:>9.2}",
+        external / baseline
     );
 
     let connections = env_or("MQTT_BENCH_IDLE_CONNECTIONS", 10_000);
@@ -271,6 +284,71 @@ async fn mosquitto_pass_through(port: u16, publishers: usize, per: usize) -> any
         })
         .collect();
     run_publishers(jobs, async { received.await? }, total).await
+}
+
+/// External mode: publishers → tuned Mosquitto → iotpipe's shared subscription. The
+/// clock stops when iotpipe has every event durable.
+async fn external(port: u16, publishers: usize, per: usize) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        admin_token: Some(ADMIN.into()),
+        ..Config::default()
+    };
+    config.http.addr = "127.0.0.1:0".into();
+    config.mqtt.addr = "off".into();
+    config.mqtt.url = Some(format!("mqtt://127.0.0.1:{port}"));
+    config.mqtt.client_id = Some("bench-iotpipe".into());
+    config.limits.device_per_sec = 0;
+    config.limits.user_per_sec = 0;
+    let server = topology::start(config).await?;
+    let http = server.http_addr;
+    let api = reqwest::Client::new();
+    let health = format!("http://{http}/health");
+    for attempt in 0.. {
+        let h: Value = api.get(&health).send().await?.json().await?;
+        if h["components"]["mqtt"]["ok"] == true {
+            break;
+        }
+        if attempt > 400 {
+            bail!("iotpipe never subscribed: {h}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let devices = devices(http, publishers).await?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let total = per * publishers;
+    let jobs = devices
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| {
+            let payloads = (0..per).map(|_| payload(1)).collect();
+            (
+                options(format!("bench-ext-{i}"), addr),
+                format!("devices/{id}/events"),
+                payloads,
+            )
+        })
+        .collect();
+    let metrics = format!("http://{http}/metrics");
+    let stored = async move {
+        loop {
+            let page = api.get(&metrics).send().await?.text().await?;
+            let ingested = page
+                .lines()
+                .find_map(|l| l.strip_prefix(r#"iotpipe_events_ingested_total{source="mqtt"} "#))
+                .context("ingested series")?
+                .trim()
+                .parse::<f64>()?;
+            if ingested >= total as f64 {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let rate = run_publishers(jobs, stored, total).await?;
+    server.stop().await;
+    Ok(rate)
 }
 
 async fn builtin(
