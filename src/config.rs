@@ -78,6 +78,11 @@ pub struct MqttConfig {
     /// must be stable across restarts and unique per instance. Unset: generated once
     /// and kept in `DATA_DIR/mqtt.client_id`. Env: `IOTPIPE_MQTT_CLIENT_ID`.
     pub client_id: Option<String>,
+    /// Shared-subscription group on the external broker: iotpipe subscribes to
+    /// `$share/{group}/devices/+/events`, and the instances of one group split the
+    /// stream. Only a second, separate iotpipe cluster on the same broker needs
+    /// another group. Env: `IOTPIPE_MQTT_SHARE_GROUP`.
+    pub share_group: String,
     /// Most device connections open at once on the built-in endpoint; further ones
     /// wait in the listen backlog.
     pub max_connections: usize,
@@ -202,6 +207,7 @@ impl Default for MqttConfig {
             addr: default_mqtt_addr(),
             url: None,
             client_id: None,
+            share_group: "iotpipe".to_owned(),
             max_connections: 10_000,
             max_inflight: 100,
             broker_max_inflight: 1000,
@@ -315,6 +321,9 @@ impl Config {
         if let Some(v) = env("IOTPIPE_MQTT_CLIENT_ID") {
             self.mqtt.client_id = Some(v);
         }
+        if let Some(v) = env("IOTPIPE_MQTT_SHARE_GROUP") {
+            self.mqtt.share_group = v;
+        }
         if let Some(v) = env("IOTPIPE_REGISTRY_URL") {
             self.registry.url = Some(v);
         }
@@ -349,6 +358,12 @@ impl Config {
                 self.store.bucket
             ))
         })?;
+        let group = &self.mqtt.share_group;
+        if group.is_empty() || group.contains(['/', '+', '#']) {
+            return Err(ConfigError::Invalid(format!(
+                "mqtt.share_group = {group:?}: must be non-empty, without '/', '+' or '#'"
+            )));
+        }
         let p = &self.pipeline;
         if p.queue_events < self.http.max_events_per_request {
             return Err(ConfigError::Invalid(format!(
@@ -466,6 +481,17 @@ mod tests {
         let err =
             Config::load(None, |k| (k == "IOTPIPE_RATE_USER").then(|| "lots".into())).unwrap_err();
         assert!(err.to_string().contains("IOTPIPE_RATE_USER"), "{err}");
+    }
+
+    #[test]
+    fn the_share_group_cannot_break_the_subscription_filter() {
+        for bad in ["", "a/b", "a+", "#"] {
+            let err = Config::load(None, |k| {
+                (k == "IOTPIPE_MQTT_SHARE_GROUP").then(|| bad.into())
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("mqtt.share_group"), "{err}");
+        }
     }
 
     #[test]

@@ -32,10 +32,14 @@ async fn messages_through_the_shared_broker_are_stored_and_bad_ones_counted() {
     let _cleanup = SessionCleanup {
         client_id: client_id.clone(),
     };
+    // A group of its own: a subscriber left in the `iotpipe` group on the shared
+    // broker (another test run, another engineer) cannot take this test's messages.
+    let group = format!("g{}", &Uuid::new_v4().simple().to_string()[..12]);
     let inst = Instance::start_with(|c| {
         c.mqtt.addr = "off".into();
         c.mqtt.url = Some("mqtt://127.0.0.1:1883".into());
         c.mqtt.client_id = Some(client_id.clone());
+        c.mqtt.share_group = group.clone();
     })
     .await;
     wait_mqtt_ok(&inst.api).await;

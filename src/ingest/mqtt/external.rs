@@ -1,4 +1,5 @@
-//! External broker mode: iotpipe subscribes to `$share/iotpipe/devices/+/events` on a
+//! External broker mode: iotpipe subscribes to `$share/iotpipe/devices/+/events` (the
+//! group is `mqtt.share_group`) on a
 //! broker (Mosquitto, EMQX…) in a persistent session and acknowledges each message to
 //! the broker only once its events are durable.
 //!
@@ -52,6 +53,8 @@ pub struct ExternalSettings {
     pub port: u16,
     pub credentials: Option<(String, String)>,
     pub client_id: String,
+    /// `$share/{group}/devices/+/events`.
+    pub subscription: String,
     /// Messages received and not yet acknowledged, at most.
     pub max_inflight: usize,
 }
@@ -79,6 +82,7 @@ impl ExternalSettings {
             port,
             credentials,
             client_id,
+            subscription: topic::shared_subscription(&config.mqtt.share_group),
             max_inflight: config.mqtt.broker_max_inflight,
         }))
     }
@@ -184,7 +188,7 @@ pub async fn run(settings: ExternalSettings, ctx: MqttContext, status: MqttStatu
                 backoff = MIN_BACKOFF;
                 // Subscribing again is harmless when the session kept the subscription,
                 // and needed when the broker lost it.
-                if let Err(e) = client.try_subscribe(topic::SHARED_SUBSCRIPTION, QoS::AtLeastOnce) {
+                if let Err(e) = client.try_subscribe(&settings.subscription, QoS::AtLeastOnce) {
                     tracing::error!(error = %e, "cannot subscribe on the MQTT broker");
                 }
             }
@@ -194,7 +198,7 @@ pub async fn run(settings: ExternalSettings, ctx: MqttContext, status: MqttStatu
                     .iter()
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
                 if refused {
-                    tracing::error!(%broker, topic = topic::SHARED_SUBSCRIPTION, "the MQTT broker refused the subscription");
+                    tracing::error!(%broker, topic = %settings.subscription, "the MQTT broker refused the subscription");
                 }
                 status.set_ok(!refused);
             }

@@ -5,8 +5,11 @@ use uuid::Uuid;
 use crate::model::DeviceId;
 
 /// What the external subscriber subscribes to: every device's topic, shared among the
-/// instances of the `iotpipe` group so that each message goes to one of them.
-pub const SHARED_SUBSCRIPTION: &str = "$share/iotpipe/devices/+/events";
+/// instances of `group` (`iotpipe` by default) so that each message goes to one of
+/// them.
+pub fn shared_subscription(group: &str) -> String {
+    format!("$share/{group}/devices/+/events")
+}
 
 /// The device a topic names, if it has the `devices/{uuid}/events` shape. The UUID may
 /// be in any standard spelling; it is compared by value.
