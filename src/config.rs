@@ -71,9 +71,30 @@ pub struct MqttConfig {
     /// Listen address of the built-in MQTT endpoint; `off` disables it.
     /// Env: `IOTPIPE_MQTT_ADDR`.
     pub addr: String,
-    /// External broker to subscribe to, e.g. `mqtt://127.0.0.1:1883`.
-    /// Env: `IOTPIPE_MQTT_URL`.
+    /// External broker to subscribe to, e.g. `mqtt://127.0.0.1:1883` (optionally
+    /// `mqtt://user:pass@host:port`). Env: `IOTPIPE_MQTT_URL`.
     pub url: Option<String>,
+    /// Client id of this instance's persistent session on the external broker. It
+    /// must be stable across restarts and unique per instance. Unset: generated once
+    /// and kept in `DATA_DIR/mqtt.client_id`. Env: `IOTPIPE_MQTT_CLIENT_ID`.
+    pub client_id: Option<String>,
+    /// Shared-subscription group on the external broker: iotpipe subscribes to
+    /// `$share/{group}/devices/+/events`, and the instances of one group split the
+    /// stream. Only a second, separate iotpipe cluster on the same broker needs
+    /// another group. Env: `IOTPIPE_MQTT_SHARE_GROUP`.
+    pub share_group: String,
+    /// Most device connections open at once on the built-in endpoint; further ones
+    /// wait in the listen backlog.
+    pub max_connections: usize,
+    /// Most QoS 1 messages per device connection read and not yet acknowledged;
+    /// past it the connection is not read (backpressure).
+    pub max_inflight: usize,
+    /// Most messages from the external broker received and not yet acknowledged;
+    /// past it iotpipe stops reading from the broker. Should be at least the broker's
+    /// own in-flight limit (Mosquitto `max_inflight_messages`).
+    pub broker_max_inflight: usize,
+    /// How long a new connection may take to send CONNECT, in seconds.
+    pub connect_timeout_secs: u64,
 }
 
 /// The user and device registry.
@@ -210,6 +231,12 @@ impl Default for MqttConfig {
         Self {
             addr: default_mqtt_addr(),
             url: None,
+            client_id: None,
+            share_group: "iotpipe".to_owned(),
+            max_connections: 10_000,
+            max_inflight: 100,
+            broker_max_inflight: 1000,
+            connect_timeout_secs: 10,
         }
     }
 }
@@ -334,6 +361,12 @@ impl Config {
         if let Some(v) = env("IOTPIPE_MQTT_URL") {
             self.mqtt.url = Some(v);
         }
+        if let Some(v) = env("IOTPIPE_MQTT_CLIENT_ID") {
+            self.mqtt.client_id = Some(v);
+        }
+        if let Some(v) = env("IOTPIPE_MQTT_SHARE_GROUP") {
+            self.mqtt.share_group = v;
+        }
         if let Some(v) = env("IOTPIPE_REGISTRY_URL") {
             self.registry.url = Some(v);
         }
@@ -374,6 +407,12 @@ impl Config {
                 self.store.bucket
             ))
         })?;
+        let group = &self.mqtt.share_group;
+        if group.is_empty() || group.contains(['/', '+', '#']) {
+            return Err(ConfigError::Invalid(format!(
+                "mqtt.share_group = {group:?}: must be non-empty, without '/', '+' or '#'"
+            )));
+        }
         let p = &self.pipeline;
         if p.queue_events < self.http.max_events_per_request {
             return Err(ConfigError::Invalid(format!(
@@ -395,6 +434,9 @@ impl Config {
             ),
             ("store.batch_max_bytes", self.store.batch_max_bytes),
             ("store.write_concurrency", self.store.write_concurrency),
+            ("mqtt.max_connections", self.mqtt.max_connections),
+            ("mqtt.max_inflight", self.mqtt.max_inflight),
+            ("mqtt.broker_max_inflight", self.mqtt.broker_max_inflight),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
@@ -495,6 +537,17 @@ mod tests {
         let err =
             Config::load(None, |k| (k == "IOTPIPE_RATE_USER").then(|| "lots".into())).unwrap_err();
         assert!(err.to_string().contains("IOTPIPE_RATE_USER"), "{err}");
+    }
+
+    #[test]
+    fn the_share_group_cannot_break_the_subscription_filter() {
+        for bad in ["", "a/b", "a+", "#"] {
+            let err = Config::load(None, |k| {
+                (k == "IOTPIPE_MQTT_SHARE_GROUP").then(|| bad.into())
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("mqtt.share_group"), "{err}");
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! An event travels through the crate in this order:
 //!
 //! - [`ingest`]: the sources. [`ingest::http`] takes `POST /v1/ingest`;
-//!   [`ingest::decode`] turns any payload into validated [`model::Event`]s.
+//!   [`ingest::mqtt`] is the built-in MQTT endpoint devices connect to, and the
+//!   external-broker subscriber; [`ingest::decode`] turns any payload into validated
+//!   [`model::Event`]s.
 //! - [`pipeline`]: where events wait. A bounded queue feeds the
 //!   [`pipeline::batcher`], which groups events by store partition and flushes on size or
 //!   age; the [`pipeline::writer`] writes each flush durably and only then acknowledges

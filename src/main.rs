@@ -44,7 +44,10 @@ async fn main() -> anyhow::Result<()> {
             let config = Config::from_process(config.as_deref()).context("configuration")?;
             let server = topology::start(config).await?;
             // One stable line on stdout, for scripts and tests that start on port 0.
-            println!("iotpipe listening http={}", server.http_addr);
+            let mqtt = server
+                .mqtt_addr
+                .map_or_else(|| "off".to_owned(), |a| a.to_string());
+            println!("iotpipe listening http={} mqtt={mqtt}", server.http_addr);
             let stop = server.shutdown_token();
             tokio::spawn(async move {
                 shutdown_signal().await;

@@ -68,6 +68,12 @@ const WRITE_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// Upper bounds of the MQTT ack latency histogram (PUBLISH read → PUBACK written),
+/// in seconds. It spans a flush (a few ms) up to a stalled store.
+const ACK_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// The instance's series. Cheap to clone.
 #[derive(Clone)]
 pub struct Telemetry {
@@ -81,6 +87,10 @@ struct Inner {
     batches_written: Counter,
     store_write_seconds: Histogram,
     queue_depth: Gauge,
+    mqtt_connections: Gauge,
+    mqtt_messages_received: Counter,
+    mqtt_acks_sent: Counter,
+    mqtt_ack_latency: Histogram,
 }
 
 impl Telemetry {
@@ -89,6 +99,11 @@ impl Telemetry {
             .set_buckets_for_metric(
                 Matcher::Full("iotpipe_store_write_seconds".into()),
                 WRITE_BUCKETS,
+            )
+            .expect("the bucket list is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full("iotpipe_mqtt_ack_latency_seconds".into()),
+                ACK_BUCKETS,
             )
             .expect("the bucket list is not empty")
             .build_recorder();
@@ -118,6 +133,26 @@ impl Telemetry {
             Some(Unit::Count),
             "Events accepted by the pipeline and not yet durable.".into(),
         );
+        recorder.describe_gauge(
+            "iotpipe_mqtt_connections".into(),
+            Some(Unit::Count),
+            "Devices connected to the built-in MQTT endpoint.".into(),
+        );
+        recorder.describe_counter(
+            "iotpipe_mqtt_messages_received_total".into(),
+            Some(Unit::Count),
+            "MQTT PUBLISH messages received, from devices or the external broker.".into(),
+        );
+        recorder.describe_counter(
+            "iotpipe_mqtt_acks_sent_total".into(),
+            Some(Unit::Count),
+            "MQTT PUBACKs sent (built-in) or acks given to the external broker.".into(),
+        );
+        recorder.describe_histogram(
+            "iotpipe_mqtt_ack_latency_seconds".into(),
+            Some(Unit::Seconds),
+            "Time from receiving a QoS 1 PUBLISH to sending its acknowledgement.".into(),
+        );
         let ingested = Source::ALL.map(|s| {
             let key = Key::from_parts("iotpipe_events_ingested_total", vec![source_label(s)]);
             recorder.register_counter(&key, &meta)
@@ -135,9 +170,24 @@ impl Telemetry {
             recorder.register_histogram(&Key::from_name("iotpipe_store_write_seconds"), &meta);
         let queue_depth =
             recorder.register_gauge(&Key::from_name("iotpipe_pipeline_queue_depth"), &meta);
-        for c in ingested.iter().chain(rejected.iter().flatten()) {
+        let mqtt_connections =
+            recorder.register_gauge(&Key::from_name("iotpipe_mqtt_connections"), &meta);
+        let mqtt_messages_received = recorder.register_counter(
+            &Key::from_name("iotpipe_mqtt_messages_received_total"),
+            &meta,
+        );
+        let mqtt_acks_sent =
+            recorder.register_counter(&Key::from_name("iotpipe_mqtt_acks_sent_total"), &meta);
+        let mqtt_ack_latency =
+            recorder.register_histogram(&Key::from_name("iotpipe_mqtt_ack_latency_seconds"), &meta);
+        for c in ingested
+            .iter()
+            .chain(rejected.iter().flatten())
+            .chain([&mqtt_messages_received, &mqtt_acks_sent])
+        {
             c.increment(0);
         }
+        mqtt_connections.set(0.0);
         batches_written.increment(0);
         queue_depth.set(0.0);
         Self {
@@ -148,6 +198,10 @@ impl Telemetry {
                 batches_written,
                 store_write_seconds,
                 queue_depth,
+                mqtt_connections,
+                mqtt_messages_received,
+                mqtt_acks_sent,
+                mqtt_ack_latency,
             }),
         }
     }
@@ -163,6 +217,26 @@ impl Telemetry {
     pub fn batch_written(&self, seconds: f64) {
         self.inner.batches_written.increment(1);
         self.inner.store_write_seconds.record(seconds);
+    }
+
+    /// A device connected to the built-in MQTT endpoint (CONNACK accepted).
+    pub fn mqtt_connected(&self) {
+        self.inner.mqtt_connections.increment(1.0);
+    }
+
+    /// A connected device went away.
+    pub fn mqtt_disconnected(&self) {
+        self.inner.mqtt_connections.decrement(1.0);
+    }
+
+    pub fn mqtt_received(&self, messages: u64) {
+        self.inner.mqtt_messages_received.increment(messages);
+    }
+
+    /// One acknowledgement sent, `seconds` after its PUBLISH was received.
+    pub fn mqtt_acked(&self, seconds: f64) {
+        self.inner.mqtt_acks_sent.increment(1);
+        self.inner.mqtt_ack_latency.record(seconds);
     }
 
     /// Renders the Prometheus text format, with the queue depth sampled now.

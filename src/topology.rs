@@ -1,9 +1,10 @@
 //! Wiring: builds the backends from the configuration, starts consumers before
 //! producers, and stops in the reverse order.
 //!
-//! Start: store → registry → live → pipeline (batcher, writer) → listeners.
-//! Stop: listeners stop taking work → the pipeline flushes its partial batches and
-//! drains the writer → the store syncs and closes.
+//! Start: store → registry → live → pipeline (batcher, writer) → listeners (HTTP, the
+//! built-in MQTT endpoint, the external broker subscriber).
+//! Stop: listeners stop taking work and MQTT sends the acks still due → the pipeline
+//! flushes its partial batches and drains the writer → the store syncs and closes.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -18,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, MqttStatus, RequestLimits};
 use crate::config::Config;
+use crate::ingest::mqtt::external::ExternalSettings;
+use crate::ingest::mqtt::{self, MqttContext, MqttError, MqttLimits};
 use crate::live::local::LocalLive;
 use crate::live::redis::RedisLive;
 use crate::live::{LiveError, RateLimits, SharedLive};
@@ -52,6 +55,8 @@ pub enum StartError {
     Registry(#[from] RegistryError),
     #[error("live backend: {0}")]
     Live(#[from] LiveError),
+    #[error("MQTT: {0}")]
+    Mqtt(#[from] MqttError),
     #[error("{0}")]
     Unsupported(String),
 }
@@ -59,6 +64,8 @@ pub enum StartError {
 /// A running instance.
 pub struct Server {
     pub http_addr: SocketAddr,
+    /// Where the built-in MQTT endpoint listens; `None` when it is off.
+    pub mqtt_addr: Option<SocketAddr>,
     pub admin_token: String,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
@@ -242,12 +249,26 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
         setting: "IOTPIPE_HTTP_ADDR",
         source,
     })?;
-    let mqtt = match config.mqtt_listener() {
-        None => MqttStatus::new("off", true),
-        Some(addr) => {
-            tracing::warn!(%addr, "the built-in MQTT endpoint is not part of this build yet");
-            MqttStatus::new("off", true)
-        }
+    let mqtt_listener = match config.mqtt_listener() {
+        None => None,
+        Some(addr) => Some(bind(addr, "IOTPIPE_MQTT_ADDR").await?),
+    };
+    let mqtt_addr = match &mqtt_listener {
+        None => None,
+        Some(l) => Some(l.local_addr().map_err(|source| StartError::Bind {
+            addr: config.mqtt.addr.clone(),
+            setting: "IOTPIPE_MQTT_ADDR",
+            source,
+        })?),
+    };
+    let broker = ExternalSettings::from_config(&config)?;
+    // The external component is ok only while connected; the built-in one while it
+    // listens, which is as long as the server runs.
+    let mqtt = match (&mqtt_listener, &broker) {
+        (None, None) => MqttStatus::new("off", true),
+        (Some(_), None) => MqttStatus::new("builtin", true),
+        (None, Some(_)) => MqttStatus::new("external", false),
+        (Some(_), Some(_)) => MqttStatus::new("builtin+external", false),
     };
 
     let (pipeline, pipeline_tasks) = pipeline::spawn(
@@ -256,6 +277,32 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
         live.clone(),
         telemetry.clone(),
     );
+    let mqtt_ctx = MqttContext {
+        auth: auth.clone(),
+        live: live.clone(),
+        pipeline: pipeline.clone(),
+        telemetry: telemetry.clone(),
+        limits: MqttLimits {
+            max_payload_bytes: config.http.max_body_bytes,
+            max_events: config.http.max_events_per_request,
+            max_inflight: config.mqtt.max_inflight,
+            max_connections: config.mqtt.max_connections,
+            connect_timeout: Duration::from_secs(config.mqtt.connect_timeout_secs),
+        },
+        shutdown: shutdown.clone(),
+    };
+    let mut mqtt_tasks = Vec::new();
+    if let Some(listener) = mqtt_listener {
+        tracing::info!(addr = ?mqtt_addr, "built-in MQTT endpoint listening");
+        mqtt_tasks.push(tokio::spawn(mqtt::server::run(listener, mqtt_ctx.clone())));
+    }
+    if let Some(broker) = broker {
+        mqtt_tasks.push(tokio::spawn(mqtt::external::run(
+            broker,
+            mqtt_ctx,
+            mqtt.clone(),
+        )));
+    }
     let state = AppState {
         auth,
         store: store.clone(),
@@ -275,10 +322,18 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
     tracing::info!(%http_addr, "HTTP API listening");
     let task = tokio::spawn(async move {
         let served = axum::serve(http, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "HTTP server failed");
+        }
+        // The MQTT sources stop reading and send the acks still due while the
+        // pipeline still runs; only then is the pipeline drained.
+        stop.cancel();
+        for task in mqtt_tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "MQTT task failed");
+            }
         }
         pipeline_tasks.shutdown().await;
         if let Some(task) = deletions {
@@ -291,6 +346,7 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
     });
     Ok(Server {
         http_addr,
+        mqtt_addr,
         admin_token,
         shutdown,
         task,

@@ -298,7 +298,6 @@ pub struct GroupCount {
 /// # Errors
 ///
 /// A store failure.
-#[allow(clippy::too_many_arguments)] // Each is a distinct query parameter.
 pub async fn grouped_counts(
     store: Scope<'_>,
     devices: &[DeviceId],

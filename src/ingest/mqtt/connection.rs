@@ -1,0 +1,375 @@
+//! One device connection on the built-in endpoint: CONNECT, then a loop that reads
+//! packets while the in-flight window has room and writes PUBACKs in order as their
+//! messages become durable.
+//!
+//! Design: one task per connection, with no channel between a reader and a writer.
+//! The window is a [`FuturesOrdered`]: each QoS 1 message is a future that waits for
+//! the rate limiter, for room in the pipeline and for durability, and they all make
+//! progress at once while the results come out in arrival order. One task keeps an
+//! idle connection small, and the window bound is simply its length.
+
+use std::net::SocketAddr;
+
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, SinkExt, StreamExt};
+use rumqttc::mqttbytes::v4::{
+    Codec, ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
+    UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as PacketError, QoS};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{sleep_until, timeout, Duration, Instant};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{topic, MqttContext, Outcome, Pending, Rejection};
+use crate::model::{DeviceId, UserId};
+use crate::telemetry::{Reason, Source};
+
+/// Room for the topic, packet id and length prefixes on top of the largest payload.
+const PACKET_OVERHEAD: usize = 1024;
+/// A write the device does not take within this long closes the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After the connection stops reading, acknowledgements still due are sent for at
+/// most this long.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Initial read buffer; it grows for larger packets. Small, so that idle
+/// connections stay cheap.
+const READ_BUFFER: usize = 1024;
+
+type Transport = Framed<TcpStream, Codec>;
+
+/// Serves one accepted connection until it closes. `_slot` is its place in the
+/// connection limit.
+pub(crate) async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: MqttContext,
+    _slot: OwnedSemaphorePermit,
+) {
+    let codec = Codec {
+        max_incoming_size: ctx.limits.max_payload_bytes + PACKET_OVERHEAD,
+        max_outgoing_size: PACKET_OVERHEAD,
+    };
+    let mut framed = Framed::with_capacity(stream, codec, READ_BUFFER);
+    let Some((user, device, keep_alive)) = login(&mut framed, &ctx, peer).await else {
+        return;
+    };
+    ctx.telemetry.mqtt_connected();
+    let session = Session {
+        cancel: ctx.shutdown.child_token(),
+        ctx,
+        user,
+        device,
+        keep_alive,
+        pending: FuturesOrdered::new(),
+        reading: true,
+        drain_deadline: None,
+    };
+    session.serve(framed).await;
+}
+
+/// Reads CONNECT and answers it. Returns the device and its keepalive if accepted.
+async fn login(
+    framed: &mut Transport,
+    ctx: &MqttContext,
+    peer: SocketAddr,
+) -> Option<(UserId, DeviceId, Option<Duration>)> {
+    let connect = match timeout(ctx.limits.connect_timeout, framed.next()).await {
+        Ok(Some(Ok(Packet::Connect(c)))) => c,
+        Ok(Some(Ok(Packet::Publish(_)))) => {
+            tracing::debug!(%peer, "MQTT PUBLISH before CONNECT; closing");
+            ctx.telemetry
+                .rejected(Source::Mqtt, Reason::Unauthorized, 1);
+            return None;
+        }
+        Ok(Some(Ok(other))) => {
+            tracing::debug!(%peer, packet = ?other, "MQTT packet before CONNECT; closing");
+            ctx.telemetry.rejected(Source::Mqtt, Reason::Invalid, 1);
+            return None;
+        }
+        Ok(Some(Err(e))) => {
+            tracing::debug!(%peer, error = %e, "malformed MQTT packet before CONNECT; closing");
+            ctx.telemetry.rejected(Source::Mqtt, reason_of(&e), 1);
+            return None;
+        }
+        Ok(None) => return None,
+        Err(_) => {
+            tracing::debug!(%peer, "no MQTT CONNECT in time; closing");
+            return None;
+        }
+    };
+    if connect.protocol != rumqttc::mqttbytes::Protocol::V4 {
+        return refuse(framed, ConnectReturnCode::RefusedProtocolVersion).await;
+    }
+    if connect.client_id.is_empty() && !connect.clean_session {
+        return refuse(framed, ConnectReturnCode::BadClientId).await;
+    }
+    let Some(login) = connect.login else {
+        ctx.telemetry
+            .rejected(Source::Mqtt, Reason::Unauthorized, 1);
+        return refuse(framed, ConnectReturnCode::NotAuthorized).await;
+    };
+    let Ok(device) = Uuid::parse_str(&login.username) else {
+        ctx.telemetry
+            .rejected(Source::Mqtt, Reason::Unauthorized, 1);
+        return refuse(framed, ConnectReturnCode::BadUserNamePassword).await;
+    };
+    let user = match ctx.auth.authenticate_device(device, &login.password).await {
+        Ok(Some(user)) => user,
+        Ok(None) => {
+            tracing::debug!(%peer, %device, "MQTT CONNECT with bad credentials");
+            ctx.telemetry
+                .rejected(Source::Mqtt, Reason::Unauthorized, 1);
+            return refuse(framed, ConnectReturnCode::BadUserNamePassword).await;
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot check MQTT credentials");
+            return refuse(framed, ConnectReturnCode::ServiceUnavailable).await;
+        }
+    };
+    // No session state is kept: a device only publishes, and a QoS 1 publisher keeps
+    // its unacknowledged messages itself.
+    let accepted = Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false));
+    match timeout(WRITE_TIMEOUT, framed.send(accepted)).await {
+        Ok(Ok(())) => {}
+        _ => return None,
+    }
+    // MQTT 3.1.1 §3.1.2.10: close after one and a half keepalive periods of silence.
+    let keep_alive = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    tracing::debug!(%peer, %device, "MQTT device connected");
+    Some((user, device, keep_alive))
+}
+
+/// Tells the device why it is refused; the connection then closes.
+async fn refuse<T>(framed: &mut Transport, code: ConnectReturnCode) -> Option<T> {
+    let refusal = Packet::ConnAck(ConnAck::new(code, false));
+    let _ = timeout(WRITE_TIMEOUT, framed.send(refusal)).await;
+    None
+}
+
+fn reason_of(e: &PacketError) -> Reason {
+    match e {
+        PacketError::PayloadSizeLimitExceeded(_) => Reason::TooLarge,
+        _ => Reason::Invalid,
+    }
+}
+
+/// A logged-in connection.
+struct Session {
+    ctx: MqttContext,
+    user: UserId,
+    device: DeviceId,
+    keep_alive: Option<Duration>,
+    /// Messages read and not yet acknowledged, in arrival order.
+    pending: FuturesOrdered<Pending>,
+    reading: bool,
+    /// Cancelled when this connection stops reading: messages not yet submitted are
+    /// given up (and will be resent), those submitted still complete.
+    cancel: CancellationToken,
+    drain_deadline: Option<Instant>,
+}
+
+/// What to do after a packet.
+enum Next {
+    Continue,
+    /// Stop reading; acknowledge what is due, then close.
+    Close,
+}
+
+impl Session {
+    async fn serve(mut self, mut framed: Transport) {
+        let window = self.ctx.limits.max_inflight;
+        let mut last_heard = Instant::now();
+        loop {
+            if !self.reading && self.pending.is_empty() {
+                break;
+            }
+            let can_read = self.reading && self.pending.len() < window;
+            let idle_deadline = self.keep_alive.map(|ka| last_heard + ka);
+            tokio::select! {
+                biased;
+                Some(first) = self.pending.next(), if !self.pending.is_empty() => {
+                    let was_full = self.pending.len() + 1 >= window;
+                    if !self.acknowledge(&mut framed, first).await {
+                        break;
+                    }
+                    if was_full {
+                        // The device was not read while the window was full; its
+                        // silence then is ours, not a dead connection.
+                        last_heard = Instant::now();
+                    }
+                }
+                _ = self.ctx.shutdown.cancelled(), if self.reading => {
+                    self.stop_reading();
+                }
+                _ = sleep_until(self.drain_deadline.unwrap_or_else(Instant::now)),
+                    if self.drain_deadline.is_some() =>
+                {
+                    tracing::debug!(device = %self.device, "MQTT acks not durable in time; closing");
+                    break;
+                }
+                _ = sleep_until(idle_deadline.unwrap_or_else(Instant::now)),
+                    if can_read && idle_deadline.is_some() =>
+                {
+                    tracing::debug!(device = %self.device, "MQTT keepalive expired; closing");
+                    self.stop_reading();
+                }
+                packet = framed.next(), if can_read => {
+                    last_heard = Instant::now();
+                    let next = match packet {
+                        None => Next::Close,
+                        Some(Ok(packet)) => self.handle(&mut framed, packet).await,
+                        Some(Err(e)) => {
+                            let r = Rejection::new(
+                                reason_of(&e),
+                                1,
+                                format!("malformed MQTT packet: {e}"),
+                            );
+                            self.ctx.reject(Some((self.user, self.device)), &r).await;
+                            Next::Close
+                        }
+                    };
+                    if let Next::Close = next {
+                        self.stop_reading();
+                    }
+                }
+            }
+        }
+        self.cancel.cancel();
+        tracing::debug!(device = %self.device, "MQTT device disconnected");
+        self.ctx.telemetry.mqtt_disconnected();
+    }
+
+    fn stop_reading(&mut self) {
+        self.reading = false;
+        self.cancel.cancel();
+        self.drain_deadline = Some(Instant::now() + DRAIN_TIMEOUT);
+    }
+
+    /// Sends the PUBACK of `first` and of every later message already complete, in
+    /// one write. False if the connection must close now.
+    async fn acknowledge(&mut self, framed: &mut Transport, first: Outcome) -> bool {
+        let mut acked = Vec::new();
+        let mut outcome = Some(first);
+        let mut keep_open = true;
+        while let Some(o) = outcome.take() {
+            match o {
+                Outcome::Ack { pkid, received } => {
+                    let puback = Packet::PubAck(PubAck::new(pkid));
+                    if !matches!(
+                        timeout(WRITE_TIMEOUT, framed.feed(puback)).await,
+                        Ok(Ok(()))
+                    ) {
+                        return false;
+                    }
+                    acked.push(received);
+                }
+                Outcome::Done => {}
+                Outcome::Retry(why) => {
+                    // Later messages must not be acknowledged before this one, so the
+                    // connection closes; the device resends from here.
+                    tracing::debug!(device = %self.device, why, "closing without PUBACK");
+                    keep_open = false;
+                    break;
+                }
+            }
+            outcome = self.pending.next().now_or_never().flatten();
+        }
+        if !acked.is_empty() {
+            match timeout(WRITE_TIMEOUT, framed.flush()).await {
+                Ok(Ok(())) => {
+                    for received in acked {
+                        self.ctx
+                            .telemetry
+                            .mqtt_acked(received.elapsed().as_secs_f64());
+                    }
+                }
+                _ => return false,
+            }
+        }
+        keep_open
+    }
+
+    async fn handle(&mut self, framed: &mut Transport, packet: Packet) -> Next {
+        match packet {
+            Packet::Publish(publish) => self.publish(publish).await,
+            Packet::PingReq => reply(framed, Packet::PingResp).await,
+            Packet::Subscribe(s) => {
+                // Devices only publish in v1: every filter is refused.
+                let codes = vec![SubscribeReasonCode::Failure; s.filters.len()];
+                reply(framed, Packet::SubAck(SubAck::new(s.pkid, codes))).await
+            }
+            Packet::Unsubscribe(u) => reply(framed, Packet::UnsubAck(UnsubAck::new(u.pkid))).await,
+            Packet::Disconnect => Next::Close,
+            other => {
+                let r = Rejection::new(
+                    Reason::Invalid,
+                    1,
+                    format!("unexpected MQTT packet from a device: {other:?}"),
+                );
+                self.ctx.reject(Some((self.user, self.device)), &r).await;
+                Next::Close
+            }
+        }
+    }
+
+    async fn publish(&mut self, publish: Publish) -> Next {
+        let received = Instant::now();
+        let owner = Some((self.user, self.device));
+        self.ctx.telemetry.mqtt_received(1);
+        if publish.qos == QoS::ExactlyOnce {
+            let r = Rejection::new(Reason::Invalid, 1, "QoS 2 is not supported; use QoS 0 or 1");
+            self.ctx.reject(owner, &r).await;
+            return Next::Close;
+        }
+        if topic::device_of(&publish.topic) != Some(self.device) {
+            let r = Rejection::new(
+                Reason::Unauthorized,
+                1,
+                format!(
+                    "unauthorized: publish to {:?} refused; a device publishes only to {}",
+                    publish.topic,
+                    topic::of_device(self.device)
+                ),
+            );
+            self.ctx.reject(owner, &r).await;
+            return Next::Close;
+        }
+        let records = match self.ctx.decode(&publish.payload, self.user, self.device) {
+            Ok(records) => records,
+            Err(r) => {
+                self.ctx.reject(owner, &r).await;
+                if publish.qos == QoS::AtLeastOnce {
+                    // A poison message is acknowledged, or the device resends it forever.
+                    let ack = Outcome::Ack {
+                        pkid: publish.pkid,
+                        received,
+                    };
+                    self.pending.push_back(Box::pin(std::future::ready(ack)));
+                }
+                return Next::Continue;
+            }
+        };
+        if publish.qos == QoS::AtLeastOnce {
+            let delivery =
+                self.ctx
+                    .clone()
+                    .deliver_qos1(records, publish.pkid, received, self.cancel.clone());
+            self.pending.push_back(Box::pin(delivery));
+        } else if let Some(counting) = self.ctx.deliver_qos0(records).await {
+            self.pending.push_back(counting);
+        }
+        Next::Continue
+    }
+}
+
+async fn reply(framed: &mut Transport, packet: Packet) -> Next {
+    match timeout(WRITE_TIMEOUT, framed.send(packet)).await {
+        Ok(Ok(())) => Next::Continue,
+        _ => Next::Close,
+    }
+}

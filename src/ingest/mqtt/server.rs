@@ -1,0 +1,51 @@
+//! The built-in endpoint's accept loop.
+//!
+//! A semaphore bounds the open connections: past the limit the loop stops accepting
+//! and new devices wait in the listen backlog. On shutdown the listener closes first,
+//! then every connection stops reading and sends the acknowledgements still due;
+//! [`run`] returns once they have all closed, before the pipeline is drained.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::{sleep, Duration};
+use tokio_util::task::TaskTracker;
+
+use super::{connection, MqttContext};
+
+/// Pause after a failed accept (out of file descriptors, typically), so that the
+/// loop does not spin while it lasts.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Accepts devices until shutdown, then waits for their connections to finish.
+pub async fn run(listener: TcpListener, ctx: MqttContext) {
+    let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    let connections = TaskTracker::new();
+    loop {
+        let slot = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        // PUBACKs are small and latency-bound; do not let Nagle hold them back.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        connections.spawn(connection::run(stream, peer, ctx.clone(), slot));
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+    tracing::info!("MQTT endpoint stopped");
+}

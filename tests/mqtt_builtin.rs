@@ -1,0 +1,764 @@
+//! The built-in MQTT endpoint, through real rumqttc devices and raw sockets.
+
+mod mqtt_support;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use mqtt_support::*;
+use rumqttc::{ConnectReturnCode, QoS, SubscribeReasonCode};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use uuid::Uuid;
+
+async fn connected(inst: &Instance, o: &Owner) -> Device {
+    let mut d = Device::connect(inst.mqtt(), &o.device, &o.token);
+    d.connected().await;
+    d
+}
+
+#[tokio::test]
+async fn qos1_and_qos0_events_are_stored_and_aggregated() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let mut d = connected(&inst, &o).await;
+    let topic = topic(&o.device);
+
+    // QoS 1: one event, then an array of three. Once PUBACKed they are queryable at
+    // once: the ack came after durable.
+    let single = Uuid::new_v4();
+    d.client
+        .publish(&topic, QoS::AtLeastOnce, false, event(&single, 20.0))
+        .await
+        .unwrap();
+    d.pubacks(1).await;
+    let stored = inst.api.events(&o).await;
+    assert_eq!(stored.len(), 1, "queryable right after the PUBACK");
+    assert_eq!(stored[0]["id"], single.to_string());
+
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    let array: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| json!({"id": id.to_string(), "type": "telemetry", "metrics": {"temperature": 21.0 + i as f64}}))
+        .collect();
+    d.client
+        .publish(
+            &topic,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&array).unwrap(),
+        )
+        .await
+        .unwrap();
+    d.pubacks(1).await;
+    assert_eq!(inst.api.events(&o).await.len(), 4);
+
+    // QoS 0: best effort, but stored all the same.
+    let q0 = Uuid::new_v4();
+    d.client
+        .publish(&topic, QoS::AtMostOnce, false, event(&q0, 30.0))
+        .await
+        .unwrap();
+    let stored = inst.api.wait_events(&o, 5).await;
+    assert_eq!(stored.len(), 5);
+    let counts = id_counts(&stored);
+    for id in ids.iter().chain([&single, &q0]) {
+        assert_eq!(counts.get(&id.to_string()), Some(&1), "{id}");
+    }
+
+    // The aggregates see the same five events.
+    let now = iotpipe::model::now_ms();
+    let agg = inst
+        .api
+        .get(
+            &o.key,
+            &format!(
+                "/v1/devices/{}/aggregates?from={}&to={}&window=1d&metric=temperature",
+                o.device,
+                now - 3_600_000,
+                now + 60_000
+            ),
+        )
+        .await;
+    let buckets = agg["buckets"].as_array().unwrap();
+    let count: u64 = buckets.iter().map(|b| b["count"].as_u64().unwrap()).sum();
+    let sum: f64 = buckets.iter().map(|b| b["sum"].as_f64().unwrap()).sum();
+    assert_eq!(count, 5);
+    assert!(
+        (sum - (20.0 + 21.0 + 22.0 + 23.0 + 30.0)).abs() < 1e-9,
+        "{sum}"
+    );
+
+    let live = inst.api.live(&o).await;
+    assert_eq!(live["events_total"], 5);
+    let page = inst.api.metrics().await;
+    assert_eq!(
+        metric(&page, r#"iotpipe_events_ingested_total{source="mqtt"}"#),
+        5.0
+    );
+    assert_eq!(metric(&page, "iotpipe_mqtt_messages_received_total"), 3.0);
+    assert_eq!(metric(&page, "iotpipe_mqtt_acks_sent_total"), 2.0);
+    assert_eq!(metric(&page, "iotpipe_mqtt_connections"), 1.0);
+    assert_eq!(metric(&page, "iotpipe_mqtt_ack_latency_seconds_count"), 2.0);
+    inst.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_resent_event_with_an_id_is_stored_once() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let mut d = connected(&inst, &o).await;
+    let id = Uuid::new_v4();
+    for _ in 0..3 {
+        d.client
+            .publish(topic(&o.device), QoS::AtLeastOnce, false, event(&id, 1.0))
+            .await
+            .unwrap();
+    }
+    d.pubacks(3).await;
+    assert_eq!(inst.api.events(&o).await.len(), 1);
+    assert_eq!(inst.api.live(&o).await["events_total"], 1);
+    inst.server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_credentials_are_refused_at_connect() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let other = inst.api.owner().await;
+    let cases = [
+        (o.device.clone(), "wrong-token".to_owned()),
+        (o.device.clone(), other.token.clone()),
+        (Uuid::new_v4().to_string(), o.token.clone()),
+        ("not-a-uuid".to_owned(), o.token.clone()),
+    ];
+    for (user, pass) in cases {
+        let mut d = Device::connect(inst.mqtt(), &user, &pass);
+        match d.next().await {
+            Seen::Refused(
+                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized,
+            ) => {}
+            other => panic!("{user}: expected CONNACK 4 or 5, got {other:?}"),
+        }
+    }
+    let page = inst.api.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            r#"iotpipe_events_rejected_total{source="mqtt",reason="unauthorized"}"#
+        ),
+        4.0
+    );
+    assert_eq!(metric(&page, "iotpipe_mqtt_connections"), 0.0);
+    inst.server.stop().await;
+}
+
+#[tokio::test]
+async fn publishing_to_another_devices_topic_closes_the_connection_and_stores_nothing() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let victim = inst.api.owner().await;
+    let mut d = connected(&inst, &o).await;
+    d.client
+        .publish(
+            topic(&victim.device),
+            QoS::AtLeastOnce,
+            false,
+            event(&Uuid::new_v4(), 1.0),
+        )
+        .await
+        .unwrap();
+    d.closed().await;
+
+    assert!(inst.api.events(&victim).await.is_empty());
+    assert!(inst.api.events(&o).await.is_empty());
+    let live = inst.api.live(&o).await;
+    assert_eq!(live["rejected_total"], 1);
+    assert!(
+        live["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("unauthorized"),
+        "{live}"
+    );
+    let page = inst.api.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            r#"iotpipe_events_rejected_total{source="mqtt",reason="unauthorized"}"#
+        ),
+        1.0
+    );
+    inst.server.stop().await;
+}
+
+#[tokio::test]
+async fn subscribe_is_refused_and_the_connection_stays_usable() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let mut d = connected(&inst, &o).await;
+    d.client
+        .subscribe(topic(&o.device), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        match d.next().await {
+            Seen::SubAck(codes) => {
+                assert_eq!(codes, vec![SubscribeReasonCode::Failure]);
+                break;
+            }
+            Seen::Closed(why) => panic!("closed: {why}"),
+            _ => {}
+        }
+    }
+    d.client
+        .publish(
+            topic(&o.device),
+            QoS::AtLeastOnce,
+            false,
+            event(&Uuid::new_v4(), 1.0),
+        )
+        .await
+        .unwrap();
+    d.pubacks(1).await;
+    inst.server.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_payload_at_qos1_is_acked_counted_and_the_connection_stays_open() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let mut d = connected(&inst, &o).await;
+    let t = topic(&o.device);
+    let bad = [
+        r#"{"type": "t", "metrics": {"x": "not a number"}}"#.to_owned(),
+        "not json".to_owned(),
+        format!(r#"{{"type": "t", "device_id": "{}"}}"#, o.device),
+        r#"[{"type": "ok"}, {"type": "bad type!"}]"#.to_owned(),
+    ];
+    for payload in &bad {
+        d.client
+            .publish(&t, QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+    }
+    d.pubacks(bad.len()).await;
+    // Still open: a good message goes through.
+    let good = Uuid::new_v4();
+    d.client
+        .publish(&t, QoS::AtLeastOnce, false, event(&good, 1.0))
+        .await
+        .unwrap();
+    d.pubacks(1).await;
+
+    let stored = inst.api.events(&o).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0]["id"], good.to_string());
+    let live = inst.api.live(&o).await;
+    // One event each, and two for the array: all or nothing.
+    assert_eq!(live["rejected_total"], 5, "{live}");
+    assert!(
+        live["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("event 1: type"),
+        "{live}"
+    );
+    let page = inst.api.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            r#"iotpipe_events_rejected_total{source="mqtt",reason="invalid"}"#
+        ),
+        5.0
+    );
+    inst.server.stop().await;
+}
+
+#[tokio::test]
+async fn qos2_closes_the_connection() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let mut d = connected(&inst, &o).await;
+    d.client
+        .publish(
+            topic(&o.device),
+            QoS::ExactlyOnce,
+            false,
+            event(&Uuid::new_v4(), 1.0),
+        )
+        .await
+        .unwrap();
+    d.closed().await;
+    assert!(inst.api.events(&o).await.is_empty());
+    inst.server.stop().await;
+}
+
+fn connect_bytes(user: &str, pass: &str, keep_alive: u16) -> Vec<u8> {
+    let mut c = rumqttc::Connect::new("raw");
+    c.keep_alive = keep_alive;
+    c.set_login(user, pass);
+    let mut buf = BytesMut::new();
+    rumqttc::Packet::Connect(c)
+        .write(&mut buf, usize::MAX)
+        .unwrap();
+    buf.to_vec()
+}
+
+fn publish_bytes(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut p = rumqttc::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+    p.pkid = 1;
+    let mut buf = BytesMut::new();
+    rumqttc::Packet::Publish(p)
+        .write(&mut buf, usize::MAX)
+        .unwrap();
+    buf.to_vec()
+}
+
+/// Reads until the server closes the socket. Panics if it stays open.
+async fn expect_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = timeout(PATIENCE, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept the connection open");
+    got
+}
+
+/// A raw connection that has logged in; the CONNACK is consumed.
+async fn raw_login(inst: &Instance, o: &Owner, keep_alive: u16) -> TcpStream {
+    let mut s = TcpStream::connect(inst.mqtt()).await.unwrap();
+    s.write_all(&connect_bytes(&o.device, &o.token, keep_alive))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    timeout(PATIENCE, s.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    s
+}
+
+async fn publish_ok(good: &mut Device, t: &str) {
+    good.client
+        .publish(t, QoS::AtLeastOnce, false, event(&Uuid::new_v4(), 1.0))
+        .await
+        .unwrap();
+    good.pubacks(1).await;
+}
+
+#[tokio::test]
+async fn malformed_packets_close_only_their_own_connection() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let mut good = connected(&inst, &o).await;
+    let t = topic(&o.device);
+    let mut sent = 0;
+
+    // PUBLISH before CONNECT.
+    let mut s = TcpStream::connect(inst.mqtt()).await.unwrap();
+    s.write_all(&publish_bytes(&t, br#"{"type":"t"}"#))
+        .await
+        .unwrap();
+    assert!(
+        expect_closed(&mut s).await.is_empty(),
+        "no answer, just closed"
+    );
+    publish_ok(&mut good, &t).await;
+    sent += 1;
+
+    // A truncated frame: the header promises more than ever comes.
+    let mut s = raw_login(&inst, &o, 60).await;
+    let full = publish_bytes(&t, br#"{"type":"t"}"#);
+    s.write_all(&full[..full.len() - 5]).await.unwrap();
+    s.shutdown().await.unwrap();
+    expect_closed(&mut s).await;
+    publish_ok(&mut good, &t).await;
+    sent += 1;
+
+    // A frame whose topic length crosses the frame's end.
+    let mut s = raw_login(&inst, &o, 60).await;
+    s.write_all(&[0x32, 6, 0x00, 0x40, b'a', b'b', 0, 1])
+        .await
+        .unwrap();
+    expect_closed(&mut s).await;
+    publish_ok(&mut good, &t).await;
+    sent += 1;
+
+    // An oversized packet: refused from its header, before its body is read.
+    let mut s = raw_login(&inst, &o, 60).await;
+    // Remaining length 4 MiB, as a variable byte integer.
+    s.write_all(&[0x32, 0x80, 0x80, 0x80, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    expect_closed(&mut s).await;
+    publish_ok(&mut good, &t).await;
+    sent += 1;
+
+    // An invalid packet type.
+    let mut s = raw_login(&inst, &o, 60).await;
+    s.write_all(&[0xF0, 0x00]).await.unwrap();
+    expect_closed(&mut s).await;
+    publish_ok(&mut good, &t).await;
+    sent += 1;
+
+    assert_eq!(inst.api.events(&o).await.len(), sent);
+    let page = inst.api.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            r#"iotpipe_events_rejected_total{source="mqtt",reason="too_large"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &page,
+            r#"iotpipe_events_rejected_total{source="mqtt",reason="unauthorized"}"#
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &page,
+            r#"iotpipe_events_rejected_total{source="mqtt",reason="invalid"}"#
+        ) >= 3.0
+    );
+    inst.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_its_keepalive_and_pings_keep_it_open() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+
+    // Keepalive 1 s: pinging every 500 ms keeps it open past 1.5 s...
+    let mut s = raw_login(&inst, &o, 1).await;
+    let mut last_ping = Instant::now();
+    for _ in 0..6 {
+        last_ping = Instant::now();
+        s.write_all(&[0xC0, 0x00]).await.unwrap();
+        let mut pingresp = [0u8; 2];
+        timeout(PATIENCE, s.read_exact(&mut pingresp))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(pingresp, [0xD0, 0x00]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // ...and silence closes it, 1.5 keepalives after the server last heard from it
+    // (which is after the last ping was written).
+    expect_closed(&mut s).await;
+    assert!(
+        last_ping.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        last_ping.elapsed()
+    );
+
+    // No CONNECT at all is closed too (connect timeout, shortened here).
+    let inst2 = Instance::start_with(|c| c.mqtt.connect_timeout_secs = 1).await;
+    let mut s = TcpStream::connect(inst2.mqtt()).await.unwrap();
+    expect_closed(&mut s).await;
+    inst.server.stop().await;
+    inst2.server.stop().await;
+}
+
+#[tokio::test]
+async fn qos1_over_the_rate_limit_is_held_back_not_dropped_and_qos0_is_dropped() {
+    let inst = Instance::start_with(|c| c.limits.device_per_sec = 5).await;
+    let o = inst.api.owner().await;
+    let mut d = connected(&inst, &o).await;
+    let t = topic(&o.device);
+    let started = Instant::now();
+    for i in 0..15 {
+        d.client
+            .publish(
+                &t,
+                QoS::AtLeastOnce,
+                false,
+                event(&Uuid::new_v4(), f64::from(i)),
+            )
+            .await
+            .unwrap();
+    }
+    d.pubacks(15).await;
+    // A burst of 5, then 10 more at 5/s: the device was slowed down, not refused.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(inst.api.events(&o).await.len(), 15);
+    assert_eq!(inst.api.live(&o).await["rejected_total"], 0);
+
+    // The budget is in debt now: QoS 0 messages are dropped and counted.
+    for i in 0..3 {
+        d.client
+            .publish(
+                &t,
+                QoS::AtMostOnce,
+                false,
+                event(&Uuid::new_v4(), f64::from(i)),
+            )
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let page = inst.api.metrics().await;
+        let limited = metric(
+            &page,
+            r#"iotpipe_events_rejected_total{source="mqtt",reason="rate_limited"}"#,
+        );
+        if limited >= 1.0 || Instant::now() > deadline {
+            assert!(
+                limited >= 1.0,
+                "QoS 0 over the limit is counted as rate_limited"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let live = inst.api.live(&o).await;
+    assert!(
+        live["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("rate_limited"),
+        "{live}"
+    );
+    inst.server.stop().await;
+}
+
+#[tokio::test]
+async fn health_reports_the_endpoint_and_a_taken_port_names_the_setting() {
+    let inst = Instance::start().await;
+    let h = inst.api.health().await;
+    assert_eq!(h["components"]["mqtt"]["backend"], "builtin");
+    assert_eq!(h["components"]["mqtt"]["ok"], true);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.mqtt.addr = inst.mqtt().to_string();
+    let err = iotpipe::topology::start(c)
+        .await
+        .err()
+        .expect("the port is taken");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("IOTPIPE_MQTT_ADDR") && msg.contains(&inst.mqtt().to_string()),
+        "{msg}"
+    );
+
+    let off = Instance::start_with(|c| c.mqtt.addr = "off".into()).await;
+    assert!(off.server.mqtt_addr.is_none());
+    let h = off.api.health().await;
+    assert_eq!(h["components"]["mqtt"]["backend"], "off");
+    assert_eq!(h["components"]["mqtt"]["ok"], true);
+    inst.server.stop().await;
+    off.server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_acknowledges_what_is_durable_and_waits_for_connections() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let mut d = connected(&inst, &o).await;
+    for i in 0..50 {
+        d.client
+            .publish(
+                topic(&o.device),
+                QoS::AtLeastOnce,
+                false,
+                event(&Uuid::new_v4(), f64::from(i)),
+            )
+            .await
+            .unwrap();
+    }
+    // Wait until the first messages are in, then stop while the rest are in flight.
+    d.pubacks(1).await;
+    let mut acked = 1;
+    let api = inst.api.clone();
+    let dir = inst.dir;
+    inst.server.stop().await;
+    loop {
+        match d.next().await {
+            Seen::PubAck(_) => acked += 1,
+            Seen::Closed(_) => break,
+            _ => {}
+        }
+    }
+    drop(api);
+    // Every acknowledged event is on disk: reopen the data dir and count.
+    let mut c = config(dir.path());
+    c.mqtt.addr = "off".into();
+    let server = iotpipe::topology::start(c).await.unwrap();
+    let stored = Api::new(server.http_addr).events(&o).await;
+    assert!(
+        stored.len() >= acked,
+        "{} stored, {acked} acknowledged",
+        stored.len()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_acknowledged_event_survives_kill_9_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Process::spawn(dir.path(), &[]).await;
+    let api = Api::new(first.http);
+    let o = api.owner().await;
+    let t = topic(&o.device);
+    let ts = iotpipe::model::now_ms();
+    let ids: Vec<Uuid> = (0..3000).map(|_| Uuid::new_v4()).collect();
+
+    let mut d = Device::connect(first.mqtt.unwrap(), &o.device, &o.token);
+    d.connected().await;
+    // Kill -9 once 500 PUBACKs have arrived, in the middle of the stream.
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel();
+    let mut kill_tx = Some(kill_tx);
+    let killer = tokio::spawn(async move {
+        if kill_rx.await.is_ok() {
+            first.kill9().await;
+        }
+    });
+    let acked = stream_ids(&mut d, &t, &ids, ts, |n| {
+        if n == 500 {
+            if let Some(tx) = kill_tx.take() {
+                let _ = tx.send(());
+            }
+        }
+    })
+    .await;
+    killer.await.unwrap();
+    assert!(
+        acked.len() >= 500 && acked.len() < ids.len(),
+        "{} acked",
+        acked.len()
+    );
+
+    // Restart on the same data dir; the device resends everything not acknowledged.
+    let second = Process::spawn(dir.path(), &[]).await;
+    let api = Api::new(second.http);
+    let acked_set: std::collections::HashSet<Uuid> = acked.iter().copied().collect();
+    let stored = api.events(&o).await;
+    let counts = id_counts(&stored);
+    for id in &acked {
+        assert_eq!(
+            counts.get(&id.to_string()),
+            Some(&1),
+            "acked {id} is stored once"
+        );
+    }
+    let resend: Vec<Uuid> = ids
+        .iter()
+        .filter(|id| !acked_set.contains(id))
+        .copied()
+        .collect();
+    let mut d = Device::connect(second.mqtt.unwrap(), &o.device, &o.token);
+    d.connected().await;
+    let acked_again = stream_ids(&mut d, &t, &resend, ts, |_| {}).await;
+    assert_eq!(acked_again.len(), resend.len());
+
+    let stored = api.events(&o).await;
+    let counts = id_counts(&stored);
+    assert_eq!(stored.len(), ids.len(), "every event once, no duplicate");
+    assert!(ids.iter().all(|id| counts.get(&id.to_string()) == Some(&1)));
+    let live = api.live(&o).await;
+    assert!(live["events_total"].as_u64().unwrap() <= ids.len() as u64);
+    second.kill9().await;
+}
+
+#[tokio::test]
+async fn a_slow_flush_fills_the_window_and_reading_stops_until_acks_go_out() {
+    // Flushes wait 1.5 s: a slow store, as seen from the connection.
+    let inst = Instance::start_with(|c| {
+        c.mqtt.max_inflight = 10;
+        c.pipeline.batch_max_age_ms = 1500;
+    })
+    .await;
+    let o = inst.api.owner().await;
+    let mut d = connected(&inst, &o).await;
+    for i in 0..40 {
+        d.client
+            .publish(
+                topic(&o.device),
+                QoS::AtLeastOnce,
+                false,
+                event(&Uuid::new_v4(), f64::from(i)),
+            )
+            .await
+            .unwrap();
+    }
+    let api = inst.api.clone();
+    let done = tokio_util::sync::CancellationToken::new();
+    let stop = done.clone();
+    let sampler = tokio::spawn(async move {
+        let mut most = 0.0f64;
+        while !stop.is_cancelled() {
+            let page = api.metrics().await;
+            let outstanding = metric(&page, "iotpipe_mqtt_messages_received_total")
+                - metric(&page, "iotpipe_mqtt_acks_sent_total");
+            assert!(
+                outstanding <= 10.0,
+                "{outstanding} messages read and not acknowledged"
+            );
+            most = most.max(outstanding);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        most
+    });
+    d.pubacks(40).await;
+    done.cancel();
+    let most = sampler.await.unwrap();
+    assert_eq!(most, 10.0, "the window filled while the flush was slow");
+    assert_eq!(inst.api.events(&o).await.len(), 40, "nothing lost");
+    inst.server.stop().await;
+}
+
+#[tokio::test]
+async fn mosquitto_pub_can_publish_to_the_builtin_endpoint() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let id = Uuid::new_v4();
+    let status = tokio::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &inst.mqtt().port().to_string(),
+            "-V",
+            "mqttv311",
+        ])
+        .args([
+            "-q",
+            "1",
+            "-u",
+            &o.device,
+            "-P",
+            &o.token,
+            "-t",
+            &topic(&o.device),
+        ])
+        .args(["-m", &event(&id, 21.5)])
+        .status()
+        .await
+        .expect("mosquitto_pub is installed");
+    assert!(status.success());
+    // mosquitto_pub exits after its PUBACK: the event is already stored.
+    let stored = inst.api.events(&o).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0]["id"], id.to_string());
+    inst.server.stop().await;
+}

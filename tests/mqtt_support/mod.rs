@@ -1,0 +1,532 @@
+//! Helpers for the MQTT tests: an in-process server on port 0, the HTTP API through
+//! reqwest, and rumqttc devices whose events arrive on a channel.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use iotpipe::topology::{self, Server};
+use iotpipe::Config;
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+
+/// Generous: the machine is small and shared.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+pub const ADMIN: &str = "test-admin-token";
+
+/// A test configuration: loopback port 0 for HTTP and MQTT, data in `dir`.
+pub fn config(dir: &Path) -> Config {
+    let mut c = Config {
+        data_dir: dir.to_owned(),
+        admin_token: Some(ADMIN.into()),
+        ..Config::default()
+    };
+    c.http.addr = "127.0.0.1:0".into();
+    c.mqtt.addr = "127.0.0.1:0".into();
+    c
+}
+
+pub struct Instance {
+    pub server: Server,
+    pub api: Api,
+    pub dir: tempfile::TempDir,
+}
+
+impl Instance {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        tweak(&mut c);
+        let server = topology::start(c).await.expect("server starts");
+        let api = Api::new(server.http_addr);
+        Self { server, api, dir }
+    }
+
+    pub fn mqtt(&self) -> SocketAddr {
+        self.server.mqtt_addr.expect("the built-in endpoint is on")
+    }
+}
+
+/// The HTTP API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    http: reqwest::Client,
+}
+
+/// A user with one device.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    pub key: String,
+    pub device: String,
+    pub token: String,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn user(&self) -> String {
+        let name = format!("u{}", uuid::Uuid::new_v4().simple());
+        let r = self
+            .http
+            .post(format!("{}/v1/users", self.base))
+            .bearer_auth(ADMIN)
+            .json(&json!({"username": name, "email": format!("{name}@example.com")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["api_key"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub async fn device(&self, key: &str) -> (String, String) {
+        let r = self
+            .http
+            .post(format!("{}/v1/devices", self.base))
+            .bearer_auth(key)
+            .json(&json!({"name": "sensor", "type": "thermo"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let v: Value = r.json().await.unwrap();
+        (
+            v["id"].as_str().unwrap().to_owned(),
+            v["token"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    pub async fn owner(&self) -> Owner {
+        let key = self.user().await;
+        let (device, token) = self.device(&key).await;
+        Owner { key, device, token }
+    }
+
+    pub async fn get(&self, key: &str, path: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.json().await.unwrap()
+    }
+
+    /// Every stored event of a device, newest first.
+    pub async fn events(&self, o: &Owner) -> Vec<Value> {
+        let v = self
+            .get(
+                &o.key,
+                &format!("/v1/devices/{}/events?limit=10000", o.device),
+            )
+            .await;
+        v["events"].as_array().unwrap().clone()
+    }
+
+    pub async fn live(&self, o: &Owner) -> Value {
+        self.get(&o.key, &format!("/v1/devices/{}/live", o.device))
+            .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn health(&self) -> Value {
+        self.http
+            .get(format!("{}/health", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until a device has stored at least `n` events; returns them.
+    pub async fn wait_events(&self, o: &Owner, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let events = self.events(o).await;
+            if events.len() >= n || Instant::now() > deadline {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The value of one series in a Prometheus text page, e.g.
+/// `iotpipe_events_rejected_total{source="mqtt",reason="invalid"}`.
+pub fn metric(page: &str, series: &str) -> f64 {
+    let (name, labels) = match series.split_once('{') {
+        Some((n, l)) => (n, Some(l.trim_end_matches('}'))),
+        None => (series, None),
+    };
+    for line in page.lines() {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (kname, klabels) = match key.split_once('{') {
+            Some((n, l)) => (n, Some(l.trim_end_matches('}'))),
+            None => (key, None),
+        };
+        if kname != name {
+            continue;
+        }
+        let matches = match (labels, klabels) {
+            (None, None) => true,
+            (Some(want), Some(have)) => want.split(',').all(|w| have.split(',').any(|h| h == w)),
+            _ => false,
+        };
+        if matches {
+            return value.parse().unwrap();
+        }
+    }
+    panic!("no series {series} in /metrics")
+}
+
+/// What a device's event loop reported.
+#[derive(Debug)]
+pub enum Seen {
+    ConnAck(rumqttc::ConnectReturnCode),
+    PubAck(u16),
+    SubAck(Vec<rumqttc::SubscribeReasonCode>),
+    /// The k-th publish went out with this packet id.
+    Sent(u16),
+    Refused(rumqttc::ConnectReturnCode),
+    Closed(String),
+}
+
+/// A rumqttc device whose event loop runs in a task until the connection ends.
+pub struct Device {
+    pub client: AsyncClient,
+    pub seen: mpsc::UnboundedReceiver<Seen>,
+}
+
+pub fn options(addr: SocketAddr, user: &str, pass: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(
+        format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    o.set_credentials(user, pass);
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+impl Device {
+    pub fn connect(addr: SocketAddr, user: &str, pass: &str) -> Self {
+        Self::with_options(options(addr, user, pass))
+    }
+
+    pub fn with_options(o: MqttOptions) -> Self {
+        let (client, eventloop) = AsyncClient::new(o, 1000);
+        let (tx, seen) = mpsc::unbounded_channel();
+        tokio::spawn(drive(eventloop, tx));
+        Self { client, seen }
+    }
+
+    pub async fn next(&mut self) -> Seen {
+        timeout(PATIENCE, self.seen.recv())
+            .await
+            .expect("the device heard something in time")
+            .expect("the event loop task reports its end")
+    }
+
+    pub async fn connected(&mut self) {
+        match self.next().await {
+            Seen::ConnAck(rumqttc::ConnectReturnCode::Success) => {}
+            other => panic!("expected CONNACK success, got {other:?}"),
+        }
+    }
+
+    /// Waits for `n` PUBACKs; panics if the connection ends first.
+    pub async fn pubacks(&mut self, n: usize) -> Vec<u16> {
+        let mut acks = Vec::new();
+        while acks.len() < n {
+            match self.next().await {
+                Seen::PubAck(id) => acks.push(id),
+                Seen::Closed(why) => panic!("closed after {} of {n} PUBACKs: {why}", acks.len()),
+                _ => {}
+            }
+        }
+        acks
+    }
+
+    /// Waits until the server closes the connection; panics on a PUBACK.
+    pub async fn closed(&mut self) -> String {
+        loop {
+            match self.next().await {
+                Seen::Closed(why) => return why,
+                Seen::PubAck(id) => panic!("unexpected PUBACK {id}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn drive(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Seen>) {
+    loop {
+        let seen = match eventloop.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(a))) => Seen::ConnAck(a.code),
+            Ok(Event::Incoming(Incoming::PubAck(a))) => Seen::PubAck(a.pkid),
+            Ok(Event::Incoming(Incoming::SubAck(a))) => Seen::SubAck(a.return_codes),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Seen::Sent(pkid),
+            Ok(_) => continue,
+            Err(ConnectionError::ConnectionRefused(code)) => {
+                let _ = tx.send(Seen::Refused(code));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Seen::Closed(e.to_string()));
+                return;
+            }
+        };
+        if tx.send(seen).is_err() {
+            return;
+        }
+    }
+}
+
+/// One event with an id, as JSON text.
+pub fn event(id: &uuid::Uuid, value: f64) -> String {
+    json!({"id": id.to_string(), "type": "telemetry", "metrics": {"temperature": value}})
+        .to_string()
+}
+
+/// Counts how often each id appears among stored events.
+pub fn id_counts(events: &[Value]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for e in events {
+        *counts
+            .entry(e["id"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+/// The topic of a device.
+pub fn topic(device: &str) -> String {
+    format!("devices/{device}/events")
+}
+
+/// The real `iotpipe` binary, started on port 0.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub http: SocketAddr,
+    pub mqtt: Option<SocketAddr>,
+}
+
+impl Process {
+    /// Starts `iotpipe serve` with `env` on top of a test environment, and reads the
+    /// addresses from its stdout line.
+    pub async fn spawn(data_dir: &Path, env: &[(&str, String)]) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_iotpipe"));
+        cmd.arg("serve")
+            .env("IOTPIPE_DATA_DIR", data_dir)
+            .env("IOTPIPE_HTTP_ADDR", "127.0.0.1:0")
+            .env("IOTPIPE_MQTT_ADDR", "127.0.0.1:0")
+            .env("IOTPIPE_ADMIN_TOKEN", ADMIN)
+            .env("IOTPIPE_RATE_DEVICE", "0")
+            .env("IOTPIPE_RATE_USER", "0")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("the iotpipe binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = timeout(PATIENCE, lines.next_line())
+            .await
+            .expect("iotpipe prints its addresses in time")
+            .unwrap()
+            .expect("a line on stdout");
+        // iotpipe listening http=ADDR mqtt=ADDR|off
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .to_owned()
+        };
+        let http = field("http=").parse().unwrap();
+        let mqtt = field("mqtt=").parse().ok();
+        // Keep reading stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, http, mqtt }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill9(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// One event with an id and a fixed `ts`, as JSON text.
+pub fn event_at(id: &uuid::Uuid, ts_ms: i64) -> String {
+    json!({"id": id.to_string(), "ts": ts_ms, "type": "telemetry", "metrics": {"seq": 1.0}})
+        .to_string()
+}
+
+/// Publishes `ids` at QoS 1 through `addr` and returns which of them were PUBACKed
+/// before the connection ended (or all were). `on_ack` sees the running count.
+pub async fn stream_ids(
+    device: &mut Device,
+    topic: &str,
+    ids: &[uuid::Uuid],
+    ts_ms: i64,
+    mut on_ack: impl FnMut(usize),
+) -> Vec<uuid::Uuid> {
+    let client = device.client.clone();
+    let payloads: Vec<String> = ids.iter().map(|id| event_at(id, ts_ms)).collect();
+    let topic = topic.to_owned();
+    let publisher = tokio::spawn(async move {
+        for p in payloads {
+            if client
+                .publish(&topic, rumqttc::QoS::AtLeastOnce, false, p)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    // rumqttc sends publishes in the order they were requested, so the k-th
+    // outgoing PUBLISH carries ids[k]; a packet id names one message in flight.
+    let mut in_flight: HashMap<u16, uuid::Uuid> = HashMap::new();
+    let mut next = 0;
+    let mut acked = Vec::new();
+    while acked.len() < ids.len() {
+        match device.next().await {
+            Seen::Sent(pkid) => {
+                in_flight.insert(pkid, ids[next]);
+                next += 1;
+            }
+            Seen::PubAck(pkid) => {
+                acked.push(
+                    in_flight
+                        .remove(&pkid)
+                        .expect("a PUBACK for a message sent"),
+                );
+                on_ack(acked.len());
+            }
+            Seen::Closed(_) => break,
+            _ => {}
+        }
+    }
+    publisher.abort();
+    acked
+}
+
+/// A private Mosquitto on a free loopback port, with its own config and data dir.
+/// Killed when dropped.
+pub struct Broker {
+    pub port: u16,
+    child: std::process::Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// Tuned as `docs/mqtt.md` says the guarantee needs: a large in-flight window, a
+    /// queue that never drops QoS 1 messages, and persistence.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
+                 persistence true\npersistence_location {}/\nautosave_interval 1\n\
+                 max_inflight_messages 1000\nmax_queued_messages 0\nmax_queued_bytes 0\n\
+                 log_dest none\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed");
+        let deadline = Instant::now() + PATIENCE;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { port, child, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A device publishing straight to a broker (which authenticates it, not iotpipe).
+pub fn broker_device(port: u16) -> Device {
+    let mut o = MqttOptions::new(
+        format!("p{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        "127.0.0.1",
+        port,
+    );
+    o.set_keep_alive(Duration::from_secs(30));
+    Device::with_options(o)
+}
+
+/// Waits until `/health` reports the MQTT component ok.
+pub async fn wait_mqtt_ok(api: &Api) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let h = api.health().await;
+        if h["components"]["mqtt"]["ok"] == true {
+            return;
+        }
+        assert!(Instant::now() < deadline, "MQTT never became ok: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
