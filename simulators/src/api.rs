@@ -208,7 +208,11 @@ impl Api {
             .await;
         let resp = match sent {
             Ok(r) => r,
-            Err(e) => return IngestAnswer::Unknown { reason: e.to_string() },
+            Err(e) => {
+                return IngestAnswer::Unknown {
+                    reason: e.to_string(),
+                }
+            }
         };
         let status = resp.status();
         let after = resp
@@ -225,7 +229,9 @@ impl Api {
             return IngestAnswer::Accepted;
         }
         if let Err(e) = drained {
-            return IngestAnswer::Unknown { reason: e.to_string() };
+            return IngestAnswer::Unknown {
+                reason: e.to_string(),
+            };
         }
         match status.as_u16() {
             s @ (429 | 503) => IngestAnswer::RetryLater {
@@ -325,7 +331,10 @@ fn buckets<T: serde::de::DeserializeOwned>(v: &Value, path: &str) -> Result<Vec<
         path: path.to_owned(),
         reason,
     };
-    let list = v.get("buckets").cloned().ok_or_else(|| shape("no buckets".into()))?;
+    let list = v
+        .get("buckets")
+        .cloned()
+        .ok_or_else(|| shape("no buckets".into()))?;
     serde_json::from_value(list).map_err(|e| shape(e.to_string()))
 }
 

@@ -186,7 +186,9 @@ pub fn format_ts(ms: i64) -> String {
 
 /// Parses an RFC 3339 instant into ms.
 pub fn parse_ts(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis())
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 struct Pairs<'a, V>(&'a [(String, V)]);
@@ -353,7 +355,10 @@ mod tests {
         let two = encode(&[Planned::Resend(e.clone()), Planned::Resend(e)], true);
         let v: serde_json::Value = serde_json::from_slice(&two).unwrap();
         assert_eq!(v.as_array().unwrap().len(), 2);
-        assert_eq!(parse_ts("2026-11-18T11:06:40.123Z"), Some(1_795_000_000_123));
+        assert_eq!(
+            parse_ts("2026-11-18T11:06:40.123Z"),
+            Some(1_795_000_000_123)
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@ use crate::verify::verify;
 pub enum DemoError {
     #[error("cannot create a temp data dir: {0}")]
     TempDir(std::io::Error),
+    #[error("iotpipe configuration: {0}")]
+    Config(String),
     #[error("starting iotpipe: {0}")]
     Start(#[from] StartError),
     #[error(transparent)]
@@ -52,9 +54,12 @@ const CHART_WIDTH: usize = 50;
 /// # Errors
 ///
 /// iotpipe cannot start, or an API call fails.
-pub async fn demo(opts: &DemoOptions, stop: CancellationToken) -> Result<(Report, String), DemoError> {
+pub async fn demo(
+    opts: &DemoOptions,
+    stop: CancellationToken,
+) -> Result<(Report, String), DemoError> {
     let dir = tempfile::tempdir().map_err(DemoError::TempDir)?;
-    let mut config = Config::default();
+    let mut config = Config::load(None, |_| None).map_err(|e| DemoError::Config(e.to_string()))?;
     config.data_dir = dir.path().to_owned();
     config.http.addr = "127.0.0.1:0".into();
     // The simulator speaks HTTP here; the built-in MQTT endpoint stays off so the
@@ -62,7 +67,10 @@ pub async fn demo(opts: &DemoOptions, stop: CancellationToken) -> Result<(Report
     config.mqtt.addr = "off".into();
     let server = topology::start(config).await?;
     let base = format!("http://{}", server.http_addr);
-    eprintln!("iotpipe is running in-process at {base} (data in {})", dir.path().display());
+    eprintln!(
+        "iotpipe is running in-process at {base} (data in {})",
+        dir.path().display()
+    );
 
     let result = async {
         let api = Api::new(&base, 64)?;
@@ -105,7 +113,8 @@ pub async fn demo(opts: &DemoOptions, stop: CancellationToken) -> Result<(Report
         let window_ms = verification.window_ms.max(1000);
         report.verification = Some(verification);
         let now = chrono::Utc::now().timestamp_millis();
-        let from = (now - opts.duration.as_millis() as i64 - 10_000).div_euclid(window_ms) * window_ms;
+        let from =
+            (now - opts.duration.as_millis() as i64 - 10_000).div_euclid(window_ms) * window_ms;
         let to = (now.div_euclid(window_ms) + 1) * window_ms;
         let buckets = api
             .grouped_aggregates(&key, from, to, &format!("{}s", window_ms / 1000), "type")
@@ -126,11 +135,23 @@ pub fn render_chart(buckets: &[GroupBucket], window_ms: i64) -> String {
     groups.dedup();
     let mut windows: BTreeMap<i64, BTreeMap<&str, u64>> = BTreeMap::new();
     for b in buckets {
-        *windows.entry(b.start_ms).or_default().entry(&b.group).or_default() += b.count;
+        *windows
+            .entry(b.start_ms)
+            .or_default()
+            .entry(&b.group)
+            .or_default() += b.count;
     }
-    let busiest = windows.values().map(|g| g.values().sum::<u64>()).max().unwrap_or(0);
+    let busiest = windows
+        .values()
+        .map(|g| g.values().sum::<u64>())
+        .max()
+        .unwrap_or(0);
     let mut out = String::new();
-    let _ = writeln!(out, "events per {} s window, by type (GET /v1/aggregates?group_by=type):", window_ms / 1000);
+    let _ = writeln!(
+        out,
+        "events per {} s window, by type (GET /v1/aggregates?group_by=type):",
+        window_ms / 1000
+    );
     if busiest == 0 {
         out.push_str("  (no events)\n");
         return out;
@@ -144,7 +165,13 @@ pub fn render_chart(buckets: &[GroupBucket], window_ms: i64) -> String {
             bar.extend(std::iter::repeat_n(MARKS[i % MARKS.len()], width));
         }
         let time = format_ts(*start);
-        let _ = writeln!(out, "  {} {:<width$} {total}", &time[11..19], bar, width = CHART_WIDTH);
+        let _ = writeln!(
+            out,
+            "  {} {:<width$} {total}",
+            &time[11..19],
+            bar,
+            width = CHART_WIDTH
+        );
     }
     let legend: Vec<String> = groups
         .iter()
@@ -171,7 +198,11 @@ mod tests {
     fn the_chart_scales_to_the_busiest_window_and_stacks_types() {
         let t = 1_795_000_000_000;
         let chart = render_chart(
-            &[b(t, "meter", 10), b(t, "location", 10), b(t + 2000, "meter", 5)],
+            &[
+                b(t, "meter", 10),
+                b(t, "location", 10),
+                b(t + 2000, "meter", 5),
+            ],
             2000,
         );
         let lines: Vec<&str> = chart.lines().collect();

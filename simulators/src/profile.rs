@@ -13,7 +13,9 @@ use serde::Deserialize;
 /// Why a profile cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    #[error("unknown profile {0:?}: expected smart-meter, env-sensor, gps-tracker or template:FILE")]
+    #[error(
+        "unknown profile {0:?}: expected smart-meter, env-sensor, gps-tracker or template:FILE"
+    )]
     Unknown(String),
     #[error("cannot read template {path}: {source}")]
     Read {
@@ -166,9 +168,10 @@ impl MetricSpec {
         match *self {
             MetricSpec::Constant(v) => v,
             MetricSpec::Uniform { min, max } => uniform(rng, min, max),
-            MetricSpec::Walk { walk: [lo, hi], step } => {
-                (last + uniform(rng, -step, step)).clamp(lo, hi)
-            }
+            MetricSpec::Walk {
+                walk: [lo, hi],
+                step,
+            } => (last + uniform(rng, -step, step)).clamp(lo, hi),
             MetricSpec::Counter { counter } => last + f64::from(rng.random_range(0..=counter)),
         }
     }
@@ -228,14 +231,21 @@ impl Template {
         for (name, spec) in &file.metrics {
             let ok = match *spec {
                 MetricSpec::Constant(v) => v.is_finite(),
-                MetricSpec::Uniform { min, max } => min.is_finite() && max.is_finite() && min <= max,
-                MetricSpec::Walk { walk: [lo, hi], step } => {
+                MetricSpec::Uniform { min, max } => {
+                    min.is_finite() && max.is_finite() && min <= max
+                }
+                MetricSpec::Walk {
+                    walk: [lo, hi],
+                    step,
+                } => {
                     lo.is_finite() && hi.is_finite() && lo <= hi && step.is_finite() && step >= 0.0
                 }
                 MetricSpec::Counter { .. } => true,
             };
             if !ok {
-                return Err(format!("metric {name:?}: bounds must be finite with min <= max"));
+                return Err(format!(
+                    "metric {name:?}: bounds must be finite with min <= max"
+                ));
             }
         }
         Ok(Self {
@@ -250,7 +260,8 @@ impl Template {
 /// The metric, attr and type name rule of the API contract.
 pub fn valid_name(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
 }
 
 #[derive(Debug)]
@@ -335,7 +346,10 @@ impl DeviceModel {
                         ("leakage".into(), f64::from(u8::from(*leak_left > 0))),
                         ("battery_level".into(), round(*battery, 1)),
                     ],
-                    attrs: vec![("fw".into(), "3.2.1".into()), ("medium".into(), "water".into())],
+                    attrs: vec![
+                        ("fw".into(), "3.2.1".into()),
+                        ("medium".into(), "water".into()),
+                    ],
                 }
             }
             State::Env {
@@ -427,7 +441,11 @@ mod tests {
     use super::*;
 
     fn metric(s: &Sample, name: &str) -> f64 {
-        s.metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v).unwrap()
+        s.metrics
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
+            .unwrap()
     }
 
     #[test]
@@ -471,7 +489,14 @@ mod tests {
             // 110 km/h for one second is about 0.0003 degrees (more in lon at 52°N).
             assert!(d < 0.002, "moved {d} degrees in one event");
             assert!((0.0..=110.0).contains(&metric(&s, "speed")));
-            let lat_attr: f64 = s.attrs.iter().find(|(k, _)| k == "lat").unwrap().1.parse().unwrap();
+            let lat_attr: f64 = s
+                .attrs
+                .iter()
+                .find(|(k, _)| k == "lat")
+                .unwrap()
+                .1
+                .parse()
+                .unwrap();
             assert_eq!(lat_attr, metric(&s, "lat"));
             prev = s;
         }
@@ -524,12 +549,21 @@ mod tests {
             (r#"{"type": "x", "metrics": {}}"#, "at least one metric"),
             (r#"{"type": "bad type", "metrics": {"a": 1}}"#, "type"),
             (r#"{"type": "x", "metrics": {"bad name": 1}}"#, "bad name"),
-            (r#"{"type": "x", "metrics": {"a": {"min": 3, "max": 1}}}"#, "min <= max"),
-            (r#"{"type": "x", "metrics": {"a": 1}, "colour": 1}"#, "colour"),
+            (
+                r#"{"type": "x", "metrics": {"a": {"min": 3, "max": 1}}}"#,
+                "min <= max",
+            ),
+            (
+                r#"{"type": "x", "metrics": {"a": 1}, "colour": 1}"#,
+                "colour",
+            ),
         ] {
             let err = Template::parse(text).unwrap_err();
             assert!(err.contains(why), "{text}: {err}");
         }
-        assert!(matches!(Profile::parse("toaster"), Err(ProfileError::Unknown(_))));
+        assert!(matches!(
+            Profile::parse("toaster"),
+            Err(ProfileError::Unknown(_))
+        ));
     }
 }

@@ -116,7 +116,11 @@ impl Report {
         let _ = writeln!(out, "  rejected    {:>10}", e.rejected);
         let _ = writeln!(out, "  failed      {:>10}", e.failed);
         if e.unconfirmed > 0 {
-            let _ = writeln!(out, "  unconfirmed {:>10}  (QoS 0: no acknowledgement)", e.unconfirmed);
+            let _ = writeln!(
+                out,
+                "  unconfirmed {:>10}  (QoS 0: no acknowledgement)",
+                e.unconfirmed
+            );
         }
         if e.retries > 0 {
             let _ = writeln!(out, "  retried     {:>10}  (after 429/503)", e.retries);
@@ -225,7 +229,13 @@ mod tests {
         assert_eq!(r.acked_per_s, 9.0);
         assert_eq!(r.cpu_share_of_one_core, Some(0.1));
         let text = r.render();
-        for want in ["acked               90", "HTTP 400", "p50 2.00 ms", "1:10/9", "10% of one core"] {
+        for want in [
+            "acked               90",
+            "HTTP 400",
+            "p50 2.00 ms",
+            "1:10/9",
+            "10% of one core",
+        ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }
         let json = serde_json::to_value(&r).unwrap();

@@ -93,11 +93,27 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-async fn drive<L: Link>(plan: DevicePlan, mut link: L, mut stream: DeviceStream, stop: CancellationToken) {
+async fn drive<L: Link>(
+    plan: DevicePlan,
+    mut link: L,
+    mut stream: DeviceStream,
+    stop: CancellationToken,
+) {
     let mut n: u64 = 0;
     let more = |n: u64| plan.count.is_none_or(|c| n < c);
+    // The spacing of readings at the full rate: a device batching k readings took
+    // them over k periods, so their timestamps are spread the same way.
+    let period_ms = if plan.schedule.rate > 0.0 {
+        (1000.0 / plan.schedule.rate) as i64
+    } else {
+        0
+    };
     while more(n) {
-        let due = plan.start + plan.phase + plan.schedule.due(n);
+        let k = plan
+            .count
+            .map_or(plan.batch as u64, |c| (c - n).min(plan.batch as u64));
+        // A message leaves once its last reading is due.
+        let due = plan.start + plan.phase + plan.schedule.due(n + k - 1);
         if plan.deadline.is_some_and(|d| due >= d) {
             break;
         }
@@ -111,9 +127,11 @@ async fn drive<L: Link>(plan: DevicePlan, mut link: L, mut stream: DeviceStream,
         }
         let stamp = now_ms();
         let mut items = Vec::with_capacity(plan.batch);
+        let first = n;
         while items.len() < plan.batch && more(n) {
+            let behind = (k - 1).saturating_sub(n - first) as i64;
             n += 1;
-            match stream.next(stamp) {
+            match stream.next(stamp - behind * period_ms) {
                 // An invalid event goes alone: the contract refuses a whole request
                 // for one bad event, and the valid ones should not pay for it.
                 p @ Planned::Invalid(_) => {
@@ -223,13 +241,23 @@ pub async fn run(
             for (i, d) in fleet.devices.iter().enumerate() {
                 let link = HttpLink::new(shared.clone(), &d.token);
                 let seed = seeds.random();
-                tasks.spawn(drive(plan(i, seeds.random()), link, device_stream(i, seed), stop.clone()));
+                tasks.spawn(drive(
+                    plan(i, seeds.random()),
+                    link,
+                    device_stream(i, seed),
+                    stop.clone(),
+                ));
             }
         }
         Protocol::Mqtt(_) => {
             for (i, link) in mqtt_links.into_iter().enumerate() {
                 let seed = seeds.random();
-                tasks.spawn(drive(plan(i, seeds.random()), link, device_stream(i, seed), stop.clone()));
+                tasks.spawn(drive(
+                    plan(i, seeds.random()),
+                    link,
+                    device_stream(i, seed),
+                    stop.clone(),
+                ));
             }
         }
     }
@@ -263,24 +291,32 @@ pub async fn run(
 const MAX_SECONDS: usize = 3600;
 
 /// Records per-second deltas and draws the progress bar until `done`.
-async fn sample(tally: Arc<Tally>, progress: bool, limit: Limit, done: CancellationToken) -> Vec<Second> {
+async fn sample(
+    tally: Arc<Tally>,
+    progress: bool,
+    limit: Limit,
+    done: CancellationToken,
+) -> Vec<Second> {
     let bar = if progress {
         let target = ProgressDrawTarget::stderr_with_hz(4);
         match limit.count {
             Some(c) => ProgressBar::with_draw_target(Some(c), target).with_style(
-                ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} events  {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} events  {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             ),
-            None => ProgressBar::with_draw_target(
-                limit.duration.map(|d| d.as_secs().max(1)),
-                target,
-            )
-            .with_style(
-                ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} s  {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            ),
+            None => {
+                ProgressBar::with_draw_target(limit.duration.map(|d| d.as_secs().max(1)), target)
+                    .with_style(
+                        ProgressStyle::with_template(
+                            "{elapsed_precise} [{bar:30}] {pos}/{len} s  {msg}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    )
+            }
         }
     } else {
         ProgressBar::hidden()
@@ -291,11 +327,15 @@ async fn sample(tally: Arc<Tally>, progress: bool, limit: Limit, done: Cancellat
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = done.cancelled() => break,
-        }
+        let finished = tokio::select! {
+            _ = tick.tick() => false,
+            _ = done.cancelled() => true,
+        };
         let now = tally.snapshot();
+        // The last, partial second is kept only if something happened in it.
+        if finished && now == last {
+            break;
+        }
         let s = Second {
             second: seconds.len() as u64 + 1,
             sent: now.sent - last.sent,
@@ -315,6 +355,9 @@ async fn sample(tally: Arc<Tally>, progress: bool, limit: Limit, done: Cancellat
             s.sent, s.acked, now.acked, now.rejected, now.failed
         ));
         last = now;
+        if finished {
+            break;
+        }
     }
     bar.finish_and_clear();
     seconds

@@ -284,17 +284,34 @@ mod tests {
     fn an_ack_on_any_send_makes_an_event_expected_once() {
         let t = Tally::new(1, true);
         let e = event(1);
-        t.plan(0, &[Planned::Fresh { event: e.clone(), late: false }], 10);
+        t.plan(
+            0,
+            &[Planned::Fresh {
+                event: e.clone(),
+                late: false,
+            }],
+            10,
+        );
         t.settle(0, [e.id], 1, Outcome::Failed, Some("timeout"), None);
         assert_eq!(expect_of(&t, 1), Expect::AtMostOnce);
         t.plan(0, &[Planned::Resend(e.clone())], 10);
-        t.settle(0, [e.id], 1, Outcome::Acked, None, Some(Duration::from_millis(3)));
+        t.settle(
+            0,
+            [e.id],
+            1,
+            Outcome::Acked,
+            None,
+            Some(Duration::from_millis(3)),
+        );
         assert_eq!(expect_of(&t, 1), Expect::Once);
         // A later refusal does not undo the ack.
         t.settle(0, [e.id], 1, Outcome::Rejected, Some("429"), None);
         assert_eq!(expect_of(&t, 1), Expect::Once);
         let s = t.snapshot();
-        assert_eq!((s.sent, s.acked, s.failed, s.rejected, s.resent), (2, 1, 1, 1, 1));
+        assert_eq!(
+            (s.sent, s.acked, s.failed, s.rejected, s.resent),
+            (2, 1, 1, 1, 1)
+        );
         assert_eq!(t.reasons().get("429"), Some(&1));
         assert_eq!(t.latency().len(), 1);
     }
@@ -302,8 +319,22 @@ mod tests {
     #[test]
     fn refused_and_invalid_events_are_expected_never() {
         let t = Tally::new(1, true);
-        t.plan(0, &[Planned::Fresh { event: event(2), late: true }], 10);
-        t.settle(0, [Uuid::from_u128(2)], 1, Outcome::Rejected, Some("429"), None);
+        t.plan(
+            0,
+            &[Planned::Fresh {
+                event: event(2),
+                late: true,
+            }],
+            10,
+        );
+        t.settle(
+            0,
+            [Uuid::from_u128(2)],
+            1,
+            Outcome::Rejected,
+            Some("429"),
+            None,
+        );
         assert_eq!(expect_of(&t, 2), Expect::Never);
         let bad = crate::chaos::InvalidEvent {
             id: Uuid::from_u128(3),
@@ -321,7 +352,14 @@ mod tests {
     #[test]
     fn qos0_sends_may_or_may_not_be_stored() {
         let t = Tally::new(1, true);
-        t.plan(0, &[Planned::Fresh { event: event(4), late: false }], 10);
+        t.plan(
+            0,
+            &[Planned::Fresh {
+                event: event(4),
+                late: false,
+            }],
+            10,
+        );
         t.settle(0, [Uuid::from_u128(4)], 1, Outcome::Unconfirmed, None, None);
         assert_eq!(expect_of(&t, 4), Expect::AtMostOnce);
     }
@@ -329,7 +367,14 @@ mod tests {
     #[test]
     fn without_a_ledger_only_counters_are_kept() {
         let t = Tally::new(3, false);
-        t.plan(1, &[Planned::Fresh { event: event(5), late: false }], 10);
+        t.plan(
+            1,
+            &[Planned::Fresh {
+                event: event(5),
+                late: false,
+            }],
+            10,
+        );
         t.settle(1, [Uuid::from_u128(5)], 1, Outcome::Acked, None, None);
         assert!(t.ledger(1).is_none());
         assert_eq!(t.snapshot().acked, 1);

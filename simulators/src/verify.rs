@@ -38,13 +38,21 @@ pub enum Problem {
     /// Acknowledged, not stored.
     Missing { device: String, id: Uuid },
     /// Stored more than once.
-    Duplicated { device: String, id: Uuid, copies: usize },
+    Duplicated {
+        device: String,
+        id: Uuid,
+        copies: usize,
+    },
     /// Stored, though refused or invalid.
     StoredButRefused { device: String, id: Uuid },
     /// Stored, never sent by this run.
     Unexpected { device: String, id: Uuid },
     /// Stored with other content than sent.
-    ContentDiffers { device: String, id: Uuid, what: String },
+    ContentDiffers {
+        device: String,
+        id: Uuid,
+        what: String,
+    },
     /// A window's aggregate differs from the ledger's.
     WindowDiffers {
         device: String,
@@ -60,7 +68,9 @@ pub enum Problem {
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Problem::Missing { device, id } => write!(f, "{device}: acked event {id} is not stored"),
+            Problem::Missing { device, id } => {
+                write!(f, "{device}: acked event {id} is not stored")
+            }
             Problem::Duplicated { device, id, copies } => {
                 write!(f, "{device}: event {id} is stored {copies} times")
             }
@@ -137,7 +147,11 @@ impl Verification {
                 let _ = writeln!(out, "  - {p}");
             }
             if self.problem_count > self.problems.len() {
-                let _ = writeln!(out, "  - ... and {} more", self.problem_count - self.problems.len());
+                let _ = writeln!(
+                    out,
+                    "  - ... and {} more",
+                    self.problem_count - self.problems.len()
+                );
             }
         }
         out
@@ -169,10 +183,17 @@ fn content_diff(sent: &SimEvent, stored: &StoredEvent) -> Option<String> {
         }
     }
     if stored.kind != sent.sample.kind {
-        return Some(format!("type {:?} instead of {:?}", stored.kind, sent.sample.kind));
+        return Some(format!(
+            "type {:?} instead of {:?}",
+            stored.kind, sent.sample.kind
+        ));
     }
     if stored.metrics.len() != sent.sample.metrics.len() {
-        return Some(format!("{} metrics instead of {}", stored.metrics.len(), sent.sample.metrics.len()));
+        return Some(format!(
+            "{} metrics instead of {}",
+            stored.metrics.len(),
+            sent.sample.metrics.len()
+        ));
     }
     for (name, v) in &sent.sample.metrics {
         match stored.metrics.get(name).and_then(|x| x.as_f64()) {
@@ -181,7 +202,11 @@ fn content_diff(sent: &SimEvent, stored: &StoredEvent) -> Option<String> {
         }
     }
     if stored.attrs.len() != sent.sample.attrs.len() {
-        return Some(format!("{} attrs instead of {}", stored.attrs.len(), sent.sample.attrs.len()));
+        return Some(format!(
+            "{} attrs instead of {}",
+            stored.attrs.len(),
+            sent.sample.attrs.len()
+        ));
     }
     for (name, v) in &sent.sample.attrs {
         if stored.attrs.get(name).and_then(|x| x.as_str()) != Some(v.as_str()) {
@@ -210,10 +235,14 @@ pub fn diff_events(
         let found = copies.get(&e.id).map(Vec::as_slice).unwrap_or_default();
         let dev = || device.to_owned();
         match (e.expect, found.len()) {
-            (Expect::Once, 0) => problems.push(Problem::Missing { device: dev(), id: e.id }),
-            (Expect::Never, n) if n > 0 => {
-                problems.push(Problem::StoredButRefused { device: dev(), id: e.id })
-            }
+            (Expect::Once, 0) => problems.push(Problem::Missing {
+                device: dev(),
+                id: e.id,
+            }),
+            (Expect::Never, n) if n > 0 => problems.push(Problem::StoredButRefused {
+                device: dev(),
+                id: e.id,
+            }),
             (Expect::Once | Expect::AtMostOnce, n) if n > 1 => problems.push(Problem::Duplicated {
                 device: dev(),
                 id: e.id,
@@ -224,14 +253,21 @@ pub fn diff_events(
         if e.expect != Expect::Never && !found.is_empty() {
             if let Some(sent) = &e.event {
                 if let Some(what) = content_diff(sent, found[0]) {
-                    problems.push(Problem::ContentDiffers { device: dev(), id: e.id, what });
+                    problems.push(Problem::ContentDiffers {
+                        device: dev(),
+                        id: e.id,
+                        what,
+                    });
                 }
                 counted.push(sent.clone());
             }
         }
     }
-    let mut unexpected: Vec<Uuid> =
-        copies.keys().filter(|id| !known.contains_key(id)).copied().collect();
+    let mut unexpected: Vec<Uuid> = copies
+        .keys()
+        .filter(|id| !known.contains_key(id))
+        .copied()
+        .collect();
     unexpected.sort();
     for id in unexpected {
         problems.push(Problem::Unexpected {
@@ -247,7 +283,13 @@ pub fn diff_events(
 pub fn expected_windows(events: &[SimEvent], metric: &str, window_ms: i64) -> Vec<Bucket> {
     let mut windows: BTreeMap<i64, Bucket> = BTreeMap::new();
     for e in events {
-        let Some(v) = e.sample.metrics.iter().find(|(k, _)| k == metric).map(|(_, v)| *v) else {
+        let Some(v) = e
+            .sample
+            .metrics
+            .iter()
+            .find(|(k, _)| k == metric)
+            .map(|(_, v)| *v)
+        else {
             continue;
         };
         let start = e.ts_ms.div_euclid(window_ms) * window_ms;
@@ -290,9 +332,11 @@ pub fn diff_windows(device: &str, expected: &[Bucket], actual: &[Bucket]) -> Vec
                 if e.count != a.count {
                     differs("count", e.count.to_string(), a.count.to_string());
                 }
-                for (field, ev, av) in
-                    [("min", e.min, a.min), ("max", e.max, a.max), ("sum", e.sum, a.sum)]
-                {
+                for (field, ev, av) in [
+                    ("min", e.min, a.min),
+                    ("max", e.max, a.max),
+                    ("sum", e.sum, a.sum),
+                ] {
                     let same = match (ev, av) {
                         (Some(x), Some(y)) => close(x, y),
                         (x, y) => x.is_none() && y.is_none(),
@@ -349,7 +393,9 @@ pub async fn verify(
     let mut per_device: Vec<Vec<Expected>> = Vec::with_capacity(fleet.devices.len());
     let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
     for i in 0..fleet.devices.len() {
-        let Some(ledger) = tally.ledger(i) else { continue };
+        let Some(ledger) = tally.ledger(i) else {
+            continue;
+        };
         let ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
         let list: Vec<Expected> = ledger
             .expectations()
@@ -392,21 +438,36 @@ pub async fn verify(
                 let stored = match api.all_events(key, id, from, to).await {
                     Ok(s) => s,
                     Err(e) => {
-                        let p = Problem::QueryFailed { device: id.to_owned(), error: e.to_string() };
+                        let p = Problem::QueryFailed {
+                            device: id.to_owned(),
+                            error: e.to_string(),
+                        };
                         return (vec![p], 0, 0, 0);
                     }
                 };
                 let in_doubt_stored = expected
                     .iter()
-                    .filter(|e| e.expect == Expect::AtMostOnce && stored.iter().any(|s| s.id == e.id))
+                    .filter(|e| {
+                        e.expect == Expect::AtMostOnce && stored.iter().any(|s| s.id == e.id)
+                    })
                     .count();
                 let (mut problems, counted) = diff_events(id, &expected, &stored);
-                let distinct = stored.iter().map(|s| s.id).collect::<std::collections::HashSet<_>>().len();
+                let distinct = stored
+                    .iter()
+                    .map(|s| s.id)
+                    .collect::<std::collections::HashSet<_>>()
+                    .len();
                 let want = expected_windows(&counted, &metric, window_ms);
                 let windows = want.len();
-                match api.device_aggregates(key, id, from, to, &window, &metric).await {
+                match api
+                    .device_aggregates(key, id, from, to, &window, &metric)
+                    .await
+                {
                     Ok(got) => problems.extend(diff_windows(id, &want, &got)),
-                    Err(e) => problems.push(Problem::QueryFailed { device: id.to_owned(), error: e.to_string() }),
+                    Err(e) => problems.push(Problem::QueryFailed {
+                        device: id.to_owned(),
+                        error: e.to_string(),
+                    }),
                 }
                 (problems, distinct, in_doubt_stored, windows)
             }
@@ -450,8 +511,18 @@ mod tests {
             id: e.id,
             ts: crate::chaos::format_ts(e.ts_ms),
             kind: e.sample.kind.clone(),
-            metrics: e.sample.metrics.iter().map(|(k, v)| (k.clone(), (*v).into())).collect(),
-            attrs: e.sample.attrs.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect(),
+            metrics: e
+                .sample
+                .metrics
+                .iter()
+                .map(|(k, v)| (k.clone(), (*v).into()))
+                .collect(),
+            attrs: e
+                .sample
+                .attrs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().into()))
+                .collect(),
         }
     }
 
@@ -468,7 +539,11 @@ mod tests {
     #[test]
     fn a_faithful_store_shows_no_difference() {
         let (a, b, c) = (sent(1, T, 1.0), sent(2, T + 1, 2.0), sent(3, T + 2, 3.0));
-        let ledger = [exp(&a, Expect::Once), exp(&b, Expect::AtMostOnce), exp(&c, Expect::Never)];
+        let ledger = [
+            exp(&a, Expect::Once),
+            exp(&b, Expect::AtMostOnce),
+            exp(&c, Expect::Never),
+        ];
         let (problems, counted) = diff_events("d", &ledger, &[stored(&a), stored(&b)]);
         assert_eq!(problems, vec![]);
         assert_eq!(counted, vec![a.clone(), b.clone()]);
@@ -484,15 +559,35 @@ mod tests {
         let mut changed = stored(&b);
         changed.metrics.insert("m".into(), 2.5.into());
         let stray = sent(9, T, 0.0);
-        let ledger = [exp(&a, Expect::Once), exp(&b, Expect::Once), exp(&c, Expect::Never)];
+        let ledger = [
+            exp(&a, Expect::Once),
+            exp(&b, Expect::Once),
+            exp(&c, Expect::Never),
+        ];
         let d = |s: &str| s.to_owned();
         // a missing, b changed and duplicated, c stored though refused, 9 unknown.
-        let (problems, _) =
-            diff_events("d", &ledger, &[changed.clone(), changed, stored(&c), stored(&stray)]);
-        assert!(problems.contains(&Problem::Missing { device: d("d"), id: a.id }));
-        assert!(problems.contains(&Problem::Duplicated { device: d("d"), id: b.id, copies: 2 }));
-        assert!(problems.contains(&Problem::StoredButRefused { device: d("d"), id: c.id }));
-        assert!(problems.contains(&Problem::Unexpected { device: d("d"), id: stray.id }));
+        let (problems, _) = diff_events(
+            "d",
+            &ledger,
+            &[changed.clone(), changed, stored(&c), stored(&stray)],
+        );
+        assert!(problems.contains(&Problem::Missing {
+            device: d("d"),
+            id: a.id
+        }));
+        assert!(problems.contains(&Problem::Duplicated {
+            device: d("d"),
+            id: b.id,
+            copies: 2
+        }));
+        assert!(problems.contains(&Problem::StoredButRefused {
+            device: d("d"),
+            id: c.id
+        }));
+        assert!(problems.contains(&Problem::Unexpected {
+            device: d("d"),
+            id: stray.id
+        }));
         assert!(problems.iter().any(|p| matches!(p,
             Problem::ContentDiffers { id, what, .. } if *id == b.id && what.contains("metric m"))));
         assert_eq!(problems.len(), 5, "{problems:#?}");
@@ -500,18 +595,29 @@ mod tests {
 
     #[test]
     fn windows_aggregate_like_the_api() {
-        let events = [sent(1, T + 100, 5.0), sent(2, T + 9_999, -1.0), sent(3, T + 10_000, 2.0)];
+        let events = [
+            sent(1, T + 100, 5.0),
+            sent(2, T + 9_999, -1.0),
+            sent(3, T + 10_000, 2.0),
+        ];
         let w = expected_windows(&events, "m", 10_000);
         assert_eq!(w.len(), 2);
         assert_eq!(w[0].start_ms, T);
-        assert_eq!((w[0].count, w[0].min, w[0].max, w[0].sum), (2, Some(-1.0), Some(5.0), Some(4.0)));
+        assert_eq!(
+            (w[0].count, w[0].min, w[0].max, w[0].sum),
+            (2, Some(-1.0), Some(5.0), Some(4.0))
+        );
         assert_eq!((w[1].count, w[1].sum), (1, Some(2.0)));
         assert!(expected_windows(&events, "other", 10_000).is_empty());
     }
 
     #[test]
     fn window_differences_are_reported_field_by_field() {
-        let events = [sent(1, T, 5.0), sent(2, T + 1, 1.0), sent(3, T + 20_000, 2.0)];
+        let events = [
+            sent(1, T, 5.0),
+            sent(2, T + 1, 1.0),
+            sent(3, T + 20_000, 2.0),
+        ];
         let want = expected_windows(&events, "m", 10_000);
         assert!(diff_windows("d", &want, &want).is_empty());
         let mut got = want.clone();

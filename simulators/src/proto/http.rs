@@ -60,14 +60,24 @@ async fn deliver(shared: HttpShared, token: Arc<str>, msg: Message) {
             }
             IngestAnswer::RetryLater { after, .. } if tries < shared.retries => {
                 tries += 1;
-                tally.counters.retries.fetch_add(n as u64, Ordering::Relaxed);
+                tally
+                    .counters
+                    .retries
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 tokio::time::sleep(after.min(MAX_BACKOFF)).await;
                 continue;
             }
             // Out of tries. A 429 stored nothing; a 503 may come from a store write
             // that failed half-way, so its events are in doubt.
             IngestAnswer::RetryLater { status: 429, .. } => {
-                tally.settle(msg.device, ids(), n, Outcome::Rejected, Some("HTTP 429"), None);
+                tally.settle(
+                    msg.device,
+                    ids(),
+                    n,
+                    Outcome::Rejected,
+                    Some("HTTP 429"),
+                    None,
+                );
             }
             IngestAnswer::RetryLater { status, .. } => {
                 let reason = format!("HTTP {status}");

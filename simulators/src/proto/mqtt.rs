@@ -54,7 +54,9 @@ impl MqttSettings {
         let (host, port) = addr
             .rsplit_once(':')
             .ok_or_else(|| MqttError::Address(addr.to_owned()))?;
-        let port = port.parse().map_err(|_| MqttError::Address(addr.to_owned()))?;
+        let port = port
+            .parse()
+            .map_err(|_| MqttError::Address(addr.to_owned()))?;
         Ok((host.to_owned(), port))
     }
 }
@@ -224,7 +226,8 @@ impl Link for MqttLink {
             if p.dead {
                 drop(p);
                 let reason = Some("MQTT connection lost");
-                self.tally.settle(msg.device, ids, n, Outcome::Rejected, reason, None);
+                self.tally
+                    .settle(msg.device, ids, n, Outcome::Rejected, reason, None);
                 return;
             }
             p.queued.push_back(Waiting {
@@ -239,11 +242,13 @@ impl Link for MqttLink {
             .await;
         match (handed, self.qos) {
             (Ok(()), QoS::AtMostOnce) => {
-                self.tally.settle(msg.device, ids, n, Outcome::Unconfirmed, None, None);
+                self.tally
+                    .settle(msg.device, ids, n, Outcome::Unconfirmed, None, None);
             }
             (Err(_), QoS::AtMostOnce) => {
                 let reason = Some("MQTT connection lost");
-                self.tally.settle(msg.device, ids, n, Outcome::Rejected, reason, None);
+                self.tally
+                    .settle(msg.device, ids, n, Outcome::Rejected, reason, None);
             }
             // At QoS 1 the event loop settles it, or settled it as failed when the
             // connection died (it was queued before the death, under the lock).
@@ -271,7 +276,10 @@ impl Link for MqttLink {
         // message is written before it.
         let _ = self.client.disconnect().await;
         let mut poller = self.poller;
-        if tokio::time::timeout(Duration::from_secs(5), &mut poller).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), &mut poller)
+            .await
+            .is_err()
+        {
             poller.abort();
         }
     }
@@ -292,8 +300,8 @@ pub async fn probe(addr: &str, device_id: &str, token: &str) -> Result<(), MqttE
         inflight: 1,
         topic: "devices/{id}/events".into(),
     };
-    let link = MqttLink::connect(&settings, device_id, token, Arc::new(Tally::new(1, false)))
-        .await?;
+    let link =
+        MqttLink::connect(&settings, device_id, token, Arc::new(Tally::new(1, false))).await?;
     link.close().await;
     Ok(())
 }
