@@ -58,6 +58,8 @@ pub struct Report {
     /// Events handed to the network per second.
     pub sent_per_s: f64,
     pub latency: Latency,
+    /// MQTT devices that could not connect (they sent nothing).
+    pub connect_failed: usize,
     /// Why events were refused or failed, by event.
     pub reasons: BTreeMap<String, u64>,
     pub per_second: Vec<Second>,
@@ -90,6 +92,7 @@ impl Report {
             sent_per_s: events.sent as f64 / secs,
             events,
             latency: Latency::of(latency),
+            connect_failed: 0,
             reasons,
             per_second,
             cpu_s,
@@ -112,6 +115,13 @@ impl Report {
             "  sent        {:>10}  ({} messages; {} late, {} resent duplicates, {} invalid)",
             e.sent, e.messages, e.late, e.resent, e.invalid
         );
+        if self.connect_failed > 0 {
+            let _ = writeln!(
+                out,
+                "  {} device(s) could not connect and sent nothing",
+                self.connect_failed
+            );
+        }
         let _ = writeln!(out, "  acked       {:>10}", e.acked);
         let _ = writeln!(out, "  rejected    {:>10}", e.rejected);
         let _ = writeln!(out, "  failed      {:>10}", e.failed);

@@ -114,10 +114,12 @@ async fn drive<L: Link>(
             .map_or(plan.batch as u64, |c| (c - n).min(plan.batch as u64));
         // A message leaves once its last reading is due.
         let due = plan.start + plan.phase + plan.schedule.due(n + k - 1);
-        if plan.deadline.is_some_and(|d| due >= d) {
+        let now = tokio::time::Instant::now();
+        // `due` alone never reaches the deadline when the rate is unlimited.
+        if plan.deadline.is_some_and(|d| due.max(now) >= d) {
             break;
         }
-        if due > tokio::time::Instant::now() {
+        if due > now {
             tokio::select! {
                 _ = tokio::time::sleep_until(due) => {}
                 _ = stop.cancelled() => break,
@@ -186,13 +188,29 @@ pub async fn run(
     // Connect the whole fleet before the clock starts, so that the run measures
     // traffic rather than handshakes.
     let mut mqtt_links = Vec::new();
+    let mut connect_failed = 0usize;
     if let Protocol::Mqtt(settings) = &opts.protocol {
         let connecting = stream::iter(fleet.devices.iter())
             .map(|d| MqttLink::connect(settings, &d.id, &d.token, tally.clone()))
             .buffered(opts.connect_concurrency.max(1));
         let results: Vec<_> = connecting.collect().await;
-        for r in results {
-            mqtt_links.push(r?);
+        let mut first_error = None;
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(link) => mqtt_links.push((i, link)),
+                Err(e) => {
+                    connect_failed += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        // A few refused devices in a large fleet are a finding for the report; a fleet
+        // where none could connect is a misconfiguration.
+        if let (true, Some(e)) = (mqtt_links.is_empty(), first_error.take()) {
+            return Err(e.into());
+        }
+        if let Some(e) = first_error {
+            tracing::warn!(failed = connect_failed, error = %e, "some devices could not connect");
         }
     }
 
@@ -250,7 +268,7 @@ pub async fn run(
             }
         }
         Protocol::Mqtt(_) => {
-            for (i, link) in mqtt_links.into_iter().enumerate() {
+            for (i, link) in mqtt_links {
                 let seed = seeds.random();
                 tasks.spawn(drive(
                     plan(i, seeds.random()),
@@ -284,6 +302,8 @@ pub async fn run(
         per_second,
         cpu,
     );
+    let mut report = report;
+    report.connect_failed = connect_failed;
     Ok(Finished { report, tally })
 }
 

@@ -11,7 +11,7 @@
 //!
 //! It assumes nothing else writes to the fleet's devices in that time range.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use futures::stream::{self, StreamExt};
@@ -445,18 +445,13 @@ pub async fn verify(
                         return (vec![p], 0, 0, 0);
                     }
                 };
+                let ids: HashSet<Uuid> = stored.iter().map(|s| s.id).collect();
                 let in_doubt_stored = expected
                     .iter()
-                    .filter(|e| {
-                        e.expect == Expect::AtMostOnce && stored.iter().any(|s| s.id == e.id)
-                    })
+                    .filter(|e| e.expect == Expect::AtMostOnce && ids.contains(&e.id))
                     .count();
                 let (mut problems, counted) = diff_events(id, &expected, &stored);
-                let distinct = stored
-                    .iter()
-                    .map(|s| s.id)
-                    .collect::<std::collections::HashSet<_>>()
-                    .len();
+                let distinct = ids.len();
                 let want = expected_windows(&counted, &metric, window_ms);
                 let windows = want.len();
                 match api
