@@ -352,10 +352,6 @@ async fn sample(
             _ = done.cancelled() => true,
         };
         let now = tally.snapshot();
-        // The last, partial second is kept only if something happened in it.
-        if finished && now == last {
-            break;
-        }
         let s = Second {
             second: seconds.len() as u64 + 1,
             sent: now.sent - last.sent,
@@ -363,6 +359,11 @@ async fn sample(
             rejected: now.rejected - last.rejected,
             failed: now.failed - last.failed,
         };
+        // The last, partial second is kept only if something happened in it.
+        let idle = s.sent + s.acked + s.rejected + s.failed == 0;
+        if finished && idle {
+            break;
+        }
         if seconds.len() < MAX_SECONDS {
             seconds.push(s);
         }
