@@ -129,7 +129,7 @@ impl Verification {
         );
         let _ = writeln!(
             out,
-            "  {} devices; {} acked events stored exactly once expected, {} read back; \
+            "  {} devices; {} acked events expected exactly once, {} distinct events read back; \
              {} in doubt ({} stored); {} refused/invalid checked absent; {} windows of {} s \
              compared",
             self.devices,
