@@ -31,6 +31,7 @@ const DAY: i64 = 86_400;
 fn event(i: usize, ts_ms: i64) -> Event {
     Event {
         id: Uuid::new_v4(),
+        id_assigned: false,
         ts_ms,
         kind: "telemetry".into(),
         metrics: vec![

@@ -55,6 +55,7 @@ fn records() -> Vec<Record> {
             received_ms: NOW,
             event: Event {
                 id: Uuid::new_v4(),
+                id_assigned: false,
                 ts_ms: NOW - (i as i64) * 7_000,
                 kind: "telemetry".into(),
                 metrics: vec![("temperature".into(), 21.5), ("battery".into(), 0.93)],

@@ -19,6 +19,9 @@ pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub id: Uuid,
+    /// The server generated `id` (the device sent none). Such an id cannot have been
+    /// stored before, so the store may skip its duplicate lookup.
+    pub id_assigned: bool,
     pub ts_ms: i64,
     /// The event's `type` (a Rust keyword, hence the name).
     pub kind: String,

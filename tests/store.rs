@@ -26,6 +26,7 @@ const T0: i64 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR;
 fn event(id: u128, ts_ms: i64, kind: &str, metrics: &[(&str, f64)]) -> Event {
     Event {
         id: Uuid::from_u128(id),
+        id_assigned: false,
         ts_ms,
         kind: kind.into(),
         // Sorted by name, as every engine may hand them back sorted.

@@ -225,9 +225,12 @@ impl RawEvent {
                 "must be 1 to 64 characters from A-Z a-z 0-9 _ . : -",
             ));
         }
-        let id = match self.id {
-            None => Uuid::now_v7(),
-            Some(s) => Uuid::parse_str(&s).map_err(|_| bad("id", "must be a UUID"))?,
+        let (id, id_assigned) = match self.id {
+            None => (Uuid::now_v7(), true),
+            Some(s) => (
+                Uuid::parse_str(&s).map_err(|_| bad("id", "must be a UUID"))?,
+                false,
+            ),
         };
         let ts_ms = match self.ts {
             None => now_ms,
@@ -259,6 +262,7 @@ impl RawEvent {
         Ok(Decoded {
             event: Event {
                 id,
+                id_assigned,
                 ts_ms,
                 kind,
                 metrics: metrics.into_iter().map(|(k, v)| (k, v.0)).collect(),

@@ -128,6 +128,7 @@ mod tests {
             received_ms: 0,
             event: Event {
                 id: Uuid::from_u128(u128::from(seq)),
+                id_assigned: false,
                 ts_ms,
                 kind: "t".into(),
                 metrics: vec![],

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use base64::Engine;
+use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -174,7 +175,7 @@ pub async fn device_aggregates(
     caller: Caller,
     Path(id): Path<String>,
     params: Params,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeviceAggregateOut>, ApiError> {
     let user = caller.user()?;
     let device = owned_device(&state, user, &id).await?;
     let range = required_range(&params)?;
@@ -191,28 +192,66 @@ pub async fn device_aggregates(
     };
     let windows =
         super::device_aggregate(scope(&state, user), device, range, window_ms, filter).await?;
-    let buckets: Vec<Value> = windows
+    let buckets = windows
         .iter()
-        .map(|w| {
-            let mut b = json!({
-                "start": format_ms(w.start_ms),
-                "start_ms": w.start_ms,
-                "count": w.stats.count,
-            });
-            if with_stats {
-                b["min"] = json!(w.stats.min);
-                b["max"] = json!(w.stats.max);
-                b["avg"] = json!(w.stats.avg());
-                b["sum"] = json!(w.stats.sum);
-            }
-            b
+        .map(|w| WindowOut {
+            start: format_ms(w.start_ms),
+            start_ms: w.start_ms,
+            count: w.stats.count,
+            stats: with_stats.then(|| StatsOut {
+                min: w.stats.min,
+                max: w.stats.max,
+                avg: w.stats.avg(),
+                sum: w.stats.sum,
+            }),
         })
         .collect();
-    Ok(Json(json!({
-        "device_id": device,
-        "window_ms": window_ms,
-        "buckets": buckets,
-    })))
+    Ok(Json(DeviceAggregateOut {
+        device_id: device,
+        window_ms,
+        buckets,
+    }))
+}
+
+// Typed answers: a day of 1-minute windows is 1,440 buckets, and building them as
+// `serde_json::Value` maps cost more than reading the rollups.
+
+#[derive(Serialize)]
+pub struct DeviceAggregateOut {
+    device_id: Uuid,
+    window_ms: i64,
+    buckets: Vec<WindowOut>,
+}
+
+#[derive(Serialize)]
+struct WindowOut {
+    start: String,
+    start_ms: i64,
+    count: u64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    stats: Option<StatsOut>,
+}
+
+#[derive(Serialize)]
+struct StatsOut {
+    min: f64,
+    max: f64,
+    avg: f64,
+    sum: f64,
+}
+
+#[derive(Serialize)]
+pub struct GroupedAggregateOut {
+    window_ms: i64,
+    buckets: Vec<GroupOut>,
+}
+
+#[derive(Serialize)]
+struct GroupOut {
+    start: String,
+    start_ms: i64,
+    group: String,
+    count: u64,
 }
 
 /// `GET /v1/aggregates`
@@ -220,7 +259,7 @@ pub async fn grouped_aggregates(
     State(state): State<AppState>,
     caller: Caller,
     params: Params,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<GroupedAggregateOut>, ApiError> {
     let user = caller.user()?;
     let range = required_range(&params)?;
     let window_ms = window(&params, range)?;
@@ -248,18 +287,16 @@ pub async fn grouped_aggregates(
         kind,
     )
     .await?;
-    let buckets: Vec<Value> = counts
-        .iter()
-        .map(|c| {
-            json!({
-                "start": format_ms(c.start_ms),
-                "start_ms": c.start_ms,
-                "group": c.group,
-                "count": c.count,
-            })
+    let buckets = counts
+        .into_iter()
+        .map(|c| GroupOut {
+            start: format_ms(c.start_ms),
+            start_ms: c.start_ms,
+            group: c.group,
+            count: c.count,
         })
         .collect();
-    Ok(Json(json!({ "window_ms": window_ms, "buckets": buckets })))
+    Ok(Json(GroupedAggregateOut { window_ms, buckets }))
 }
 
 /// `GET /v1/devices/{id}/live`

@@ -55,8 +55,21 @@ struct Inner {
     // read-modify-write of rollups, never across an await or an fsync: two flushes
     // carrying the same id must not both see it absent, nor both update a rollup
     // from the same old value.
-    dedup: std::sync::Mutex<()>,
+    dedup: std::sync::Mutex<WriteState>,
 }
+
+/// State kept between writes, under the write mutex.
+#[derive(Default)]
+struct WriteState {
+    /// The latest value of recently written rollup rows: most flushes touch the
+    /// minutes the previous flush touched, and reading them back from the engine would
+    /// cost a memtable search each. Values are exactly what was written, so the cache
+    /// is never stale; it is dropped whole when it reaches its bound.
+    rollups: HashMap<Vec<u8>, Summary>,
+}
+
+/// Rollup rows kept in [`WriteState::rollups`], at most.
+const ROLLUP_CACHE_ROWS: usize = 100_000;
 
 /// The part of an event that is not in its key.
 #[derive(Serialize, Deserialize)]
@@ -116,7 +129,7 @@ impl EmbeddedStore {
                 ids,
                 rollups,
                 bucket_len_ms,
-                dedup: std::sync::Mutex::new(()),
+                dedup: std::sync::Mutex::new(WriteState::default()),
             }),
         })
     }
@@ -139,7 +152,7 @@ impl Inner {
         let mut counts = Vec::with_capacity(partitions.len());
         let mut batch = self.db.batch();
         {
-            let _guard = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
             let mut in_flush = HashSet::new();
             // Keyed by borrowed parts; the byte keys are built once per rollup row.
             let mut rollups: HashMap<(UserId, DeviceId, &str, i64, &str), Summary> = HashMap::new();
@@ -147,7 +160,12 @@ impl Inner {
                 let mut new = 0;
                 for r in &p.records {
                     let id_key = id_key(r.device_id, r.event.id);
-                    if !in_flush.insert(id_key) || self.ids.contains_key(id_key).map_err(engine)? {
+                    // A server-assigned id is new by construction; only ids a device
+                    // chose can repeat.
+                    let seen = !r.event.id_assigned
+                        && (!in_flush.insert(id_key)
+                            || self.ids.contains_key(id_key).map_err(engine)?);
+                    if seen {
                         continue;
                     }
                     let e = &r.event;
@@ -169,17 +187,30 @@ impl Inner {
                 }
                 counts.push(new);
             }
+            if state.rollups.len() + rollups.len() > ROLLUP_CACHE_ROWS {
+                state.rollups.clear();
+            }
+            let mut merged = Vec::with_capacity(rollups.len());
             for ((user, device, metric, minute, kind), mut summary) in rollups {
                 let key = rollup_key(rollup_prefix(user, device, metric), minute, kind);
-                if let Some(old) = self.rollups.get(&key).map_err(engine)? {
-                    let old: Summary = postcard::from_bytes(&old).map_err(corrupt)?;
+                let old = match state.rollups.get(&key) {
+                    Some(cached) => Some(*cached),
+                    None => match self.rollups.get(&key).map_err(engine)? {
+                        Some(bytes) => Some(postcard::from_bytes(&bytes).map_err(corrupt)?),
+                        None => None,
+                    },
+                };
+                if let Some(old) = old {
                     summary.merge(&old);
                 }
                 let value = postcard::to_allocvec(&summary)
                     .map_err(|e| StoreError::Invalid(e.to_string()))?;
-                batch.insert(&self.rollups, key, value);
+                batch.insert(&self.rollups, key.clone(), value);
+                merged.push((key, summary));
             }
             batch.commit().map_err(engine)?;
+            // Only what was committed enters the cache.
+            state.rollups.extend(merged);
         }
         // Group commit: one fsync for the whole flush, outside the lock so that a
         // concurrent flush can append meanwhile and share the next sync.
@@ -223,6 +254,7 @@ impl Inner {
             let (ts_ms, id) = decode_key_tail(&key)?;
             out.push(Event {
                 id,
+                id_assigned: false,
                 ts_ms,
                 kind: v.kind.to_owned(),
                 metrics: v.metrics.iter().map(|&(k, x)| (k.to_owned(), x)).collect(),
@@ -377,10 +409,16 @@ fn decode_key_tail(key: &[u8]) -> Result<(i64, Uuid), StoreError> {
     Ok((ts, id))
 }
 
+/// The duplicate index key: the event id's bytes reversed, then the device. Order does
+/// not matter here, so the key starts with the id's random tail (v4 and v7 alike):
+/// memtable comparisons then settle on the first bytes instead of running a long
+/// memcmp over a shared prefix.
 fn id_key(device: DeviceId, id: Uuid) -> [u8; 32] {
     let mut k = [0u8; 32];
-    k[..16].copy_from_slice(device.as_bytes());
-    k[16..].copy_from_slice(id.as_bytes());
+    for (dst, src) in k[..16].iter_mut().zip(id.as_bytes().iter().rev()) {
+        *dst = *src;
+    }
+    k[16..].copy_from_slice(device.as_bytes());
     k
 }
 

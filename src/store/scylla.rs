@@ -773,6 +773,7 @@ impl Inner {
             .take(q.limit)
             .map_ok(|r| Event {
                 id: r.event_id,
+                id_assigned: false,
                 ts_ms: r.ts.0,
                 kind: r.kind,
                 metrics: r.metrics.unwrap_or_default().into_iter().collect(),
@@ -1255,6 +1256,7 @@ mod tests {
             received_ms: 1_800_000_000_500,
             event: Event {
                 id: Uuid::from_u128(2),
+                id_assigned: false,
                 ts_ms: 1_800_000_000_000,
                 kind: "telemetry".into(),
                 metrics: vec![("battery".into(), 0.9), ("temp".into(), 21.5)],
