@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod mysql;
 pub mod secrets;
+mod sql;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -5,33 +5,15 @@
 //! user id comes from the insert's `LAST_INSERT_ID()` and a delete reads the token hash
 //! under a row lock first, in one transaction.
 
-use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use sqlx::SqlSafeStr;
-use uuid::Uuid;
 
+use super::sql::{self, shared_queries};
 use super::{Device, Registry, RegistryError, User};
 use crate::model::{DeviceId, UserId};
-
-/// The migrations, embedded so the binary needs no files beside it.
-fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("registry"),
-        MigrationType::Simple,
-        include_str!("../../migrations/mysql/0001_registry.sql").into_sql_str(),
-        false,
-    )])
-}
-
-type DeviceRow = (String, i64, String, String, i64);
-
-const DEVICE_COLUMNS: &str = "id, user_id, name, type, created_at_ms";
 
 /// How long a request waits for a pooled connection. Short on purpose: while the
 /// database is down, registry writes should answer 503 quickly, and cached
@@ -77,7 +59,7 @@ impl MySqlRegistry {
     ///
     /// Fails if a migration fails or the database has migrations this binary lacks.
     pub async fn migrate(&self) -> Result<(), RegistryError> {
-        migrator()
+        sql::migrator(include_str!("../../migrations/mysql/0001_registry.sql"))
             .run(&self.pool)
             .await
             .map_err(|e| RegistryError::Unavailable(format!("migration failed: {e}")))
@@ -89,16 +71,7 @@ impl MySqlRegistry {
     }
 }
 
-fn device_of(row: DeviceRow) -> Result<Device, RegistryError> {
-    let (id, user_id, name, kind, created_at_ms) = row;
-    Ok(Device {
-        id: Uuid::parse_str(&id).map_err(|e| RegistryError::Corrupt(e.to_string()))?,
-        user_id,
-        name,
-        kind,
-        created_at_ms,
-    })
-}
+shared_queries!(MySqlRegistry);
 
 #[async_trait]
 impl Registry for MySqlRegistry {
@@ -133,11 +106,7 @@ impl Registry for MySqlRegistry {
     }
 
     async fn user_by_key(&self, key_hash: &str) -> Result<Option<UserId>, RegistryError> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM users WHERE api_key_hash = ?")
-            .bind(key_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| r.0))
+        self.find_user_by_key(key_hash).await
     }
 
     async fn create_device(
@@ -148,55 +117,21 @@ impl Registry for MySqlRegistry {
         token_hash: &str,
         now_ms: i64,
     ) -> Result<Device, RegistryError> {
-        let id = Uuid::new_v4();
-        sqlx::query(
-            "INSERT INTO devices (id, user_id, name, type, token_hash, created_at_ms) \
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(id.to_string())
-        .bind(user)
-        .bind(name)
-        .bind(kind)
-        .bind(token_hash)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(Device {
-            id,
-            user_id: user,
-            name: name.to_owned(),
-            kind: kind.to_owned(),
-            created_at_ms: now_ms,
-        })
+        self.insert_device(user, name, kind, token_hash, now_ms)
+            .await
     }
 
     async fn device_by_token(&self, token_hash: &str) -> Result<Option<Device>, RegistryError> {
-        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE token_hash = ?");
-        let row: Option<DeviceRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(token_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(device_of).transpose()
+        self.find_device_by("token_hash", token_hash.to_owned())
+            .await
     }
 
     async fn device(&self, id: DeviceId) -> Result<Option<Device>, RegistryError> {
-        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?");
-        let row: Option<DeviceRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(device_of).transpose()
+        self.find_device_by("id", id.to_string()).await
     }
 
     async fn devices(&self, user: UserId) -> Result<Vec<Device>, RegistryError> {
-        let sql = format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE user_id = ? ORDER BY created_at_ms, id"
-        );
-        let rows: Vec<DeviceRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(user)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter().map(device_of).collect()
+        self.list_devices(user).await
     }
 
     async fn delete_device(
@@ -225,7 +160,6 @@ impl Registry for MySqlRegistry {
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.ping_pool().await
     }
 }

@@ -1,34 +1,16 @@
 //! The embedded registry: SQLite through sqlx.
 
-use std::borrow::Cow;
 use std::path::Path;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::SqlSafeStr;
-use uuid::Uuid;
 
+use super::sql::{self, shared_queries};
 use super::{Device, Registry, RegistryError, User};
 use crate::model::{DeviceId, UserId};
-
-/// The migrations, embedded so the binary needs no files beside it.
-fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("registry"),
-        MigrationType::Simple,
-        include_str!("../../migrations/sqlite/0001_registry.sql").into_sql_str(),
-        false,
-    )])
-}
-
-type DeviceRow = (String, i64, String, String, i64);
-
-const DEVICE_COLUMNS: &str = "id, user_id, name, type, created_at_ms";
 
 pub struct SqliteRegistry {
     pool: SqlitePool,
@@ -65,23 +47,14 @@ impl SqliteRegistry {
     ///
     /// Fails if a migration fails or the database has migrations this binary lacks.
     pub async fn migrate(&self) -> Result<(), RegistryError> {
-        migrator()
+        sql::migrator(include_str!("../../migrations/sqlite/0001_registry.sql"))
             .run(&self.pool)
             .await
             .map_err(|e| RegistryError::Unavailable(format!("migration failed: {e}")))
     }
 }
 
-fn device_of(row: DeviceRow) -> Result<Device, RegistryError> {
-    let (id, user_id, name, kind, created_at_ms) = row;
-    Ok(Device {
-        id: Uuid::parse_str(&id).map_err(|e| RegistryError::Corrupt(e.to_string()))?,
-        user_id,
-        name,
-        kind,
-        created_at_ms,
-    })
-}
+shared_queries!(SqliteRegistry);
 
 #[async_trait]
 impl Registry for SqliteRegistry {
@@ -115,11 +88,7 @@ impl Registry for SqliteRegistry {
     }
 
     async fn user_by_key(&self, key_hash: &str) -> Result<Option<UserId>, RegistryError> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM users WHERE api_key_hash = ?")
-            .bind(key_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| r.0))
+        self.find_user_by_key(key_hash).await
     }
 
     async fn create_device(
@@ -130,55 +99,21 @@ impl Registry for SqliteRegistry {
         token_hash: &str,
         now_ms: i64,
     ) -> Result<Device, RegistryError> {
-        let id = Uuid::new_v4();
-        sqlx::query(
-            "INSERT INTO devices (id, user_id, name, type, token_hash, created_at_ms) \
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(id.to_string())
-        .bind(user)
-        .bind(name)
-        .bind(kind)
-        .bind(token_hash)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(Device {
-            id,
-            user_id: user,
-            name: name.to_owned(),
-            kind: kind.to_owned(),
-            created_at_ms: now_ms,
-        })
+        self.insert_device(user, name, kind, token_hash, now_ms)
+            .await
     }
 
     async fn device_by_token(&self, token_hash: &str) -> Result<Option<Device>, RegistryError> {
-        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE token_hash = ?");
-        let row: Option<DeviceRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(token_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(device_of).transpose()
+        self.find_device_by("token_hash", token_hash.to_owned())
+            .await
     }
 
     async fn device(&self, id: DeviceId) -> Result<Option<Device>, RegistryError> {
-        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?");
-        let row: Option<DeviceRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(device_of).transpose()
+        self.find_device_by("id", id.to_string()).await
     }
 
     async fn devices(&self, user: UserId) -> Result<Vec<Device>, RegistryError> {
-        let sql = format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE user_id = ? ORDER BY created_at_ms, id"
-        );
-        let rows: Vec<DeviceRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(user)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter().map(device_of).collect()
+        self.list_devices(user).await
     }
 
     async fn delete_device(
@@ -196,7 +131,6 @@ impl Registry for SqliteRegistry {
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.ping_pool().await
     }
 }

@@ -1,0 +1,130 @@
+//! What the two SQL registries (SQLite and MySQL) share: the device row, its decoding,
+//! the embedded migrations, and the queries whose text is the same on both engines.
+//!
+//! The queries come as a macro because sqlx's executor traits are per driver: the
+//! macro writes the same bodies once against each registry's own pool. Only what
+//! differs (how an insert returns its id, how a delete returns the deleted hash) is
+//! written in `sqlite.rs` and `mysql.rs`.
+
+use std::borrow::Cow;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::SqlSafeStr;
+use uuid::Uuid;
+
+use super::{Device, RegistryError};
+
+/// `id, user_id, name, type, created_at_ms`.
+pub(super) type DeviceRow = (String, i64, String, String, i64);
+
+pub(super) const DEVICE_COLUMNS: &str = "id, user_id, name, type, created_at_ms";
+
+pub(super) fn device_of(row: DeviceRow) -> Result<Device, RegistryError> {
+    let (id, user_id, name, kind, created_at_ms) = row;
+    Ok(Device {
+        id: Uuid::parse_str(&id).map_err(|e| RegistryError::Corrupt(e.to_string()))?,
+        user_id,
+        name,
+        kind,
+        created_at_ms,
+    })
+}
+
+/// The migrations, embedded so the binary needs no files beside it.
+pub(super) fn migrator(registry_sql: &'static str) -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        Cow::Borrowed("registry"),
+        MigrationType::Simple,
+        registry_sql.into_sql_str(),
+        false,
+    )])
+}
+
+/// Inherent methods, on a registry type with a `pool` field, for the queries that
+/// are the same on every SQL engine. The trait impls call them.
+macro_rules! shared_queries {
+    ($registry:ty) => {
+        impl $registry {
+            async fn find_user_by_key(
+                &self,
+                key_hash: &str,
+            ) -> Result<Option<$crate::model::UserId>, $crate::registry::RegistryError> {
+                let row: Option<(i64,)> =
+                    sqlx::query_as("SELECT id FROM users WHERE api_key_hash = ?")
+                        .bind(key_hash)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                Ok(row.map(|r| r.0))
+            }
+
+            async fn insert_device(
+                &self,
+                user: $crate::model::UserId,
+                name: &str,
+                kind: &str,
+                token_hash: &str,
+                now_ms: i64,
+            ) -> Result<$crate::registry::Device, $crate::registry::RegistryError> {
+                let id = uuid::Uuid::new_v4();
+                sqlx::query(
+                    "INSERT INTO devices (id, user_id, name, type, token_hash, created_at_ms) \
+                     VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(id.to_string())
+                .bind(user)
+                .bind(name)
+                .bind(kind)
+                .bind(token_hash)
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await?;
+                Ok($crate::registry::Device {
+                    id,
+                    user_id: user,
+                    name: name.to_owned(),
+                    kind: kind.to_owned(),
+                    created_at_ms: now_ms,
+                })
+            }
+
+            /// One device by a column (`token_hash` or `id`).
+            async fn find_device_by(
+                &self,
+                column: &'static str,
+                value: String,
+            ) -> Result<Option<$crate::registry::Device>, $crate::registry::RegistryError> {
+                use $crate::registry::sql::{device_of, DeviceRow, DEVICE_COLUMNS};
+                let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE {column} = ?");
+                let row: Option<DeviceRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(value)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(device_of).transpose()
+            }
+
+            async fn list_devices(
+                &self,
+                user: $crate::model::UserId,
+            ) -> Result<Vec<$crate::registry::Device>, $crate::registry::RegistryError> {
+                use $crate::registry::sql::{device_of, DeviceRow, DEVICE_COLUMNS};
+                let sql = format!(
+                    "SELECT {DEVICE_COLUMNS} FROM devices WHERE user_id = ? \
+                     ORDER BY created_at_ms, id"
+                );
+                let rows: Vec<DeviceRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(user)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(device_of).collect()
+            }
+
+            async fn ping_pool(&self) -> Result<(), $crate::registry::RegistryError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+pub(super) use shared_queries;
