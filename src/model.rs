@@ -67,6 +67,26 @@ pub fn bucket_start(ts_ms: i64, len_ms: i64) -> i64 {
     ts_ms.div_euclid(len_ms) * len_ms
 }
 
+/// An id for an event that came without one: a UUIDv7 whose time field is the event's
+/// own `ts`, with 74 random bits. Embedding the `ts` lets a store find the event from
+/// its id alone (see [`assigned_id_ts`]), so it needs no duplicate-index entry for it.
+pub fn assigned_id(ts_ms: i64) -> Uuid {
+    let random: [u8; 10] = rand::random();
+    uuid::Builder::from_unix_timestamp_millis(ts_ms.max(0) as u64, &random).into_uuid()
+}
+
+/// The `ts` an id from [`assigned_id`] was made for: the time field of a UUIDv7.
+/// `None` for other versions.
+pub fn assigned_id_ts(id: Uuid) -> Option<i64> {
+    if id.get_version_num() != 7 {
+        return None;
+    }
+    let b = id.as_bytes();
+    Some(i64::from_be_bytes([
+        0, 0, b[0], b[1], b[2], b[3], b[4], b[5],
+    ]))
+}
+
 /// Now, in ms since the Unix epoch.
 pub fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
@@ -128,6 +148,15 @@ mod tests {
         let b = parse_rfc3339_ms("2026-11-21T10:00:00.123Z").unwrap();
         assert_eq!(a, b);
         assert_eq!(parse_rfc3339_ms("2026-11-21T11:00:00.123+01:00"), Some(b));
+    }
+
+    #[test]
+    fn assigned_ids_carry_the_event_ts() {
+        let ts = 1_795_000_000_123;
+        let a = assigned_id(ts);
+        assert_eq!(assigned_id_ts(a), Some(ts));
+        assert_ne!(a, assigned_id(ts));
+        assert_eq!(assigned_id_ts(Uuid::new_v4()), None);
     }
 
     #[test]

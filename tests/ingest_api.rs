@@ -195,6 +195,47 @@ async fn duplicates_are_stored_once_but_accepted_counts_them() {
 }
 
 #[tokio::test]
+async fn a_server_assigned_id_sent_back_is_a_duplicate_too() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("ann").await;
+    let (dev, token) = t.device(&key, "d").await;
+    let ts = now_ms() - 60_000;
+    let (status, _) = t
+        .ingest(&token, json!({"type": "t", "ts": ts, "metrics": {"v": 1}}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let events = t.all_events(&key, &dev).await;
+    let id = events[0]["id"].as_str().unwrap().to_owned();
+    // The device learns the id from a listing and sends the event again, once as it
+    // was and once with another ts: both are the stored event.
+    for resend_ts in [ts, ts + 1234] {
+        let body = json!({"id": id, "type": "t", "ts": resend_ts, "metrics": {"v": 1}});
+        assert_eq!(t.ingest(&token, body).await.0, StatusCode::OK);
+    }
+    let events = t.all_events(&key, &dev).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let (_, live) = t.get(&format!("/v1/devices/{dev}/live"), &key).await;
+    assert_eq!(live["events_total"], 1);
+    let (_, agg) = t
+        .get(
+            &format!(
+                "/v1/devices/{dev}/aggregates?from={}&to={}&window=1h",
+                ts - 3_600_000,
+                ts + 3_600_000
+            ),
+            &key,
+        )
+        .await;
+    let total: u64 = agg["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 1);
+}
+
+#[tokio::test]
 async fn gateway_mode_writes_for_the_users_own_devices_only() {
     let t = TestServer::start().await;
     let (_, ann) = t.user("ann").await;

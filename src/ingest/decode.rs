@@ -225,13 +225,6 @@ impl RawEvent {
                 "must be 1 to 64 characters from A-Z a-z 0-9 _ . : -",
             ));
         }
-        let (id, id_assigned) = match self.id {
-            None => (Uuid::now_v7(), true),
-            Some(s) => (
-                Uuid::parse_str(&s).map_err(|_| bad("id", "must be a UUID"))?,
-                false,
-            ),
-        };
         let ts_ms = match self.ts {
             None => now_ms,
             Some(RawTs::Ms(ms)) => ms,
@@ -244,6 +237,13 @@ impl RawEvent {
         if ts_ms < model::MIN_TS_MS {
             return Err(bad("ts", "is before 2000-01-01T00:00:00Z"));
         }
+        let (id, id_assigned) = match self.id {
+            None => (model::assigned_id(ts_ms), true),
+            Some(s) => (
+                Uuid::parse_str(&s).map_err(|_| bad("id", "must be a UUID"))?,
+                false,
+            ),
+        };
         let metrics = self.metrics.map(|m| m.0).unwrap_or_default();
         check_names(index, "metrics", metrics.iter().map(|(k, _)| k.as_str()))?;
         let attrs = self.attrs.map(|m| m.0).unwrap_or_default();

@@ -9,9 +9,10 @@
 //! - `events`: key = user (8) | device (16) | bucket (8) | ts (8) | event id (16), all
 //!   big-endian with the sign bit flipped so byte order is numeric order; value = the
 //!   rest of the event, in postcard.
-//! - `ids`: key = device (16) | event id (16), value = ts (8). The duplicate index:
-//!   the contract makes an id a duplicate whatever its `ts`, so the `events` key alone
-//!   cannot detect it.
+//! - `ids`: key = event id reversed (16) | device (16), value = ts (8). The duplicate
+//!   index for ids devices chose: the contract makes an id a duplicate whatever its
+//!   `ts`, so the `events` key alone cannot detect it. Ids the server assigned carry
+//!   their `ts` (`model::assigned_id`), so their `events` key is the index.
 //! - `rollups`: key = user (8) | device (16) | metric length (1) | metric | minute (8)
 //!   | type, value = [`Summary`] of the minute's new events. Metric "" counts all
 //!   events. Maintained in the same atomic batch as the events, so a 24-hour,
@@ -31,7 +32,7 @@ use super::{
     EventStore, ListQuery, Point, PointQuery, Position, Rollup, RollupQuery, StoreError, Summary,
     ROLLUP_MS,
 };
-use crate::model::{bucket_start, DeviceId, Event, UserId};
+use crate::model::{assigned_id_ts, bucket_start, DeviceId, Event, Record, UserId};
 use crate::pipeline::batcher::PartitionBatch;
 
 const KEY_LEN: usize = 8 + 16 + 8 + 8 + 16;
@@ -159,18 +160,19 @@ impl Inner {
             for p in partitions {
                 let mut new = 0;
                 for r in &p.records {
-                    let id_key = id_key(r.device_id, r.event.id);
-                    // A server-assigned id is new by construction; only ids a device
-                    // chose can repeat.
-                    let seen = !r.event.id_assigned
-                        && (!in_flush.insert(id_key)
-                            || self.ids.contains_key(id_key).map_err(engine)?);
-                    if seen {
-                        continue;
-                    }
                     let e = &r.event;
+                    // A server-assigned id is new by construction and needs no index
+                    // entry: its ts is in the id (`model::assigned_id`). Only ids a
+                    // device chose can repeat; such an id is a duplicate if the index
+                    // has it, or if it is an assigned id read back and sent again.
+                    if !e.id_assigned {
+                        let id_key = id_key(r.device_id, e.id);
+                        if !in_flush.insert(id_key) || self.known_id(r, id_key)? {
+                            continue;
+                        }
+                        batch.insert(&self.ids, id_key, ordered(e.ts_ms));
+                    }
                     let key = event_key(r.user_id, r.device_id, self.bucket_len_ms, e.ts_ms, e.id);
-                    batch.insert(&self.ids, id_key, ordered(e.ts_ms));
                     batch.insert(&self.events, key, encode_value(e, r.received_ms)?);
                     let minute = bucket_start(e.ts_ms, ROLLUP_MS);
                     rollups
@@ -216,6 +218,20 @@ impl Inner {
         // concurrent flush can append meanwhile and share the next sync.
         self.db.persist(PersistMode::SyncAll).map_err(engine)?;
         Ok(counts)
+    }
+
+    /// Is this device-chosen id already stored?
+    fn known_id(&self, r: &Record, id_key: [u8; 32]) -> Result<bool, StoreError> {
+        if self.ids.contains_key(id_key).map_err(engine)? {
+            return Ok(true);
+        }
+        match assigned_id_ts(r.event.id) {
+            Some(ts) => {
+                let key = event_key(r.user_id, r.device_id, self.bucket_len_ms, ts, r.event.id);
+                self.events.contains_key(key).map_err(engine)
+            }
+            None => Ok(false),
+        }
     }
 
     fn list(&self, q: &ListQuery) -> Result<Vec<Event>, StoreError> {
