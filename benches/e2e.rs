@@ -28,10 +28,11 @@ const ADMIN: &str = "ipa_bench-admin-token-0123456789abcdef";
 const BATCH: usize = 1_000;
 const DAY: i64 = 86_400;
 
+/// An event as the HTTP phase sends it: no `id`, so the server assigns one.
 fn event(i: usize, ts_ms: i64) -> Event {
     Event {
-        id: Uuid::new_v4(),
-        id_assigned: false,
+        id: iotpipe::model::assigned_id(ts_ms),
+        id_assigned: true,
         ts_ms,
         kind: "telemetry".into(),
         metrics: vec![
@@ -42,7 +43,8 @@ fn event(i: usize, ts_ms: i64) -> Event {
     }
 }
 
-/// The store's own rate: flushes of 5 x 1,000 events written directly, each durable.
+/// The store's own rate: flushes of 5 x 1,000 events written directly, each durable,
+/// shaped like the HTTP phase's events (server-assigned ids, a spread of timestamps).
 async fn raw_store_rate(secs: f64) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let store = EmbeddedStore::open(dir.path(), 3_600_000)?;
