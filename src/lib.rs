@@ -13,14 +13,16 @@
 //!   age; the [`pipeline::writer`] writes each flush durably and only then acknowledges
 //!   the sources.
 //! - [`store`]: where events are written and read back, behind the [`store::EventStore`]
-//!   trait (the embedded engine is [`store::embedded`]).
+//!   trait: [`store::embedded`] (fjall, the default) and [`store::scylla`].
 //! - [`query`]: where events are read: windowed aggregates and event listings, computed
 //!   above the store trait so that every backend shares them.
 //!
 //! Beside the data path:
 //!
-//! - [`registry`]: users, devices and their hashed secrets, behind [`registry::Registry`].
-//! - [`live`]: live counters and rate limits, behind [`live::Live`].
+//! - [`registry`]: users, devices and their hashed secrets, behind [`registry::Registry`]
+//!   ([`registry::sqlite`] by default, [`registry::mysql`]).
+//! - [`live`]: live counters and rate limits, behind [`live::Live`] ([`live::local`] by
+//!   default, [`live::redis`]).
 //! - [`api`]: the HTTP router, authentication and error mapping.
 //! - [`config`], [`topology`] (wiring, start-up and ordered shutdown), [`telemetry`]
 //!   (Prometheus series) and [`model`] (shared types and time rules).
