@@ -2,7 +2,7 @@
 //!
 //! The batcher is plain data with no I/O and no clock of its own: the caller passes
 //! the time in. That keeps it easy to property-test; the async loop that drives it is
-//! in [`super::run_batcher`].
+//! in `pipeline::run_batcher`.
 //!
 //! Design: a submission (one HTTP request, one MQTT message) is never split across
 //! flushes. The whole submission lands in one store write, so a request is stored
