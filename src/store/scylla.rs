@@ -928,25 +928,29 @@ fn exec_error(e: ExecutionError) -> StoreError {
         ExecutionError::BadQuery(_) => true,
         ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => db_error(db),
         ExecutionError::LastAttemptError(RequestAttemptError::SerializationError(_)) => true,
-        ExecutionError::PrepareError(p) => {
-            matches!(prepare_error(p.clone()), StoreError::Invalid(_))
-        }
+        ExecutionError::PrepareError(p) => prepare_is_invalid(p),
         _ => false,
     };
-    if invalid {
-        StoreError::Invalid(e.to_string())
-    } else {
-        StoreError::Unavailable(e.to_string())
-    }
+    classify(invalid, e)
 }
 
 fn prepare_error(e: PrepareError) -> StoreError {
-    let invalid = match &e {
-        PrepareError::AllAttemptsFailed { first_attempt } => {
-            matches!(first_attempt, RequestAttemptError::DbError(db, _) if db_error(db))
-        }
-        _ => false,
-    };
+    classify(prepare_is_invalid(&e), e)
+}
+
+/// A statement the server refused to prepare is invalid; anything else may pass on
+/// a retry.
+fn prepare_is_invalid(e: &PrepareError) -> bool {
+    matches!(
+        e,
+        PrepareError::AllAttemptsFailed {
+            first_attempt: RequestAttemptError::DbError(db, _)
+        } if db_error(db)
+    )
+}
+
+/// Invalid requests are never retried; everything else is.
+fn classify(invalid: bool, e: impl std::fmt::Display) -> StoreError {
     if invalid {
         StoreError::Invalid(e.to_string())
     } else {
