@@ -16,6 +16,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::decode::{self, DecodeError, DecodeOptions, Format};
+use super::{count_rejected, Rejection};
 use crate::api::auth::authenticate;
 use crate::api::error::ApiError;
 use crate::api::{body_error, AppState};
@@ -44,19 +45,13 @@ struct Rejector<'a> {
 
 impl Rejector<'_> {
     async fn reject(&self, error: ApiError, reason: Reason, events: usize) -> ApiError {
-        self.state
-            .telemetry
-            .rejected(Source::Http, reason, events as u64);
-        if let Some((user, device)) = self.device {
-            let message = match &error {
-                ApiError::Invalid { message, .. } => message.clone(),
-                other => format!("{} ({})", reason.as_str(), other.status()),
-            };
-            self.state
-                .live
-                .record_rejected(user, device, events as u64, &message)
-                .await;
-        }
+        let message = match &error {
+            ApiError::Invalid { message, .. } => message.clone(),
+            other => format!("{} ({})", reason.as_str(), other.status()),
+        };
+        let r = Rejection::new(reason, events as u64, message);
+        let live = self.state.live.as_ref();
+        count_rejected(&self.state.telemetry, live, Source::Http, self.device, &r).await;
         error
     }
 }

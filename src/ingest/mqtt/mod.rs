@@ -36,6 +36,7 @@ use tokio::time::{sleep, Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::decode::{self, DecodeError, DecodeOptions, Format};
+pub(crate) use super::Rejection;
 use crate::live::SharedLive;
 use crate::model::{now_ms, DeviceId, Record, UserId};
 use crate::pipeline::{AckError, Pipeline, SubmitError};
@@ -93,34 +94,10 @@ pub(crate) enum Outcome {
 
 pub(crate) type Pending = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
-/// A refusal, for the counters.
-#[derive(Debug)]
-pub(crate) struct Rejection {
-    pub(crate) reason: Reason,
-    pub(crate) events: u64,
-    pub(crate) message: String,
-}
-
-impl Rejection {
-    pub(crate) fn new(reason: Reason, events: u64, message: impl Into<String>) -> Self {
-        Self {
-            reason,
-            events,
-            message: message.into(),
-        }
-    }
-}
-
 impl MqttContext {
-    /// Counts a refusal in `/metrics` and, where the device is known, in its live
-    /// `rejected_total` and `last_error`.
+    /// Counts a refusal; see [`super::count_rejected`].
     pub(crate) async fn reject(&self, device: Option<(UserId, DeviceId)>, r: &Rejection) {
-        self.telemetry.rejected(Source::Mqtt, r.reason, r.events);
-        if let Some((user, device)) = device {
-            self.live
-                .record_rejected(user, device, r.events, &r.message)
-                .await;
-        }
+        super::count_rejected(&self.telemetry, self.live.as_ref(), Source::Mqtt, device, r).await;
     }
 
     /// Decodes a payload into the device's records, with the same rules as HTTP with
