@@ -3,7 +3,8 @@
 //! on the same machine, with the same publishers.
 //!
 //! `cargo bench --bench mqtt_ingest` (needs `mosquitto` on the PATH). Environment:
-//! `MQTT_BENCH_MESSAGES` (default 200000), `MQTT_BENCH_PUBLISHERS` (default 4).
+//! `MQTT_BENCH_MESSAGES` (default 200000), `MQTT_BENCH_PUBLISHERS` (default 4),
+//! `MQTT_BENCH_ONLY=builtin` (only the built-in endpoint, e.g. under `perf`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -25,15 +26,20 @@ async fn main() -> anyhow::Result<()> {
     let per = messages / publishers;
     let total = per * publishers;
 
-    let broker = Mosquitto::start()?;
-    wait_port(broker.port).await?;
-    let baseline = mosquitto_pass_through(broker.port, publishers, per).await?;
-    drop(broker);
+    // `MQTT_BENCH_ONLY=builtin` skips the broker paths, e.g. to profile the endpoint.
+    let builtin_only = std::env::var("MQTT_BENCH_ONLY").is_ok_and(|v| v == "builtin");
+    let (mut baseline, mut external) = (f64::NAN, f64::NAN);
+    if !builtin_only {
+        let broker = Mosquitto::start()?;
+        wait_port(broker.port).await?;
+        baseline = mosquitto_pass_through(broker.port, publishers, per).await?;
+        drop(broker);
 
-    let broker = Mosquitto::start()?;
-    wait_port(broker.port).await?;
-    let external = external(broker.port, publishers, per).await?;
-    drop(broker);
+        let broker = Mosquitto::start()?;
+        wait_port(broker.port).await?;
+        external = self::external(broker.port, publishers, per).await?;
+        drop(broker);
+    }
 
     let dir = tempfile::tempdir()?;
     let mut config = Config {
