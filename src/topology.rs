@@ -290,6 +290,7 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
             connect_timeout: Duration::from_secs(config.mqtt.connect_timeout_secs),
         },
         shutdown: shutdown.clone(),
+        sessions: Default::default(),
     };
     let mut mqtt_tasks = Vec::new();
     if let Some(listener) = mqtt_listener {

@@ -125,6 +125,38 @@ async fn a_resent_event_with_an_id_is_stored_once() {
 }
 
 #[tokio::test]
+async fn a_reconnect_under_the_same_client_id_takes_over_the_old_connection() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let same = options(inst.mqtt(), &o.device, &o.token);
+    let mut old = Device::with_options(same.clone());
+    old.connected().await;
+    // Another client id of the same device is a separate session and stays.
+    let mut beside = connected(&inst, &o).await;
+
+    let mut new = Device::with_options(same);
+    new.connected().await;
+    let why = old.closed().await;
+    assert!(!why.is_empty());
+
+    // The new connection and the other one both carry on.
+    for (d, value) in [(&mut new, 1.0), (&mut beside, 2.0)] {
+        d.client
+            .publish(
+                topic(&o.device),
+                QoS::AtLeastOnce,
+                false,
+                event(&Uuid::new_v4(), value),
+            )
+            .await
+            .unwrap();
+        d.pubacks(1).await;
+    }
+    assert_eq!(inst.api.events(&o).await.len(), 2);
+    inst.server.stop().await;
+}
+
+#[tokio::test]
 async fn bad_credentials_are_refused_at_connect() {
     let inst = Instance::start().await;
     let o = inst.api.owner().await;

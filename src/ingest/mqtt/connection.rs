@@ -24,6 +24,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::sessions::Claim;
 use super::{topic, MqttContext, Outcome, Pending, Rejection};
 use crate::model::{DeviceId, UserId};
 use crate::telemetry::{Reason, Source};
@@ -54,11 +55,19 @@ pub(crate) async fn run(
         max_outgoing_size: PACKET_OVERHEAD,
     };
     let mut framed = Framed::with_capacity(stream, codec, READ_BUFFER);
-    let Some((user, device, keep_alive)) = login(&mut framed, &ctx, peer).await else {
+    let Some(Login {
+        user,
+        device,
+        keep_alive,
+        client_id,
+    }) = login(&mut framed, &ctx, peer).await
+    else {
         return;
     };
     ctx.telemetry.mqtt_connected();
+    let claim = ctx.sessions.claim(device, &client_id);
     let session = Session {
+        claim,
         cancel: ctx.shutdown.child_token(),
         ctx,
         user,
@@ -71,12 +80,16 @@ pub(crate) async fn run(
     session.serve(framed).await;
 }
 
-/// Reads CONNECT and answers it. Returns the device and its keepalive if accepted.
-async fn login(
-    framed: &mut Transport,
-    ctx: &MqttContext,
-    peer: SocketAddr,
-) -> Option<(UserId, DeviceId, Option<Duration>)> {
+/// An accepted CONNECT.
+struct Login {
+    user: UserId,
+    device: DeviceId,
+    keep_alive: Option<Duration>,
+    client_id: String,
+}
+
+/// Reads CONNECT and answers it.
+async fn login(framed: &mut Transport, ctx: &MqttContext, peer: SocketAddr) -> Option<Login> {
     let connect = match timeout(ctx.limits.connect_timeout, framed.next()).await {
         Ok(Some(Ok(Packet::Connect(c)))) => c,
         Ok(Some(Ok(Packet::Publish(_)))) => {
@@ -141,7 +154,12 @@ async fn login(
     let keep_alive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     tracing::debug!(%peer, %device, "MQTT device connected");
-    Some((user, device, keep_alive))
+    Some(Login {
+        user,
+        device,
+        keep_alive,
+        client_id: connect.client_id,
+    })
 }
 
 /// Tells the device why it is refused; the connection then closes.
@@ -161,6 +179,9 @@ fn reason_of(e: &PacketError) -> Reason {
 /// A logged-in connection.
 struct Session {
     ctx: MqttContext,
+    /// Its place among the open connections; a newer login of the same device and
+    /// client id cancels `claim.taken_over`.
+    claim: Claim,
     user: UserId,
     device: DeviceId,
     keep_alive: Option<Duration>,
@@ -204,6 +225,10 @@ impl Session {
                     }
                 }
                 _ = self.ctx.shutdown.cancelled(), if self.reading => {
+                    self.stop_reading();
+                }
+                _ = self.claim.taken_over.cancelled(), if self.reading => {
+                    // Taken over: stop reading, send the acks already due, close.
                     self.stop_reading();
                 }
                 _ = sleep_until(self.drain_deadline.unwrap_or_else(Instant::now)),

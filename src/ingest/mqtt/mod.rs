@@ -27,6 +27,7 @@
 pub mod connection;
 pub mod external;
 pub mod server;
+pub mod sessions;
 pub mod topic;
 
 use std::future::Future;
@@ -79,6 +80,8 @@ pub struct MqttContext {
     /// Cancelled when iotpipe stops: sources stop reading, and messages still waiting
     /// for the rate limiter are given up (not acknowledged).
     pub shutdown: CancellationToken,
+    /// The built-in endpoint's open connections, for client takeover.
+    pub sessions: sessions::Sessions,
 }
 
 /// How one message ended, in the order it was received.
