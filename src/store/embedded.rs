@@ -191,7 +191,7 @@ impl Inner {
                 }
                 counts.push(new);
             }
-            event_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            event_rows.sort_unstable_by_key(|row| row.0);
             for (key, value) in event_rows {
                 batch.insert(&self.events, key, value);
             }
