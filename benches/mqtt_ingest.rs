@@ -56,8 +56,9 @@ async fn main() -> anyhow::Result<()> {
     let mqtt = server.mqtt_addr.context("MQTT endpoint")?;
     let devices = devices(server.http_addr, publishers).await?;
 
-    let single = builtin(mqtt, &devices, per, 1).await?;
-    let ten = builtin(mqtt, &devices, per / 10, 10).await?;
+    let single = builtin(mqtt, &devices, per, 1, Ids::V4).await?;
+    let ten = builtin(mqtt, &devices, per / 10, 10, Ids::V4).await?;
+    let ten_v7 = builtin(mqtt, &devices, per / 10, 10, Ids::V7).await?;
     server.stop().await;
 
     println!("MQTT QoS 1, {publishers} publishers, {INFLIGHT} in flight each, ~100-byte events");
@@ -70,9 +71,14 @@ async fn main() -> anyhow::Result<()> {
         single
     );
     println!(
-        "  iotpipe built-in, 10 events/message:     {:>9.0} events/s ({:.0} msg/s)",
+        "  iotpipe built-in, 10 events/message:     {:>9.0} events/s ({:.0} msg/s), v4 ids",
         ten * 10.0,
         ten
+    );
+    println!(
+        "  iotpipe built-in, 10 events/message:     {:>9.0} events/s ({:.0} msg/s), v7 ids",
+        ten_v7 * 10.0,
+        ten_v7
     );
     println!(
         "  iotpipe external (pub→broker→iotpipe):   {:>9.0} msg/s, stored durably",
@@ -173,10 +179,23 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn payload(events: usize) -> Vec<u8> {
+/// Which ids the events carry.
+#[derive(Clone, Copy)]
+enum Ids {
+    /// Random (v4): the store's duplicate index gets an entry per event.
+    V4,
+    /// UUIDv7 whose time field is the event's `ts`: found from the id alone.
+    V7,
+}
+
+fn payload(events: usize, ids: Ids) -> Vec<u8> {
     let ts = iotpipe::model::now_ms();
     let one = |_| {
-        json!({"id": uuid::Uuid::new_v4().to_string(), "ts": ts, "type": "telemetry",
+        let id = match ids {
+            Ids::V4 => uuid::Uuid::new_v4(),
+            Ids::V7 => iotpipe::model::assigned_id(ts),
+        };
+        json!({"id": id.to_string(), "ts": ts, "type": "telemetry",
                "metrics": {"temperature": 21.5}})
     };
     if events == 1 {
@@ -281,7 +300,7 @@ async fn mosquitto_pass_through(port: u16, publishers: usize, per: usize) -> any
     });
     let jobs = (0..publishers)
         .map(|i| {
-            let payloads = (0..per).map(|_| payload(1)).collect();
+            let payloads = (0..per).map(|_| payload(1, Ids::V4)).collect();
             (
                 options(format!("bench-pub-{i}"), addr),
                 format!("bench/{i}/events"),
@@ -328,7 +347,7 @@ async fn external(port: u16, publishers: usize, per: usize) -> anyhow::Result<f6
         .iter()
         .enumerate()
         .map(|(i, (id, _))| {
-            let payloads = (0..per).map(|_| payload(1)).collect();
+            let payloads = (0..per).map(|_| payload(1, Ids::V4)).collect();
             (
                 options(format!("bench-ext-{i}"), addr),
                 format!("devices/{id}/events"),
@@ -362,13 +381,14 @@ async fn builtin(
     devices: &[(String, String)],
     per: usize,
     events: usize,
+    ids: Ids,
 ) -> anyhow::Result<f64> {
     let jobs = devices
         .iter()
         .map(|(id, token)| {
             let mut o = options(format!("bench-{}", &id[..8]), addr);
             o.set_credentials(id, token);
-            let payloads = (0..per).map(|_| payload(events)).collect();
+            let payloads = (0..per).map(|_| payload(events, ids)).collect();
             (o, format!("devices/{id}/events"), payloads)
         })
         .collect();

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use iotpipe::config::StoreConfig;
-use iotpipe::model::{Event, Record, MIN_TS_MS};
+use iotpipe::model::{assigned_id, Event, Record, MIN_TS_MS};
 use iotpipe::pipeline::batcher::{Batcher, PartitionBatch};
 use iotpipe::query::{device_aggregate, AggregateFilter, Range, Scope};
 use iotpipe::store::embedded::EmbeddedStore;
@@ -245,6 +245,36 @@ async fn store_behaves(store: &dyn EventStore) {
             (5 * HOUR, 2, 9.0)
         ]
     );
+
+    time_ids_are_duplicates_whatever_their_ts(store, user).await;
+}
+
+/// Device-chosen UUIDv7 ids carry a time; one whose time is the event's `ts` may be
+/// found through its event alone. Either way a repeat is a duplicate, whichever `ts`
+/// came first.
+async fn time_ids_are_duplicates_whatever_their_ts(store: &dyn EventStore, user: i64) {
+    let c = Uuid::new_v4();
+    let timed = |id: Uuid, ts_ms: i64| Event {
+        id,
+        ..event(0, ts_ms, "telemetry", &[("temp", 1.0)])
+    };
+    let (x, y) = (assigned_id(T0 + 10_000), assigned_id(T0 + 20_000));
+    let first = vec![timed(x, T0 + 10_000), timed(y, T0 + 30_000)];
+    assert_eq!(store.write(flush(user, c, first)).await.unwrap(), vec![2]);
+    let again = vec![
+        timed(x, T0 + 2 * HOUR),
+        timed(x, T0 + 10_000),
+        timed(y, T0 + 20_000),
+        timed(y, T0 + 30_000),
+    ];
+    let counts = store.write(flush(user, c, again)).await.unwrap();
+    assert_eq!(counts.iter().sum::<usize>(), 0, "{counts:?}");
+    let stored = store
+        .list(list(user, c, MIN_TS_MS, T0 + 24 * HOUR, 10))
+        .await
+        .unwrap();
+    let kept: Vec<(Uuid, i64)> = stored.iter().map(|e| (e.id, e.ts_ms - T0)).collect();
+    assert_eq!(kept, vec![(y, 30_000), (x, 10_000)]);
 }
 
 #[tokio::test]

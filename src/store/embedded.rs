@@ -12,7 +12,9 @@
 //! - `ids`: key = event id reversed (16) | device (16), value = ts (8). The duplicate
 //!   index for ids devices chose: the contract makes an id a duplicate whatever its
 //!   `ts`, so the `events` key alone cannot detect it. Ids the server assigned carry
-//!   their `ts` (`model::assigned_id`), so their `events` key is the index.
+//!   their `ts` (`model::assigned_id`), so their `events` key is the index; so do
+//!   device-chosen UUIDv7 ids whose time field is the event's `ts`, which therefore
+//!   cost no index entry (they are cheaper to ingest, see `docs/performance.md`).
 //! - `rollups`: key = user (8) | device (16) | metric length (1) | metric | minute (8)
 //!   | type, value = [`Summary`] of the minute's new events. Metric "" counts all
 //!   events. Maintained in the same atomic batch as the events, so a 24-hour,
@@ -171,7 +173,9 @@ impl Inner {
                         continue;
                     }
                     let e = &r.event;
-                    if !e.id_assigned {
+                    // A device-chosen UUIDv7 whose time field is the event's own ts is
+                    // found from its id alone, like an assigned one: no index entry.
+                    if !e.id_assigned && assigned_id_ts(e.id) != Some(e.ts_ms) {
                         id_rows.push((id_key(r.device_id, e.id), ordered(e.ts_ms)));
                     }
                     let key = event_key(r.user_id, r.device_id, self.bucket_len_ms, e.ts_ms, e.id);
