@@ -131,19 +131,23 @@ async fn idle_memory(n: usize) -> anyhow::Result<f64> {
     };
     let (http, mqtt) = (field("http=")?, field("mqtt=")?);
     let (id, token) = devices(http, 1).await?.remove(0);
-    let mut connect = rumqttc::Connect::new("idle");
-    connect.keep_alive = 0;
-    connect.set_login(&id, &token);
-    let mut bytes = bytes::BytesMut::new();
-    rumqttc::Packet::Connect(connect).write(&mut bytes, usize::MAX)?;
-    let connect = bytes.to_vec();
+    // One client id per connection: a second login under the same one would take over
+    // (close) the first.
+    let connect = |i: usize| -> anyhow::Result<Vec<u8>> {
+        let mut connect = rumqttc::Connect::new(format!("idle-{i}"));
+        connect.keep_alive = 0;
+        connect.set_login(&id, &token);
+        let mut bytes = bytes::BytesMut::new();
+        rumqttc::Packet::Connect(connect).write(&mut bytes, usize::MAX)?;
+        Ok(bytes.to_vec())
+    };
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss(pid)?;
     let mut streams = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
         let mut s = tokio::net::TcpStream::connect(mqtt).await?;
-        s.write_all(&connect).await?;
+        s.write_all(&connect(i)?).await?;
         let mut connack = [0u8; 4];
         s.read_exact(&mut connack).await?;
         if connack != [0x20, 2, 0, 0] {

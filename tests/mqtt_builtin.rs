@@ -330,7 +330,11 @@ async fn qos2_closes_the_connection() {
 }
 
 fn connect_bytes(user: &str, pass: &str, keep_alive: u16) -> Vec<u8> {
-    let mut c = rumqttc::Connect::new("raw");
+    // A client id of its own: a second login under the same one would take over.
+    let mut c = rumqttc::Connect::new(format!(
+        "raw-{}",
+        &Uuid::new_v4().simple().to_string()[..12]
+    ));
     c.keep_alive = keep_alive;
     c.set_login(user, pass);
     let mut buf = BytesMut::new();
