@@ -11,10 +11,13 @@
 //!   rest of the event, in postcard.
 //! - `ids`: key = event id reversed (16) | device (16), value = ts (8). The duplicate
 //!   index for ids devices chose: the contract makes an id a duplicate whatever its
-//!   `ts`, so the `events` key alone cannot detect it. Ids the server assigned carry
-//!   their `ts` (`model::assigned_id`), so their `events` key is the index; so do
-//!   device-chosen UUIDv7 ids whose time field is the event's `ts`, which therefore
-//!   cost no index entry (they are cheaper to ingest, see `docs/performance.md`).
+//!   `ts`, so the `events` key alone cannot detect it.
+//! - `timed_ids`: the same, for UUIDv7 ids, which carry a time. Ids the server
+//!   assigned carry their event's `ts` (`model::assigned_id`), so their `events` key
+//!   is their index, and so do device-chosen UUIDv7 ids whose time is their event's
+//!   `ts`: neither costs an index entry. Only a UUIDv7 stored with another `ts` gets a
+//!   row here. A UUIDv7 is therefore looked up in `events` and in this keyspace, which
+//!   stays small, never in the large `ids` (see `docs/performance.md`).
 //! - `rollups`: key = user (8) | device (16) | metric length (1) | metric | minute (8)
 //!   | type, value = [`Summary`] of the minute's new events. Metric "" counts all
 //!   events. Maintained in the same atomic batch as the events, so a 24-hour,
@@ -41,6 +44,9 @@ const KEY_LEN: usize = 8 + 16 + 8 + 8 + 16;
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
 const BUCKET_META_KEY: &str = "bucket_len_ms";
+/// Present in data directories whose UUIDv7 index rows are all in `timed_ids`; older
+/// ones may hold some in `ids` too.
+const TIMED_IDS_META_KEY: &str = "timed_ids";
 
 /// The embedded store. Cheap to clone.
 #[derive(Clone)]
@@ -52,6 +58,9 @@ struct Inner {
     db: Database,
     events: Keyspace,
     ids: Keyspace,
+    timed_ids: Keyspace,
+    /// UUIDv7 index rows may also be in `ids` (a directory from before `timed_ids`).
+    timed_in_ids: bool,
     rollups: Keyspace,
     bucket_len_ms: i64,
     // A std mutex, held only around the check-then-insert of duplicate ids and the
@@ -104,11 +113,12 @@ impl EmbeddedStore {
         let memtable = || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES);
         let events = db.keyspace("events", memtable).map_err(engine)?;
         let ids = db.keyspace("ids", memtable).map_err(engine)?;
+        let timed_ids = db.keyspace("timed_ids", memtable).map_err(engine)?;
         let rollups = db.keyspace("rollups", memtable).map_err(engine)?;
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(engine)?;
-        match meta.get(BUCKET_META_KEY).map_err(engine)? {
+        let timed_in_ids = match meta.get(BUCKET_META_KEY).map_err(engine)? {
             Some(v) => {
                 let stored = i64::from_be_bytes(v.as_ref().try_into().map_err(corrupt)?);
                 if stored != bucket_len_ms {
@@ -118,18 +128,23 @@ impl EmbeddedStore {
                         dir.display()
                     )));
                 }
+                !meta.contains_key(TIMED_IDS_META_KEY).map_err(engine)?
             }
             None => {
                 meta.insert(BUCKET_META_KEY, bucket_len_ms.to_be_bytes())
                     .map_err(engine)?;
+                meta.insert(TIMED_IDS_META_KEY, [1]).map_err(engine)?;
                 db.persist(PersistMode::SyncAll).map_err(engine)?;
+                false
             }
-        }
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 events,
                 ids,
+                timed_ids,
+                timed_in_ids,
                 rollups,
                 bucket_len_ms,
                 dedup: std::sync::Mutex::new(WriteState::default()),
@@ -163,6 +178,7 @@ impl Inner {
             // inserted in arrival order cost several times more.
             let mut event_rows = Vec::with_capacity(records.len());
             let mut id_rows = Vec::new();
+            let mut timed_id_rows = Vec::new();
             // Keyed by borrowed parts; the byte keys are built once per rollup row.
             let mut rollups: HashMap<(UserId, DeviceId, &str, i64, &str), Summary> = HashMap::new();
             let mut flat = records.iter().zip(&fresh);
@@ -173,10 +189,14 @@ impl Inner {
                         continue;
                     }
                     let e = &r.event;
-                    // A device-chosen UUIDv7 whose time field is the event's own ts is
-                    // found from its id alone, like an assigned one: no index entry.
-                    if !e.id_assigned && assigned_id_ts(e.id) != Some(e.ts_ms) {
-                        id_rows.push((id_key(r.device_id, e.id), ordered(e.ts_ms)));
+                    if !e.id_assigned {
+                        let row = (id_key(r.device_id, e.id), ordered(e.ts_ms));
+                        match assigned_id_ts(e.id) {
+                            None => id_rows.push(row),
+                            Some(ts) if ts != e.ts_ms => timed_id_rows.push(row),
+                            // Found through its `events` key: no index entry.
+                            Some(_) => {}
+                        }
                     }
                     let key = event_key(r.user_id, r.device_id, self.bucket_len_ms, e.ts_ms, e.id);
                     event_rows.push((key, encode_value(e, r.received_ms)?));
@@ -199,9 +219,11 @@ impl Inner {
             for (key, value) in event_rows {
                 batch.insert(&self.events, key, value);
             }
-            id_rows.sort_unstable();
-            for (key, value) in id_rows {
-                batch.insert(&self.ids, key, value);
+            for (keyspace, mut rows) in [(&self.ids, id_rows), (&self.timed_ids, timed_id_rows)] {
+                rows.sort_unstable();
+                for (key, value) in rows {
+                    batch.insert(keyspace, key, value);
+                }
             }
             if state.rollups.len() + rollups.len() > ROLLUP_CACHE_ROWS {
                 state.rollups.clear();
@@ -270,16 +292,13 @@ impl Inner {
 
     /// Is this device-chosen id already stored?
     fn known_id(&self, r: &Record, id_key: [u8; 32]) -> Result<bool, StoreError> {
-        if self.ids.contains_key(id_key).map_err(engine)? {
-            return Ok(true);
-        }
-        match assigned_id_ts(r.event.id) {
-            Some(ts) => {
-                let key = event_key(r.user_id, r.device_id, self.bucket_len_ms, ts, r.event.id);
-                self.events.contains_key(key).map_err(engine)
-            }
-            None => Ok(false),
-        }
+        let Some(ts) = assigned_id_ts(r.event.id) else {
+            return self.ids.contains_key(id_key).map_err(engine);
+        };
+        let key = event_key(r.user_id, r.device_id, self.bucket_len_ms, ts, r.event.id);
+        Ok(self.events.contains_key(key).map_err(engine)?
+            || self.timed_ids.contains_key(id_key).map_err(engine)?
+            || (self.timed_in_ids && self.ids.contains_key(id_key).map_err(engine)?))
     }
 
     fn list(&self, q: &ListQuery) -> Result<Vec<Event>, StoreError> {
@@ -542,6 +561,7 @@ impl Position {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::PartitionKey;
 
     #[test]
     fn key_order_is_numeric_order_across_the_sign() {
@@ -551,5 +571,62 @@ mod tests {
         let c = event_key(1, d, 1000, 3, Uuid::from_u128(1));
         assert!(a < b && b < c);
         assert_eq!(decode_key_tail(&c).unwrap(), (3, Uuid::from_u128(1)));
+    }
+
+    fn one(device: DeviceId, id: Uuid, ts_ms: i64) -> Vec<PartitionBatch> {
+        let record = Record {
+            user_id: 1,
+            device_id: device,
+            received_ms: ts_ms,
+            event: Event {
+                id,
+                id_assigned: false,
+                ts_ms,
+                kind: "t".into(),
+                metrics: vec![],
+                attrs: vec![],
+            },
+        };
+        vec![PartitionBatch {
+            key: PartitionKey::of(&record, 3_600_000),
+            records: vec![record],
+        }]
+    }
+
+    #[test]
+    fn a_directory_from_before_timed_ids_still_finds_uuidv7_rows_in_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (device, ts) = (Uuid::new_v4(), 1_800_000_000_000);
+        let id = crate::model::assigned_id(ts + 1);
+        {
+            // As the older layout left it: the row of a UUIDv7 stored with another ts
+            // in `ids`, and no marker.
+            let store = EmbeddedStore::open(dir.path(), 3_600_000).unwrap();
+            let inner = &store.inner;
+            inner.ids.insert(id_key(device, id), ordered(ts)).unwrap();
+            let meta = inner
+                .db
+                .keyspace("meta", KeyspaceCreateOptions::default)
+                .unwrap();
+            meta.remove(TIMED_IDS_META_KEY).unwrap();
+            inner.db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path(), 3_600_000).unwrap();
+        assert!(store.inner.timed_in_ids);
+        assert_eq!(
+            store.inner.write(&one(device, id, ts + 5)).unwrap(),
+            vec![0]
+        );
+
+        // A new directory keeps them apart, and says so.
+        let fresh = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(fresh.path(), 3_600_000).unwrap();
+        assert!(!store.inner.timed_in_ids);
+        assert_eq!(store.inner.write(&one(device, id, ts)).unwrap(), vec![1]);
+        assert_eq!(
+            store.inner.write(&one(device, id, ts + 5)).unwrap(),
+            vec![0]
+        );
+        assert!(store.inner.ids.is_empty().unwrap());
     }
 }
