@@ -28,11 +28,12 @@ async fn main() -> anyhow::Result<()> {
 
     // `MQTT_BENCH_ONLY=builtin` skips the broker paths, e.g. to profile the endpoint.
     let builtin_only = std::env::var("MQTT_BENCH_ONLY").is_ok_and(|v| v == "builtin");
-    let (mut baseline, mut external) = (f64::NAN, f64::NAN);
+    let (mut baseline, mut baseline_ten, mut external) = (f64::NAN, f64::NAN, f64::NAN);
     if !builtin_only {
         let broker = Mosquitto::start()?;
         wait_port(broker.port).await?;
-        baseline = mosquitto_pass_through(broker.port, publishers, per).await?;
+        baseline = mosquitto_pass_through(broker.port, publishers, per, 1).await?;
+        baseline_ten = mosquitto_pass_through(broker.port, publishers, per / 10, 10).await?;
         drop(broker);
 
         let broker = Mosquitto::start()?;
@@ -67,6 +68,11 @@ async fn main() -> anyhow::Result<()> {
         baseline
     );
     println!(
+        "  mosquitto pass-through, 10 events/msg:   {:>9.0} events/s ({:.0} msg/s)",
+        baseline_ten * 10.0,
+        baseline_ten
+    );
+    println!(
         "  iotpipe built-in, 1 event/message:       {:>9.0} msg/s, acked after durable",
         single
     );
@@ -91,6 +97,11 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "  ratio external / mosquitto:              {:>9.2}",
         external / baseline
+    );
+    println!(
+        "  ratio built-in / mosquitto, 10 events:   {:>9.2} (v4 ids), {:.2} (v7 ids)",
+        ten / baseline_ten,
+        ten_v7 / baseline_ten
     );
 
     let connections = env_or("MQTT_BENCH_IDLE_CONNECTIONS", 10_000);
@@ -281,7 +292,12 @@ async fn run_publishers(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn mosquitto_pass_through(port: u16, publishers: usize, per: usize) -> anyhow::Result<f64> {
+async fn mosquitto_pass_through(
+    port: u16,
+    publishers: usize,
+    per: usize,
+    events: usize,
+) -> anyhow::Result<f64> {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let total = per * publishers;
     let (sub, mut sub_loop) = AsyncClient::new(options("bench-sub".into(), addr), 10_000);
@@ -304,7 +320,7 @@ async fn mosquitto_pass_through(port: u16, publishers: usize, per: usize) -> any
     });
     let jobs = (0..publishers)
         .map(|i| {
-            let payloads = (0..per).map(|_| payload(1, Ids::V4)).collect();
+            let payloads = (0..per).map(|_| payload(events, Ids::V4)).collect();
             (
                 options(format!("bench-pub-{i}"), addr),
                 format!("bench/{i}/events"),
