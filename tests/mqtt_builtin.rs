@@ -767,34 +767,141 @@ async fn a_slow_flush_fills_the_window_and_reading_stops_until_acks_go_out() {
 async fn mosquitto_pub_can_publish_to_the_builtin_endpoint() {
     let inst = Instance::start().await;
     let o = inst.api.owner().await;
-    let id = Uuid::new_v4();
-    let status = tokio::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &inst.mqtt().port().to_string(),
-            "-V",
-            "mqttv311",
-        ])
-        .args([
-            "-q",
-            "1",
-            "-u",
-            &o.device,
-            "-P",
-            &o.token,
-            "-t",
-            &topic(&o.device),
-        ])
-        .args(["-m", &event(&id, 21.5)])
-        .status()
+    let mut sent = Vec::new();
+    for version in ["mqttv311", "mqttv5"] {
+        let id = Uuid::new_v4();
+        let status = tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &inst.mqtt().port().to_string()])
+            .args(["-V", version, "-q", "1", "-u", &o.device, "-P", &o.token])
+            .args(["-t", &topic(&o.device), "-m", &event(&id, 21.5)])
+            .status()
+            .await
+            .expect("mosquitto_pub is installed");
+        assert!(status.success(), "{version}");
+        sent.push(id.to_string());
+        // mosquitto_pub exits after its PUBACK: the event is already stored.
+        let stored = inst.api.events(&o).await;
+        assert_eq!(stored.len(), sent.len(), "{version}");
+        assert_eq!(stored[0]["id"], id.to_string(), "{version}");
+    }
+    inst.server.stop().await;
+}
+
+/// An MQTT 5 device: connects, hears the server's limits in CONNACK, publishes at QoS 1.
+#[tokio::test]
+async fn an_mqtt5_device_logs_in_hears_the_window_and_its_events_are_stored() {
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as Code, Packet};
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+
+    let inst = Instance::start_with(|c| c.mqtt.max_inflight = 7).await;
+    let o = inst.api.owner().await;
+    let addr = inst.mqtt();
+    let options = |pass: &str| {
+        let id = format!("v5-{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_credentials(o.device.clone(), pass.to_owned());
+        opts
+    };
+
+    // A wrong token is refused with MQTT 5's own code.
+    let (_client, mut refused) = AsyncClient::new(options("wrong"), 10);
+    match timeout(Duration::from_secs(10), refused.poll())
         .await
-        .expect("mosquitto_pub is installed");
-    assert!(status.success());
-    // mosquitto_pub exits after its PUBACK: the event is already stored.
+        .unwrap()
+    {
+        Err(ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, Code::BadUserNamePassword)
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    let (client, mut eventloop) = AsyncClient::new(options(&o.token), 10);
+    let connack = loop {
+        match timeout(Duration::from_secs(10), eventloop.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Incoming(Packet::ConnAck(c)) => break c,
+            _ => continue,
+        }
+    };
+    assert_eq!(connack.code, Code::Success);
+    let props = connack.properties.expect("CONNACK properties");
+    assert_eq!(props.receive_max, Some(7), "the window, as Receive Maximum");
+    assert_eq!(props.max_qos, Some(1));
+
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        client
+            .publish(
+                topic(&o.device),
+                QoS5::AtLeastOnce,
+                false,
+                event(id, i as f64),
+            )
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < ids.len() {
+        match timeout(Duration::from_secs(10), eventloop.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Incoming(Packet::PubAck(_)) => acked += 1,
+            Event::Incoming(Packet::Disconnect(d)) => panic!("disconnected: {d:?}"),
+            _ => {}
+        }
+    }
+    // PUBACK means durable: the events are there at once.
     let stored = inst.api.events(&o).await;
-    assert_eq!(stored.len(), 1);
-    assert_eq!(stored[0]["id"], id.to_string());
+    let counts = id_counts(&stored);
+    assert_eq!(counts.len(), 3);
+    assert!(ids.iter().all(|id| counts.get(&id.to_string()) == Some(&1)));
+    inst.server.stop().await;
+}
+
+/// MQTT 5 lets a device leave its client id empty; the server then names it in
+/// CONNACK.
+#[tokio::test]
+async fn an_mqtt5_device_without_a_client_id_is_given_one() {
+    use rumqttc::v5::mqttbytes::v5::{Connect, ConnectReturnCode, Login, Packet};
+
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let connect = Packet::Connect(
+        Connect {
+            keep_alive: 30,
+            client_id: String::new(),
+            clean_start: true,
+            properties: None,
+        },
+        None,
+        Some(Login::new(o.device.clone(), o.token.clone())),
+    );
+    let mut bytes = BytesMut::new();
+    connect.write(&mut bytes, None).unwrap();
+    let mut s = TcpStream::connect(inst.mqtt()).await.unwrap();
+    s.write_all(&bytes).await.unwrap();
+
+    let mut answer = BytesMut::new();
+    let connack = loop {
+        timeout(Duration::from_secs(10), s.read_buf(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        if let Ok(packet) = Packet::read(&mut answer, None) {
+            break packet;
+        }
+    };
+    let Packet::ConnAck(connack) = connack else {
+        panic!("expected CONNACK, got {connack:?}");
+    };
+    assert_eq!(connack.code, ConnectReturnCode::Success);
+    let assigned = connack.properties.unwrap().assigned_client_identifier;
+    assert!(assigned.is_some_and(|id| !id.is_empty()));
     inst.server.stop().await;
 }

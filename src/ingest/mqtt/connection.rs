@@ -10,21 +10,18 @@
 
 use std::net::SocketAddr;
 
+use bytes::Bytes;
 use futures::stream::FuturesOrdered;
-use futures::{FutureExt, SinkExt, StreamExt};
-use rumqttc::mqttbytes::v4::{
-    Codec, ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
-    UnsubAck,
-};
-use rumqttc::mqttbytes::{Error as PacketError, QoS};
+use futures::{FutureExt, StreamExt};
+use rumqttc::mqttbytes::QoS;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, timeout, Duration, Instant};
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::sessions::Claim;
+use super::wire::{Inbound, Outbound, Refusal, Wire};
 use super::{topic, MqttContext, Outcome, Pending, Rejection};
 use crate::model::{DeviceId, UserId};
 use crate::telemetry::{Reason, Source};
@@ -40,8 +37,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// connections stay cheap.
 const READ_BUFFER: usize = 1024;
 
-type Transport = Framed<TcpStream, Codec>;
-
 /// Serves one accepted connection until it closes. `_slot` is its place in the
 /// connection limit.
 pub(crate) async fn run(
@@ -50,17 +45,26 @@ pub(crate) async fn run(
     ctx: MqttContext,
     _slot: OwnedSemaphorePermit,
 ) {
-    let codec = Codec {
-        max_incoming_size: ctx.limits.max_payload_bytes + PACKET_OVERHEAD,
-        max_outgoing_size: PACKET_OVERHEAD,
+    let max_packet = ctx.limits.max_payload_bytes + PACKET_OVERHEAD;
+    let accepted = Wire::accept(stream, max_packet, PACKET_OVERHEAD, READ_BUFFER);
+    let mut wire = match timeout(ctx.limits.connect_timeout, accepted).await {
+        Ok(Ok(Some(wire))) => wire,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "MQTT connection failed before CONNECT");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no MQTT CONNECT in time; closing");
+            return;
+        }
     };
-    let mut framed = Framed::with_capacity(stream, codec, READ_BUFFER);
     let Some(Login {
         user,
         device,
         keep_alive,
         client_id,
-    }) = login(&mut framed, &ctx, peer).await
+    }) = login(&mut wire, &ctx, peer).await
     else {
         return;
     };
@@ -77,7 +81,7 @@ pub(crate) async fn run(
         reading: true,
         drain_deadline: None,
     };
-    session.serve(framed).await;
+    session.serve(wire).await;
 }
 
 /// An accepted CONNECT.
@@ -89,10 +93,10 @@ struct Login {
 }
 
 /// Reads CONNECT and answers it.
-async fn login(framed: &mut Transport, ctx: &MqttContext, peer: SocketAddr) -> Option<Login> {
-    let connect = match timeout(ctx.limits.connect_timeout, framed.next()).await {
-        Ok(Some(Ok(Packet::Connect(c)))) => c,
-        Ok(Some(Ok(Packet::Publish(_)))) => {
+async fn login(wire: &mut Wire, ctx: &MqttContext, peer: SocketAddr) -> Option<Login> {
+    let connect = match timeout(ctx.limits.connect_timeout, wire.next()).await {
+        Ok(Some(Ok(Inbound::Connect(c)))) => c,
+        Ok(Some(Ok(Inbound::Publish { .. }))) => {
             tracing::debug!(%peer, "MQTT PUBLISH before CONNECT; closing");
             ctx.telemetry
                 .rejected(Source::Mqtt, Reason::Unauthorized, 1);
@@ -104,8 +108,8 @@ async fn login(framed: &mut Transport, ctx: &MqttContext, peer: SocketAddr) -> O
             return None;
         }
         Ok(Some(Err(e))) => {
-            tracing::debug!(%peer, error = %e, "malformed MQTT packet before CONNECT; closing");
-            ctx.telemetry.rejected(Source::Mqtt, reason_of(&e), 1);
+            tracing::debug!(%peer, error = %e.message, "malformed MQTT packet before CONNECT; closing");
+            ctx.telemetry.rejected(Source::Mqtt, e.reason, 1);
             return None;
         }
         Ok(None) => return None,
@@ -114,66 +118,70 @@ async fn login(framed: &mut Transport, ctx: &MqttContext, peer: SocketAddr) -> O
             return None;
         }
     };
-    if connect.protocol != rumqttc::mqttbytes::Protocol::V4 {
-        return refuse(framed, ConnectReturnCode::RefusedProtocolVersion).await;
+    // MQTT 5 lets the server name a client that sent no id; MQTT 3.1.1 allows no id
+    // only for a clean session.
+    let mut client_id = connect.client_id;
+    let mut assigned = None;
+    if client_id.is_empty() {
+        if wire.is_v5() {
+            client_id = format!("iotpipe-{}", Uuid::new_v4().simple());
+            assigned = Some(client_id.clone());
+        } else if !connect.clean_session {
+            return refuse(wire, Refusal::BadClientId).await;
+        }
     }
-    if connect.client_id.is_empty() && !connect.clean_session {
-        return refuse(framed, ConnectReturnCode::BadClientId).await;
-    }
-    let Some(login) = connect.login else {
+    let Some((username, password)) = connect.login else {
         ctx.telemetry
             .rejected(Source::Mqtt, Reason::Unauthorized, 1);
-        return refuse(framed, ConnectReturnCode::NotAuthorized).await;
+        return refuse(wire, Refusal::NotAuthorized).await;
     };
-    let Ok(device) = Uuid::parse_str(&login.username) else {
+    let Ok(device) = Uuid::parse_str(&username) else {
         ctx.telemetry
             .rejected(Source::Mqtt, Reason::Unauthorized, 1);
-        return refuse(framed, ConnectReturnCode::BadUserNamePassword).await;
+        return refuse(wire, Refusal::BadLogin).await;
     };
-    let user = match ctx.auth.authenticate_device(device, &login.password).await {
+    let user = match ctx.auth.authenticate_device(device, &password).await {
         Ok(Some(user)) => user,
         Ok(None) => {
             tracing::debug!(%peer, %device, "MQTT CONNECT with bad credentials");
             ctx.telemetry
                 .rejected(Source::Mqtt, Reason::Unauthorized, 1);
-            return refuse(framed, ConnectReturnCode::BadUserNamePassword).await;
+            return refuse(wire, Refusal::BadLogin).await;
         }
         Err(e) => {
             tracing::warn!(%peer, error = %e, "cannot check MQTT credentials");
-            return refuse(framed, ConnectReturnCode::ServiceUnavailable).await;
+            return refuse(wire, Refusal::Unavailable).await;
         }
     };
     // No session state is kept: a device only publishes, and a QoS 1 publisher keeps
     // its unacknowledged messages itself.
-    let accepted = Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false));
-    match timeout(WRITE_TIMEOUT, framed.send(accepted)).await {
+    let accepted = Outbound::Accepted {
+        receive_max: u16::try_from(ctx.limits.max_inflight).unwrap_or(u16::MAX),
+        max_packet_bytes: u32::try_from(ctx.limits.max_payload_bytes + PACKET_OVERHEAD)
+            .unwrap_or(u32::MAX),
+        client_id: assigned,
+    };
+    match timeout(WRITE_TIMEOUT, wire.send(accepted)).await {
         Ok(Ok(())) => {}
         _ => return None,
     }
-    // MQTT 3.1.1 §3.1.2.10: close after one and a half keepalive periods of silence.
+    // MQTT 3.1.1 §3.1.2.10 (and 5 §3.1.2.10): close after one and a half keepalive
+    // periods of silence.
     let keep_alive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-    tracing::debug!(%peer, %device, "MQTT device connected");
+    tracing::debug!(%peer, %device, v5 = wire.is_v5(), "MQTT device connected");
     Some(Login {
         user,
         device,
         keep_alive,
-        client_id: connect.client_id,
+        client_id,
     })
 }
 
 /// Tells the device why it is refused; the connection then closes.
-async fn refuse<T>(framed: &mut Transport, code: ConnectReturnCode) -> Option<T> {
-    let refusal = Packet::ConnAck(ConnAck::new(code, false));
-    let _ = timeout(WRITE_TIMEOUT, framed.send(refusal)).await;
+async fn refuse<T>(wire: &mut Wire, why: Refusal) -> Option<T> {
+    let _ = timeout(WRITE_TIMEOUT, wire.send(Outbound::Refused(why))).await;
     None
-}
-
-fn reason_of(e: &PacketError) -> Reason {
-    match e {
-        PacketError::PayloadSizeLimitExceeded(_) => Reason::TooLarge,
-        _ => Reason::Invalid,
-    }
 }
 
 /// A logged-in connection.
@@ -202,7 +210,7 @@ enum Next {
 }
 
 impl Session {
-    async fn serve(mut self, mut framed: Transport) {
+    async fn serve(mut self, mut wire: Wire) {
         let window = self.ctx.limits.max_inflight;
         let mut last_heard = Instant::now();
         loop {
@@ -215,7 +223,7 @@ impl Session {
                 biased;
                 Some(first) = self.pending.next(), if !self.pending.is_empty() => {
                     let was_full = self.pending.len() + 1 >= window;
-                    if !self.acknowledge(&mut framed, first).await {
+                    if !self.acknowledge(&mut wire, first).await {
                         break;
                     }
                     if was_full {
@@ -243,16 +251,16 @@ impl Session {
                     tracing::debug!(device = %self.device, "MQTT keepalive expired; closing");
                     self.stop_reading();
                 }
-                packet = framed.next(), if can_read => {
+                packet = wire.next(), if can_read => {
                     last_heard = Instant::now();
                     let next = match packet {
                         None => Next::Close,
-                        Some(Ok(packet)) => self.handle(&mut framed, packet).await,
+                        Some(Ok(packet)) => self.handle(&mut wire, packet).await,
                         Some(Err(e)) => {
                             let r = Rejection::new(
-                                reason_of(&e),
+                                e.reason,
                                 1,
-                                format!("malformed MQTT packet: {e}"),
+                                format!("malformed MQTT packet: {}", e.message),
                             );
                             self.ctx.reject(Some((self.user, self.device)), &r).await;
                             Next::Close
@@ -277,16 +285,15 @@ impl Session {
 
     /// Sends the PUBACK of `first` and of every later message already complete, in
     /// one write. False if the connection must close now.
-    async fn acknowledge(&mut self, framed: &mut Transport, first: Outcome) -> bool {
+    async fn acknowledge(&mut self, wire: &mut Wire, first: Outcome) -> bool {
         let mut acked = Vec::new();
         let mut outcome = Some(first);
         let mut keep_open = true;
         while let Some(o) = outcome.take() {
             match o {
                 Outcome::Ack { pkid, received } => {
-                    let puback = Packet::PubAck(PubAck::new(pkid));
                     if !matches!(
-                        timeout(WRITE_TIMEOUT, framed.feed(puback)).await,
+                        timeout(WRITE_TIMEOUT, wire.feed(Outbound::PubAck(pkid))).await,
                         Ok(Ok(()))
                     ) {
                         return false;
@@ -305,7 +312,7 @@ impl Session {
             outcome = self.pending.next().now_or_never().flatten();
         }
         if !acked.is_empty() {
-            match timeout(WRITE_TIMEOUT, framed.flush()).await {
+            match timeout(WRITE_TIMEOUT, wire.flush()).await {
                 Ok(Ok(())) => {
                     for received in acked {
                         self.ctx
@@ -319,71 +326,78 @@ impl Session {
         keep_open
     }
 
-    async fn handle(&mut self, framed: &mut Transport, packet: Packet) -> Next {
+    async fn handle(&mut self, wire: &mut Wire, packet: Inbound) -> Next {
         match packet {
-            Packet::Publish(publish) => self.publish(publish).await,
-            Packet::PingReq => reply(framed, Packet::PingResp).await,
-            Packet::Subscribe(s) => {
-                // Devices only publish in v1: every filter is refused.
-                let codes = vec![SubscribeReasonCode::Failure; s.filters.len()];
-                reply(framed, Packet::SubAck(SubAck::new(s.pkid, codes))).await
+            Inbound::Publish {
+                topic,
+                qos,
+                pkid,
+                payload,
+            } => self.publish(topic, qos, pkid, payload).await,
+            Inbound::PingReq => reply(wire, Outbound::PingResp).await,
+            // Devices only publish in v1: every filter is refused.
+            Inbound::Subscribe { pkid, filters } => {
+                reply(wire, Outbound::SubscribeRefused { pkid, filters }).await
             }
-            Packet::Unsubscribe(u) => reply(framed, Packet::UnsubAck(UnsubAck::new(u.pkid))).await,
-            Packet::Disconnect => Next::Close,
-            other => {
-                let r = Rejection::new(
-                    Reason::Invalid,
-                    1,
-                    format!("unexpected MQTT packet from a device: {other:?}"),
-                );
-                self.ctx.reject(Some((self.user, self.device)), &r).await;
-                Next::Close
+            Inbound::Unsubscribe { pkid, filters } => {
+                reply(wire, Outbound::UnsubAck { pkid, filters }).await
             }
+            Inbound::Disconnect => Next::Close,
+            Inbound::Connect(_) => self.unexpected("a second CONNECT").await,
+            Inbound::Unexpected(name) => self.unexpected(name).await,
         }
     }
 
-    async fn publish(&mut self, publish: Publish) -> Next {
+    /// A packet a device must not send: counted, and the connection closes.
+    async fn unexpected(&mut self, name: &str) -> Next {
+        let r = Rejection::new(
+            Reason::Invalid,
+            1,
+            format!("unexpected MQTT packet from a device: {name}"),
+        );
+        self.ctx.reject(Some((self.user, self.device)), &r).await;
+        Next::Close
+    }
+
+    async fn publish(&mut self, topic: Bytes, qos: QoS, pkid: u16, payload: Bytes) -> Next {
         let received = Instant::now();
         let owner = Some((self.user, self.device));
         self.ctx.telemetry.mqtt_received(1);
-        if publish.qos == QoS::ExactlyOnce {
+        if qos == QoS::ExactlyOnce {
             let r = Rejection::new(Reason::Invalid, 1, "QoS 2 is not supported; use QoS 0 or 1");
             self.ctx.reject(owner, &r).await;
             return Next::Close;
         }
-        if topic::device_of(&publish.topic) != Some(self.device) {
+        let topic = String::from_utf8_lossy(&topic);
+        if topic::device_of(&topic) != Some(self.device) {
             let r = Rejection::new(
                 Reason::Unauthorized,
                 1,
                 format!(
-                    "unauthorized: publish to {:?} refused; a device publishes only to {}",
-                    publish.topic,
+                    "unauthorized: publish to {topic:?} refused; a device publishes only to {}",
                     topic::of_device(self.device)
                 ),
             );
             self.ctx.reject(owner, &r).await;
             return Next::Close;
         }
-        let records = match self.ctx.decode(&publish.payload, self.user, self.device) {
+        let records = match self.ctx.decode(&payload, self.user, self.device) {
             Ok(records) => records,
             Err(r) => {
                 self.ctx.reject(owner, &r).await;
-                if publish.qos == QoS::AtLeastOnce {
+                if qos == QoS::AtLeastOnce {
                     // A poison message is acknowledged, or the device resends it forever.
-                    let ack = Outcome::Ack {
-                        pkid: publish.pkid,
-                        received,
-                    };
+                    let ack = Outcome::Ack { pkid, received };
                     self.pending.push_back(Box::pin(std::future::ready(ack)));
                 }
                 return Next::Continue;
             }
         };
-        if publish.qos == QoS::AtLeastOnce {
+        if qos == QoS::AtLeastOnce {
             let delivery =
                 self.ctx
                     .clone()
-                    .deliver_qos1(records, publish.pkid, received, self.cancel.clone());
+                    .deliver_qos1(records, pkid, received, self.cancel.clone());
             self.pending.push_back(Box::pin(delivery));
         } else if let Some(counting) = self.ctx.deliver_qos0(records).await {
             self.pending.push_back(counting);
@@ -392,8 +406,8 @@ impl Session {
     }
 }
 
-async fn reply(framed: &mut Transport, packet: Packet) -> Next {
-    match timeout(WRITE_TIMEOUT, framed.send(packet)).await {
+async fn reply(wire: &mut Wire, packet: Outbound) -> Next {
+    match timeout(WRITE_TIMEOUT, wire.send(packet)).await {
         Ok(Ok(())) => Next::Continue,
         _ => Next::Close,
     }

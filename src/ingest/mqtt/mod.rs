@@ -29,6 +29,7 @@ pub mod external;
 pub mod server;
 pub mod sessions;
 pub mod topic;
+mod wire;
 
 use std::future::Future;
 use std::pin::Pin;
