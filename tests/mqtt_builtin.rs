@@ -13,6 +13,22 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use uuid::Uuid;
 
+/// MQTT refusals for `reason` in a `/metrics` page.
+fn mqtt_rejected(page: &str, reason: &str) -> f64 {
+    metric(
+        page,
+        &format!(r#"iotpipe_events_rejected_total{{source="mqtt",reason="{reason}"}}"#),
+    )
+}
+
+/// The device's live figures count `n` refusals, the last naming `fragment`.
+async fn assert_refused(inst: &Instance, o: &Owner, n: u64, fragment: &str) {
+    let live = inst.api.live(o).await;
+    assert_eq!(live["rejected_total"], n, "{live}");
+    let last = live["last_error"].as_str().unwrap_or_default();
+    assert!(last.contains(fragment), "{live}");
+}
+
 async fn connected(inst: &Instance, o: &Owner) -> Device {
     let mut d = Device::connect(inst.mqtt(), &o.device, &o.token);
     d.connected().await;
@@ -177,13 +193,7 @@ async fn bad_credentials_are_refused_at_connect() {
         }
     }
     let page = inst.api.metrics().await;
-    assert_eq!(
-        metric(
-            &page,
-            r#"iotpipe_events_rejected_total{source="mqtt",reason="unauthorized"}"#
-        ),
-        4.0
-    );
+    assert_eq!(mqtt_rejected(&page, "unauthorized"), 4.0);
     assert_eq!(metric(&page, "iotpipe_mqtt_connections"), 0.0);
     inst.server.stop().await;
 }
@@ -207,23 +217,9 @@ async fn publishing_to_another_devices_topic_closes_the_connection_and_stores_no
 
     assert!(inst.api.events(&victim).await.is_empty());
     assert!(inst.api.events(&o).await.is_empty());
-    let live = inst.api.live(&o).await;
-    assert_eq!(live["rejected_total"], 1);
-    assert!(
-        live["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("unauthorized"),
-        "{live}"
-    );
+    assert_refused(&inst, &o, 1, "unauthorized").await;
     let page = inst.api.metrics().await;
-    assert_eq!(
-        metric(
-            &page,
-            r#"iotpipe_events_rejected_total{source="mqtt",reason="unauthorized"}"#
-        ),
-        1.0
-    );
+    assert_eq!(mqtt_rejected(&page, "unauthorized"), 1.0);
     inst.server.stop().await;
 }
 
@@ -289,24 +285,10 @@ async fn an_invalid_payload_at_qos1_is_acked_counted_and_the_connection_stays_op
     let stored = inst.api.events(&o).await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0]["id"], good.to_string());
-    let live = inst.api.live(&o).await;
     // One event each, and two for the array: all or nothing.
-    assert_eq!(live["rejected_total"], 5, "{live}");
-    assert!(
-        live["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("event 1: type"),
-        "{live}"
-    );
+    assert_refused(&inst, &o, 5, "event 1: type").await;
     let page = inst.api.metrics().await;
-    assert_eq!(
-        metric(
-            &page,
-            r#"iotpipe_events_rejected_total{source="mqtt",reason="invalid"}"#
-        ),
-        5.0
-    );
+    assert_eq!(mqtt_rejected(&page, "invalid"), 5.0);
     inst.server.stop().await;
 }
 
@@ -451,26 +433,9 @@ async fn malformed_packets_close_only_their_own_connection() {
 
     assert_eq!(inst.api.events(&o).await.len(), sent);
     let page = inst.api.metrics().await;
-    assert_eq!(
-        metric(
-            &page,
-            r#"iotpipe_events_rejected_total{source="mqtt",reason="too_large"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &page,
-            r#"iotpipe_events_rejected_total{source="mqtt",reason="unauthorized"}"#
-        ),
-        1.0
-    );
-    assert!(
-        metric(
-            &page,
-            r#"iotpipe_events_rejected_total{source="mqtt",reason="invalid"}"#
-        ) >= 3.0
-    );
+    assert_eq!(mqtt_rejected(&page, "too_large"), 1.0);
+    assert_eq!(mqtt_rejected(&page, "unauthorized"), 1.0);
+    assert!(mqtt_rejected(&page, "invalid") >= 3.0);
     inst.server.stop().await;
 }
 
@@ -553,10 +518,7 @@ async fn qos1_over_the_rate_limit_is_held_back_not_dropped_and_qos0_is_dropped()
     let deadline = Instant::now() + PATIENCE;
     loop {
         let page = inst.api.metrics().await;
-        let limited = metric(
-            &page,
-            r#"iotpipe_events_rejected_total{source="mqtt",reason="rate_limited"}"#,
-        );
+        let limited = mqtt_rejected(&page, "rate_limited");
         if limited >= 1.0 || Instant::now() > deadline {
             assert!(
                 limited >= 1.0,
