@@ -752,7 +752,7 @@ async fn mosquitto_pub_can_publish_to_the_builtin_endpoint() {
 /// An MQTT 5 device: connects, hears the server's limits in CONNACK, publishes at QoS 1.
 #[tokio::test]
 async fn an_mqtt5_device_logs_in_hears_the_window_and_its_events_are_stored() {
-    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as Code, Packet};
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as Code, Packet, PubAckReason};
     use rumqttc::v5::mqttbytes::QoS as QoS5;
     use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 
@@ -806,18 +806,27 @@ async fn an_mqtt5_device_logs_in_hears_the_window_and_its_events_are_stored() {
             .await
             .unwrap();
     }
-    let mut acked = 0;
-    while acked < ids.len() {
+    // A bad payload is acknowledged too, so that it is not resent, but MQTT 5 says
+    // why: reason 0x99, payload format invalid.
+    client
+        .publish(topic(&o.device), QoS5::AtLeastOnce, false, "not json")
+        .await
+        .unwrap();
+    let mut reasons = Vec::new();
+    while reasons.len() < ids.len() + 1 {
         match timeout(Duration::from_secs(10), eventloop.poll())
             .await
             .unwrap()
             .unwrap()
         {
-            Event::Incoming(Packet::PubAck(_)) => acked += 1,
+            Event::Incoming(Packet::PubAck(ack)) => reasons.push(ack.reason),
             Event::Incoming(Packet::Disconnect(d)) => panic!("disconnected: {d:?}"),
             _ => {}
         }
     }
+    let mut expected = vec![PubAckReason::Success; ids.len()];
+    expected.push(PubAckReason::PayloadFormatInvalid);
+    assert_eq!(reasons, expected);
     // PUBACK means durable: the events are there at once.
     let stored = inst.api.events(&o).await;
     let counts = id_counts(&stored);

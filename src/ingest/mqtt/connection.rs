@@ -291,11 +291,13 @@ impl Session {
         let mut keep_open = true;
         while let Some(o) = outcome.take() {
             match o {
-                Outcome::Ack { pkid, received } => {
-                    if !matches!(
-                        timeout(WRITE_TIMEOUT, wire.feed(Outbound::PubAck(pkid))).await,
-                        Ok(Ok(()))
-                    ) {
+                Outcome::Ack {
+                    pkid,
+                    received,
+                    refused,
+                } => {
+                    let puback = Outbound::PubAck { pkid, refused };
+                    if !matches!(timeout(WRITE_TIMEOUT, wire.feed(puback)).await, Ok(Ok(()))) {
                         return false;
                     }
                     acked.push(received);
@@ -387,7 +389,11 @@ impl Session {
                 self.ctx.reject(owner, &r).await;
                 if qos == QoS::AtLeastOnce {
                     // A poison message is acknowledged, or the device resends it forever.
-                    let ack = Outcome::Ack { pkid, received };
+                    let ack = Outcome::Ack {
+                        pkid,
+                        received,
+                        refused: true,
+                    };
                     self.pending.push_back(Box::pin(std::future::ready(ack)));
                 }
                 return Next::Continue;

@@ -252,7 +252,7 @@ async fn ack_loop(
         tokio::select! {
             biased;
             Some(outcome) = pending.next(), if !pending.is_empty() => match outcome {
-                Outcome::Ack { pkid, received } => {
+                Outcome::Ack { pkid, received, .. } => {
                     let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
                     ack.pkid = pkid;
                     match client.try_ack(&ack) {
@@ -295,6 +295,7 @@ fn deliver(ctx: MqttContext, publish: Publish, cancel: CancellationToken) -> sup
             Outcome::Ack {
                 pkid: publish.pkid,
                 received,
+                refused: false,
             }
         };
         let Some(device) = topic::device_of(&publish.topic) else {

@@ -89,7 +89,12 @@ pub struct MqttContext {
 #[derive(Debug)]
 pub(crate) enum Outcome {
     /// Acknowledge it (QoS 1): durable, or refused for good.
-    Ack { pkid: u16, received: Instant },
+    Ack {
+        pkid: u16,
+        received: Instant,
+        /// Refused for good (bad payload): MQTT 5 devices hear why in the PUBACK.
+        refused: bool,
+    },
     /// Nothing to acknowledge (QoS 0).
     Done,
     /// Do not acknowledge; close, so that the device (or broker) sends it again.
@@ -186,7 +191,11 @@ impl MqttContext {
             }
             self.telemetry.ingested(Source::Mqtt, events);
         }
-        Outcome::Ack { pkid, received }
+        Outcome::Ack {
+            pkid,
+            received,
+            refused: false,
+        }
     }
 
     /// Rate-limit hold-back: sleeps until the budgets are out of debt. False if

@@ -80,7 +80,12 @@ pub(crate) enum Outbound {
         client_id: Option<String>,
     },
     Refused(Refusal),
-    PubAck(u16),
+    /// `refused`: the message was acknowledged but not stored (a bad payload); MQTT 5
+    /// says so with reason 0x99, payload format invalid.
+    PubAck {
+        pkid: u16,
+        refused: bool,
+    },
     PingResp,
     /// Every filter of a SUBSCRIBE refused.
     SubscribeRefused {
@@ -305,7 +310,7 @@ fn to_v4(p: Outbound) -> v4::Packet {
             },
             false,
         )),
-        Outbound::PubAck(pkid) => v4::Packet::PubAck(v4::PubAck::new(pkid)),
+        Outbound::PubAck { pkid, .. } => v4::Packet::PubAck(v4::PubAck::new(pkid)),
         Outbound::PingResp => v4::Packet::PingResp,
         Outbound::SubscribeRefused { pkid, filters } => v4::Packet::SubAck(v4::SubAck::new(
             pkid,
@@ -361,7 +366,15 @@ fn to_v5(p: Outbound) -> m5::v5::Packet {
             },
             None,
         ),
-        Outbound::PubAck(pkid) => P::PubAck(m5::v5::PubAck::new(pkid, None)),
+        Outbound::PubAck { pkid, refused } => P::PubAck(m5::v5::PubAck {
+            pkid,
+            reason: if refused {
+                m5::v5::PubAckReason::PayloadFormatInvalid
+            } else {
+                m5::v5::PubAckReason::Success
+            },
+            properties: None,
+        }),
         Outbound::PingResp => P::PingResp(m5::v5::PingResp),
         Outbound::SubscribeRefused { pkid, filters } => P::SubAck(m5::v5::SubAck {
             pkid,
