@@ -523,18 +523,20 @@ fn rollup_key(mut prefix: Vec<u8>, minute_ms: i64, kind: &str) -> Vec<u8> {
 }
 
 fn encode_value(event: &Event, received_ms: i64) -> Result<Vec<u8>, StoreError> {
-    let value = StoredValue {
+    /// [`StoredValue`] as written: the same fields, so the same postcard bytes
+    /// (`String` and `&str` encode alike), but borrowed from the event, so that no
+    /// vector is built per event.
+    #[derive(Serialize)]
+    struct Written<'a> {
+        kind: &'a str,
+        metrics: &'a [(String, f64)],
+        attrs: &'a [(String, String)],
+        received_ms: i64,
+    }
+    let value = Written {
         kind: &event.kind,
-        metrics: event
-            .metrics
-            .iter()
-            .map(|(k, v)| (k.as_str(), *v))
-            .collect(),
-        attrs: event
-            .attrs
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect(),
+        metrics: &event.metrics,
+        attrs: &event.attrs,
         received_ms,
     };
     postcard::to_allocvec(&value).map_err(|e| StoreError::Invalid(e.to_string()))
