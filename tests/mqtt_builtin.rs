@@ -192,6 +192,14 @@ async fn bad_credentials_are_refused_at_connect() {
             other => panic!("{user}: expected CONNACK 4 or 5, got {other:?}"),
         }
     }
+    // Good credentials with an oversized client id: refused as a bad client id.
+    let mut long = options(inst.mqtt(), &o.device, &o.token);
+    long.set_client_id("c".repeat(300));
+    let mut d = Device::with_options(long);
+    match d.next().await {
+        Seen::Refused(ConnectReturnCode::BadClientId) => {}
+        other => panic!("expected CONNACK 2, got {other:?}"),
+    }
     let page = inst.api.metrics().await;
     assert_eq!(mqtt_rejected(&page, "unauthorized"), 4.0);
     assert_eq!(metric(&page, "iotpipe_mqtt_connections"), 0.0);

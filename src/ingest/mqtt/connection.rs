@@ -36,6 +36,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Initial read buffer; it grows for larger packets. Small, so that idle
 /// connections stay cheap.
 const READ_BUFFER: usize = 1024;
+/// Longest client id accepted: it is kept for as long as the connection is open.
+/// MQTT requires servers to take at least 23 characters.
+const MAX_CLIENT_ID_BYTES: usize = 256;
 
 /// Serves one accepted connection until it closes. `_slot` is its place in the
 /// connection limit.
@@ -121,6 +124,9 @@ async fn login(wire: &mut Wire, ctx: &MqttContext, peer: SocketAddr) -> Option<L
     // MQTT 5 lets the server name a client that sent no id; MQTT 3.1.1 allows no id
     // only for a clean session.
     let mut client_id = connect.client_id;
+    if client_id.len() > MAX_CLIENT_ID_BYTES {
+        return refuse(wire, Refusal::BadClientId).await;
+    }
     let mut assigned = None;
     if client_id.is_empty() {
         if wire.is_v5() {
