@@ -884,3 +884,23 @@ async fn an_mqtt5_device_without_a_client_id_is_given_one() {
     assert!(assigned.is_some_and(|id| !id.is_empty()));
     inst.server.stop().await;
 }
+
+/// A CONNECT that arrives a few bytes at a time is still read and answered.
+#[tokio::test]
+async fn a_connect_split_across_many_writes_is_answered() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let mut s = TcpStream::connect(inst.mqtt()).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    for piece in connect_bytes(&o.device, &o.token, 30).chunks(3) {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let mut connack = [0u8; 4];
+    timeout(Duration::from_secs(10), s.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    inst.server.stop().await;
+}

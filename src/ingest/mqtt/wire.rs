@@ -1,25 +1,27 @@
 //! The two MQTT versions a device may speak, behind one interface.
 //!
-//! A connection's first bytes say which version its CONNECT is (the protocol level);
-//! [`Wire::accept`] reads just that far and picks rumqttc's v4 codec (MQTT 3.1.1) or
-//! its v5 codec (MQTT 5). The connection logic then sees only [`Inbound`] packets and
-//! sends [`Outbound`] ones; this module maps them to and from each version's packets.
+//! A connection's first bytes say which version its CONNECT is (the protocol level).
+//! [`Wire::accept`] peeks that far, consuming nothing, and picks rumqttc's v4 codec
+//! (MQTT 3.1.1) or its v5 codec (MQTT 5). The connection logic then sees only
+//! [`Inbound`] packets and sends [`Outbound`] ones; this module maps them to and from
+//! each version's packets.
 //! No codec is written here.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes as m5;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio_util::codec::{Encoder, Framed, FramedParts};
+use tokio_util::codec::Framed;
 
 use crate::telemetry::Reason;
 
 /// Bytes enough to see a CONNECT's protocol level: the fixed header (at most 5),
 /// the protocol name's length (2) and name ("MQTT", 4), then the level.
 const SNIFF_BYTES: usize = 5 + 2 + 6 + 1;
+/// Pause between peeks while a CONNECT header arrives in pieces.
+const SNIFF_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A device connection, framed for the version its CONNECT asked for.
 pub(crate) enum Wire {
@@ -106,35 +108,47 @@ pub(crate) struct WireError {
 }
 
 impl Wire {
-    /// Reads the start of the first packet to learn the version. `None` if the
-    /// connection closed first.
+    /// Peeks at the start of the first packet to learn the version; nothing is
+    /// consumed, so the codec then reads the connection from its first byte. `None` if
+    /// the connection closed first.
     pub(crate) async fn accept(
-        mut stream: TcpStream,
+        stream: TcpStream,
         max_incoming: usize,
         max_outgoing: usize,
         read_buffer: usize,
     ) -> std::io::Result<Option<Wire>> {
-        let mut buf = BytesMut::with_capacity(read_buffer);
+        let mut head = [0u8; SNIFF_BYTES];
+        let mut seen = 0;
         let is_v5 = loop {
-            if let Some(v5) = is_v5(&buf) {
-                break v5;
-            }
-            if stream.read_buf(&mut buf).await? == 0 {
+            let n = stream.peek(&mut head).await?;
+            if n == 0 {
                 return Ok(None);
             }
+            match is_v5(&head[..n]) {
+                Some(v5) => break v5,
+                // Unreachable: SNIFF_BYTES always decides; the v4 codec refuses.
+                None if n == SNIFF_BYTES => break false,
+                None => {}
+            }
+            // A peek returns at once while unread bytes wait, even if they are the same
+            // ones as last time: wait a little for the rest of the header.
+            if n == seen {
+                tokio::time::sleep(SNIFF_RETRY).await;
+            }
+            seen = n;
         };
         Ok(Some(if is_v5 {
             let codec = m5::v5::Codec {
                 max_incoming_size: Some(u32::try_from(max_incoming).unwrap_or(u32::MAX)),
                 max_outgoing_size: None,
             };
-            Wire::V5(framed::<_, m5::v5::Packet>(stream, codec, buf))
+            Wire::V5(Framed::with_capacity(stream, codec, read_buffer))
         } else {
             let codec = v4::Codec {
                 max_incoming_size: max_incoming,
                 max_outgoing_size: max_outgoing,
             };
-            Wire::V4(framed::<_, v4::Packet>(stream, codec, buf))
+            Wire::V4(Framed::with_capacity(stream, codec, read_buffer))
         }))
     }
 
@@ -182,18 +196,7 @@ impl Wire {
     }
 }
 
-/// Frames `stream`, starting with the bytes already read from it.
-fn framed<C: Encoder<P>, P>(
-    stream: TcpStream,
-    codec: C,
-    read_buf: BytesMut,
-) -> Framed<TcpStream, C> {
-    let mut parts = FramedParts::new::<P>(stream, codec);
-    parts.read_buf = read_buf;
-    Framed::from_parts(parts)
-}
-
-/// Whether the buffered start of a connection is an MQTT 5 CONNECT, or `None` if
+/// Whether the start of a connection is an MQTT 5 CONNECT, or `None` if
 /// more bytes are needed to tell. Anything that is not a well-formed CONNECT header
 /// goes to the v4 codec, which refuses it as it always has.
 fn is_v5(b: &[u8]) -> Option<bool> {
