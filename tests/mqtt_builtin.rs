@@ -45,10 +45,8 @@ async fn qos1_and_qos0_events_are_stored_and_aggregated() {
     // QoS 1: one event, then an array of three. Once PUBACKed they are queryable at
     // once: the ack came after durable.
     let single = Uuid::new_v4();
-    d.client
-        .publish(&topic, QoS::AtLeastOnce, false, event(&single, 20.0))
-        .await
-        .unwrap();
+    d.publish(&topic, QoS::AtLeastOnce, event(&single, 20.0))
+        .await;
     d.pubacks(1).await;
     let stored = inst.api.events(&o).await;
     assert_eq!(stored.len(), 1, "queryable right after the PUBACK");
@@ -60,24 +58,18 @@ async fn qos1_and_qos0_events_are_stored_and_aggregated() {
         .enumerate()
         .map(|(i, id)| json!({"id": id.to_string(), "type": "telemetry", "metrics": {"temperature": 21.0 + i as f64}}))
         .collect();
-    d.client
-        .publish(
-            &topic,
-            QoS::AtLeastOnce,
-            false,
-            serde_json::to_vec(&array).unwrap(),
-        )
-        .await
-        .unwrap();
+    d.publish(
+        &topic,
+        QoS::AtLeastOnce,
+        serde_json::to_vec(&array).unwrap(),
+    )
+    .await;
     d.pubacks(1).await;
     assert_eq!(inst.api.events(&o).await.len(), 4);
 
     // QoS 0: best effort, but stored all the same.
     let q0 = Uuid::new_v4();
-    d.client
-        .publish(&topic, QoS::AtMostOnce, false, event(&q0, 30.0))
-        .await
-        .unwrap();
+    d.publish(&topic, QoS::AtMostOnce, event(&q0, 30.0)).await;
     let stored = inst.api.wait_events(&o, 5).await;
     assert_eq!(stored.len(), 5);
     let counts = id_counts(&stored);
@@ -129,10 +121,8 @@ async fn a_resent_event_with_an_id_is_stored_once() {
     let mut d = connected(&inst, &o).await;
     let id = Uuid::new_v4();
     for _ in 0..3 {
-        d.client
-            .publish(topic(&o.device), QoS::AtLeastOnce, false, event(&id, 1.0))
-            .await
-            .unwrap();
+        d.publish(topic(&o.device), QoS::AtLeastOnce, event(&id, 1.0))
+            .await;
     }
     d.pubacks(3).await;
     assert_eq!(inst.api.events(&o).await.len(), 1);
@@ -157,15 +147,12 @@ async fn a_reconnect_under_the_same_client_id_takes_over_the_old_connection() {
 
     // The new connection and the other one both carry on.
     for (d, value) in [(&mut new, 1.0), (&mut beside, 2.0)] {
-        d.client
-            .publish(
-                topic(&o.device),
-                QoS::AtLeastOnce,
-                false,
-                event(&Uuid::new_v4(), value),
-            )
-            .await
-            .unwrap();
+        d.publish(
+            topic(&o.device),
+            QoS::AtLeastOnce,
+            event(&Uuid::new_v4(), value),
+        )
+        .await;
         d.pubacks(1).await;
     }
     assert_eq!(inst.api.events(&o).await.len(), 2);
@@ -212,15 +199,12 @@ async fn publishing_to_another_devices_topic_closes_the_connection_and_stores_no
     let o = inst.api.owner().await;
     let victim = inst.api.owner().await;
     let mut d = connected(&inst, &o).await;
-    d.client
-        .publish(
-            topic(&victim.device),
-            QoS::AtLeastOnce,
-            false,
-            event(&Uuid::new_v4(), 1.0),
-        )
-        .await
-        .unwrap();
+    d.publish(
+        topic(&victim.device),
+        QoS::AtLeastOnce,
+        event(&Uuid::new_v4(), 1.0),
+    )
+    .await;
     d.closed().await;
 
     assert!(inst.api.events(&victim).await.is_empty());
@@ -250,15 +234,12 @@ async fn subscribe_is_refused_and_the_connection_stays_usable() {
             _ => {}
         }
     }
-    d.client
-        .publish(
-            topic(&o.device),
-            QoS::AtLeastOnce,
-            false,
-            event(&Uuid::new_v4(), 1.0),
-        )
-        .await
-        .unwrap();
+    d.publish(
+        topic(&o.device),
+        QoS::AtLeastOnce,
+        event(&Uuid::new_v4(), 1.0),
+    )
+    .await;
     d.pubacks(1).await;
     inst.server.stop().await;
 }
@@ -276,18 +257,12 @@ async fn an_invalid_payload_at_qos1_is_acked_counted_and_the_connection_stays_op
         r#"[{"type": "ok"}, {"type": "bad type!"}]"#.to_owned(),
     ];
     for payload in &bad {
-        d.client
-            .publish(&t, QoS::AtLeastOnce, false, payload.clone())
-            .await
-            .unwrap();
+        d.publish(&t, QoS::AtLeastOnce, payload.clone()).await;
     }
     d.pubacks(bad.len()).await;
     // Still open: a good message goes through.
     let good = Uuid::new_v4();
-    d.client
-        .publish(&t, QoS::AtLeastOnce, false, event(&good, 1.0))
-        .await
-        .unwrap();
+    d.publish(&t, QoS::AtLeastOnce, event(&good, 1.0)).await;
     d.pubacks(1).await;
 
     let stored = inst.api.events(&o).await;
@@ -305,15 +280,12 @@ async fn qos2_closes_the_connection() {
     let inst = Instance::start().await;
     let o = inst.api.owner().await;
     let mut d = connected(&inst, &o).await;
-    d.client
-        .publish(
-            topic(&o.device),
-            QoS::ExactlyOnce,
-            false,
-            event(&Uuid::new_v4(), 1.0),
-        )
-        .await
-        .unwrap();
+    d.publish(
+        topic(&o.device),
+        QoS::ExactlyOnce,
+        event(&Uuid::new_v4(), 1.0),
+    )
+    .await;
     d.closed().await;
     assert!(inst.api.events(&o).await.is_empty());
     inst.server.stop().await;
@@ -377,10 +349,8 @@ async fn raw_login(inst: &Instance, o: &Owner, keep_alive: u16) -> TcpStream {
 }
 
 async fn publish_ok(good: &mut Device, t: &str) {
-    good.client
-        .publish(t, QoS::AtLeastOnce, false, event(&Uuid::new_v4(), 1.0))
-        .await
-        .unwrap();
+    good.publish(t, QoS::AtLeastOnce, event(&Uuid::new_v4(), 1.0))
+        .await;
     good.pubacks(1).await;
 }
 
@@ -491,15 +461,8 @@ async fn qos1_over_the_rate_limit_is_held_back_not_dropped_and_qos0_is_dropped()
     let t = topic(&o.device);
     let started = Instant::now();
     for i in 0..15 {
-        d.client
-            .publish(
-                &t,
-                QoS::AtLeastOnce,
-                false,
-                event(&Uuid::new_v4(), f64::from(i)),
-            )
-            .await
-            .unwrap();
+        d.publish(&t, QoS::AtLeastOnce, event(&Uuid::new_v4(), f64::from(i)))
+            .await;
     }
     d.pubacks(15).await;
     // A burst of 5, then 10 more at 5/s: the device was slowed down, not refused.
@@ -513,15 +476,8 @@ async fn qos1_over_the_rate_limit_is_held_back_not_dropped_and_qos0_is_dropped()
 
     // The budget is in debt now: QoS 0 messages are dropped and counted.
     for i in 0..3 {
-        d.client
-            .publish(
-                &t,
-                QoS::AtMostOnce,
-                false,
-                event(&Uuid::new_v4(), f64::from(i)),
-            )
-            .await
-            .unwrap();
+        d.publish(&t, QoS::AtMostOnce, event(&Uuid::new_v4(), f64::from(i)))
+            .await;
     }
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -582,15 +538,12 @@ async fn shutdown_acknowledges_what_is_durable_and_waits_for_connections() {
     let o = inst.api.owner().await;
     let mut d = connected(&inst, &o).await;
     for i in 0..50 {
-        d.client
-            .publish(
-                topic(&o.device),
-                QoS::AtLeastOnce,
-                false,
-                event(&Uuid::new_v4(), f64::from(i)),
-            )
-            .await
-            .unwrap();
+        d.publish(
+            topic(&o.device),
+            QoS::AtLeastOnce,
+            event(&Uuid::new_v4(), f64::from(i)),
+        )
+        .await;
     }
     // Wait until the first messages are in, then stop while the rest are in flight.
     d.pubacks(1).await;
@@ -697,15 +650,12 @@ async fn a_slow_flush_fills_the_window_and_reading_stops_until_acks_go_out() {
     let o = inst.api.owner().await;
     let mut d = connected(&inst, &o).await;
     for i in 0..40 {
-        d.client
-            .publish(
-                topic(&o.device),
-                QoS::AtLeastOnce,
-                false,
-                event(&Uuid::new_v4(), f64::from(i)),
-            )
-            .await
-            .unwrap();
+        d.publish(
+            topic(&o.device),
+            QoS::AtLeastOnce,
+            event(&Uuid::new_v4(), f64::from(i)),
+        )
+        .await;
     }
     let api = inst.api.clone();
     let done = tokio_util::sync::CancellationToken::new();

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use iotpipe::topology::{self, Server};
 use iotpipe::Config;
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
+};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
@@ -243,6 +245,14 @@ pub fn options(addr: SocketAddr, user: &str, pass: &str) -> MqttOptions {
 impl Device {
     pub fn connect(addr: SocketAddr, user: &str, pass: &str) -> Self {
         Self::with_options(options(addr, user, pass))
+    }
+
+    /// Queues a PUBLISH (not retained); it goes out as the event loop runs.
+    pub async fn publish(&self, topic: impl Into<String>, qos: QoS, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, qos, false, payload)
+            .await
+            .expect("the client queues the publish");
     }
 
     pub fn with_options(o: MqttOptions) -> Self {
