@@ -177,26 +177,24 @@ impl Inner {
             // neighbours one after another keeps its search paths in cache. Random ids
             // inserted in arrival order cost several times more.
             let mut event_rows = Vec::with_capacity(records.len());
+            // (in `timed_ids`, key, value): sorted, each keyspace's rows in key order.
             let mut id_rows = Vec::new();
-            let mut timed_id_rows = Vec::new();
             // Keyed by borrowed parts; the byte keys are built once per rollup row.
             let mut rollups: HashMap<(UserId, DeviceId, &str, i64, &str), Summary> = HashMap::new();
-            let mut flat = records.iter().zip(&fresh);
+            let mut fresh = fresh.iter();
             for p in partitions {
                 let mut new = 0;
-                for (r, &fresh) in flat.by_ref().take(p.records.len()) {
+                for (r, &fresh) in p.records.iter().zip(fresh.by_ref()) {
                     if !fresh {
                         continue;
                     }
                     let e = &r.event;
-                    if !e.id_assigned {
-                        let row = (id_key(r.device_id, e.id), ordered(e.ts_ms));
-                        match assigned_id_ts(e.id) {
-                            None => id_rows.push(row),
-                            Some(ts) if ts != e.ts_ms => timed_id_rows.push(row),
-                            // Found through its `events` key: no index entry.
-                            Some(_) => {}
-                        }
+                    // An id with its event's ts in it is found through its `events`
+                    // key: no index row.
+                    let id_ts = assigned_id_ts(e.id);
+                    if !e.id_assigned && id_ts != Some(e.ts_ms) {
+                        let key = id_key(r.device_id, e.id);
+                        id_rows.push((id_ts.is_some(), key, ordered(e.ts_ms)));
                     }
                     let key = event_key(r.user_id, r.device_id, self.bucket_len_ms, e.ts_ms, e.id);
                     event_rows.push((key, encode_value(e, r.received_ms)?));
@@ -219,11 +217,10 @@ impl Inner {
             for (key, value) in event_rows {
                 batch.insert(&self.events, key, value);
             }
-            for (keyspace, mut rows) in [(&self.ids, id_rows), (&self.timed_ids, timed_id_rows)] {
-                rows.sort_unstable();
-                for (key, value) in rows {
-                    batch.insert(keyspace, key, value);
-                }
+            id_rows.sort_unstable();
+            for (timed, key, value) in id_rows {
+                let index = if timed { &self.timed_ids } else { &self.ids };
+                batch.insert(index, key, value);
             }
             if state.rollups.len() + rollups.len() > ROLLUP_CACHE_ROWS {
                 state.rollups.clear();

@@ -48,8 +48,7 @@ pub(crate) async fn run(
     ctx: MqttContext,
     _slot: OwnedSemaphorePermit,
 ) {
-    let max_packet = ctx.limits.max_payload_bytes + PACKET_OVERHEAD;
-    let accepted = Wire::accept(stream, max_packet, PACKET_OVERHEAD, READ_BUFFER);
+    let accepted = Wire::accept(stream, max_packet(&ctx), PACKET_OVERHEAD, READ_BUFFER);
     let mut wire = match timeout(ctx.limits.connect_timeout, accepted).await {
         Ok(Ok(Some(wire))) => wire,
         Ok(Ok(None)) => return,
@@ -87,6 +86,12 @@ pub(crate) async fn run(
     session.serve(wire).await;
 }
 
+/// The largest packet a device may send: the largest payload, plus room for the topic
+/// and headers.
+fn max_packet(ctx: &MqttContext) -> usize {
+    ctx.limits.max_payload_bytes + PACKET_OVERHEAD
+}
+
 /// An accepted CONNECT.
 struct Login {
     user: UserId,
@@ -121,12 +126,12 @@ async fn login(wire: &mut Wire, ctx: &MqttContext, peer: SocketAddr) -> Option<L
             return None;
         }
     };
-    // MQTT 5 lets the server name a client that sent no id; MQTT 3.1.1 allows no id
-    // only for a clean session.
     let mut client_id = connect.client_id;
     if client_id.len() > MAX_CLIENT_ID_BYTES {
         return refuse(wire, Refusal::BadClientId).await;
     }
+    // MQTT 5 lets the server name a client that sent no id; MQTT 3.1.1 allows no id
+    // only for a clean session.
     let mut assigned = None;
     if client_id.is_empty() {
         if wire.is_v5() {
@@ -163,8 +168,7 @@ async fn login(wire: &mut Wire, ctx: &MqttContext, peer: SocketAddr) -> Option<L
     // its unacknowledged messages itself.
     let accepted = Outbound::Accepted {
         receive_max: u16::try_from(ctx.limits.max_inflight).unwrap_or(u16::MAX),
-        max_packet_bytes: u32::try_from(ctx.limits.max_payload_bytes + PACKET_OVERHEAD)
-            .unwrap_or(u32::MAX),
+        max_packet_bytes: u32::try_from(max_packet(ctx)).unwrap_or(u32::MAX),
         client_id: assigned,
     };
     match timeout(WRITE_TIMEOUT, wire.send(accepted)).await {
