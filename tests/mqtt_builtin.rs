@@ -793,45 +793,101 @@ async fn an_mqtt5_device_logs_in_hears_the_window_and_its_events_are_stored() {
     inst.server.stop().await;
 }
 
-/// MQTT 5 lets a device leave its client id empty; the server then names it in
+/// A raw MQTT 5 connection: logs in with `client_id` and returns the socket and the
 /// CONNACK.
-#[tokio::test]
-async fn an_mqtt5_device_without_a_client_id_is_given_one() {
-    use rumqttc::v5::mqttbytes::v5::{Connect, ConnectReturnCode, Login, Packet};
-
-    let inst = Instance::start().await;
-    let o = inst.api.owner().await;
+async fn v5_login(
+    inst: &Instance,
+    o: &Owner,
+    client_id: &str,
+) -> (TcpStream, rumqttc::v5::mqttbytes::v5::ConnAck) {
+    use rumqttc::v5::mqttbytes::v5::{Connect, Login, Packet};
     let connect = Packet::Connect(
         Connect {
             keep_alive: 30,
-            client_id: String::new(),
+            client_id: client_id.to_owned(),
             clean_start: true,
             properties: None,
         },
         None,
         Some(Login::new(o.device.clone(), o.token.clone())),
     );
-    let mut bytes = BytesMut::new();
-    connect.write(&mut bytes, None).unwrap();
     let mut s = TcpStream::connect(inst.mqtt()).await.unwrap();
-    s.write_all(&bytes).await.unwrap();
+    write_v5(&mut s, connect).await;
+    match read_v5(&mut s).await {
+        Some(Packet::ConnAck(connack)) => (s, connack),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
 
+async fn write_v5(s: &mut TcpStream, packet: rumqttc::v5::mqttbytes::v5::Packet) {
+    let mut bytes = BytesMut::new();
+    packet.write(&mut bytes, None).unwrap();
+    s.write_all(&bytes).await.unwrap();
+}
+
+/// The next MQTT 5 packet from the server, or `None` once it closed the connection.
+/// Reads one packet at most: the tests here expect one answer at a time.
+async fn read_v5(s: &mut TcpStream) -> Option<rumqttc::v5::mqttbytes::v5::Packet> {
     let mut answer = BytesMut::new();
-    let connack = loop {
-        timeout(Duration::from_secs(10), s.read_buf(&mut answer))
+    loop {
+        let n = timeout(Duration::from_secs(10), s.read_buf(&mut answer))
             .await
-            .unwrap()
-            .unwrap();
-        if let Ok(packet) = Packet::read(&mut answer, None) {
-            break packet;
+            .expect("the server answers in time")
+            .unwrap_or(0);
+        if let Ok(packet) = rumqttc::v5::mqttbytes::v5::Packet::read(&mut answer, None) {
+            return Some(packet);
         }
-    };
-    let Packet::ConnAck(connack) = connack else {
-        panic!("expected CONNACK, got {connack:?}");
-    };
+        if n == 0 {
+            return None;
+        }
+    }
+}
+
+/// MQTT 5 lets a device leave its client id empty; the server then names it in
+/// CONNACK.
+#[tokio::test]
+async fn an_mqtt5_device_without_a_client_id_is_given_one() {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    let (_s, connack) = v5_login(&inst, &o, "").await;
     assert_eq!(connack.code, ConnectReturnCode::Success);
     let assigned = connack.properties.unwrap().assigned_client_identifier;
     assert!(assigned.is_some_and(|id| !id.is_empty()));
+    inst.server.stop().await;
+}
+
+/// MQTT 5's bad input: SUBSCRIBE gets MQTT 5's refusal code and the connection stays;
+/// an oversized PUBLISH closes the connection, is counted, and stores nothing.
+#[tokio::test]
+async fn mqtt5_subscribe_is_refused_and_an_oversized_publish_closes_the_connection() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, Subscribe, SubscribeReasonCode};
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+
+    let inst = Instance::start_with(|c| c.http.max_body_bytes = 4096).await;
+    let o = inst.api.owner().await;
+    let (mut s, _) = v5_login(&inst, &o, "v5-bad-input").await;
+
+    let mut subscribe = Subscribe::new(Filter::new(topic(&o.device), QoS5::AtLeastOnce), None);
+    subscribe.pkid = 1;
+    write_v5(&mut s, Packet::Subscribe(subscribe)).await;
+    match read_v5(&mut s).await {
+        Some(Packet::SubAck(ack)) => {
+            assert_eq!(ack.return_codes, vec![SubscribeReasonCode::NotAuthorized])
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+
+    let mut big = Publish::new(topic(&o.device), QoS5::AtLeastOnce, vec![b' '; 8192], None);
+    big.pkid = 2;
+    write_v5(&mut s, Packet::Publish(big)).await;
+    assert!(read_v5(&mut s).await.is_none(), "closed without a PUBACK");
+
+    assert!(inst.api.events(&o).await.is_empty());
+    assert_refused(&inst, &o, 1, "malformed MQTT packet").await;
+    let page = inst.api.metrics().await;
+    assert_eq!(mqtt_rejected(&page, "too_large"), 1.0);
     inst.server.stop().await;
 }
 
