@@ -163,6 +163,10 @@ pub struct StoreConfig {
     pub page_size: i32,
     /// The local datacenter, for datacenter-aware routing. Unset: any.
     pub local_datacenter: Option<String>,
+    /// Seconds after which a minute still marked pending (its writer crashed before
+    /// recomputing its rollups) is recomputed by any instance's sweep. Longer than a
+    /// flush may keep retrying.
+    pub rollup_sweep_after_secs: u64,
 }
 
 /// Batching and queue bounds.
@@ -282,6 +286,7 @@ impl Default for StoreConfig {
             request_timeout_ms: 5_000,
             page_size: 5_000,
             local_datacenter: None,
+            rollup_sweep_after_secs: 300,
         }
     }
 }

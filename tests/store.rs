@@ -1,15 +1,16 @@
-//! One event-store behaviour suite over `&dyn EventStore`: run against the embedded
-//! store always, and against a real ScyllaDB/Cassandra when `IOTPIPE_TEST_SCYLLA` is
-//! set (`host:port`), in a fresh random keyspace that is dropped afterwards.
-//!
-//! `docker compose up -d scylla` and the command in `docs/production.md` run it.
+//! One event-store behaviour suite over `&dyn EventStore`, run against the embedded
+//! store and against a real Apache Cassandra node (`scripts/cassandra`; any
+//! Cassandra or ScyllaDB node with `IOTPIPE_TEST_SCYLLA=host:port`), in a fresh random
+//! keyspace that is dropped afterwards. The wide-column store's own tests (rollups
+//! under concurrent writers and crashes, `iotpipe migrate`) are in `store/cassandra.rs`.
 
+#[path = "store/cassandra.rs"]
+mod cassandra;
 mod prod_support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use iotpipe::config::StoreConfig;
 use iotpipe::model::{assigned_id, Event, Record, MIN_TS_MS};
 use iotpipe::pipeline::batcher::{Batcher, PartitionBatch};
 use iotpipe::query::{device_aggregate, AggregateFilter, Range, Scope};
@@ -286,52 +287,25 @@ async fn the_embedded_store_passes_the_shared_suite() {
 }
 
 #[tokio::test]
-async fn the_scylla_store_passes_the_shared_suite_when_configured() {
-    let Ok(node) = std::env::var("IOTPIPE_TEST_SCYLLA") else {
-        eprintln!(
-            "NOT RUN: the ScyllaDB store suite needs IOTPIPE_TEST_SCYLLA=host:port \
-             (see docs/production.md); nothing was checked against ScyllaDB"
-        );
-        return;
-    };
-    let keyspace = format!("iotpipe_test_{}", prod_support::random_name());
-    let config = StoreConfig {
-        scylla_nodes: Some(node.clone()),
-        keyspace: keyspace.clone(),
-        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+async fn the_wide_column_store_passes_the_shared_suite_on_cassandra() {
+    let ks = cassandra::Keyspace::new(|c| {
         // Small, so the suite also crosses batch and page boundaries.
-        batch_max_bytes: 512,
-        page_size: 2,
-        ..StoreConfig::default()
-    };
-    let settings = ScyllaSettings::from_config(&config, HOUR).unwrap();
-    ScyllaStore::migrate(&settings)
-        .await
-        .expect("schema applied");
-    // Applying it again is harmless.
-    ScyllaStore::migrate(&settings)
+        c.batch_max_bytes = 512;
+        c.page_size = 2;
+    })
+    .await;
+    // Applying the schema again is harmless.
+    ScyllaStore::migrate(&ks.settings)
         .await
         .expect("schema applied twice");
-    let store = ScyllaStore::connect(settings.clone())
-        .await
-        .expect("connected");
+    let store = ks.store().await;
     store_behaves(&store).await;
 
     // A keyspace keeps its bucket length.
     let other = ScyllaSettings {
         bucket_len_ms: 2 * HOUR,
-        ..settings
+        ..ks.settings.clone()
     };
     assert!(ScyllaStore::connect(other).await.is_err());
-
-    let session = scylla::client::session_builder::SessionBuilder::new()
-        .known_node(&node)
-        .build()
-        .await
-        .unwrap();
-    session
-        .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
-        .await
-        .unwrap();
-    eprintln!("RAN: the ScyllaDB store suite passed against {node} (keyspace {keyspace})");
+    ks.drop_it().await;
 }

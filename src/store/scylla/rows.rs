@@ -1,0 +1,249 @@
+//! Row types: every value bound to a statement or read from one. Their names follow
+//! the columns (and named bind markers); the unit tests check them against
+//! `cql/schema.cql`.
+
+use std::collections::BTreeMap;
+
+use scylla::value::CqlTimestamp;
+use scylla::{DeserializeRow, SerializeRow};
+use uuid::Uuid;
+
+use crate::model::{bucket_start, Event, Record};
+
+/// A row of `events`, as written.
+#[derive(Debug, SerializeRow)]
+pub(super) struct EventIn<'a> {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub bucket: CqlTimestamp,
+    pub ts: CqlTimestamp,
+    pub event_id: Uuid,
+    #[scylla(rename = "type")]
+    pub kind: &'a str,
+    pub metrics: BTreeMap<&'a str, f64>,
+    pub attrs: BTreeMap<&'a str, &'a str>,
+    pub received: CqlTimestamp,
+}
+
+/// A row of `events`, as listed.
+#[derive(Debug, DeserializeRow)]
+pub(super) struct EventOut {
+    pub ts: CqlTimestamp,
+    pub event_id: Uuid,
+    #[scylla(rename = "type")]
+    pub kind: String,
+    pub metrics: Option<BTreeMap<String, f64>>,
+    pub attrs: Option<BTreeMap<String, String>>,
+}
+
+/// A projection of `events` for aggregates with a metric.
+#[derive(Debug, DeserializeRow)]
+pub(super) struct MetricOut {
+    pub ts: CqlTimestamp,
+    #[scylla(rename = "type")]
+    pub kind: String,
+    pub metrics: Option<BTreeMap<String, f64>>,
+}
+
+/// A projection of `events` for counts.
+#[derive(Debug, DeserializeRow)]
+pub(super) struct CountOut {
+    pub ts: CqlTimestamp,
+    #[scylla(rename = "type")]
+    pub kind: String,
+}
+
+/// One partition's slice `[from_ts, to_ts)`.
+#[derive(Debug, SerializeRow)]
+pub(super) struct SliceIn {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub bucket: CqlTimestamp,
+    pub from_ts: CqlTimestamp,
+    pub to_ts: CqlTimestamp,
+}
+
+/// One partition's rows strictly before a position.
+#[derive(Debug, SerializeRow)]
+pub(super) struct SliceBeforeIn {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub bucket: CqlTimestamp,
+    pub before_ts: CqlTimestamp,
+    pub before_id: Uuid,
+}
+
+#[derive(Debug, SerializeRow)]
+pub(super) struct IdKeyIn {
+    pub device_id: Uuid,
+    pub event_id: Uuid,
+}
+
+#[derive(Debug, SerializeRow)]
+pub(super) struct IdIn {
+    pub device_id: Uuid,
+    pub event_id: Uuid,
+    pub ts: CqlTimestamp,
+}
+
+#[derive(Debug, DeserializeRow)]
+pub(super) struct IdOut {
+    #[allow(dead_code)] // Read for the type check; its presence is what matters.
+    pub ts: CqlTimestamp,
+}
+
+#[derive(Debug, SerializeRow)]
+pub(super) struct BucketIn {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub bucket: CqlTimestamp,
+}
+
+#[derive(Debug, SerializeRow)]
+pub(super) struct BucketRangeIn {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub lo: CqlTimestamp,
+    pub hi: CqlTimestamp,
+}
+
+#[derive(Debug, DeserializeRow)]
+pub(super) struct BucketOut {
+    pub bucket: CqlTimestamp,
+}
+
+#[derive(Debug, SerializeRow)]
+pub(super) struct MetaKeyIn<'a> {
+    pub name: &'a str,
+}
+
+#[derive(Debug, SerializeRow)]
+pub(super) struct MetaIn<'a> {
+    pub name: &'a str,
+    pub value: i64,
+}
+
+#[derive(Debug, DeserializeRow)]
+pub(super) struct MetaOut {
+    pub value: i64,
+}
+
+pub(super) fn ms(v: i64) -> CqlTimestamp {
+    CqlTimestamp(v)
+}
+
+/// An upper estimate of a row's bound values, in bytes, for batch sizing.
+pub(super) fn row_bytes(e: &Event) -> usize {
+    // Fixed columns (ids, instants) and each value's 4-byte length prefix.
+    let fixed = 8 + 16 + 8 + 8 + 16 + 8 + 9 * 4;
+    let metrics: usize = e.metrics.iter().map(|(k, _)| 4 + k.len() + 4 + 8).sum();
+    let attrs: usize = e.attrs.iter().map(|(k, v)| 4 + k.len() + 4 + v.len()).sum();
+    fixed + e.kind.len() + 4 + metrics + 4 + attrs
+}
+
+/// Splits a partition's records into runs whose estimated size stays under `max`
+/// (a single larger record gets a run of its own).
+pub(super) fn split_by_bytes<'a>(records: &[&'a Record], max: usize) -> Vec<Vec<&'a Record>> {
+    let mut out = Vec::new();
+    let mut current: Vec<&Record> = Vec::new();
+    let mut size = 0;
+    for r in records {
+        let n = row_bytes(&r.event);
+        if !current.is_empty() && size + n > max {
+            out.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += n;
+        current.push(r);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+pub(super) fn event_row(r: &Record, bucket_len_ms: i64) -> EventIn<'_> {
+    EventIn {
+        user_id: r.user_id,
+        device_id: r.device_id,
+        bucket: ms(bucket_start(r.event.ts_ms, bucket_len_ms)),
+        ts: ms(r.event.ts_ms),
+        event_id: r.event.id,
+        kind: &r.event.kind,
+        metrics: r
+            .event
+            .metrics
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect(),
+        attrs: r
+            .event
+            .attrs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        received: ms(r.received_ms),
+    }
+}
+
+/// A row of `rollups`, as written; `writetime` is its count (see `rollup.rs`).
+#[derive(Debug, SerializeRow)]
+#[scylla(flavor = "enforce_order", skip_name_checks)]
+pub(super) struct RollupIn<'a> {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub day: CqlTimestamp,
+    pub metric: &'a str,
+    pub minute: CqlTimestamp,
+    pub kind: &'a str,
+    pub count: i64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    pub writetime: i64,
+}
+
+/// One device's rollups of one metric and day, for minutes in `[from, to)`.
+#[derive(Debug, SerializeRow)]
+pub(super) struct RollupSliceIn<'a> {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub day: CqlTimestamp,
+    pub metric: &'a str,
+    pub from_minute: CqlTimestamp,
+    pub to_minute: CqlTimestamp,
+}
+
+#[derive(Debug, DeserializeRow)]
+pub(super) struct RollupOut {
+    pub minute: CqlTimestamp,
+    #[scylla(rename = "type")]
+    pub kind: String,
+    pub count: i64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+}
+
+/// A row of `rollups_pending` (its whole primary key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, SerializeRow, DeserializeRow)]
+pub(super) struct PendingRow {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub minute: CqlTimestamp,
+    pub flush: Uuid,
+}
+
+/// One device's pending minutes in `[from, to)`.
+#[derive(Debug, SerializeRow)]
+pub(super) struct PendingRangeIn {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub from_minute: CqlTimestamp,
+    pub to_minute: CqlTimestamp,
+}
+
+#[derive(Debug, DeserializeRow)]
+pub(super) struct PendingOut {
+    pub minute: CqlTimestamp,
+}

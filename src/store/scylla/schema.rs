@@ -1,0 +1,86 @@
+//! The CQL schema (`cql/schema.cql`): filling it in, applying it, and the facts a
+//! keyspace records about itself.
+
+use scylla::client::session::Session;
+
+use super::errors::{corrupt, exec_error, prepare_error};
+use super::rows::{MetaIn, MetaKeyIn, MetaOut};
+use super::statements::Cql;
+use super::ScyllaSettings;
+use crate::store::StoreError;
+
+/// The schema, with `{keyspace}`, `{replication}` and `{ttl}` to fill in.
+pub const SCHEMA: &str = include_str!("../../../cql/schema.cql");
+
+pub(super) const BUCKET_META: &str = "bucket_len_ms";
+
+/// The schema statements for `settings`, in order.
+pub fn schema_statements(settings: &ScyllaSettings) -> Vec<String> {
+    let filled = SCHEMA
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("{keyspace}", &settings.keyspace)
+        .replace("{replication}", &settings.replication)
+        .replace("{ttl}", &settings.ttl_secs.to_string());
+    filled
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Checks (and with `record`, records) the bucket length of the keyspace.
+pub(super) async fn check_bucket_len(
+    session: &Session,
+    settings: &ScyllaSettings,
+    record: bool,
+) -> Result<(), StoreError> {
+    let ks = &settings.keyspace;
+    let select =
+        session
+            .prepare(Cql::select_meta(ks))
+            .await
+            .map_err(|e| match prepare_error(e) {
+                StoreError::Invalid(m) => StoreError::Invalid(format!(
+                    "{m}; has `iotpipe migrate` been run for keyspace {ks}?"
+                )),
+                other => other,
+            })?;
+    let stored = session
+        .execute_unpaged(&select, MetaKeyIn { name: BUCKET_META })
+        .await
+        .map_err(exec_error)?
+        .into_rows_result()
+        .map_err(corrupt)?
+        .maybe_first_row::<MetaOut>()
+        .map_err(corrupt)?;
+    match stored {
+        Some(m) if m.value != settings.bucket_len_ms => Err(StoreError::Invalid(format!(
+            "keyspace {ks} was created with a bucket of {} ms, not {} ms; set the bucket back \
+             or use a new keyspace",
+            m.value, settings.bucket_len_ms
+        ))),
+        Some(_) => Ok(()),
+        None if record => {
+            let insert = session
+                .prepare(Cql::insert_meta(ks))
+                .await
+                .map_err(prepare_error)?;
+            let row = MetaIn {
+                name: BUCKET_META,
+                value: settings.bucket_len_ms,
+            };
+            session
+                .execute_unpaged(&insert, row)
+                .await
+                .map_err(exec_error)?;
+            Ok(())
+        }
+        None => Err(StoreError::Invalid(format!(
+            "keyspace {ks} has no recorded bucket length; run `iotpipe migrate`"
+        ))),
+    }
+}

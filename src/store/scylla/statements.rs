@@ -1,0 +1,165 @@
+//! Every CQL statement the store runs, and their prepared forms.
+
+use scylla::client::session::Session;
+use scylla::statement::prepared::PreparedStatement;
+
+use super::errors::prepare_error;
+use crate::store::StoreError;
+
+/// Every statement the store prepares, by role. Keyspace-qualified.
+pub(super) struct Cql;
+
+impl Cql {
+    pub(super) fn insert_event(ks: &str) -> String {
+        format!(
+            "INSERT INTO {ks}.events (user_id, device_id, bucket, ts, event_id, type, metrics, \
+             attrs, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+    }
+    pub(super) fn insert_bucket(ks: &str) -> String {
+        format!("INSERT INTO {ks}.buckets (user_id, device_id, bucket) VALUES (?, ?, ?)")
+    }
+    pub(super) fn insert_id(ks: &str) -> String {
+        format!("INSERT INTO {ks}.event_ids (device_id, event_id, ts) VALUES (?, ?, ?)")
+    }
+    pub(super) fn select_id(ks: &str) -> String {
+        format!("SELECT ts FROM {ks}.event_ids WHERE device_id = ? AND event_id = ?")
+    }
+    // Statements with a range use named markers throughout (never mixed with `?`),
+    // named after their column where they have one.
+    pub(super) fn select_buckets(ks: &str) -> String {
+        format!(
+            "SELECT bucket FROM {ks}.buckets WHERE user_id = :user_id AND device_id = :device_id \
+             AND bucket >= :lo AND bucket <= :hi"
+        )
+    }
+    pub(super) fn list_slice(ks: &str) -> String {
+        format!(
+            "SELECT ts, event_id, type, metrics, attrs FROM {ks}.events \
+             WHERE user_id = :user_id AND device_id = :device_id AND bucket = :bucket \
+             AND ts >= :from_ts AND ts < :to_ts ORDER BY ts DESC, event_id DESC"
+        )
+    }
+    /// Only an upper bound: CQL does not allow a single-column relation on `ts` beside
+    /// the tuple relation, so the lower bound `from` is applied while reading (the
+    /// rows come newest first, so reading stops at the first older one).
+    pub(super) fn list_before(ks: &str) -> String {
+        format!(
+            "SELECT ts, event_id, type, metrics, attrs FROM {ks}.events \
+             WHERE user_id = :user_id AND device_id = :device_id AND bucket = :bucket \
+             AND (ts, event_id) < (:before_ts, :before_id) ORDER BY ts DESC, event_id DESC"
+        )
+    }
+    pub(super) fn metric_slice(ks: &str) -> String {
+        format!(
+            "SELECT ts, type, metrics FROM {ks}.events \
+             WHERE user_id = :user_id AND device_id = :device_id AND bucket = :bucket \
+             AND ts >= :from_ts AND ts < :to_ts"
+        )
+    }
+    pub(super) fn count_slice(ks: &str) -> String {
+        format!(
+            "SELECT ts, type FROM {ks}.events \
+             WHERE user_id = :user_id AND device_id = :device_id AND bucket = :bucket \
+             AND ts >= :from_ts AND ts < :to_ts"
+        )
+    }
+    pub(super) fn select_meta(ks: &str) -> String {
+        format!("SELECT value FROM {ks}.meta WHERE name = ?")
+    }
+    pub(super) fn insert_meta(ks: &str) -> String {
+        format!("INSERT INTO {ks}.meta (name, value) VALUES (?, ?)")
+    }
+    pub(super) fn ping() -> String {
+        "SELECT key FROM system.local WHERE key = 'local'".to_owned()
+    }
+    /// A rollup row is written with its own count as its write time, so that of two
+    /// writers the one that saw more of the minute's events wins: see `rollup.rs`.
+    pub(super) fn insert_rollup(ks: &str) -> String {
+        format!(
+            "INSERT INTO {ks}.rollups (user_id, device_id, day, metric, minute, type, count, \
+             min, max, sum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+    }
+    pub(super) fn select_rollups(ks: &str) -> String {
+        format!(
+            "SELECT minute, type, count, min, max, sum FROM {ks}.rollups \
+             WHERE user_id = :user_id AND device_id = :device_id AND day = :day \
+             AND metric = :metric AND minute >= :from_minute AND minute < :to_minute"
+        )
+    }
+    pub(super) fn insert_pending(ks: &str) -> String {
+        format!(
+            "INSERT INTO {ks}.rollups_pending (user_id, device_id, minute, flush) \
+             VALUES (?, ?, ?, ?)"
+        )
+    }
+    pub(super) fn delete_pending(ks: &str) -> String {
+        format!(
+            "DELETE FROM {ks}.rollups_pending WHERE user_id = ? AND device_id = ? \
+             AND minute = ? AND flush = ?"
+        )
+    }
+    pub(super) fn select_pending(ks: &str) -> String {
+        format!(
+            "SELECT minute FROM {ks}.rollups_pending \
+             WHERE user_id = :user_id AND device_id = :device_id \
+             AND minute >= :from_minute AND minute < :to_minute"
+        )
+    }
+    /// Every pending minute of the keyspace: the sweep after a crash.
+    pub(super) fn scan_pending(ks: &str) -> String {
+        format!("SELECT user_id, device_id, minute, flush FROM {ks}.rollups_pending")
+    }
+}
+
+pub(super) struct Prepared {
+    pub(super) insert_event: PreparedStatement,
+    pub(super) insert_bucket: PreparedStatement,
+    pub(super) insert_id: PreparedStatement,
+    pub(super) select_id: PreparedStatement,
+    pub(super) select_buckets: PreparedStatement,
+    pub(super) list_slice: PreparedStatement,
+    pub(super) list_before: PreparedStatement,
+    pub(super) metric_slice: PreparedStatement,
+    pub(super) count_slice: PreparedStatement,
+    pub(super) ping: PreparedStatement,
+    pub(super) insert_rollup: PreparedStatement,
+    pub(super) select_rollups: PreparedStatement,
+    pub(super) insert_pending: PreparedStatement,
+    pub(super) delete_pending: PreparedStatement,
+    pub(super) select_pending: PreparedStatement,
+    pub(super) scan_pending: PreparedStatement,
+}
+
+impl Prepared {
+    /// Prepares every statement for keyspace `ks`.
+    pub(super) async fn new(session: &Session, ks: &str, page: i32) -> Result<Self, StoreError> {
+        let prepare = |cql: String| async move {
+            let mut p = session.prepare(cql).await.map_err(prepare_error)?;
+            // Every statement is idempotent: inserts rewrite the same primary key, and
+            // a rollup's write time is its count.
+            p.set_is_idempotent(true);
+            p.set_page_size(page);
+            Ok::<_, StoreError>(p)
+        };
+        Ok(Self {
+            insert_event: prepare(Cql::insert_event(ks)).await?,
+            insert_bucket: prepare(Cql::insert_bucket(ks)).await?,
+            insert_id: prepare(Cql::insert_id(ks)).await?,
+            select_id: prepare(Cql::select_id(ks)).await?,
+            select_buckets: prepare(Cql::select_buckets(ks)).await?,
+            list_slice: prepare(Cql::list_slice(ks)).await?,
+            list_before: prepare(Cql::list_before(ks)).await?,
+            metric_slice: prepare(Cql::metric_slice(ks)).await?,
+            count_slice: prepare(Cql::count_slice(ks)).await?,
+            ping: prepare(Cql::ping()).await?,
+            insert_rollup: prepare(Cql::insert_rollup(ks)).await?,
+            select_rollups: prepare(Cql::select_rollups(ks)).await?,
+            insert_pending: prepare(Cql::insert_pending(ks)).await?,
+            delete_pending: prepare(Cql::delete_pending(ks)).await?,
+            select_pending: prepare(Cql::select_pending(ks)).await?,
+            scan_pending: prepare(Cql::scan_pending(ks)).await?,
+        })
+    }
+}

@@ -1,0 +1,612 @@
+//! Offline checks: every statement's bind markers and result columns are derived from
+//! `cql/schema.cql` (parsed here), and every Rust row type is checked against them with
+//! the driver's own serialization and deserialization type checks, as a prepared
+//! statement's metadata would drive them against a live server.
+
+use std::collections::HashMap;
+
+use scylla::deserialize::row::DeserializeRow;
+use scylla::frame::response::result::{
+    CollectionType, ColumnSpec, ColumnType, NativeType, TableSpec,
+};
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::writers::RowWriter;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use scylla::frame::types::Consistency;
+use scylla::value::CqlTimestamp;
+use scylla::{DeserializeRow, SerializeRow};
+use uuid::Uuid;
+
+use super::rows::*;
+use super::schema::{schema_statements, BUCKET_META};
+use super::statements::Cql;
+use super::ScyllaSettings;
+use crate::config::StoreConfig;
+use crate::model::{Event, PartitionKey, Record};
+
+const KS: &str = "ks";
+
+/// Table → column → type, parsed from the schema file.
+fn schema() -> HashMap<String, HashMap<String, ColumnType<'static>>> {
+    let settings = ScyllaSettings {
+        nodes: vec![],
+        keyspace: KS.into(),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+        consistency: Consistency::One,
+        ttl_secs: 0,
+        batch_max_bytes: 5120,
+        write_concurrency: 1,
+        request_timeout: Duration::from_secs(1),
+        page_size: 100,
+        local_datacenter: None,
+        bucket_len_ms: 3_600_000,
+        rollup_sweep_after: Duration::from_secs(300),
+    };
+    let mut tables = HashMap::new();
+    for stmt in schema_statements(&settings) {
+        let Some(rest) = stmt.strip_prefix(&format!("CREATE TABLE IF NOT EXISTS {KS}.")) else {
+            continue;
+        };
+        let (name, rest) = rest.split_once('(').expect("a column list");
+        let body = &rest[..closing_paren(rest)];
+        let mut columns = HashMap::new();
+        for def in split_top_level(body) {
+            let def = def.trim();
+            if def.starts_with("PRIMARY KEY") {
+                continue;
+            }
+            let def = def.trim_end_matches("PRIMARY KEY").trim();
+            let (col, typ) = def.split_once(char::is_whitespace).expect("name and type");
+            columns.insert(col.to_owned(), parse_type(typ.trim()));
+        }
+        tables.insert(name.trim().to_owned(), columns);
+    }
+    tables
+}
+
+/// Index of the `)` that closes a list whose `(` was just consumed.
+fn closing_paren(s: &str) -> usize {
+    let mut depth = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' if depth == 0 => return i,
+            ')' => depth -= 1,
+            _ => {}
+        }
+    }
+    panic!("unbalanced parentheses in {s}")
+}
+
+/// Splits on commas outside `<>` and `()`.
+fn split_top_level(s: &str) -> Vec<&str> {
+    let (mut depth, mut start, mut out) = (0, 0, Vec::new());
+    for (i, c) in s.char_indices() {
+        match c {
+            '<' | '(' => depth += 1,
+            '>' | ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&s[start..]);
+    out
+}
+
+fn parse_type(s: &str) -> ColumnType<'static> {
+    let s = s.trim();
+    let inner = |prefix: &str| s.strip_prefix(prefix).and_then(|r| r.strip_suffix('>'));
+    if let Some(t) = inner("frozen<") {
+        return match parse_type(t) {
+            ColumnType::Collection { typ, .. } => ColumnType::Collection { frozen: true, typ },
+            other => other,
+        };
+    }
+    if let Some(t) = inner("map<") {
+        let kv = split_top_level(t);
+        let typ = CollectionType::Map(Box::new(parse_type(kv[0])), Box::new(parse_type(kv[1])));
+        return ColumnType::Collection { frozen: false, typ };
+    }
+    if let Some(t) = inner("set<") {
+        let typ = CollectionType::Set(Box::new(parse_type(t)));
+        return ColumnType::Collection { frozen: false, typ };
+    }
+    if let Some(t) = inner("list<") {
+        let typ = CollectionType::List(Box::new(parse_type(t)));
+        return ColumnType::Collection { frozen: false, typ };
+    }
+    ColumnType::Native(match s {
+        "bigint" => NativeType::BigInt,
+        "int" => NativeType::Int,
+        "uuid" => NativeType::Uuid,
+        "timeuuid" => NativeType::Timeuuid,
+        "timestamp" => NativeType::Timestamp,
+        "text" | "varchar" => NativeType::Text,
+        "ascii" => NativeType::Ascii,
+        "double" => NativeType::Double,
+        "float" => NativeType::Float,
+        "boolean" => NativeType::Boolean,
+        "blob" => NativeType::Blob,
+        other => panic!("type {other} is not known to this test; add it"),
+    })
+}
+
+fn tokens(cql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let chars: Vec<char> = cql.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let word =
+            |j: usize| chars[j].is_ascii_alphanumeric() || chars[j] == '_' || chars[j] == '.';
+        if c.is_whitespace() {
+            i += 1;
+        } else if c == ':' || word(i) {
+            let start = i;
+            i += 1;
+            while i < chars.len() && word(i) {
+                i += 1;
+            }
+            out.push(chars[start..i].iter().collect());
+        } else if c == '\'' {
+            let start = i;
+            i += 1;
+            while chars[i] != '\'' {
+                i += 1;
+            }
+            i += 1;
+            out.push(chars[start..i].iter().collect());
+        } else if (c == '>' || c == '<') && chars.get(i + 1) == Some(&'=') {
+            out.push(format!("{c}="));
+            i += 2;
+        } else {
+            out.push(c.to_string());
+            i += 1;
+        }
+    }
+    out
+}
+
+fn is_marker(t: &str) -> bool {
+    t == "?" || t.starts_with(':')
+}
+
+fn is_op(t: &str) -> bool {
+    matches!(t, "=" | "<" | ">" | "<=" | ">=")
+}
+
+/// The bind-marker specs and result-column specs of a statement, from the schema.
+fn specs(cql: &str) -> (Vec<ColumnSpec<'static>>, Vec<ColumnSpec<'static>>) {
+    let schema = schema();
+    let t = tokens(cql);
+    let table_of = |tok: &str| {
+        tok.strip_prefix(&format!("{KS}."))
+            .expect("qualified")
+            .to_owned()
+    };
+    let pos = |word: &str| t.iter().position(|x| x.eq_ignore_ascii_case(word));
+    let table = match t[0].to_ascii_uppercase().as_str() {
+        "INSERT" => table_of(&t[2]),
+        "SELECT" | "DELETE" => table_of(&t[pos("FROM").unwrap() + 1]),
+        other => panic!("unexpected statement {other}"),
+    };
+    let cols = schema
+        .get(&table)
+        .unwrap_or_else(|| panic!("table {table} is not in cql/schema.cql"));
+    let spec = |name: &str, col: &str| {
+        let typ = cols
+            .get(col)
+            .unwrap_or_else(|| panic!("column {table}.{col} is not in cql/schema.cql"))
+            .clone();
+        ColumnSpec::owned(
+            name.to_owned(),
+            typ,
+            TableSpec::owned(KS.into(), table.clone()),
+        )
+    };
+    let marker_name = |m: &str, col: &str| m.strip_prefix(':').unwrap_or(col).to_owned();
+    let mut binds = Vec::new();
+    let mut results = Vec::new();
+    if t[0].eq_ignore_ascii_case("INSERT") {
+        let values = pos("VALUES").unwrap();
+        let using = pos("USING").unwrap_or(t.len());
+        let columns: Vec<&String> = t[4..values - 1].iter().filter(|x| *x != ",").collect();
+        let markers: Vec<&String> = t[values + 2..using]
+            .iter()
+            .filter(|x| is_marker(x))
+            .collect();
+        assert_eq!(columns.len(), markers.len(), "{cql}");
+        for (c, m) in columns.iter().zip(markers) {
+            binds.push(spec(&marker_name(m, c), c));
+        }
+        // `USING TIMESTAMP ?` binds a bigint, named as the server names it.
+        if t[using..].iter().any(|x| is_marker(x)) {
+            binds.push(ColumnSpec::owned(
+                "[timestamp]".into(),
+                ColumnType::Native(NativeType::BigInt),
+                TableSpec::owned(KS.into(), table.clone()),
+            ));
+        }
+    } else {
+        let from = pos("FROM").unwrap();
+        if t[0].eq_ignore_ascii_case("SELECT") {
+            for c in t[1..from].iter().filter(|x| *x != ",") {
+                results.push(spec(c, c));
+            }
+        }
+        let end = pos("ORDER").or(pos("LIMIT")).unwrap_or(t.len());
+        let mut i = pos("WHERE").map_or(end, |w| w + 1);
+        while i < end {
+            if t[i] == "(" {
+                let close = i + t[i..].iter().position(|x| x == ")").unwrap();
+                let columns: Vec<&String> = t[i + 1..close].iter().filter(|x| *x != ",").collect();
+                assert!(is_op(&t[close + 1]) && t[close + 2] == "(", "{cql}");
+                let mclose = close + 2 + t[close + 2..].iter().position(|x| x == ")").unwrap();
+                let markers: Vec<&String> =
+                    t[close + 3..mclose].iter().filter(|x| *x != ",").collect();
+                assert_eq!(columns.len(), markers.len(), "{cql}");
+                for (c, m) in columns.iter().zip(markers) {
+                    if is_marker(m) {
+                        binds.push(spec(&marker_name(m, c), c));
+                    }
+                }
+                i = mclose + 1;
+            } else if i + 2 < end && is_op(&t[i + 1]) && is_marker(&t[i + 2]) {
+                binds.push(spec(&marker_name(&t[i + 2], &t[i]), &t[i]));
+                i += 3;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    (binds, results)
+}
+
+fn check_bind<T: SerializeRow>(cql: &str, row: &T) -> Result<usize, String> {
+    let (binds, _) = specs(cql);
+    let ctx = RowSerializationContext::from_specs(&binds);
+    let mut buf = Vec::new();
+    row.serialize(&ctx, &mut RowWriter::new(&mut buf))
+        .map_err(|e| format!("{cql}: {e}"))?;
+    Ok(buf.len())
+}
+
+fn check_read<T: for<'f, 'm> DeserializeRow<'f, 'm>>(cql: &str) -> Result<(), String> {
+    let (_, results) = specs(cql);
+    assert!(!results.is_empty(), "{cql} reads no column");
+    T::type_check(&results).map_err(|e| format!("{cql}: {e}"))
+}
+
+fn record() -> Record {
+    Record {
+        user_id: 7,
+        device_id: Uuid::from_u128(1),
+        received_ms: 1_800_000_000_500,
+        event: Event {
+            id: Uuid::from_u128(2),
+            id_assigned: false,
+            ts_ms: 1_800_000_000_000,
+            kind: "telemetry".into(),
+            metrics: vec![("battery".into(), 0.9), ("temp".into(), 21.5)],
+            attrs: vec![("fw".into(), "1.4.2".into())],
+        },
+    }
+}
+
+#[test]
+fn the_schema_parses_into_its_tables() {
+    let s = schema();
+    let mut names: Vec<_> = s.keys().cloned().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "buckets",
+            "event_ids",
+            "events",
+            "meta",
+            "rollups",
+            "rollups_pending"
+        ]
+    );
+    assert_eq!(s["events"]["ts"], ColumnType::Native(NativeType::Timestamp));
+    assert!(matches!(
+        s["events"]["metrics"],
+        ColumnType::Collection {
+            frozen: true,
+            typ: CollectionType::Map(..)
+        }
+    ));
+}
+
+#[test]
+fn every_bound_row_type_serializes_against_the_schema() {
+    let r = record();
+    let t = ms(1);
+    let (d, e) = (Uuid::from_u128(1), Uuid::from_u128(2));
+    let pending = PendingRow {
+        user_id: 1,
+        device_id: d,
+        minute: t,
+        flush: e,
+    };
+    let checks = [
+        check_bind(&Cql::insert_event(KS), &event_row(&r, 3_600_000)),
+        check_bind(
+            &Cql::insert_bucket(KS),
+            &BucketIn {
+                user_id: 1,
+                device_id: d,
+                bucket: t,
+            },
+        ),
+        check_bind(
+            &Cql::insert_id(KS),
+            &IdIn {
+                device_id: d,
+                event_id: e,
+                ts: t,
+            },
+        ),
+        check_bind(
+            &Cql::select_id(KS),
+            &IdKeyIn {
+                device_id: d,
+                event_id: e,
+            },
+        ),
+        check_bind(
+            &Cql::select_buckets(KS),
+            &BucketRangeIn {
+                user_id: 1,
+                device_id: d,
+                lo: t,
+                hi: t,
+            },
+        ),
+        check_bind(
+            &Cql::list_slice(KS),
+            &SliceIn {
+                user_id: 1,
+                device_id: d,
+                bucket: t,
+                from_ts: t,
+                to_ts: t,
+            },
+        ),
+        check_bind(
+            &Cql::list_before(KS),
+            &SliceBeforeIn {
+                user_id: 1,
+                device_id: d,
+                bucket: t,
+                before_ts: t,
+                before_id: e,
+            },
+        ),
+        check_bind(
+            &Cql::metric_slice(KS),
+            &SliceIn {
+                user_id: 1,
+                device_id: d,
+                bucket: t,
+                from_ts: t,
+                to_ts: t,
+            },
+        ),
+        check_bind(
+            &Cql::count_slice(KS),
+            &SliceIn {
+                user_id: 1,
+                device_id: d,
+                bucket: t,
+                from_ts: t,
+                to_ts: t,
+            },
+        ),
+        check_bind(&Cql::select_meta(KS), &MetaKeyIn { name: BUCKET_META }),
+        check_bind(
+            &Cql::insert_rollup(KS),
+            &RollupIn {
+                user_id: 1,
+                device_id: d,
+                day: t,
+                metric: "temp",
+                minute: t,
+                kind: "telemetry",
+                count: 3,
+                min: 1.0,
+                max: 2.0,
+                sum: 4.5,
+                writetime: 3,
+            },
+        ),
+        check_bind(
+            &Cql::select_rollups(KS),
+            &RollupSliceIn {
+                user_id: 1,
+                device_id: d,
+                day: t,
+                metric: "",
+                from_minute: t,
+                to_minute: t,
+            },
+        ),
+        check_bind(&Cql::insert_pending(KS), &pending),
+        check_bind(&Cql::delete_pending(KS), &pending),
+        check_bind(
+            &Cql::select_pending(KS),
+            &PendingRangeIn {
+                user_id: 1,
+                device_id: d,
+                from_minute: t,
+                to_minute: t,
+            },
+        ),
+        check_bind(
+            &Cql::insert_meta(KS),
+            &MetaIn {
+                name: BUCKET_META,
+                value: 1,
+            },
+        ),
+    ];
+    for c in checks {
+        c.unwrap();
+    }
+}
+
+#[test]
+fn every_read_row_type_type_checks_against_the_schema() {
+    check_read::<IdOut>(&Cql::select_id(KS)).unwrap();
+    check_read::<BucketOut>(&Cql::select_buckets(KS)).unwrap();
+    check_read::<EventOut>(&Cql::list_slice(KS)).unwrap();
+    check_read::<EventOut>(&Cql::list_before(KS)).unwrap();
+    check_read::<MetricOut>(&Cql::metric_slice(KS)).unwrap();
+    check_read::<CountOut>(&Cql::count_slice(KS)).unwrap();
+    check_read::<MetaOut>(&Cql::select_meta(KS)).unwrap();
+    check_read::<RollupOut>(&Cql::select_rollups(KS)).unwrap();
+    check_read::<PendingOut>(&Cql::select_pending(KS)).unwrap();
+    check_read::<PendingRow>(&Cql::scan_pending(KS)).unwrap();
+}
+
+#[test]
+fn the_checks_catch_a_row_type_that_does_not_match_the_schema() {
+    // user_id is a bigint: an i32 must be refused.
+    #[derive(SerializeRow)]
+    struct NarrowUser {
+        user_id: i32,
+        device_id: Uuid,
+        bucket: CqlTimestamp,
+    }
+    let wrong = NarrowUser {
+        user_id: 1,
+        device_id: Uuid::nil(),
+        bucket: ms(0),
+    };
+    assert!(check_bind(&Cql::insert_bucket(KS), &wrong).is_err());
+    // A bind marker name the statement does not have.
+    #[derive(SerializeRow)]
+    struct Misnamed {
+        user_id: i64,
+        device_id: Uuid,
+        low: CqlTimestamp,
+        hi: CqlTimestamp,
+    }
+    let wrong = Misnamed {
+        user_id: 1,
+        device_id: Uuid::nil(),
+        low: ms(0),
+        hi: ms(0),
+    };
+    assert!(check_bind(&Cql::select_buckets(KS), &wrong).is_err());
+    // ts is a timestamp, not text; metrics a map of doubles, not of text.
+    #[derive(DeserializeRow)]
+    #[allow(dead_code)]
+    struct TextTs {
+        ts: String,
+    }
+    assert!(check_read::<TextTs>(&Cql::select_id(KS)).is_err());
+    #[derive(DeserializeRow)]
+    #[allow(dead_code)]
+    struct TextMetrics {
+        ts: CqlTimestamp,
+        #[scylla(rename = "type")]
+        kind: String,
+        metrics: Option<BTreeMap<String, String>>,
+    }
+    assert!(check_read::<TextMetrics>(&Cql::metric_slice(KS)).is_err());
+}
+
+#[test]
+fn the_size_estimate_bounds_the_serialized_row() {
+    let mut r = record();
+    r.event.attrs.push(("note".into(), "é".repeat(500)));
+    let actual = check_bind(&Cql::insert_event(KS), &event_row(&r, 3_600_000)).unwrap();
+    assert!(
+        actual <= row_bytes(&r.event),
+        "{actual} > {}",
+        row_bytes(&r.event)
+    );
+}
+
+#[test]
+fn partitions_split_into_batches_under_the_byte_limit_in_order() {
+    let records: Vec<Record> = (0..100)
+        .map(|i| {
+            let mut r = record();
+            r.event.id = Uuid::from_u128(i);
+            if i == 50 {
+                r.event.attrs.push(("big".into(), "x".repeat(1000)));
+                for j in 0..10 {
+                    r.event.attrs.push((format!("a{j}"), "y".repeat(1000)));
+                }
+            }
+            r
+        })
+        .collect();
+    let refs: Vec<&Record> = records.iter().collect();
+    let runs = split_by_bytes(&refs, 5 * 1024);
+    assert!(runs.len() > 1);
+    let flat: Vec<Uuid> = runs.iter().flatten().map(|r| r.event.id).collect();
+    assert_eq!(flat, records.iter().map(|r| r.event.id).collect::<Vec<_>>());
+    for run in &runs {
+        let size: usize = run.iter().map(|r| row_bytes(&r.event)).sum();
+        assert!(
+            size <= 5 * 1024 || run.len() == 1,
+            "a run of {} bytes",
+            size
+        );
+    }
+    // Every run stays within one partition: the batcher hands one partition at a
+    // time, and the rows' partition key is the batch key.
+    let key = PartitionKey::of(&records[0], 3_600_000);
+    assert!(records
+        .iter()
+        .all(|r| PartitionKey::of(r, 3_600_000) == key));
+}
+
+#[test]
+fn settings_are_checked() {
+    let mut c = StoreConfig::default();
+    assert!(ScyllaSettings::from_config(&c, 1000).is_err(), "no nodes");
+    c.scylla_nodes = Some("10.0.0.1:9042, 10.0.0.2:9042".into());
+    let s = ScyllaSettings::from_config(&c, 1000).unwrap();
+    assert_eq!(s.nodes, ["10.0.0.1:9042", "10.0.0.2:9042"]);
+    assert_eq!(s.consistency, Consistency::LocalQuorum);
+    c.keyspace = "x; DROP TABLE y".into();
+    assert!(ScyllaSettings::from_config(&c, 1000).is_err());
+    c.keyspace = "iotpipe".into();
+    c.consistency = "MOST".into();
+    assert!(ScyllaSettings::from_config(&c, 1000).is_err());
+}
+
+#[test]
+fn the_schema_is_filled_from_the_settings() {
+    let mut c = StoreConfig {
+        scylla_nodes: Some("n:9042".into()),
+        keyspace: "metrics_prod".into(),
+        ttl_secs: 86_400,
+        ..StoreConfig::default()
+    };
+    c.replication = "{'class': 'NetworkTopologyStrategy', 'dc1': 3}".into();
+    let stmts = schema_statements(&ScyllaSettings::from_config(&c, 1000).unwrap());
+    assert_eq!(stmts.len(), 7);
+    assert!(stmts[0].starts_with("CREATE KEYSPACE IF NOT EXISTS metrics_prod"));
+    assert!(stmts[0].ends_with("replication = {'class': 'NetworkTopologyStrategy', 'dc1': 3}"));
+    assert!(stmts.iter().skip(1).all(|s| s.contains("metrics_prod.")));
+    assert!(stmts[1].contains("TimeWindowCompactionStrategy"));
+    assert!(stmts[1].contains("default_time_to_live = 86400"));
+    for placeholder in ["{keyspace}", "{replication}", "{ttl}"] {
+        assert!(
+            stmts.iter().all(|s| !s.contains(placeholder)),
+            "{placeholder} left"
+        );
+    }
+}

@@ -1,0 +1,175 @@
+//! The write path: duplicate lookups, per-partition batches, then the id index.
+
+use std::collections::HashSet;
+
+use scylla::statement::batch::{Batch, BatchType};
+
+use super::errors::{corrupt, exec_error};
+use uuid::Uuid;
+
+use super::rows::{
+    event_row, ms, split_by_bytes, BucketIn, EventIn, IdIn, IdKeyIn, IdOut, PendingRow,
+};
+use super::Inner;
+use crate::model::{bucket_start, Record};
+use crate::pipeline::batcher::PartitionBatch;
+use crate::store::{StoreError, ROLLUP_MS};
+
+/// The distinct (device, minute) pairs of `records`, as pending rows of `flush`.
+fn pending_minutes<'a>(records: impl Iterator<Item = &'a Record>, flush: Uuid) -> Vec<PendingRow> {
+    let mut seen = HashSet::new();
+    records
+        .filter_map(|r| {
+            let minute = bucket_start(r.event.ts_ms, ROLLUP_MS);
+            seen.insert((r.user_id, r.device_id, minute))
+                .then_some(PendingRow {
+                    user_id: r.user_id,
+                    device_id: r.device_id,
+                    minute: ms(minute),
+                    flush,
+                })
+        })
+        .collect()
+}
+
+impl Inner {
+    pub(super) async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    async fn is_known(&self, r: &Record) -> Result<bool, StoreError> {
+        let _p = self.permit().await;
+        let key = IdKeyIn {
+            device_id: r.device_id,
+            event_id: r.event.id,
+        };
+        let rows = self
+            .session
+            .execute_unpaged(&self.cql.select_id, key)
+            .await
+            .map_err(exec_error)?
+            .into_rows_result()
+            .map_err(corrupt)?;
+        Ok(rows.maybe_first_row::<IdOut>().map_err(corrupt)?.is_some())
+    }
+
+    async fn write_run(&self, run: &[&Record]) -> Result<(), StoreError> {
+        let _p = self.permit().await;
+        let len = self.settings.bucket_len_ms;
+        if let [one] = run {
+            self.session
+                .execute_unpaged(&self.cql.insert_event, event_row(one, len))
+                .await
+                .map_err(exec_error)?;
+            return Ok(());
+        }
+        let mut batch = Batch::new(BatchType::Unlogged);
+        for _ in run {
+            batch.append_statement(self.cql.insert_event.clone());
+        }
+        batch.set_is_idempotent(true);
+        let rows: Vec<EventIn<'_>> = run.iter().map(|r| event_row(r, len)).collect();
+        self.session.batch(&batch, rows).await.map_err(exec_error)?;
+        Ok(())
+    }
+
+    async fn write_bucket(&self, p: &PartitionBatch) -> Result<(), StoreError> {
+        let _p = self.permit().await;
+        let row = BucketIn {
+            user_id: p.key.user_id,
+            device_id: p.key.device_id,
+            bucket: ms(p.key.bucket_ms),
+        };
+        self.session
+            .execute_unpaged(&self.cql.insert_bucket, row)
+            .await
+            .map_err(exec_error)?;
+        Ok(())
+    }
+
+    async fn write_pending(&self, row: &PendingRow) -> Result<(), StoreError> {
+        let _p = self.permit().await;
+        self.session
+            .execute_unpaged(&self.cql.insert_pending, row)
+            .await
+            .map_err(exec_error)?;
+        Ok(())
+    }
+
+    async fn write_id(&self, r: &Record) -> Result<(), StoreError> {
+        let _p = self.permit().await;
+        let row = IdIn {
+            device_id: r.device_id,
+            event_id: r.event.id,
+            ts: ms(r.event.ts_ms),
+        };
+        self.session
+            .execute_unpaged(&self.cql.insert_id, row)
+            .await
+            .map_err(exec_error)?;
+        Ok(())
+    }
+
+    pub(super) async fn write(
+        &self,
+        partitions: &[PartitionBatch],
+    ) -> Result<Vec<usize>, StoreError> {
+        // 1. Drop duplicates within the flush, then look the rest up.
+        let mut in_flush = HashSet::new();
+        let candidates: Vec<Vec<&Record>> = partitions
+            .iter()
+            .map(|p| {
+                p.records
+                    .iter()
+                    .filter(|r| in_flush.insert((r.device_id, r.event.id)))
+                    .collect()
+            })
+            .collect();
+        // The semaphore bounds how many of these lookups are in flight.
+        let lookups = candidates.iter().flatten().map(|r| self.is_known(r));
+        let known = futures::future::try_join_all(lookups).await?;
+        let mut known = known.into_iter();
+        let fresh: Vec<Vec<&Record>> = candidates
+            .iter()
+            .map(|rs| {
+                rs.iter()
+                    .copied()
+                    .filter(|_| !known.next().unwrap_or(false))
+                    .collect()
+            })
+            .collect();
+
+        // 2. The minutes whose rollups this flush changes are pending until a
+        //    recomputation has read its events (see rollup.rs). Marked first, so a
+        //    crash after the events leaves them marked for the sweep.
+        let flush = Uuid::now_v7();
+        let pending: Vec<PendingRow> = pending_minutes(fresh.iter().flatten().copied(), flush);
+        futures::future::try_join_all(pending.iter().map(|row| self.write_pending(row))).await?;
+
+        // 3. Events, and the bucket index, partition by partition.
+        let max = self.settings.batch_max_bytes;
+        let mut writes = Vec::new();
+        for (p, rs) in partitions.iter().zip(&fresh) {
+            if rs.is_empty() {
+                continue;
+            }
+            for run in split_by_bytes(rs, max) {
+                writes.push(futures::future::Either::Left(async move {
+                    self.write_run(&run).await
+                }));
+            }
+            writes.push(futures::future::Either::Right(self.write_bucket(p)));
+        }
+        futures::future::try_join_all(writes).await?;
+
+        // 4. Only now the ids: see the module docs.
+        futures::future::try_join_all(fresh.iter().flatten().map(|r| self.write_id(r))).await?;
+
+        // 5. The events are durable; their rollups follow.
+        self.recomputer.submit(pending);
+        Ok(fresh.iter().map(Vec::len).collect())
+    }
+}
