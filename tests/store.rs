@@ -276,6 +276,21 @@ async fn time_ids_are_duplicates_whatever_their_ts(store: &dyn EventStore, user:
         .unwrap();
     let kept: Vec<(Uuid, i64)> = stored.iter().map(|e| (e.id, e.ts_ms - T0)).collect();
     assert_eq!(kept, vec![(y, 30_000), (x, 10_000)]);
+
+    // An id the server assigned, sent back by the device (a retry of an event it was
+    // told about), is the same event.
+    let d = Uuid::new_v4();
+    let z = assigned_id(T0 + 40_000);
+    let assigned = Event {
+        id_assigned: true,
+        ..timed(z, T0 + 40_000)
+    };
+    assert_eq!(
+        store.write(flush(user, d, vec![assigned])).await.unwrap(),
+        vec![1]
+    );
+    let resent = vec![timed(z, T0 + 40_000)];
+    assert_eq!(store.write(flush(user, d, resent)).await.unwrap(), vec![0]);
 }
 
 #[tokio::test]

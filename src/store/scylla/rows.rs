@@ -247,3 +247,13 @@ pub(super) struct PendingRangeIn {
 pub(super) struct PendingOut {
     pub minute: CqlTimestamp,
 }
+
+/// The whole primary key of one `events` row.
+#[derive(Debug, SerializeRow)]
+pub(super) struct EventKeyIn {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub bucket: CqlTimestamp,
+    pub ts: CqlTimestamp,
+    pub event_id: Uuid,
+}

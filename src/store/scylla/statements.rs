@@ -22,6 +22,12 @@ impl Cql {
     pub(super) fn insert_id(ks: &str) -> String {
         format!("INSERT INTO {ks}.event_ids (device_id, event_id, ts) VALUES (?, ?, ?)")
     }
+    pub(super) fn select_event_key(ks: &str) -> String {
+        format!(
+            "SELECT ts FROM {ks}.events WHERE user_id = ? AND device_id = ? AND bucket = ? \
+             AND ts = ? AND event_id = ?"
+        )
+    }
     pub(super) fn select_id(ks: &str) -> String {
         format!("SELECT ts FROM {ks}.event_ids WHERE device_id = ? AND event_id = ?")
     }
@@ -118,6 +124,7 @@ pub(super) struct Prepared {
     pub(super) insert_bucket: PreparedStatement,
     pub(super) insert_id: PreparedStatement,
     pub(super) select_id: PreparedStatement,
+    pub(super) select_event_key: PreparedStatement,
     pub(super) select_buckets: PreparedStatement,
     pub(super) list_slice: PreparedStatement,
     pub(super) list_before: PreparedStatement,
@@ -148,6 +155,7 @@ impl Prepared {
             insert_bucket: prepare(Cql::insert_bucket(ks)).await?,
             insert_id: prepare(Cql::insert_id(ks)).await?,
             select_id: prepare(Cql::select_id(ks)).await?,
+            select_event_key: prepare(Cql::select_event_key(ks)).await?,
             select_buckets: prepare(Cql::select_buckets(ks)).await?,
             list_slice: prepare(Cql::list_slice(ks)).await?,
             list_before: prepare(Cql::list_before(ks)).await?,

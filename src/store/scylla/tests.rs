@@ -439,6 +439,16 @@ fn every_bound_row_type_serializes_against_the_schema() {
             },
         ),
         check_bind(&Cql::insert_pending(KS), &pending),
+        check_bind(
+            &Cql::select_event_key(KS),
+            &EventKeyIn {
+                user_id: 1,
+                device_id: d,
+                bucket: t,
+                ts: t,
+                event_id: e,
+            },
+        ),
         check_bind(&Cql::delete_pending(KS), &pending),
         check_bind(
             &Cql::select_pending(KS),
@@ -465,6 +475,7 @@ fn every_bound_row_type_serializes_against_the_schema() {
 #[test]
 fn every_read_row_type_type_checks_against_the_schema() {
     check_read::<IdOut>(&Cql::select_id(KS)).unwrap();
+    check_read::<IdOut>(&Cql::select_event_key(KS)).unwrap();
     check_read::<BucketOut>(&Cql::select_buckets(KS)).unwrap();
     check_read::<EventOut>(&Cql::list_slice(KS)).unwrap();
     check_read::<EventOut>(&Cql::list_before(KS)).unwrap();

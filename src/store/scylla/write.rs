@@ -8,10 +8,10 @@ use super::errors::{corrupt, exec_error};
 use uuid::Uuid;
 
 use super::rows::{
-    event_row, ms, split_by_bytes, BucketIn, EventIn, IdIn, IdKeyIn, IdOut, PendingRow,
+    event_row, ms, split_by_bytes, BucketIn, EventIn, EventKeyIn, IdIn, IdKeyIn, IdOut, PendingRow,
 };
 use super::Inner;
-use crate::model::{bucket_start, Record};
+use crate::model::{assigned_id_ts, bucket_start, Record};
 use crate::pipeline::batcher::PartitionBatch;
 use crate::store::{StoreError, ROLLUP_MS};
 
@@ -40,8 +40,35 @@ impl Inner {
             .expect("the semaphore is never closed")
     }
 
+    /// Whether the event's id is already stored for its device.
     async fn is_known(&self, r: &Record) -> Result<bool, StoreError> {
+        if r.event.id_assigned {
+            // The server made this id just now: it cannot have been stored before.
+            return Ok(false);
+        }
         let _p = self.permit().await;
+        if assigned_id_ts(r.event.id) == Some(r.event.ts_ms) {
+            // A device may send back an id the server assigned (a retry of an event
+            // it was told about). Such ids were never written to `event_ids`, but
+            // their time is their event's ts, so their own event row is found.
+            let key = EventKeyIn {
+                user_id: r.user_id,
+                device_id: r.device_id,
+                bucket: ms(bucket_start(r.event.ts_ms, self.settings.bucket_len_ms)),
+                ts: ms(r.event.ts_ms),
+                event_id: r.event.id,
+            };
+            let rows = self
+                .session
+                .execute_unpaged(&self.cql.select_event_key, key)
+                .await
+                .map_err(exec_error)?
+                .into_rows_result()
+                .map_err(corrupt)?;
+            if rows.maybe_first_row::<IdOut>().map_err(corrupt)?.is_some() {
+                return Ok(true);
+            }
+        }
         let key = IdKeyIn {
             device_id: r.device_id,
             event_id: r.event.id,
@@ -165,8 +192,10 @@ impl Inner {
         }
         futures::future::try_join_all(writes).await?;
 
-        // 4. Only now the ids: see the module docs.
-        futures::future::try_join_all(fresh.iter().flatten().map(|r| self.write_id(r))).await?;
+        // 4. Only now the ids (see the module docs). Ids the server assigned need no
+        //    row: nobody else can hold them, and their event row finds them.
+        let ids = fresh.iter().flatten().filter(|r| !r.event.id_assigned);
+        futures::future::try_join_all(ids.map(|r| self.write_id(r))).await?;
 
         // 5. The events are durable; their rollups follow.
         self.recomputer.submit(pending);
