@@ -461,9 +461,12 @@ impl Mosquitto {
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
+            // The same settings as every broker of the project, persistence included.
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
-                 max_inflight_messages 1000\nmax_queued_messages 1000000\nlog_dest none\n"
+                 persistence_location {}/\nlog_dest none\n{}",
+                dir.path().display(),
+                include_str!("../deploy/mosquitto.conf")
             ),
         )?;
         let child = std::process::Command::new("mosquitto")

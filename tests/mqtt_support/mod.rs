@@ -465,9 +465,13 @@ pub struct Broker {
     pub dir: tempfile::TempDir,
 }
 
+/// The broker settings the delivery guarantee needs, as every broker of the project
+/// uses them.
+pub const MOSQUITTO_CONF: &str = include_str!("../../deploy/mosquitto.conf");
+
 impl Broker {
-    /// Tuned as `docs/mqtt.md` says the guarantee needs: a large in-flight window, a
-    /// queue that never drops QoS 1 messages, and persistence.
+    /// Tuned as `deploy/mosquitto.conf` says the guarantee needs: a large in-flight
+    /// window, a queue that never drops QoS 1 messages, and persistence.
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -480,10 +484,9 @@ impl Broker {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
-                 persistence true\npersistence_location {}/\nautosave_interval 1\n\
-                 max_inflight_messages 1000\nmax_queued_messages 0\nmax_queued_bytes 0\n\
-                 log_dest none\n",
-                dir.path().display()
+                 persistence_location {}/\nlog_dest none\n{}",
+                dir.path().display(),
+                MOSQUITTO_CONF
             ),
         )
         .unwrap();
