@@ -25,14 +25,18 @@
 //!   A writer that crashes leaves its rows behind, and the sweep recomputes them.
 //!
 //! Recomputation runs after the flush is acknowledged, in one background task per
-//! store, which coalesces the minutes of consecutive flushes: a busy device's current
-//! minute is read once per round, not once per flush. Its queue is bounded; when it is
-//! full the minutes simply stay pending for the sweep, which costs only the raw reads
-//! of those minutes until then.
+//! store. A minute is recomputed once no flush has touched it for a second (at the
+//! latest ten seconds after the first): a busy device's current minute is then read
+//! about once, not once per flush, which would make a minute's cost grow with the
+//! square of its events. Meanwhile queries read it from its events, at most a minute
+//! of one device. The queue and the set of waiting minutes are bounded; past them
+//! minutes simply stay pending for the sweep, exact all the while.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 use scylla::statement::batch::{Batch, BatchType};
@@ -54,12 +58,23 @@ const DAY_MS: i64 = 86_400_000;
 /// Pending rows waiting for the recomputer, at most (in submissions).
 const QUEUE: usize = 4096;
 
-/// How long the recomputer waits for more flushes before a round, so that flushes a
-/// few milliseconds apart share one read of their minute.
-const COALESCE: Duration = Duration::from_millis(50);
+/// A minute is recomputed once no flush has touched it for this long: a device's
+/// current minute keeps receiving events until it ends, and reading it again after
+/// every flush would cost a read of the whole minute per flush.
+const QUIET: Duration = Duration::from_secs(1);
 
-/// Most pending rows taken into one round.
-const ROUND_ROWS: usize = 20_000;
+/// ...or once it has waited this long, whatever keeps writing to it.
+const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// How often the recomputer looks for minutes that are due.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Minutes waiting in the recomputer, at most; past it, new ones are left to the
+/// sweep (they stay pending, and exact).
+const WAITING: usize = 200_000;
+
+/// Pending rows per submission of the sweep.
+const SWEEP_CHUNK: usize = 10_000;
 
 /// Minutes recomputed at once.
 const FANOUT: usize = 16;
@@ -116,28 +131,59 @@ pub(super) fn spawn(inner: &Arc<Inner>, jobs: mpsc::Receiver<Job>) {
     ));
 }
 
+/// A minute waiting for recomputation: the flushes whose pending rows it will clear.
+struct Waiting {
+    flushes: Vec<Uuid>,
+    first: Instant,
+    last: Instant,
+}
+
+type MinuteKey = (UserId, DeviceId, i64);
+
 async fn run(store: Weak<Inner>, mut jobs: mpsc::Receiver<Job>) {
-    while let Some(first) = jobs.recv().await {
-        let mut rows = Vec::new();
-        let mut waiters = Vec::new();
-        let take = |job, rows: &mut Vec<PendingRow>, waiters: &mut Vec<_>| match job {
-            Job::Minutes(r) => rows.extend(r),
-            Job::Settle(w) => waiters.push(w),
+    let mut waiting: HashMap<MinuteKey, Waiting> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let settle = tokio::select! {
+            job = jobs.recv() => match job {
+                None => return,
+                Some(Job::Minutes(rows)) => {
+                    let now = Instant::now();
+                    for r in rows {
+                        let key = (r.user_id, r.device_id, r.minute.0);
+                        if let Some(w) = waiting.get_mut(&key) {
+                            w.flushes.push(r.flush);
+                            w.last = now;
+                        } else if waiting.len() < WAITING {
+                            waiting.insert(key, Waiting { flushes: vec![r.flush], first: now, last: now });
+                        }
+                    }
+                    continue;
+                }
+                Some(Job::Settle(w)) => Some(w),
+            },
+            _ = tick.tick() => None,
         };
-        take(first, &mut rows, &mut waiters);
-        if waiters.is_empty() {
-            tokio::time::sleep(COALESCE).await;
+        let now = Instant::now();
+        let due: Vec<MinuteKey> = waiting
+            .iter()
+            .filter(|(_, w)| {
+                settle.is_some()
+                    || now.duration_since(w.last) >= QUIET
+                    || now.duration_since(w.first) >= MAX_DELAY
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        if !due.is_empty() {
+            let Some(inner) = store.upgrade() else { return };
+            let round = due
+                .into_iter()
+                .filter_map(|k| waiting.remove(&k).map(|w| (k, w.flushes)))
+                .collect();
+            inner.recompute(round).await;
         }
-        while rows.len() < ROUND_ROWS {
-            match jobs.try_recv() {
-                Ok(job) => take(job, &mut rows, &mut waiters),
-                Err(_) => break,
-            }
-        }
-        let Some(inner) = store.upgrade() else { return };
-        inner.recompute(rows).await;
-        drop(inner);
-        for w in waiters {
+        if let Some(w) = settle {
             let _ = w.send(());
         }
     }
@@ -177,7 +223,7 @@ impl Inner {
             .try_collect()
             .await?;
         let n = rows.len();
-        for chunk in rows.chunks(ROUND_ROWS) {
+        for chunk in rows.chunks(SWEEP_CHUNK) {
             // A sweep may wait for room: nothing is waiting on it.
             let _ = self.recomputer.tx.send(Job::Minutes(chunk.to_vec())).await;
         }
@@ -187,16 +233,9 @@ impl Inner {
         Ok(n)
     }
 
-    /// One round: each distinct minute is read and written once, then the pending rows
-    /// it covers are deleted. A failed minute keeps its rows for the sweep.
-    async fn recompute(&self, rows: Vec<PendingRow>) {
-        let mut minutes: HashMap<(UserId, DeviceId, i64), Vec<Uuid>> = HashMap::new();
-        for r in rows {
-            minutes
-                .entry((r.user_id, r.device_id, r.minute.0))
-                .or_default()
-                .push(r.flush);
-        }
+    /// One round: each minute is read and written once, then the pending rows it
+    /// covers are deleted. A failed minute keeps its rows for the sweep.
+    async fn recompute(&self, minutes: Vec<(MinuteKey, Vec<Uuid>)>) {
         stream::iter(minutes)
             .for_each_concurrent(FANOUT, |((user, device, minute), flushes)| async move {
                 if let Err(e) = self.recompute_minute(user, device, minute, &flushes).await {
