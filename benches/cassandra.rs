@@ -158,23 +158,35 @@ async fn raw_round(session: &Session, ks: &str) -> f64 {
     (batches * RAW_BATCH_ROWS) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Waits until every rollup has caught up, so the query figures read rollups.
-async fn settled(session: &Session, ks: &str) {
+/// Waits until the rollups of `devices` for the day starting at `day` have caught up,
+/// so the query figures read rollups.
+async fn settled(session: &Session, ks: &str, user: i64, devices: &[Uuid], day: i64) {
+    let select = session
+        .prepare(format!(
+            "SELECT minute FROM {ks}.rollups_pending WHERE user_id = ? AND device_id = ? \
+             AND day = ? LIMIT 1"
+        ))
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let (n,): (i64,) = session
-            .query_unpaged(format!("SELECT count(*) FROM {ks}.rollups_pending"), ())
-            .await
-            .unwrap()
-            .into_rows_result()
-            .unwrap()
-            .single_row()
-            .unwrap();
-        if n == 0 {
-            return;
+    for d in devices {
+        loop {
+            let rows = session
+                .execute_unpaged(&select, (user, d, CqlTimestamp(day)))
+                .await
+                .unwrap()
+                .into_rows_result()
+                .unwrap()
+                .rows_num();
+            if rows == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "device {d} still has pending minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert!(Instant::now() < deadline, "{n} minutes still pending");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -294,8 +306,10 @@ async fn run() {
         assert_eq!(st, 200, "{v}");
         fleet.push(id);
     }
-    settled(&session, &keyspace).await;
     let user = user_of(&session, &keyspace, &device).await;
+    let mut all: Vec<Uuid> = fleet.iter().map(|d| d.parse().unwrap()).collect();
+    all.push(device.parse().unwrap());
+    settled(&session, &keyspace, user, &all, from).await;
     let range = format!(
         "from={}&to={}&window=1m",
         iotpipe::model::format_ms(from),

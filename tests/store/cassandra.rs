@@ -222,10 +222,16 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
     ks.session
         .query_unpaged(
             format!(
-                "INSERT INTO {name}.rollups_pending (user_id, device_id, minute, flush) \
-                 VALUES (?, ?, ?, ?)"
+                "INSERT INTO {name}.rollups_pending (user_id, device_id, day, minute, \
+                 flush) VALUES (?, ?, ?, ?, ?)"
             ),
-            (user, device, ts(T0), crashed),
+            (
+                user,
+                device,
+                ts(bucket_start(T0, 86_400_000)),
+                ts(T0),
+                crashed,
+            ),
         )
         .await
         .unwrap();

@@ -4,7 +4,8 @@
 //! range chunking (query) stay above [`EventStore`] and are shared with, and tested
 //! on, the embedded store. This module only turns partitions into CQL writes and
 //! ranges into CQL reads. Its files: `settings`, `schema`, `statements` (every CQL
-//! text), `rows` (every bound or read row type), `write`, `read`, `rollup`, `errors`.
+//! text), `rows` (every bound or read row type), `write`, `read`, `rollup` and
+//! `pending` (exact rollups), `errors`.
 //!
 //! Writes, per flush:
 //! 1. Duplicates within the flush are dropped; the others are looked up in
@@ -16,8 +17,8 @@
 //! 4. Only then are their ids written to `event_ids`. If the flush fails before this
 //!    step, a retry finds the ids absent and rewrites the same rows (same primary key,
 //!    so the rewrite is idempotent) instead of skipping events that were never stored.
-//! 5. The flush returns (the sources are acknowledged), and hands its pending minutes
-//!    to the rollup recomputer (`rollup.rs`).
+//! 5. The flush returns (the sources are acknowledged); the recomputer (`rollup.rs`)
+//!    rewrites the minutes' rollups once they are quiet.
 //!
 //! Why read-before-write and not a lightweight transaction (`IF NOT EXISTS`) per id:
 //! an LWT is a Paxos round (four round trips, and contention handling) per event,
@@ -36,6 +37,7 @@
 //! refused requests to [`StoreError::Invalid`] (never retried).
 
 mod errors;
+mod pending;
 mod read;
 mod rollup;
 mod rows;
@@ -77,7 +79,7 @@ struct Inner {
     cql: Prepared,
     settings: ScyllaSettings,
     permits: Semaphore,
-    /// Where flushes hand their pending minutes for recomputation.
+    /// This instance's pending minutes and their recomputation.
     recomputer: Recomputer,
 }
 
@@ -104,7 +106,7 @@ impl ScyllaStore {
     /// Waits until every rollup recomputation handed over so far is done (or has
     /// failed and been left to the sweep). For tests, and for `close`.
     pub async fn settle(&self) {
-        self.inner.recomputer.settle().await;
+        self.inner.round(true).await;
     }
 
     /// Recomputes the pending minutes older than `store.rollup_sweep_after_secs` now,
@@ -114,9 +116,7 @@ impl ScyllaStore {
     ///
     /// The scan of pending minutes failed.
     pub async fn sweep(&self) -> Result<usize, StoreError> {
-        let n = self.inner.sweep().await?;
-        self.settle().await;
-        Ok(n)
+        self.inner.sweep().await
     }
 
     /// Creates the keyspace and tables (`iotpipe migrate`) and records the bucket
@@ -152,15 +152,14 @@ impl ScyllaStore {
         let session = session(&settings).await?;
         check_bucket_len(&session, &settings, false).await?;
         let cql = Prepared::new(&session, &settings.keyspace, settings.page_size).await?;
-        let (recomputer, jobs) = Recomputer::new();
         let inner = Arc::new(Inner {
             session,
             cql,
             permits: Semaphore::new(settings.write_concurrency),
             settings,
-            recomputer,
+            recomputer: Recomputer::default(),
         });
-        rollup::spawn(&inner, jobs);
+        rollup::spawn(&inner);
         Ok(Self { inner })
     }
 }

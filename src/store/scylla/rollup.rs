@@ -18,8 +18,9 @@
 //!   writes arrive in; equal counts mean equal sets. The recomputation that read last
 //!   saw every event, so the row that wins is exact.
 //! - **Pending minutes.** Before writing its events a flush marks their minutes in
-//!   `rollups_pending`, one row per (minute, flush); a recomputation that read after
-//!   the flush's events deletes that flush's rows once its rollups are written.
+//!   `rollups_pending` (or joins its instance's mark of them, `pending.rs`); a
+//!   recomputation that read after every joined flush's events deletes the mark once
+//!   its rollups are written.
 //!   Aggregates read pending minutes from the events instead of the rollups, so an
 //!   acknowledged event is in every aggregate at once; the rollups merely catch up.
 //!   A writer that crashes leaves its rows behind, and the sweep recomputes them.
@@ -29,21 +30,18 @@
 //! latest ten seconds after the first): a busy device's current minute is then read
 //! about once, not once per flush, which would make a minute's cost grow with the
 //! square of its events. Meanwhile queries read it from its events, at most a minute
-//! of one device. The queue and the set of waiting minutes are bounded; past them
-//! minutes simply stay pending for the sweep, exact all the while.
+//! of one device.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use futures::stream::{self, StreamExt, TryStreamExt};
 use scylla::statement::batch::{Batch, BatchType};
-use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::errors::{corrupt, exec_error, pager_error, row_error};
+use super::pending::{marker_row, MinuteKey, Pending, DAY_MS};
 use super::rows::{
     ms, MetricOut, PendingOut, PendingRangeIn, PendingRow, RollupIn, RollupOut, RollupSliceIn,
     SliceIn,
@@ -52,29 +50,8 @@ use super::Inner;
 use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, UserId};
 use crate::store::{Rollup, RollupQuery, StoreError, Summary, ROLLUP_MS};
 
-/// A rollup partition holds one device's UTC day.
-const DAY_MS: i64 = 86_400_000;
-
-/// Pending rows waiting for the recomputer, at most (in submissions).
-const QUEUE: usize = 4096;
-
-/// A minute is recomputed once no flush has touched it for this long: a device's
-/// current minute keeps receiving events until it ends, and reading it again after
-/// every flush would cost a read of the whole minute per flush.
-const QUIET: Duration = Duration::from_secs(1);
-
-/// ...or once it has waited this long, whatever keeps writing to it.
-const MAX_DELAY: Duration = Duration::from_secs(10);
-
-/// How often the recomputer looks for minutes that are due.
+/// How often the recomputer looks for marks that are due.
 const TICK: Duration = Duration::from_millis(250);
-
-/// Minutes waiting in the recomputer, at most; past it, new ones are left to the
-/// sweep (they stay pending, and exact).
-const WAITING: usize = 200_000;
-
-/// Pending rows per submission of the sweep.
-const SWEEP_CHUNK: usize = 10_000;
 
 /// Minutes recomputed at once.
 const FANOUT: usize = 16;
@@ -85,108 +62,30 @@ const BATCH_ROWS: usize = 64;
 /// Summaries of one device's minute, by (metric, type); metric `""` counts every event.
 type MinuteSummaries = BTreeMap<(String, String), Summary>;
 
-pub(super) enum Job {
-    Minutes(Vec<PendingRow>),
-    /// Answered once every job queued before it is done.
-    Settle(oneshot::Sender<()>),
-}
-
-/// The handle flushes submit their pending minutes to.
+/// This instance's marks, and the lock that makes recomputation rounds one at a time.
+#[derive(Default)]
 pub(super) struct Recomputer {
-    tx: mpsc::Sender<Job>,
-}
-
-impl Recomputer {
-    pub(super) fn new() -> (Self, mpsc::Receiver<Job>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        (Self { tx }, rx)
-    }
-
-    /// Hands over a flush's pending minutes. Never waits: with the queue full they
-    /// stay pending (and exact, read from the events) until the sweep.
-    pub(super) fn submit(&self, rows: Vec<PendingRow>) {
-        if rows.is_empty() {
-            return;
-        }
-        if self.tx.try_send(Job::Minutes(rows)).is_err() {
-            tracing::warn!("rollup recomputation queue full; minutes left pending for the sweep");
-        }
-    }
-
-    pub(super) async fn settle(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Job::Settle(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
-    }
+    pub(super) pending: Pending,
+    round: tokio::sync::Mutex<()>,
 }
 
 /// Starts the store's recomputer and its periodic sweep. Both hold the store weakly
 /// and end with it.
-pub(super) fn spawn(inner: &Arc<Inner>, jobs: mpsc::Receiver<Job>) {
-    tokio::spawn(run(Arc::downgrade(inner), jobs));
+pub(super) fn spawn(inner: &Arc<Inner>) {
+    let store = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(inner) = store.upgrade() else { return };
+            inner.round(false).await;
+        }
+    });
     tokio::spawn(sweep_forever(
         Arc::downgrade(inner),
         inner.settings.rollup_sweep_after,
     ));
-}
-
-/// A minute waiting for recomputation: the flushes whose pending rows it will clear.
-struct Waiting {
-    flushes: Vec<Uuid>,
-    first: Instant,
-    last: Instant,
-}
-
-type MinuteKey = (UserId, DeviceId, i64);
-
-async fn run(store: Weak<Inner>, mut jobs: mpsc::Receiver<Job>) {
-    let mut waiting: HashMap<MinuteKey, Waiting> = HashMap::new();
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let settle = tokio::select! {
-            job = jobs.recv() => match job {
-                None => return,
-                Some(Job::Minutes(rows)) => {
-                    let now = Instant::now();
-                    for r in rows {
-                        let key = (r.user_id, r.device_id, r.minute.0);
-                        if let Some(w) = waiting.get_mut(&key) {
-                            w.flushes.push(r.flush);
-                            w.last = now;
-                        } else if waiting.len() < WAITING {
-                            waiting.insert(key, Waiting { flushes: vec![r.flush], first: now, last: now });
-                        }
-                    }
-                    continue;
-                }
-                Some(Job::Settle(w)) => Some(w),
-            },
-            _ = tick.tick() => None,
-        };
-        let now = Instant::now();
-        let due: Vec<MinuteKey> = waiting
-            .iter()
-            .filter(|(_, w)| {
-                settle.is_some()
-                    || now.duration_since(w.last) >= QUIET
-                    || now.duration_since(w.first) >= MAX_DELAY
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        if !due.is_empty() {
-            let Some(inner) = store.upgrade() else { return };
-            let round = due
-                .into_iter()
-                .filter_map(|k| waiting.remove(&k).map(|w| (k, w.flushes)))
-                .collect();
-            inner.recompute(round).await;
-        }
-        if let Some(w) = settle {
-            let _ = w.send(());
-        }
-    }
 }
 
 /// Recomputes, at start-up and then periodically, the minutes whose writer left them
@@ -204,7 +103,22 @@ async fn sweep_forever(store: Weak<Inner>, after: Duration) {
 }
 
 impl Inner {
-    /// Submits every pending minute older than the sweep age; returns how many rows.
+    /// One recomputation round over this instance's due marks (with `all`, every mark
+    /// no flush is writing into: `settle`).
+    pub(super) async fn round(&self, all: bool) {
+        let _one_at_a_time = self.recomputer.round.lock().await;
+        let due = self
+            .recomputer
+            .pending
+            .take_due(std::time::Instant::now(), all);
+        if !due.is_empty() {
+            self.recompute(due.into_iter().map(|(k, m)| (k, vec![m])).collect())
+                .await;
+        }
+    }
+
+    /// Recomputes every marked minute older than the sweep age that is not one of
+    /// this instance's own marks in progress; returns how many marker rows it found.
     pub(super) async fn sweep(&self) -> Result<usize, StoreError> {
         let cutoff = now_ms() - self.settings.rollup_sweep_after.as_millis() as i64;
         let rows: Vec<PendingRow> = self
@@ -216,19 +130,28 @@ impl Inner {
             .map_err(corrupt)?
             .map_err(row_error)
             .try_filter(|r| {
-                // Flush ids are UUIDv7: their time is when the flush began.
-                let started = assigned_id_ts(r.flush).unwrap_or(i64::MIN);
-                futures::future::ready(started <= cutoff)
+                // Markers are UUIDv7: their time is when the mark was made.
+                let made = assigned_id_ts(r.flush).unwrap_or(i64::MIN);
+                let own = self
+                    .recomputer
+                    .pending
+                    .holds((r.user_id, r.device_id, r.minute.0), r.flush);
+                futures::future::ready(made <= cutoff && !own)
             })
             .try_collect()
             .await?;
         let n = rows.len();
-        for chunk in rows.chunks(SWEEP_CHUNK) {
-            // A sweep may wait for room: nothing is waiting on it.
-            let _ = self.recomputer.tx.send(Job::Minutes(chunk.to_vec())).await;
-        }
         if n > 0 {
             tracing::info!(rows = n, "rollup sweep: recomputing minutes left pending");
+            let mut minutes: HashMap<MinuteKey, Vec<Uuid>> = HashMap::new();
+            for r in rows {
+                minutes
+                    .entry((r.user_id, r.device_id, r.minute.0))
+                    .or_default()
+                    .push(r.flush);
+            }
+            let _one_at_a_time = self.recomputer.round.lock().await;
+            self.recompute(minutes.into_iter().collect()).await;
         }
         Ok(n)
     }
@@ -284,13 +207,8 @@ impl Inner {
                 .await
                 .map_err(exec_error)?;
         }
-        for &flush in flushes {
-            let key = PendingRow {
-                user_id: user,
-                device_id: device,
-                minute: ms(minute),
-                flush,
-            };
+        for &marker in flushes {
+            let key = marker_row((user, device, minute), marker);
             let _p = self.permit().await;
             self.session
                 .execute_unpaged(&self.cql.delete_pending, key)
@@ -351,42 +269,25 @@ impl Inner {
             return Ok(Vec::new());
         }
         let metric = q.metric.as_deref().unwrap_or("");
-        // Pending minutes are read first: a minute not pending now has rollups that
-        // hold every event acknowledged before now.
-        let pending: BTreeSet<i64> = self
-            .session
-            .execute_iter(
-                self.cql.select_pending.clone(),
-                PendingRangeIn {
-                    user_id: q.user_id,
-                    device_id: q.device_id,
-                    from_minute: ms(q.from_ms),
-                    to_minute: ms(q.to_ms),
-                },
-            )
-            .await
-            .map_err(pager_error)?
-            .rows_stream::<PendingOut>()
-            .map_err(corrupt)?
-            .map_ok(|r| r.minute.0)
-            .map_err(row_error)
-            .try_collect()
-            .await?;
         let first_day = bucket_start(q.from_ms, DAY_MS);
         let days = (0..)
             .map(|i| first_day + i * DAY_MS)
             .take_while(|d| *d < q.to_ms);
-        let per_day: Vec<Vec<Rollup>> = stream::iter(days)
+        let per_day: Vec<(BTreeSet<i64>, Vec<Rollup>)> = stream::iter(days)
             .map(|day| self.rollup_day(q, metric, day))
             .buffered(4)
             .try_collect()
             .await?;
         let kind_ok = |k: &str| q.kind.as_deref().is_none_or(|want| want == k);
-        let mut out: Vec<Rollup> = per_day
-            .into_iter()
-            .flatten()
-            .filter(|r| !pending.contains(&r.minute_ms) && kind_ok(&r.kind))
-            .collect();
+        let mut out = Vec::new();
+        let mut pending = BTreeSet::new();
+        for (day_pending, rows) in per_day {
+            out.extend(
+                rows.into_iter()
+                    .filter(|r| !day_pending.contains(&r.minute_ms) && kind_ok(&r.kind)),
+            );
+            pending.extend(day_pending);
+        }
         let computed: Vec<(i64, MinuteSummaries)> = stream::iter(pending)
             .map(|minute| async move {
                 let s = self
@@ -412,19 +313,55 @@ impl Inner {
         Ok(out)
     }
 
+    /// One day of a query: its pending minutes, then its rollup rows. The pending
+    /// minutes are read first: a minute not pending then has rollups that hold every
+    /// event acknowledged before.
     async fn rollup_day(
         &self,
         q: &RollupQuery,
         metric: &str,
         day: i64,
+    ) -> Result<(BTreeSet<i64>, Vec<Rollup>), StoreError> {
+        let (from, to) = (q.from_ms.max(day), q.to_ms.min(day + DAY_MS));
+        let pending: BTreeSet<i64> = self
+            .session
+            .execute_iter(
+                self.cql.select_pending.clone(),
+                PendingRangeIn {
+                    user_id: q.user_id,
+                    device_id: q.device_id,
+                    day: ms(day),
+                    from_minute: ms(from),
+                    to_minute: ms(to),
+                },
+            )
+            .await
+            .map_err(pager_error)?
+            .rows_stream::<PendingOut>()
+            .map_err(corrupt)?
+            .map_ok(|r| r.minute.0)
+            .map_err(row_error)
+            .try_collect()
+            .await?;
+        let rows = self.rollup_rows(q, metric, day, from, to).await?;
+        Ok((pending, rows))
+    }
+
+    async fn rollup_rows(
+        &self,
+        q: &RollupQuery,
+        metric: &str,
+        day: i64,
+        from: i64,
+        to: i64,
     ) -> Result<Vec<Rollup>, StoreError> {
         let slice = RollupSliceIn {
             user_id: q.user_id,
             device_id: q.device_id,
             day: ms(day),
             metric,
-            from_minute: ms(q.from_ms.max(day)),
-            to_minute: ms(q.to_ms.min(day + DAY_MS)),
+            from_minute: ms(from),
+            to_minute: ms(to),
         };
         self.session
             .execute_iter(self.cql.select_rollups.clone(), slice)

@@ -230,6 +230,7 @@ pub(super) struct RollupOut {
 pub(super) struct PendingRow {
     pub user_id: i64,
     pub device_id: Uuid,
+    pub day: CqlTimestamp,
     pub minute: CqlTimestamp,
     pub flush: Uuid,
 }
@@ -239,6 +240,7 @@ pub(super) struct PendingRow {
 pub(super) struct PendingRangeIn {
     pub user_id: i64,
     pub device_id: Uuid,
+    pub day: CqlTimestamp,
     pub from_minute: CqlTimestamp,
     pub to_minute: CqlTimestamp,
 }

@@ -96,26 +96,26 @@ impl Cql {
     }
     pub(super) fn insert_pending(ks: &str) -> String {
         format!(
-            "INSERT INTO {ks}.rollups_pending (user_id, device_id, minute, flush) \
-             VALUES (?, ?, ?, ?)"
+            "INSERT INTO {ks}.rollups_pending (user_id, device_id, day, minute, flush) \
+             VALUES (?, ?, ?, ?, ?)"
         )
     }
     pub(super) fn delete_pending(ks: &str) -> String {
         format!(
             "DELETE FROM {ks}.rollups_pending WHERE user_id = ? AND device_id = ? \
-             AND minute = ? AND flush = ?"
+             AND day = ? AND minute = ? AND flush = ?"
         )
     }
     pub(super) fn select_pending(ks: &str) -> String {
         format!(
             "SELECT minute FROM {ks}.rollups_pending \
-             WHERE user_id = :user_id AND device_id = :device_id \
+             WHERE user_id = :user_id AND device_id = :device_id AND day = :day \
              AND minute >= :from_minute AND minute < :to_minute"
         )
     }
     /// Every pending minute of the keyspace: the sweep after a crash.
     pub(super) fn scan_pending(ks: &str) -> String {
-        format!("SELECT user_id, device_id, minute, flush FROM {ks}.rollups_pending")
+        format!("SELECT user_id, device_id, day, minute, flush FROM {ks}.rollups_pending")
     }
 }
 

@@ -333,6 +333,7 @@ fn every_bound_row_type_serializes_against_the_schema() {
     let pending = PendingRow {
         user_id: 1,
         device_id: d,
+        day: t,
         minute: t,
         flush: e,
     };
@@ -455,6 +456,7 @@ fn every_bound_row_type_serializes_against_the_schema() {
             &PendingRangeIn {
                 user_id: 1,
                 device_id: d,
+                day: t,
                 from_minute: t,
                 to_minute: t,
             },

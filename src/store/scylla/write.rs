@@ -5,8 +5,7 @@ use std::collections::HashSet;
 use scylla::statement::batch::{Batch, BatchType};
 
 use super::errors::{corrupt, exec_error};
-use uuid::Uuid;
-
+use super::pending::MinuteKey;
 use super::rows::{
     event_row, ms, split_by_bytes, BucketIn, EventIn, EventKeyIn, IdIn, IdKeyIn, IdOut, PendingRow,
 };
@@ -15,20 +14,18 @@ use crate::model::{assigned_id_ts, bucket_start, Record};
 use crate::pipeline::batcher::PartitionBatch;
 use crate::store::{StoreError, ROLLUP_MS};
 
-/// The distinct (device, minute) pairs of `records`, as pending rows of `flush`.
-fn pending_minutes<'a>(records: impl Iterator<Item = &'a Record>, flush: Uuid) -> Vec<PendingRow> {
+/// The distinct (user, device, minute) triples of `records`.
+fn minutes<'a>(records: impl Iterator<Item = &'a Record>) -> Vec<MinuteKey> {
     let mut seen = HashSet::new();
     records
-        .filter_map(|r| {
-            let minute = bucket_start(r.event.ts_ms, ROLLUP_MS);
-            seen.insert((r.user_id, r.device_id, minute))
-                .then_some(PendingRow {
-                    user_id: r.user_id,
-                    device_id: r.device_id,
-                    minute: ms(minute),
-                    flush,
-                })
+        .map(|r| {
+            (
+                r.user_id,
+                r.device_id,
+                bucket_start(r.event.ts_ms, ROLLUP_MS),
+            )
         })
+        .filter(|k| seen.insert(*k))
         .collect()
 }
 
@@ -170,11 +167,14 @@ impl Inner {
             .collect();
 
         // 2. The minutes whose rollups this flush changes are pending until a
-        //    recomputation has read its events (see rollup.rs). Marked first, so a
-        //    crash after the events leaves them marked for the sweep.
-        let flush = Uuid::now_v7();
-        let pending: Vec<PendingRow> = pending_minutes(fresh.iter().flatten().copied(), flush);
-        futures::future::try_join_all(pending.iter().map(|row| self.write_pending(row))).await?;
+        //    recomputation has read its events (see rollup.rs and pending.rs). Marked
+        //    first, so a crash after the events leaves them marked for the sweep. The
+        //    claim is released when this function returns, failed or not.
+        let (claim, markers) = self
+            .recomputer
+            .pending
+            .claim(minutes(fresh.iter().flatten().copied()));
+        futures::future::try_join_all(markers.iter().map(|row| self.write_pending(row))).await?;
 
         // 3. Events, and the bucket index, partition by partition.
         let max = self.settings.batch_max_bytes;
@@ -197,8 +197,8 @@ impl Inner {
         let ids = fresh.iter().flatten().filter(|r| !r.event.id_assigned);
         futures::future::try_join_all(ids.map(|r| self.write_id(r))).await?;
 
-        // 5. The events are durable; their rollups follow.
-        self.recomputer.submit(pending);
+        // 5. The events are durable; their rollups follow, once the minutes are quiet.
+        drop(claim);
         Ok(fresh.iter().map(Vec::len).collect())
     }
 }
