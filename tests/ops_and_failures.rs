@@ -11,10 +11,12 @@ use common::{sample, TestServer};
 use iotpipe::model::Event;
 use iotpipe::pipeline::batcher::PartitionBatch;
 use iotpipe::store::embedded::EmbeddedStore;
+use iotpipe::store::latest::Latest;
 use iotpipe::store::{EventStore, ListQuery, Point, PointQuery, Rollup, RollupQuery, StoreError};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
+use uuid::Uuid;
 
 /// Wraps the embedded store: writes can be held at a gate, and the store can be made
 /// unreachable.
@@ -76,6 +78,10 @@ impl EventStore for FaultyStore {
     async fn rollups(&self, q: RollupQuery) -> Result<Option<Vec<Rollup>>, StoreError> {
         self.check()?;
         self.inner.rollups(q).await
+    }
+    async fn latest(&self, user: i64, device: Option<Uuid>) -> Result<Vec<Latest>, StoreError> {
+        self.check()?;
+        self.inner.latest(user, device).await
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;

@@ -359,3 +359,87 @@ async fn live_figures_count_new_events_once() {
         json!({"events_total": 3, "events_last_minute": 3, "devices_active_5m": 2})
     );
 }
+
+#[tokio::test]
+async fn latest_values_are_served_per_device_and_per_fleet_and_never_go_back_in_time() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("lia").await;
+    let (dev, token) = t.device(&key, "meter").await;
+    let (quiet, _) = t.device(&key, "quiet").await;
+    // A thermostat, so the fleet form's type filter has something to tell apart.
+    let (s, _, v) = t
+        .call(
+            reqwest::Method::POST,
+            "/v1/devices",
+            Some(&key),
+            Some(json!({"name": "hall", "type": "thermostat"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (thermo, thermo_token) = (
+        v["id"].as_str().unwrap().to_owned(),
+        v["token"].as_str().unwrap().to_owned(),
+    );
+    let base = now_ms() - 3_600_000;
+    let (s, v) = t
+        .ingest(
+            &token,
+            json!([
+                {"ts": base + 5_000, "type": "t", "metrics": {"temp": 5.0, "hum": 40.0}},
+                {"ts": base + 9_000, "type": "t", "metrics": {"temp": 9.0}},
+            ]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Late: older than what is stored, in a later request.
+    let (s, _) = t
+        .ingest(
+            &token,
+            json!({"ts": base + 1_000, "type": "t", "metrics": {"temp": 1.0, "hum": 10.0}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = t
+        .ingest(
+            &thermo_token,
+            json!({"ts": base, "type": "t", "metrics": {"temp": 19.5}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
+    let (s, v) = t.get(&format!("/v1/devices/{dev}/latest"), &key).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["device_id"], dev.as_str());
+    assert_eq!(v["metrics"]["temp"]["value"], 9.0);
+    assert_eq!(v["metrics"]["temp"]["ts_ms"], base + 9_000);
+    assert_eq!(v["metrics"]["hum"]["value"], 40.0, "the late 10.0 is older");
+    assert!(v["metrics"]["temp"]["ts"].as_str().unwrap().ends_with('Z'));
+
+    let (s, v) = t.get("/v1/latest", &key).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let devices = v["devices"].as_array().unwrap();
+    assert_eq!(
+        devices.len(),
+        3,
+        "every device, with or without values: {v}"
+    );
+    let quiet_row = devices.iter().find(|d| d["device_id"] == quiet.as_str());
+    assert_eq!(quiet_row.unwrap()["metrics"], json!({}));
+    let (s, v) = t.get("/v1/latest?type=thermostat", &key).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["devices"].as_array().unwrap().len(), 1);
+    assert_eq!(v["devices"][0]["device_id"], thermo.as_str());
+    assert_eq!(v["devices"][0]["type"], "thermostat");
+    assert_eq!(v["devices"][0]["metrics"]["temp"]["value"], 19.5);
+    let (s, v) = t.get("/v1/latest?type=", &key).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["field"], "type", "{v}");
+
+    // Another user sees none of it.
+    let (_, other) = t.user("max").await;
+    let (s, _) = t.get(&format!("/v1/devices/{dev}/latest"), &other).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = t.get("/v1/latest", &other).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["devices"], json!([]));
+}

@@ -248,6 +248,51 @@ async fn store_behaves(store: &dyn EventStore) {
     );
 
     time_ids_are_duplicates_whatever_their_ts(store, user).await;
+    latest_values_are_the_newest_whatever_the_order(store, user).await;
+}
+
+/// The newest value per metric, never replaced by a late (older) event or a repeat.
+async fn latest_values_are_the_newest_whatever_the_order(store: &dyn EventStore, user: i64) {
+    // A user of its own: the fleet form lists every device of the user.
+    let user = user + 1;
+    let (d, e) = (Uuid::new_v4(), Uuid::new_v4());
+    let first = vec![
+        event(901, T0 + 5_000, "t", &[("temp", 5.0), ("hum", 50.0)]),
+        event(902, T0 + 9_000, "t", &[("temp", 9.0)]),
+        event(903, T0 + 1_000, "t", &[("temp", 1.0)]),
+    ];
+    store.write(flush(user, d, first)).await.unwrap();
+    // A late event in a later flush, an older repeat of a stored id, and a newer value.
+    let second = vec![
+        event(904, T0 + 2_000, "t", &[("temp", 2.0), ("hum", 20.0)]),
+        event(902, T0 + 9_000, "t", &[("temp", 9.0)]),
+        event(905, T0 + 7_000, "t", &[("hum", 70.0)]),
+    ];
+    store.write(flush(user, d, second)).await.unwrap();
+    store
+        .write(flush(user, e, vec![event(906, T0, "t", &[("temp", -1.0)])]))
+        .await
+        .unwrap();
+    let of = |rows: Vec<iotpipe::store::latest::Latest>| {
+        let mut v: Vec<(Uuid, String, i64, f64)> = rows
+            .into_iter()
+            .map(|l| (l.device_id, l.metric, l.ts_ms - T0, l.value))
+            .collect();
+        v.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        v
+    };
+    let one = of(store.latest(user, Some(d)).await.unwrap());
+    assert_eq!(
+        one,
+        vec![
+            (d, "hum".into(), 7_000, 70.0),
+            (d, "temp".into(), 9_000, 9.0)
+        ]
+    );
+    let fleet = of(store.latest(user, None).await.unwrap());
+    assert_eq!(fleet.len(), 3, "{fleet:?}");
+    assert!(fleet.contains(&(e, "temp".into(), 0, -1.0)));
+    assert!(store.latest(user + 1, None).await.unwrap().is_empty());
 }
 
 /// Device-chosen UUIDv7 ids carry a time; one whose time is the event's `ts` may be

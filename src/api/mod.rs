@@ -106,6 +106,8 @@ pub fn router(state: AppState) -> Router {
             get(crate::query::routes::device_live),
         )
         .route("/v1/live", get(crate::query::routes::user_live))
+        .route("/v1/devices/{id}/latest", get(crate::query::latest::device))
+        .route("/v1/latest", get(crate::query::latest::fleet))
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .fallback(|| async { ApiError::NotFound })

@@ -9,6 +9,7 @@
 //!   read from the store's per-minute rollups (if it keeps them) and only the ragged
 //!   edges are scanned event by event: each minute then falls in exactly one window.
 
+pub mod latest;
 pub mod routes;
 
 use std::collections::BTreeMap;

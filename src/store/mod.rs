@@ -10,6 +10,7 @@
 //! - Events are ordered by (user, device, bucket, ts, id).
 
 pub mod embedded;
+pub mod latest;
 pub mod scylla;
 
 use std::sync::Arc;
@@ -169,6 +170,15 @@ pub trait EventStore: Send + Sync + 'static {
     /// write (counting each event once, duplicates never). `Ok(None)` means the engine
     /// keeps none, and the caller scans points instead.
     async fn rollups(&self, query: RollupQuery) -> Result<Option<Vec<Rollup>>, StoreError>;
+
+    /// The newest value of each metric of `device`, or of every device of `user`
+    /// (`None`), in no particular order. Kept as events are written; an older event
+    /// never replaces a newer value.
+    async fn latest(
+        &self,
+        user: UserId,
+        device: Option<DeviceId>,
+    ) -> Result<Vec<latest::Latest>, StoreError>;
 
     /// A cheap round trip, for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;

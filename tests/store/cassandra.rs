@@ -351,6 +351,7 @@ async fn iotpipe_migrate_creates_the_schema_in_a_fresh_keyspace() {
             "buckets",
             "event_ids",
             "events",
+            "latest",
             "meta",
             "rollups",
             "rollups_pending"

@@ -60,8 +60,9 @@ use tokio::sync::Semaphore;
 pub use schema::{schema_statements, SCHEMA};
 pub use settings::{parse_consistency, ScyllaSettings};
 
+use super::latest::Latest;
 use super::{EventStore, ListQuery, Point, PointQuery, Rollup, RollupQuery, StoreError};
-use crate::model::Event;
+use crate::model::{DeviceId, Event, UserId};
 use crate::pipeline::batcher::PartitionBatch;
 use errors::{exec_error, session_error};
 use rollup::Recomputer;
@@ -184,6 +185,14 @@ impl EventStore for ScyllaStore {
 
     async fn rollups(&self, query: RollupQuery) -> Result<Option<Vec<Rollup>>, StoreError> {
         self.inner.rollups(&query).await.map(Some)
+    }
+
+    async fn latest(
+        &self,
+        user: UserId,
+        device: Option<DeviceId>,
+    ) -> Result<Vec<Latest>, StoreError> {
+        self.inner.latest(user, device).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

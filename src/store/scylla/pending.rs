@@ -31,7 +31,7 @@ const QUIET: Duration = Duration::from_secs(1);
 
 /// A mark older than this is closed to new flushes (they open a new one), so that a
 /// minute written without pause is still recomputed every few seconds.
-const MAX_AGE: Duration = Duration::from_secs(10);
+const MAX_AGE: Duration = Duration::from_secs(30);
 
 /// (user, device, minute).
 pub(super) type MinuteKey = (UserId, DeviceId, i64);

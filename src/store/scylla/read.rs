@@ -5,10 +5,11 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 
 use super::errors::{corrupt, pager_error, row_error};
 use super::rows::{
-    ms, BucketOut, BucketRangeIn, CountOut, EventOut, MetricOut, SliceBeforeIn, SliceIn,
+    ms, BucketOut, BucketRangeIn, CountOut, EventOut, LatestOut, MetricOut, SliceBeforeIn, SliceIn,
 };
 use super::Inner;
 use crate::model::{bucket_start, DeviceId, Event, UserId};
+use crate::store::latest::Latest;
 use crate::store::{ListQuery, Point, PointQuery, StoreError};
 
 /// Buckets of one device scanned at once by one read.
@@ -176,5 +177,37 @@ impl Inner {
             .try_collect()
             .await?;
         Ok(parts.into_iter().flatten().collect())
+    }
+
+    pub(super) async fn latest(
+        &self,
+        user: UserId,
+        device: Option<DeviceId>,
+    ) -> Result<Vec<Latest>, StoreError> {
+        let pager = match device {
+            Some(d) => {
+                self.session
+                    .execute_iter(self.cql.select_device_latest.clone(), (user, d))
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_iter(self.cql.select_latest.clone(), (user,))
+                    .await
+            }
+        };
+        pager
+            .map_err(pager_error)?
+            .rows_stream::<LatestOut>()
+            .map_err(corrupt)?
+            .map_ok(|r| Latest {
+                device_id: r.device_id,
+                metric: r.metric,
+                ts_ms: r.ts.0,
+                value: r.value,
+            })
+            .map_err(row_error)
+            .try_collect()
+            .await
     }
 }

@@ -27,7 +27,7 @@
 //!
 //! Recomputation runs after the flush is acknowledged, in one background task per
 //! store. A minute is recomputed once no flush has touched it for a second (at the
-//! latest ten seconds after the first): a busy device's current minute is then read
+//! latest thirty seconds after the first): a busy device's current minute is then read
 //! about once, not once per flush, which would make a minute's cost grow with the
 //! square of its events. Meanwhile queries read it from its events, at most a minute
 //! of one device.

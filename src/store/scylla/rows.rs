@@ -259,3 +259,23 @@ pub(super) struct EventKeyIn {
     pub ts: CqlTimestamp,
     pub event_id: Uuid,
 }
+
+/// A row of `latest`, as written; `writetime` is its ts in microseconds.
+#[derive(Debug, SerializeRow)]
+#[scylla(flavor = "enforce_order", skip_name_checks)]
+pub(super) struct LatestIn<'a> {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub metric: &'a str,
+    pub ts: CqlTimestamp,
+    pub value: f64,
+    pub writetime: i64,
+}
+
+#[derive(Debug, DeserializeRow)]
+pub(super) struct LatestOut {
+    pub device_id: Uuid,
+    pub metric: String,
+    pub ts: CqlTimestamp,
+    pub value: f64,
+}

@@ -113,6 +113,22 @@ impl Cql {
              AND minute >= :from_minute AND minute < :to_minute"
         )
     }
+    /// Written `USING TIMESTAMP` the event's ts in microseconds: see `cql/schema.cql`.
+    pub(super) fn insert_latest(ks: &str) -> String {
+        format!(
+            "INSERT INTO {ks}.latest (user_id, device_id, metric, ts, value) \
+             VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+    }
+    pub(super) fn select_latest(ks: &str) -> String {
+        format!("SELECT device_id, metric, ts, value FROM {ks}.latest WHERE user_id = ?")
+    }
+    pub(super) fn select_device_latest(ks: &str) -> String {
+        format!(
+            "SELECT device_id, metric, ts, value FROM {ks}.latest \
+             WHERE user_id = ? AND device_id = ?"
+        )
+    }
     /// Every pending minute of the keyspace: the sweep after a crash.
     pub(super) fn scan_pending(ks: &str) -> String {
         format!("SELECT user_id, device_id, day, minute, flush FROM {ks}.rollups_pending")
@@ -137,6 +153,9 @@ pub(super) struct Prepared {
     pub(super) delete_pending: PreparedStatement,
     pub(super) select_pending: PreparedStatement,
     pub(super) scan_pending: PreparedStatement,
+    pub(super) insert_latest: PreparedStatement,
+    pub(super) select_latest: PreparedStatement,
+    pub(super) select_device_latest: PreparedStatement,
 }
 
 impl Prepared {
@@ -168,6 +187,9 @@ impl Prepared {
             delete_pending: prepare(Cql::delete_pending(ks)).await?,
             select_pending: prepare(Cql::select_pending(ks)).await?,
             scan_pending: prepare(Cql::scan_pending(ks)).await?,
+            insert_latest: prepare(Cql::insert_latest(ks)).await?,
+            select_latest: prepare(Cql::select_latest(ks)).await?,
+            select_device_latest: prepare(Cql::select_device_latest(ks)).await?,
         })
     }
 }

@@ -310,6 +310,7 @@ fn the_schema_parses_into_its_tables() {
             "buckets",
             "event_ids",
             "events",
+            "latest",
             "meta",
             "rollups",
             "rollups_pending"
@@ -441,6 +442,19 @@ fn every_bound_row_type_serializes_against_the_schema() {
         ),
         check_bind(&Cql::insert_pending(KS), &pending),
         check_bind(
+            &Cql::insert_latest(KS),
+            &LatestIn {
+                user_id: 1,
+                device_id: d,
+                metric: "temp",
+                ts: t,
+                value: 1.5,
+                writetime: 1_000,
+            },
+        ),
+        check_bind(&Cql::select_latest(KS), &(1i64,)),
+        check_bind(&Cql::select_device_latest(KS), &(1i64, d)),
+        check_bind(
             &Cql::select_event_key(KS),
             &EventKeyIn {
                 user_id: 1,
@@ -487,6 +501,8 @@ fn every_read_row_type_type_checks_against_the_schema() {
     check_read::<RollupOut>(&Cql::select_rollups(KS)).unwrap();
     check_read::<PendingOut>(&Cql::select_pending(KS)).unwrap();
     check_read::<PendingRow>(&Cql::scan_pending(KS)).unwrap();
+    check_read::<LatestOut>(&Cql::select_latest(KS)).unwrap();
+    check_read::<LatestOut>(&Cql::select_device_latest(KS)).unwrap();
 }
 
 #[test]
@@ -610,7 +626,7 @@ fn the_schema_is_filled_from_the_settings() {
     };
     c.replication = "{'class': 'NetworkTopologyStrategy', 'dc1': 3}".into();
     let stmts = schema_statements(&ScyllaSettings::from_config(&c, 1000).unwrap());
-    assert_eq!(stmts.len(), 7);
+    assert_eq!(stmts.len(), 8);
     assert!(stmts[0].starts_with("CREATE KEYSPACE IF NOT EXISTS metrics_prod"));
     assert!(stmts[0].ends_with("replication = {'class': 'NetworkTopologyStrategy', 'dc1': 3}"));
     assert!(stmts.iter().skip(1).all(|s| s.contains("metrics_prod.")));

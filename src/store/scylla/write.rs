@@ -7,11 +7,13 @@ use scylla::statement::batch::{Batch, BatchType};
 use super::errors::{corrupt, exec_error};
 use super::pending::MinuteKey;
 use super::rows::{
-    event_row, ms, split_by_bytes, BucketIn, EventIn, EventKeyIn, IdIn, IdKeyIn, IdOut, PendingRow,
+    event_row, ms, split_by_bytes, BucketIn, EventIn, EventKeyIn, IdIn, IdKeyIn, IdOut, LatestIn,
+    PendingRow,
 };
 use super::Inner;
-use crate::model::{assigned_id_ts, bucket_start, Record};
+use crate::model::{assigned_id_ts, bucket_start, DeviceId, Record, UserId};
 use crate::pipeline::batcher::PartitionBatch;
+use crate::store::latest::newest;
 use crate::store::{StoreError, ROLLUP_MS};
 
 /// The distinct (user, device, minute) triples of `records`.
@@ -123,6 +125,28 @@ impl Inner {
         Ok(())
     }
 
+    async fn write_latest(
+        &self,
+        (user, device, metric): (UserId, DeviceId, &str),
+        (ts, value): (i64, f64),
+    ) -> Result<(), StoreError> {
+        let _p = self.permit().await;
+        let row = LatestIn {
+            user_id: user,
+            device_id: device,
+            metric,
+            ts: ms(ts),
+            value,
+            // Microseconds: a later event's row wins whatever order they arrive in.
+            writetime: ts.saturating_mul(1000),
+        };
+        self.session
+            .execute_unpaged(&self.cql.insert_latest, row)
+            .await
+            .map_err(exec_error)?;
+        Ok(())
+    }
+
     async fn write_id(&self, r: &Record) -> Result<(), StoreError> {
         let _p = self.permit().await;
         let row = IdIn {
@@ -191,6 +215,12 @@ impl Inner {
             writes.push(futures::future::Either::Right(self.write_bucket(p)));
         }
         futures::future::try_join_all(writes).await?;
+
+        // 3b. The newest values. Before the ids, so that a flush that fails before them
+        //     is retried in full and writes these again.
+        let newest = newest(fresh.iter().flatten().copied());
+        futures::future::try_join_all(newest.iter().map(|(k, v)| self.write_latest(*k, *v)))
+            .await?;
 
         // 4. Only now the ids (see the module docs). Ids the server assigned need no
         //    row: nobody else can hold them, and their event row finds them.

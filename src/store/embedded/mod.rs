@@ -33,6 +33,9 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+mod latest;
+
+use super::latest::Latest;
 use super::{
     EventStore, ListQuery, Point, PointQuery, Position, Rollup, RollupQuery, StoreError, Summary,
     ROLLUP_MS,
@@ -62,6 +65,8 @@ struct Inner {
     /// UUIDv7 index rows may also be in `ids` (a directory from before `timed_ids`).
     timed_in_ids: bool,
     rollups: Keyspace,
+    /// The newest value per (user, device, metric): see `latest.rs`.
+    latest: Keyspace,
     bucket_len_ms: i64,
     // A std mutex, held only around the check-then-insert of duplicate ids and the
     // read-modify-write of rollups, never across an await or an fsync: two flushes
@@ -78,6 +83,8 @@ struct WriteState {
     /// cost a memtable search each. Values are exactly what was written, so the cache
     /// is never stale; it is dropped whole when it reaches its bound.
     rollups: HashMap<Vec<u8>, Summary>,
+    /// The same for `latest` rows.
+    latest: HashMap<Vec<u8>, (i64, f64)>,
 }
 
 /// Rollup rows kept in [`WriteState::rollups`], at most.
@@ -115,6 +122,7 @@ impl EmbeddedStore {
         let ids = db.keyspace("ids", memtable).map_err(engine)?;
         let timed_ids = db.keyspace("timed_ids", memtable).map_err(engine)?;
         let rollups = db.keyspace("rollups", memtable).map_err(engine)?;
+        let latest = db.keyspace("latest", memtable).map_err(engine)?;
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(engine)?;
@@ -146,6 +154,7 @@ impl EmbeddedStore {
                 timed_ids,
                 timed_in_ids,
                 rollups,
+                latest,
                 bucket_len_ms,
                 dedup: std::sync::Mutex::new(WriteState::default()),
             }),
@@ -182,12 +191,14 @@ impl Inner {
             // Keyed by borrowed parts; the byte keys are built once per rollup row.
             let mut rollups: HashMap<(UserId, DeviceId, &str, i64, &str), Summary> = HashMap::new();
             let mut fresh = fresh.iter();
+            let mut new_records = Vec::new();
             for p in partitions {
                 let mut new = 0;
                 for (r, &fresh) in p.records.iter().zip(fresh.by_ref()) {
                     if !fresh {
                         continue;
                     }
+                    new_records.push(r);
                     let e = &r.event;
                     // An id with its event's ts in it is found through its `events`
                     // key: no index row.
@@ -243,9 +254,11 @@ impl Inner {
                 batch.insert(&self.rollups, key.clone(), value);
                 merged.push((key, summary));
             }
+            let latest = self.newer_latest(&mut state, new_records, &mut batch)?;
             batch.commit().map_err(engine)?;
-            // Only what was committed enters the cache.
+            // Only what was committed enters the caches.
             state.rollups.extend(merged);
+            state.latest.extend(latest);
         }
         // Group commit: one fsync for the whole flush, outside the lock so that a
         // concurrent flush can append meanwhile and share the next sync.
@@ -435,6 +448,15 @@ impl EventStore for EmbeddedStore {
 
     async fn rollups(&self, query: RollupQuery) -> Result<Option<Vec<Rollup>>, StoreError> {
         self.blocking(move |inner| inner.rollups(&query).map(Some))
+            .await
+    }
+
+    async fn latest(
+        &self,
+        user: UserId,
+        device: Option<DeviceId>,
+    ) -> Result<Vec<Latest>, StoreError> {
+        self.blocking(move |inner| inner.read_latest(user, device))
             .await
     }
 
