@@ -9,6 +9,9 @@ use crate::model::{DeviceId, Record, UserId};
 use crate::store::latest::{is_newer, newest, Latest};
 use crate::store::StoreError;
 
+/// A `latest` row: its key, and (ts, value).
+pub(super) type LatestRow = (Vec<u8>, (i64, f64));
+
 fn key(user: UserId, device: DeviceId, metric: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(24 + metric.len());
     k.extend_from_slice(&user.to_be_bytes());
@@ -36,7 +39,7 @@ impl Inner {
         state: &mut WriteState,
         records: Vec<&Record>,
         batch: &mut WriteBatch,
-    ) -> Result<Vec<(Vec<u8>, (i64, f64))>, StoreError> {
+    ) -> Result<Vec<LatestRow>, StoreError> {
         let candidates = newest(records);
         if state.latest.len() + candidates.len() > ROLLUP_CACHE_ROWS {
             state.latest.clear();
