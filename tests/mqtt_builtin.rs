@@ -910,3 +910,38 @@ async fn a_connect_split_across_many_writes_is_answered() {
     assert_eq!(connack, [0x20, 2, 0, 0]);
     inst.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_deleted_device_is_disconnected_at_once_and_cannot_log_in_again() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    // A long keep-alive: only the deletion can close this connection in time.
+    let mut d = Device::connect(inst.mqtt(), &o.device, &o.token);
+    d.connected().await;
+    d.publish(
+        topic(&o.device),
+        QoS::AtLeastOnce,
+        event(&Uuid::new_v4(), 1.0),
+    )
+    .await;
+    d.pubacks(1).await;
+    let deleted = reqwest::Client::new()
+        .delete(format!("{}/v1/devices/{}", inst.api.base, o.device))
+        .bearer_auth(&o.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let started = Instant::now();
+    d.closed().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    let mut again = Device::connect(inst.mqtt(), &o.device, &o.token);
+    match again.next().await {
+        Seen::Refused(code) => assert_ne!(code, ConnectReturnCode::Success),
+        other => panic!("a deleted device logged in again: {other:?}"),
+    }
+}

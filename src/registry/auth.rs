@@ -35,6 +35,9 @@ const CACHE_CAPACITY: u64 = 200_000;
 /// How long a cached answer may still be served while the registry cannot be asked.
 pub const STALE_LIMIT: Duration = Duration::from_secs(24 * 3600);
 
+/// Deletions waiting for the MQTT endpoint to close their connections, at most.
+const REVOCATIONS: usize = 1024;
+
 /// Tells the other instances that a device was deleted, so that they forget it too.
 #[async_trait]
 pub trait DeletionBroadcast: Send + Sync + 'static {
@@ -67,6 +70,9 @@ pub struct Auth {
     secrets: Cache<[u8; 32], Cached<Principal>>,
     owners: Cache<DeviceId, Cached<Option<UserId>>>,
     broadcast: Option<Arc<dyn DeletionBroadcast>>,
+    /// Devices forgotten here (deleted on this or another instance), for whoever holds
+    /// their open connections.
+    revoked: tokio::sync::broadcast::Sender<DeviceId>,
 }
 
 impl Auth {
@@ -86,7 +92,14 @@ impl Auth {
                 .time_to_live(keep)
                 .build(),
             broadcast: None,
+            revoked: tokio::sync::broadcast::channel(REVOCATIONS).0,
         }
+    }
+
+    /// Deleted devices, as they are forgotten here. A receiver that lags behind gets
+    /// `Lagged` and must assume it missed some.
+    pub fn revocations(&self) -> tokio::sync::broadcast::Receiver<DeviceId> {
+        self.revoked.subscribe()
     }
 
     /// Announces deletions to the other instances through `broadcast`.
@@ -191,6 +204,8 @@ impl Auth {
         // Remembered as absent (not merely evicted), so that a registry outage cannot
         // bring back a stale "exists" answer.
         self.owners.insert(device, Cached::now(None));
+        // Nobody listening (no built-in MQTT endpoint) is fine.
+        let _ = self.revoked.send(device);
         if let Ok(bytes) = hex::decode(token_hash) {
             if let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) {
                 self.secrets.invalidate(&digest);

@@ -198,7 +198,7 @@ async fn refuse<T>(wire: &mut Wire, why: Refusal) -> Option<T> {
 struct Session {
     ctx: MqttContext,
     /// Its place among the open connections; a newer login of the same device and
-    /// client id cancels `claim.taken_over`.
+    /// client id, or the device's deletion, cancels `claim.close`.
     claim: Claim,
     user: UserId,
     device: DeviceId,
@@ -245,8 +245,9 @@ impl Session {
                 _ = self.ctx.shutdown.cancelled(), if self.reading => {
                     self.stop_reading();
                 }
-                _ = self.claim.taken_over.cancelled(), if self.reading => {
-                    // Taken over: stop reading, send the acks already due, close.
+                _ = self.claim.close.cancelled(), if self.reading => {
+                    // Taken over, or the device was deleted: stop reading, send the
+                    // acks already due, close.
                     self.stop_reading();
                 }
                 _ = sleep_until(self.drain_deadline.unwrap_or_else(Instant::now)),

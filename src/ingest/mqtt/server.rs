@@ -20,6 +20,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Accepts devices until shutdown, then waits for their connections to finish.
 pub async fn run(listener: TcpListener, ctx: MqttContext) {
+    tokio::spawn(close_deleted_devices(ctx.clone()));
     let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
     let connections = TaskTracker::new();
     loop {
@@ -48,4 +49,21 @@ pub async fn run(listener: TcpListener, ctx: MqttContext) {
     connections.close();
     connections.wait().await;
     tracing::info!("MQTT endpoint stopped");
+}
+
+/// Closes the connections of every device deleted on this instance or, through the
+/// deletion broadcast, on another one.
+async fn close_deleted_devices(ctx: MqttContext) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut revoked = ctx.auth.revocations();
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            r = revoked.recv() => match r {
+                Ok(device) => ctx.sessions.revoke(device),
+                Err(RecvError::Lagged(_)) => ctx.sessions.revoke_all(),
+                Err(RecvError::Closed) => return,
+            },
+        }
+    }
 }
