@@ -5,6 +5,7 @@
 //! MariaDB outages cut a TCP proxy owned by the test; event store outages wrap the
 //! embedded store in-process. The shared servers are never stopped.
 
+mod mqtt_support;
 mod prod_support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +46,8 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
     a.registry.cache_ttl_secs = 3600;
     let mut b = a.clone();
     b.data_dir = dir_b.path().to_owned();
+    // Instance b also holds the device's MQTT connection.
+    b.mqtt.addr = "127.0.0.1:0".into();
     let admin = a.admin_token.clone().unwrap();
     let (a, b) = (prod_support::start(a).await, prod_support::start(b).await);
     let (api_a, api_b) = (Api::new(&a), Api::new(&b));
@@ -58,6 +61,8 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
         api_b.get(&format!("/v1/devices/{id}/live"), &key).await.0,
         200
     );
+    let mut device = mqtt_support::Device::connect(b.mqtt_addr.unwrap(), &id, &token);
+    device.connected().await;
     let health = api_b.health().await;
     assert_eq!(health["components"]["live"]["backend"], "redis");
     assert_eq!(health["status"], "ok", "{health}");
@@ -100,6 +105,14 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
     assert!(
         refused,
         "instance b still took the token after {:?}",
+        deleted_at.elapsed()
+    );
+    // And its open MQTT connection is closed, although credentials are checked only
+    // at CONNECT.
+    device.closed().await;
+    assert!(
+        deleted_at.elapsed() < Duration::from_secs(1),
+        "MQTT connection on b closed after {:?}",
         deleted_at.elapsed()
     );
     assert_eq!(
