@@ -95,6 +95,14 @@ pub struct MqttConfig {
     pub broker_max_inflight: usize,
     /// How long a new connection may take to send CONNECT, in seconds.
     pub connect_timeout_secs: u64,
+    /// Longest keep-alive granted, in seconds: a device asking for more, or for none
+    /// (0), gets this one (MQTT 5 devices are told, as Server Keep Alive), and is
+    /// closed after one and a half of it in silence.
+    pub max_keep_alive_secs: u16,
+    /// Most connections of one device at once on the built-in endpoint.
+    pub max_connections_per_device: usize,
+    /// Most connections from one IP address at once on the built-in endpoint.
+    pub max_connections_per_ip: usize,
 }
 
 /// The user and device registry.
@@ -241,6 +249,9 @@ impl Default for MqttConfig {
             max_inflight: 100,
             broker_max_inflight: 1000,
             connect_timeout_secs: 10,
+            max_keep_alive_secs: 300,
+            max_connections_per_device: 4,
+            max_connections_per_ip: 1_000,
         }
     }
 }

@@ -291,63 +291,6 @@ async fn qos2_closes_the_connection() {
     inst.server.stop().await;
 }
 
-fn connect_bytes(user: &str, pass: &str, keep_alive: u16) -> Vec<u8> {
-    // A client id of its own: a second login under the same one would take over.
-    let mut c = rumqttc::Connect::new(format!(
-        "raw-{}",
-        &Uuid::new_v4().simple().to_string()[..12]
-    ));
-    c.keep_alive = keep_alive;
-    c.set_login(user, pass);
-    let mut buf = BytesMut::new();
-    rumqttc::Packet::Connect(c)
-        .write(&mut buf, usize::MAX)
-        .unwrap();
-    buf.to_vec()
-}
-
-fn publish_bytes(topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut p = rumqttc::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
-    p.pkid = 1;
-    let mut buf = BytesMut::new();
-    rumqttc::Packet::Publish(p)
-        .write(&mut buf, usize::MAX)
-        .unwrap();
-    buf.to_vec()
-}
-
-/// Reads until the server closes the socket. Panics if it stays open.
-async fn expect_closed(stream: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let closed = timeout(PATIENCE, async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the server kept the connection open");
-    got
-}
-
-/// A raw connection that has logged in; the CONNACK is consumed.
-async fn raw_login(inst: &Instance, o: &Owner, keep_alive: u16) -> TcpStream {
-    let mut s = TcpStream::connect(inst.mqtt()).await.unwrap();
-    s.write_all(&connect_bytes(&o.device, &o.token, keep_alive))
-        .await
-        .unwrap();
-    let mut connack = [0u8; 4];
-    timeout(PATIENCE, s.read_exact(&mut connack))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
-    s
-}
-
 async fn publish_ok(good: &mut Device, t: &str) {
     good.publish(t, QoS::AtLeastOnce, event(&Uuid::new_v4(), 1.0))
         .await;

@@ -7,14 +7,18 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use iotpipe::topology::{self, Server};
 use iotpipe::Config;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
 };
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
+use uuid::Uuid;
 
 /// Generous: the machine is small and shared.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -542,4 +546,64 @@ pub async fn wait_mqtt_ok(api: &Api) {
         assert!(Instant::now() < deadline, "MQTT never became ok: {h}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// Raw packets, for what a well-behaved client library will not send.
+
+/// A v4 CONNECT.
+pub fn connect_bytes(user: &str, pass: &str, keep_alive: u16) -> Vec<u8> {
+    // A client id of its own: a second login under the same one would take over.
+    let mut c = rumqttc::Connect::new(format!(
+        "raw-{}",
+        &Uuid::new_v4().simple().to_string()[..12]
+    ));
+    c.keep_alive = keep_alive;
+    c.set_login(user, pass);
+    let mut buf = BytesMut::new();
+    rumqttc::Packet::Connect(c)
+        .write(&mut buf, usize::MAX)
+        .unwrap();
+    buf.to_vec()
+}
+
+pub fn publish_bytes(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut p = rumqttc::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+    p.pkid = 1;
+    let mut buf = BytesMut::new();
+    rumqttc::Packet::Publish(p)
+        .write(&mut buf, usize::MAX)
+        .unwrap();
+    buf.to_vec()
+}
+
+/// Reads until the server closes the socket. Panics if it stays open.
+pub async fn expect_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = timeout(PATIENCE, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept the connection open");
+    got
+}
+
+/// A raw connection that has logged in; the CONNACK is consumed.
+pub async fn raw_login(inst: &Instance, o: &Owner, keep_alive: u16) -> TcpStream {
+    let mut s = TcpStream::connect(inst.mqtt()).await.unwrap();
+    s.write_all(&connect_bytes(&o.device, &o.token, keep_alive))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    timeout(PATIENCE, s.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    s
 }

@@ -48,7 +48,7 @@ pub(crate) async fn run(
     ctx: MqttContext,
     _slot: OwnedSemaphorePermit,
 ) {
-    let accepted = Wire::accept(stream, max_packet(&ctx), PACKET_OVERHEAD, READ_BUFFER);
+    let accepted = Wire::accept(stream, PACKET_OVERHEAD, READ_BUFFER);
     let mut wire = match timeout(ctx.limits.connect_timeout, accepted).await {
         Ok(Ok(Some(wire))) => wire,
         Ok(Ok(None)) => return,
@@ -164,21 +164,34 @@ async fn login(wire: &mut Wire, ctx: &MqttContext, peer: SocketAddr) -> Option<L
             return refuse(wire, Refusal::Unavailable).await;
         }
     };
+    if ctx.sessions.connections_of(device) >= ctx.limits.max_per_device {
+        tracing::warn!(%peer, %device, "MQTT device over its connection limit; refused");
+        ctx.telemetry.rejected(Source::Mqtt, Reason::RateLimited, 1);
+        return refuse(wire, Refusal::TooMany).await;
+    }
+    // Every connection has a keep-alive, at most the server's: a device asking for
+    // none (0) would otherwise hold its slot forever once it goes silent.
+    let max_keep_alive = ctx.limits.max_keep_alive_secs;
+    let granted = match connect.keep_alive {
+        0 => max_keep_alive,
+        asked => asked.min(max_keep_alive),
+    };
     // No session state is kept: a device only publishes, and a QoS 1 publisher keeps
     // its unacknowledged messages itself.
     let accepted = Outbound::Accepted {
         receive_max: u16::try_from(ctx.limits.max_inflight).unwrap_or(u16::MAX),
         max_packet_bytes: u32::try_from(max_packet(ctx)).unwrap_or(u32::MAX),
         client_id: assigned,
+        keep_alive: (granted != connect.keep_alive).then_some(granted),
     };
     match timeout(WRITE_TIMEOUT, wire.send(accepted)).await {
         Ok(Ok(())) => {}
         _ => return None,
     }
+    wire.logged_in(max_packet(ctx));
     // MQTT 3.1.1 §3.1.2.10 (and 5 §3.1.2.10): close after one and a half keepalive
     // periods of silence.
-    let keep_alive = (connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let keep_alive = Some(Duration::from_millis(u64::from(granted) * 1500));
     tracing::debug!(%peer, %device, v5 = wire.is_v5(), "MQTT device connected");
     Some(Login {
         user,

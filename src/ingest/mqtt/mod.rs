@@ -68,6 +68,10 @@ pub struct MqttLimits {
     pub max_inflight: usize,
     pub max_connections: usize,
     pub connect_timeout: Duration,
+    /// Longest keep-alive granted; also the one for a device that asks for none.
+    pub max_keep_alive_secs: u16,
+    pub max_per_device: usize,
+    pub max_per_ip: usize,
 }
 
 /// What an MQTT source needs from the rest of iotpipe. Cheap to clone.

@@ -1,11 +1,14 @@
 //! The built-in endpoint's accept loop.
 //!
 //! A semaphore bounds the open connections: past the limit the loop stops accepting
-//! and new devices wait in the listen backlog. On shutdown the listener closes first,
+//! and new devices wait in the listen backlog. One address may hold at most
+//! `mqtt.max_connections_per_ip` of them; past it, new connections are closed at once. On shutdown the listener closes first,
 //! then every connection stops reading and sends the acknowledgements still due;
 //! [`run`] returns once they have all closed, before the pipeline is drained.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -22,6 +25,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub async fn run(listener: TcpListener, ctx: MqttContext) {
     tokio::spawn(close_deleted_devices(ctx.clone()));
     let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let connections = TaskTracker::new();
     loop {
         let slot = tokio::select! {
@@ -39,11 +43,20 @@ pub async fn run(listener: TcpListener, ctx: MqttContext) {
                 }
             },
         };
+        let Some(per_ip) = PerIp::claim(&per_ip, peer.ip(), ctx.limits.max_per_ip) else {
+            tracing::warn!(%peer, "too many MQTT connections from this address; closed");
+            drop(stream);
+            continue;
+        };
         // PUBACKs are small and latency-bound; do not let Nagle hold them back.
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        connections.spawn(connection::run(stream, peer, ctx.clone(), slot));
+        let ctx = ctx.clone();
+        connections.spawn(async move {
+            connection::run(stream, peer, ctx, slot).await;
+            drop(per_ip);
+        });
     }
     drop(listener);
     connections.close();
@@ -64,6 +77,40 @@ async fn close_deleted_devices(ctx: MqttContext) {
                 Err(RecvError::Lagged(_)) => ctx.sessions.revoke_all(),
                 Err(RecvError::Closed) => return,
             },
+        }
+    }
+}
+
+/// A connection's place in its address's count; leaves when dropped. One address may
+/// not hold every slot of the endpoint.
+struct PerIp {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn claim(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIp {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
         }
     }
 }

@@ -77,6 +77,11 @@ impl Sessions {
         }
     }
 
+    /// How many connections of `device` are logged in.
+    pub fn connections_of(&self, device: DeviceId) -> usize {
+        self.lock().devices.get(&device).map_or(0, HashMap::len)
+    }
+
     /// Closes every connection of a deleted device.
     pub fn revoke(&self, device: DeviceId) {
         if let Some(conns) = self.lock().devices.get(&device) {

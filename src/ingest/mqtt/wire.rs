@@ -1,27 +1,32 @@
 //! The two MQTT versions a device may speak, behind one interface.
 //!
 //! A connection's first bytes say which version its CONNECT is (the protocol level).
-//! [`Wire::accept`] peeks that far, consuming nothing, and picks rumqttc's v4 codec
-//! (MQTT 3.1.1) or its v5 codec (MQTT 5). The connection logic then sees only
+//! [`Wire::accept`] reads that far, waiting for each byte (no polling), and picks
+//! rumqttc's v4 codec (MQTT 3.1.1) or its v5 codec (MQTT 5), which starts with those
+//! bytes already in its read buffer. The connection logic then sees only
 //! [`Inbound`] packets and sends [`Outbound`] ones; this module maps them to and from
 //! each version's packets.
 //! No codec is written here.
 
 use bytes::Bytes;
+use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes as m5;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Framed, FramedParts};
 
 use crate::telemetry::Reason;
 
 /// Bytes enough to see a CONNECT's protocol level: the fixed header (at most 5),
 /// the protocol name's length (2) and name ("MQTT", 4), then the level.
 const SNIFF_BYTES: usize = 5 + 2 + 6 + 1;
-/// Pause between peeks while a CONNECT header arrives in pieces.
-const SNIFF_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+/// Largest CONNECT accepted: before login a connection holds no more memory than
+/// this. A CONNECT is a client id, a user name and a password (and a will, which
+/// devices here have no use for).
+pub(crate) const MAX_CONNECT_BYTES: usize = 4 * 1024;
 
 /// A device connection, framed for the version its CONNECT asked for.
 pub(crate) enum Wire {
@@ -69,6 +74,8 @@ pub(crate) enum Refusal {
     NotAuthorized,
     Unavailable,
     BadClientId,
+    /// Too many connections of this device.
+    TooMany,
 }
 
 /// What iotpipe sends.
@@ -80,6 +87,8 @@ pub(crate) enum Outbound {
         receive_max: u16,
         max_packet_bytes: u32,
         client_id: Option<String>,
+        /// The keep-alive granted, when it is not the one the device asked for.
+        keep_alive: Option<u16>,
     },
     Refused(Refusal),
     /// `refused`: the message was acknowledged but not stored (a bad payload); MQTT 5
@@ -108,48 +117,54 @@ pub(crate) struct WireError {
 }
 
 impl Wire {
-    /// Peeks at the start of the first packet to learn the version; nothing is
-    /// consumed, so the codec then reads the connection from its first byte. `None` if
-    /// the connection closed first.
+    /// Reads the start of the first packet to learn the version; the codec then
+    /// reads on from those bytes, with packets limited to [`MAX_CONNECT_BYTES`] until
+    /// [`Wire::logged_in`]. `None` if the connection closed first.
     pub(crate) async fn accept(
-        stream: TcpStream,
-        max_incoming: usize,
+        mut stream: TcpStream,
         max_outgoing: usize,
         read_buffer: usize,
     ) -> std::io::Result<Option<Wire>> {
-        let mut head = [0u8; SNIFF_BYTES];
-        let mut seen = 0;
+        let mut head = BytesMut::with_capacity(read_buffer.max(SNIFF_BYTES));
         let is_v5 = loop {
-            let n = stream.peek(&mut head).await?;
-            if n == 0 {
+            if stream.read_buf(&mut head).await? == 0 {
                 return Ok(None);
             }
-            match is_v5(&head[..n]) {
+            match is_v5(&head) {
                 Some(v5) => break v5,
-                // Unreachable: SNIFF_BYTES always decides; the v4 codec refuses.
-                None if n == SNIFF_BYTES => break false,
+                // The v4 codec refuses what is not a CONNECT.
+                None if head.len() >= SNIFF_BYTES => break false,
                 None => {}
             }
-            // A peek returns at once while unread bytes wait, even if they are the same
-            // ones as last time: wait a little for the rest of the header.
-            if n == seen {
-                tokio::time::sleep(SNIFF_RETRY).await;
-            }
-            seen = n;
         };
         Ok(Some(if is_v5 {
             let codec = m5::v5::Codec {
-                max_incoming_size: Some(u32::try_from(max_incoming).unwrap_or(u32::MAX)),
+                max_incoming_size: Some(MAX_CONNECT_BYTES as u32),
                 max_outgoing_size: None,
             };
-            Wire::V5(Framed::with_capacity(stream, codec, read_buffer))
+            let mut parts = FramedParts::new::<m5::v5::Packet>(stream, codec);
+            parts.read_buf = head;
+            Wire::V5(Framed::from_parts(parts))
         } else {
             let codec = v4::Codec {
-                max_incoming_size: max_incoming,
+                max_incoming_size: MAX_CONNECT_BYTES,
                 max_outgoing_size: max_outgoing,
             };
-            Wire::V4(Framed::with_capacity(stream, codec, read_buffer))
+            let mut parts = FramedParts::new::<v4::Packet>(stream, codec);
+            parts.read_buf = head;
+            Wire::V4(Framed::from_parts(parts))
         }))
+    }
+
+    /// Lifts the packet limit to `max_incoming` once the device is logged in.
+    pub(crate) fn logged_in(&mut self, max_incoming: usize) {
+        match self {
+            Wire::V4(f) => f.codec_mut().max_incoming_size = max_incoming,
+            Wire::V5(f) => {
+                f.codec_mut().max_incoming_size =
+                    Some(u32::try_from(max_incoming).unwrap_or(u32::MAX))
+            }
+        }
     }
 
     /// True for an MQTT 5 connection.
@@ -308,7 +323,7 @@ fn to_v4(p: Outbound) -> v4::Packet {
             match r {
                 Refusal::BadLogin => C::BadUserNamePassword,
                 Refusal::NotAuthorized => C::NotAuthorized,
-                Refusal::Unavailable => C::ServiceUnavailable,
+                Refusal::Unavailable | Refusal::TooMany => C::ServiceUnavailable,
                 Refusal::BadClientId => C::BadClientId,
             },
             false,
@@ -337,6 +352,7 @@ fn to_v5(p: Outbound) -> m5::v5::Packet {
             receive_max,
             max_packet_bytes,
             client_id,
+            keep_alive,
         } => connack(
             C::Success,
             Some(ConnAckProperties {
@@ -353,7 +369,7 @@ fn to_v5(p: Outbound) -> m5::v5::Packet {
                 wildcard_subscription_available: Some(0),
                 subscription_identifiers_available: Some(0),
                 shared_subscription_available: Some(0),
-                server_keep_alive: None,
+                server_keep_alive: keep_alive,
                 response_information: None,
                 server_reference: None,
                 authentication_method: None,
@@ -366,6 +382,7 @@ fn to_v5(p: Outbound) -> m5::v5::Packet {
                 Refusal::NotAuthorized => C::NotAuthorized,
                 Refusal::Unavailable => C::ServerUnavailable,
                 Refusal::BadClientId => C::ClientIdentifierNotValid,
+                Refusal::TooMany => C::QuotaExceeded,
             },
             None,
         ),

@@ -1,0 +1,119 @@
+//! The built-in endpoint's limits against hostile or careless clients, over real
+//! sockets: CONNECT size, keep-alive, connections per device and per address.
+
+mod mqtt_support;
+
+use std::time::Duration;
+
+use mqtt_support::*;
+use rumqttc::ConnectReturnCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+
+#[tokio::test]
+async fn a_connect_of_more_than_a_few_kib_is_refused_before_login() {
+    let inst = Instance::start().await;
+    let o = inst.api.owner().await;
+    // A valid device with an 8 KiB password: refused for its size, not its login.
+    let mut s = TcpStream::connect(inst.mqtt()).await.unwrap();
+    s.write_all(&connect_bytes(&o.device, &"x".repeat(8 * 1024), 30))
+        .await
+        .unwrap();
+    // Closed unread: not even the refusal of a wrong password, which a CONNECT that
+    // was read whole would get.
+    let answer = expect_closed(&mut s).await;
+    assert!(answer.is_empty(), "answered {answer:?}");
+    // A normal login still works, and after it the full packet size applies.
+    let mut d = Device::connect(inst.mqtt(), &o.device, &o.token);
+    d.connected().await;
+    let big = format!(
+        "[{}]",
+        vec![r#"{"type":"t","metrics":{"v":1}}"#; 200].join(",")
+    );
+    // Over the CONNECT limit, under the client library's own default of 10 KiB.
+    assert!(big.len() > 4 * 1024 && big.len() < 10 * 1024);
+    d.publish(topic(&o.device), rumqttc::QoS::AtLeastOnce, big)
+        .await;
+    d.pubacks(1).await;
+}
+
+#[tokio::test]
+async fn a_device_asking_for_no_keep_alive_still_gets_the_servers() {
+    let inst = Instance::start_with(|c| c.mqtt.max_keep_alive_secs = 1).await;
+    let o = inst.api.owner().await;
+    for asked in [0, 600] {
+        let mut s = raw_login(&inst, &o, asked).await;
+        let started = Instant::now();
+        // Silent: closed after one and a half of the server's keep-alive.
+        expect_closed(&mut s).await;
+        let after = started.elapsed();
+        assert!(
+            after >= Duration::from_millis(1_400) && after < Duration::from_secs(4),
+            "keep-alive {asked}: closed after {after:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn one_device_cannot_hold_more_than_its_connections() {
+    let inst = Instance::start_with(|c| c.mqtt.max_connections_per_device = 2).await;
+    let o = inst.api.owner().await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut d = Device::connect(inst.mqtt(), &o.device, &o.token);
+        d.connected().await;
+        held.push(d);
+    }
+    let mut third = Device::connect(inst.mqtt(), &o.device, &o.token);
+    match third.next().await {
+        Seen::Refused(code) => assert_eq!(code, ConnectReturnCode::ServiceUnavailable),
+        other => panic!("a third connection was let in: {other:?}"),
+    }
+    // Another device is not affected, and a freed slot is reused.
+    let other = inst.api.owner().await;
+    Device::connect(inst.mqtt(), &other.device, &other.token)
+        .connected()
+        .await;
+    // A clean DISCONNECT: the event loop task would otherwise keep the socket open.
+    let leaving = held.pop().unwrap();
+    leaving.client.disconnect().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = Device::connect(inst.mqtt(), &o.device, &o.token);
+        match again.next().await {
+            Seen::ConnAck(ConnectReturnCode::Success) => break,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("the freed slot was not reused: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_every_slot() {
+    let inst = Instance::start_with(|c| c.mqtt.max_connections_per_ip = 3).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(inst.mqtt()).await.unwrap());
+    }
+    // The fourth is closed at once, without waiting for a CONNECT.
+    let mut fourth = TcpStream::connect(inst.mqtt()).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = timeout(Duration::from_secs(2), fourth.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    drop(idle);
+    // Slots come back as their connections end.
+    let o = inst.api.owner().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut d = Device::connect(inst.mqtt(), &o.device, &o.token);
+        match d.next().await {
+            Seen::ConnAck(ConnectReturnCode::Success) => break,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("the address got no slot back: {other:?}"),
+        }
+    }
+}
