@@ -137,6 +137,9 @@ pub struct LimitsConfig {
     /// Per user, summed over the user's devices; 0 means no limit.
     /// Env: `IOTPIPE_RATE_USER`.
     pub user_per_sec: u64,
+    /// Failed logins (HTTP or MQTT) allowed per source address, and per claimed MQTT
+    /// device, in a burst and then per minute; 0 means no limit.
+    pub failed_logins_per_minute: u32,
 }
 
 /// The event store.
@@ -279,6 +282,7 @@ impl Default for LimitsConfig {
         Self {
             device_per_sec: 1000,
             user_per_sec: 50_000,
+            failed_logins_per_minute: 30,
         }
     }
 }

@@ -91,6 +91,9 @@ struct Inner {
     mqtt_messages_received: Counter,
     mqtt_acks_sent: Counter,
     mqtt_ack_latency: Histogram,
+    /// Failed logins by source, and those refused unheard for too many failures.
+    logins_failed: [Counter; 2],
+    logins_throttled: [Counter; 2],
 }
 
 impl Telemetry {
@@ -117,6 +120,16 @@ impl Telemetry {
             "iotpipe_events_rejected_total".into(),
             Some(Unit::Count),
             "Events refused, by source and reason.".into(),
+        );
+        recorder.describe_counter(
+            "iotpipe_logins_failed_total".into(),
+            Some(Unit::Count),
+            "Logins with a missing or unknown secret, by source.".into(),
+        );
+        recorder.describe_counter(
+            "iotpipe_logins_throttled_total".into(),
+            Some(Unit::Count),
+            "Logins refused unheard after too many failures from the address, by source.".into(),
         );
         recorder.describe_counter(
             "iotpipe_batches_written_total".into(),
@@ -164,6 +177,13 @@ impl Telemetry {
                 recorder.register_counter(&key, &meta)
             })
         });
+        let by_source = |name: &'static str| {
+            Source::ALL.map(|s| {
+                recorder.register_counter(&Key::from_parts(name, vec![source_label(s)]), &meta)
+            })
+        };
+        let logins_failed = by_source("iotpipe_logins_failed_total");
+        let logins_throttled = by_source("iotpipe_logins_throttled_total");
         let batches_written =
             recorder.register_counter(&Key::from_name("iotpipe_batches_written_total"), &meta);
         let store_write_seconds =
@@ -183,6 +203,7 @@ impl Telemetry {
         for c in ingested
             .iter()
             .chain(rejected.iter().flatten())
+            .chain(logins_failed.iter().chain(&logins_throttled))
             .chain([&mqtt_messages_received, &mqtt_acks_sent])
         {
             c.increment(0);
@@ -202,6 +223,8 @@ impl Telemetry {
                 mqtt_messages_received,
                 mqtt_acks_sent,
                 mqtt_ack_latency,
+                logins_failed,
+                logins_throttled,
             }),
         }
     }
@@ -212,6 +235,14 @@ impl Telemetry {
 
     pub fn rejected(&self, source: Source, reason: Reason, events: u64) {
         self.inner.rejected[source as usize][reason as usize].increment(events);
+    }
+
+    pub fn login_failed(&self, source: Source) {
+        self.inner.logins_failed[source as usize].increment(1);
+    }
+
+    pub fn login_throttled(&self, source: Source) {
+        self.inner.logins_throttled[source as usize].increment(1);
     }
 
     pub fn batch_written(&self, seconds: f64) {

@@ -26,6 +26,7 @@ use crate::live::redis::RedisLive;
 use crate::live::{LiveError, RateLimits, SharedLive};
 use crate::pipeline;
 use crate::registry::auth::Auth;
+use crate::registry::login_guard::LoginGuard;
 use crate::registry::mysql::MySqlRegistry;
 use crate::registry::secrets::{self, SecretKind};
 use crate::registry::sqlite::SqliteRegistry;
@@ -231,6 +232,7 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
         &admin_token,
         Duration::from_secs(config.registry.cache_ttl_secs),
     );
+    auth = auth.with_login_guard(LoginGuard::new(config.limits.failed_logins_per_minute));
     if let Some(redis) = &redis {
         auth = auth.with_broadcast(redis.clone());
     }
@@ -325,6 +327,8 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
     let app = api::router(state);
     tracing::info!(%http_addr, "HTTP API listening");
     let task = tokio::spawn(async move {
+        // The peer address reaches the handlers, for the failed-login limit.
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let served = axum::serve(http, app)
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .await;

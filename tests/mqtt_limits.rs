@@ -117,3 +117,39 @@ async fn one_address_cannot_hold_every_slot() {
         }
     }
 }
+
+#[tokio::test]
+async fn repeated_failed_logins_are_answered_slowly_and_refused() {
+    let inst = Instance::start_with(|c| c.limits.failed_logins_per_minute = 3).await;
+    let o = inst.api.owner().await;
+    for i in 0..4 {
+        let mut d = Device::connect(inst.mqtt(), &o.device, "ipd_wrong");
+        match d.next().await {
+            Seen::Refused(code) => {
+                assert_eq!(code, ConnectReturnCode::BadUserNamePassword, "attempt {i}")
+            }
+            other => panic!("attempt {i}: {other:?}"),
+        }
+    }
+    // Blocked now: even the right password is refused, after a pause, unheard.
+    let started = Instant::now();
+    let mut d = Device::connect(inst.mqtt(), &o.device, &o.token);
+    match d.next().await {
+        Seen::Refused(code) => assert_eq!(code, ConnectReturnCode::NotAuthorized),
+        other => panic!("a blocked login went through: {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_500),
+        "{:?}",
+        started.elapsed()
+    );
+    let metrics = inst.api.metrics().await;
+    assert_eq!(
+        metric(&metrics, "iotpipe_logins_failed_total{source=\"mqtt\"}"),
+        4.0
+    );
+    assert_eq!(
+        metric(&metrics, "iotpipe_logins_throttled_total{source=\"mqtt\"}"),
+        1.0
+    );
+}

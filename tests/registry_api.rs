@@ -249,3 +249,31 @@ async fn the_wrong_kind_of_secret_is_a_401() {
     let (status, _) = t.get("/v1/devices", "ipk_notakey").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn repeated_failed_logins_are_slowed_down_with_429_and_retry_after() {
+    let t = TestServer::start_with(|c| c.limits.failed_logins_per_minute = 5).await;
+    let (_, key) = t.user("eve").await;
+    // Five wrong keys are plain 401s; the sixth failure blocks the address.
+    for i in 0..6 {
+        let (s, _) = t.get("/v1/devices", &format!("ipk_wrong{i}")).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    let (s, headers, v) = t
+        .call(reqwest::Method::GET, "/v1/devices", Some("ipk_wrong"), None)
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["limit"], "login", "{v}");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    // While blocked, the address gets no answer about any secret, a valid one included:
+    // a guesser learns nothing from trying.
+    let (s, _) = t.get("/v1/devices", &key).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    // Failures are counted where operators look.
+    let metrics = t.metrics().await;
+    let failed = common::sample(&metrics, "iotpipe_logins_failed_total{source=\"http\"}");
+    assert_eq!(failed, Some(6.0), "{metrics}");
+    let throttled = common::sample(&metrics, "iotpipe_logins_throttled_total{source=\"http\"}");
+    assert_eq!(throttled, Some(2.0));
+}

@@ -1,13 +1,17 @@
 //! The bearer-secret extractor.
 
-use axum::extract::FromRequestParts;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 
 use super::error::ApiError;
 use super::AppState;
+use crate::live::{LimitKind, Limited};
 use crate::model::UserId;
 use crate::registry::auth::Principal;
+use crate::telemetry::Source;
 
 /// The authenticated caller of a request.
 #[derive(Debug, Clone, Copy)]
@@ -37,12 +41,33 @@ impl Caller {
     }
 }
 
-/// Resolves the `Authorization: Bearer` header.
+/// Resolves the `Authorization: Bearer` header of a request from `peer`.
 ///
 /// # Errors
 ///
-/// 401 for a missing or unknown secret; 503 if the registry is needed and down.
-pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+/// 401 for a missing or unknown secret; 429 after too many failures from `peer`; 503
+/// if the registry is needed and down.
+pub async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: IpAddr,
+) -> Result<Principal, ApiError> {
+    if let Some(wait) = state.auth.login_wait(peer, None) {
+        state.telemetry.login_throttled(Source::Http);
+        return Err(ApiError::RateLimited(Limited {
+            limit: LimitKind::Login,
+            retry_after_ms: wait.as_secs_f64() * 1000.0,
+        }));
+    }
+    let found = resolve(state, headers).await;
+    if matches!(found, Err(ApiError::Unauthorized)) {
+        state.auth.login_failed(peer, None, "http");
+        state.telemetry.login_failed(Source::Http);
+    }
+    found
+}
+
+async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let secret = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -61,6 +86,27 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authenticate(state, &parts.headers).await.map(Caller)
+        authenticate(state, &parts.headers, peer(parts))
+            .await
+            .map(Caller)
     }
+}
+
+/// The caller's address, as an extractor that never fails.
+pub struct Peer(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(peer(parts)))
+    }
+}
+
+/// The caller's address; unspecified when the router is served without it.
+pub fn peer(parts: &Parts) -> IpAddr {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
 }

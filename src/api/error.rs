@@ -85,14 +85,12 @@ impl IntoResponse for ApiError {
                 retry_after_ms,
             }) => {
                 retry_after = Some(retry_after_secs(retry_after_ms));
-                let what = match limit {
-                    LimitKind::Device => "the device's",
-                    LimitKind::User => "the user's",
+                let error = match limit {
+                    LimitKind::Device => "rate limit exceeded: the device's events per second",
+                    LimitKind::User => "rate limit exceeded: the user's events per second",
+                    LimitKind::Login => "too many failed logins from this address; retry later",
                 };
-                json!({
-                    "error": format!("rate limit exceeded: {what} events per second"),
-                    "limit": limit.as_str(),
-                })
+                json!({ "error": error, "limit": limit.as_str() })
             }
             ApiError::Unavailable(m) => {
                 retry_after = Some(1);

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::decode::{self, DecodeError, DecodeOptions, Format};
 use super::{count_rejected, Rejection};
-use crate::api::auth::authenticate;
+use crate::api::auth::{authenticate, Peer};
 use crate::api::error::ApiError;
 use crate::api::{body_error, AppState};
 use crate::model::{now_ms, DeviceId, Record, UserId};
@@ -58,6 +58,7 @@ impl Rejector<'_> {
 
 pub async fn ingest(
     State(state): State<AppState>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -66,7 +67,7 @@ pub async fn ingest(
         state: &state,
         device: None,
     };
-    let principal = match authenticate(&state, &headers).await {
+    let principal = match authenticate(&state, &headers, peer).await {
         Ok(p @ (Principal::Device { .. } | Principal::User(_))) => p,
         Ok(Principal::Admin) => {
             return Err(rejector
@@ -76,6 +77,7 @@ pub async fn ingest(
         Err(e) => {
             let reason = match e {
                 ApiError::Unauthorized => Reason::Unauthorized,
+                ApiError::RateLimited(_) => Reason::RateLimited,
                 _ => Reason::Overloaded,
             };
             return Err(rejector.reject(e, reason, 1).await);

@@ -18,6 +18,8 @@ use crate::model::{DeviceId, UserId};
 pub enum LimitKind {
     Device,
     User,
+    /// Too many failed logins from the caller's address.
+    Login,
 }
 
 impl LimitKind {
@@ -25,6 +27,7 @@ impl LimitKind {
         match self {
             LimitKind::Device => "device",
             LimitKind::User => "user",
+            LimitKind::Login => "login",
         }
     }
 }

@@ -11,12 +11,14 @@
 //! so that known devices keep ingesting while MySQL is down. Deletions do not depend
 //! on the TTL: they are pushed to every instance.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use moka::sync::Cache;
 
+use super::login_guard::LoginGuard;
 use super::secrets::{self, SecretKind};
 use super::{RegistryError, SharedRegistry};
 use crate::model::{DeviceId, UserId};
@@ -34,6 +36,9 @@ const CACHE_CAPACITY: u64 = 200_000;
 
 /// How long a cached answer may still be served while the registry cannot be asked.
 pub const STALE_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// How long the registry's "unknown" answer for a secret is trusted.
+const UNKNOWN_FOR: Duration = Duration::from_secs(10);
 
 /// Deletions waiting for the MQTT endpoint to close their connections, at most.
 const REVOCATIONS: usize = 1024;
@@ -73,6 +78,11 @@ pub struct Auth {
     /// Devices forgotten here (deleted on this or another instance), for whoever holds
     /// their open connections.
     revoked: tokio::sync::broadcast::Sender<DeviceId>,
+    /// Slows down repeated failed logins; `None`: no limit.
+    guard: Option<Arc<LoginGuard>>,
+    /// Secrets the registry just said it does not know: asked again only after
+    /// [`UNKNOWN_FOR`], so that a flood of guesses does not become a flood of queries.
+    unknown: Cache<[u8; 32], ()>,
 }
 
 impl Auth {
@@ -93,6 +103,31 @@ impl Auth {
                 .build(),
             broadcast: None,
             revoked: tokio::sync::broadcast::channel(REVOCATIONS).0,
+            guard: None,
+            unknown: Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .time_to_live(UNKNOWN_FOR)
+                .build(),
+        }
+    }
+
+    /// Limits failed logins with `guard`.
+    pub fn with_login_guard(mut self, guard: Option<LoginGuard>) -> Self {
+        self.guard = guard.map(Arc::new);
+        self
+    }
+
+    /// How long a login from `ip` (claiming `identity`) must wait after too many
+    /// failures; `None`: go ahead.
+    pub fn login_wait(&self, ip: IpAddr, identity: Option<&str>) -> Option<Duration> {
+        self.guard.as_ref()?.wait(ip, identity)
+    }
+
+    /// Counts a failed login, and logs it.
+    pub fn login_failed(&self, ip: IpAddr, identity: Option<&str>, source: &str) {
+        tracing::warn!(%ip, identity, source, "failed login");
+        if let Some(g) = &self.guard {
+            g.failed(ip, identity);
         }
     }
 
@@ -130,6 +165,9 @@ impl Auth {
         if let Some(c) = cached.filter(|c| self.is_fresh(c)) {
             return Ok(Some(c.value));
         }
+        if cached.is_none() && self.unknown.contains_key(&digest) {
+            return Ok(None);
+        }
         let hash = hex::encode(digest);
         let asked = match SecretKind::of(secret) {
             Some(SecretKind::UserKey) => self
@@ -155,7 +193,10 @@ impl Auth {
         };
         match found {
             Some(p) => self.secrets.insert(digest, Cached::now(p)),
-            None => self.secrets.invalidate(&digest),
+            None => {
+                self.secrets.invalidate(&digest);
+                self.unknown.insert(digest, ());
+            }
         }
         Ok(found)
     }

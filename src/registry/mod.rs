@@ -5,6 +5,7 @@
 //! the hot ingest path).
 
 pub mod auth;
+pub mod login_guard;
 pub mod mysql;
 pub mod secrets;
 mod sql;

@@ -36,6 +36,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Initial read buffer; it grows for larger packets. Small, so that idle
 /// connections stay cheap.
 const READ_BUFFER: usize = 1024;
+/// Longest wait before a throttled login is refused.
+const LOGIN_PENALTY: Duration = Duration::from_secs(2);
 /// Longest client id accepted: it is kept for as long as the connection is open.
 /// MQTT requires servers to take at least 23 characters.
 const MAX_CLIENT_ID_BYTES: usize = 256;
@@ -151,10 +153,18 @@ async fn login(wire: &mut Wire, ctx: &MqttContext, peer: SocketAddr) -> Option<L
             .rejected(Source::Mqtt, Reason::Unauthorized, 1);
         return refuse(wire, Refusal::BadLogin).await;
     };
+    let identity = device.to_string();
+    if let Some(wait) = ctx.auth.login_wait(peer.ip(), Some(&identity)) {
+        // Too many failures: answer slowly, and without looking at the password.
+        tokio::time::sleep(wait.min(LOGIN_PENALTY)).await;
+        ctx.telemetry.login_throttled(Source::Mqtt);
+        return refuse(wire, Refusal::NotAuthorized).await;
+    }
     let user = match ctx.auth.authenticate_device(device, &password).await {
         Ok(Some(user)) => user,
         Ok(None) => {
-            tracing::debug!(%peer, %device, "MQTT CONNECT with bad credentials");
+            ctx.auth.login_failed(peer.ip(), Some(&identity), "mqtt");
+            ctx.telemetry.login_failed(Source::Mqtt);
             ctx.telemetry
                 .rejected(Source::Mqtt, Reason::Unauthorized, 1);
             return refuse(wire, Refusal::BadLogin).await;
