@@ -114,6 +114,10 @@ pub struct RegistryConfig {
     pub url: Option<String>,
     /// How long a cached secret or device owner is trusted, in seconds.
     pub cache_ttl_secs: u64,
+    /// How long a cached answer may still be served, in seconds, while the registry
+    /// cannot be asked: known devices keep ingesting through a short outage, and a
+    /// revoked secret is not honoured for long where a deletion was missed.
+    pub stale_limit_secs: u64,
 }
 
 /// Live counters and distributed rate limits.
@@ -264,6 +268,7 @@ impl Default for RegistryConfig {
         Self {
             url: None,
             cache_ttl_secs: 60,
+            stale_limit_secs: 600,
         }
     }
 }

@@ -231,6 +231,7 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
         registry,
         &admin_token,
         Duration::from_secs(config.registry.cache_ttl_secs),
+        Duration::from_secs(config.registry.stale_limit_secs),
     );
     auth = auth.with_login_guard(LoginGuard::new(config.limits.failed_logins_per_minute));
     if let Some(redis) = &redis {

@@ -7,7 +7,8 @@
 //! [`Auth::forget_device`] on each of them.
 //!
 //! Design: an answer is fresh for `ttl`; after that the registry is asked again, but if
-//! the registry is unavailable the stale answer is served (for up to [`STALE_LIMIT`]),
+//! the registry is unavailable the stale answer is served (for up to `stale_for`,
+//! `registry.stale_limit_secs`: minutes, not a day),
 //! so that known devices keep ingesting while MySQL is down. Deletions do not depend
 //! on the TTL: they are pushed to every instance.
 
@@ -33,9 +34,6 @@ pub enum Principal {
 
 /// How many secrets and device owners are cached at most.
 const CACHE_CAPACITY: u64 = 200_000;
-
-/// How long a cached answer may still be served while the registry cannot be asked.
-pub const STALE_LIMIT: Duration = Duration::from_secs(24 * 3600);
 
 /// How long the registry's "unknown" answer for a secret is trusted.
 const UNKNOWN_FOR: Duration = Duration::from_secs(10);
@@ -86,9 +84,15 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// `ttl` bounds how long a cached answer is trusted without asking the registry.
-    pub fn new(registry: SharedRegistry, admin_token: &str, ttl: Duration) -> Self {
-        let keep = ttl.max(STALE_LIMIT);
+    /// `ttl` bounds how long a cached answer is trusted without asking the registry;
+    /// `stale_for`, how long it is still served while the registry cannot be asked.
+    pub fn new(
+        registry: SharedRegistry,
+        admin_token: &str,
+        ttl: Duration,
+        stale_for: Duration,
+    ) -> Self {
+        let keep = ttl.max(stale_for);
         Self {
             registry,
             admin: secrets::digest(admin_token),
