@@ -282,3 +282,63 @@ impl Api {
         .await
     }
 }
+
+/// A private Apache Cassandra node (`scripts/cassandra` with its own ports and
+/// directory), for tests that pause or kill it; killed when dropped.
+pub struct CassandraNode {
+    pub port: u16,
+    pub pid: i32,
+    _dir: tempfile::TempDir,
+}
+
+impl CassandraNode {
+    pub fn start() -> CassandraNode {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, storage) = (free_port(), free_port());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cassandra");
+        let out = Command::new(script)
+            .arg("start")
+            .env("IOTPIPE_CASSANDRA_PORT", port.to_string())
+            .env("IOTPIPE_CASSANDRA_STORAGE_PORT", storage.to_string())
+            .env("IOTPIPE_CASSANDRA_DIR", dir.path())
+            .output()
+            .expect("scripts/cassandra runs");
+        let pid = std::fs::read_to_string(dir.path().join("cassandra.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok());
+        let node = CassandraNode {
+            port,
+            pid: pid.unwrap_or(0),
+            _dir: dir,
+        };
+        assert!(
+            out.status.success() && node.pid > 0,
+            "a private Cassandra node started:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        node
+    }
+
+    /// SIGSTOP or SIGCONT.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {}", self.pid);
+    }
+}
+
+impl Drop for CassandraNode {
+    fn drop(&mut self) {
+        // Resumed first: a stopped JVM does not act on SIGKILL's effects promptly.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.pid.to_string()])
+            .status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .status();
+    }
+}

@@ -1,0 +1,169 @@
+//! The wide-column store when its node stops answering: a private Apache Cassandra
+//! node (never the shared one) is paused with SIGSTOP for 30 s during ingest over HTTP
+//! and MQTT, then resumed.
+
+mod mqtt_support;
+mod prod_support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use iotpipe::config::StoreConfig;
+use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
+use mqtt_support::{event, topic, Device, Seen};
+use prod_support::CassandraNode;
+use rumqttc::QoS;
+use serde_json::json;
+use tokio::time::{timeout, Instant};
+use uuid::Uuid;
+
+/// How long the node stays paused.
+const PAUSE: Duration = Duration::from_secs(30);
+
+/// Ingests one event with a fresh id; returns the status, the id, and Retry-After.
+async fn ingest_one(api: &prod_support::Api, token: &str) -> (u16, Uuid, Option<String>) {
+    let id = Uuid::new_v4();
+    let (s, _, headers) = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/ingest",
+            token,
+            Some(json!({"id": id, "type": "t", "metrics": {"v": 1}})),
+        )
+        .await;
+    let retry = headers
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (s, id, retry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_gets_503s_and_no_acks_then_ingest_resumes_with_nothing_lost() {
+    let node = CassandraNode::start();
+    let addr = format!("127.0.0.1:{}", node.port);
+    let store = StoreConfig {
+        scylla_nodes: Some(addr.clone()),
+        keyspace: "iotpipe_faults".into(),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+        consistency: "ONE".into(),
+        // A paused node is noticed after a second, not five.
+        request_timeout_ms: 1_000,
+        ..StoreConfig::default()
+    };
+    ScyllaStore::migrate(&ScyllaSettings::from_config(&store, 3_600_000).unwrap())
+        .await
+        .expect("schema on the private node");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = prod_support::config(dir.path());
+    config.store = store;
+    config.mqtt.addr = "127.0.0.1:0".into();
+    let admin = config.admin_token.clone().unwrap();
+    let server = prod_support::start(config).await;
+    let api = prod_support::Api::new(&server);
+    let mqtt_addr = server.mqtt_addr.unwrap();
+    let key = api.user(&admin).await;
+    let (device, token) = api.device(&key).await;
+
+    let mut acked: Vec<Uuid> = Vec::new();
+    for _ in 0..5 {
+        let (s, id, _) = ingest_one(&api, &token).await;
+        assert_eq!(s, 200);
+        acked.push(id);
+    }
+    let mut d = Device::connect(mqtt_addr, &device, &token);
+    d.connected().await;
+    let before = Uuid::new_v4();
+    d.publish(topic(&device), QoS::AtLeastOnce, event(&before, 1.0))
+        .await;
+    d.pubacks(1).await;
+    acked.push(before);
+
+    node.signal("STOP");
+    let paused_at = Instant::now();
+
+    // MQTT: a message sent now is not acknowledged while the node is paused.
+    let during = Uuid::new_v4();
+    d.publish(topic(&device), QoS::AtLeastOnce, event(&during, 2.0))
+        .await;
+    // HTTP: 503 with Retry-After, within the store's timeout and the retry budget.
+    let mut refused = None;
+    while refused.is_none() {
+        assert!(
+            paused_at.elapsed() < Duration::from_secs(15),
+            "no 503 while the node is paused"
+        );
+        match ingest_one(&api, &token).await {
+            (200, id, _) => acked.push(id),
+            (503, _, retry) => refused = Some(retry),
+            (s, _, _) => panic!("unexpected status {s}"),
+        }
+    }
+    assert!(
+        refused.unwrap().is_some_and(|r| r.parse::<u64>().is_ok()),
+        "503 without Retry-After"
+    );
+    let health = api.health().await;
+    assert_eq!(health["components"]["store"]["ok"], false, "{health}");
+    assert_ne!(health["status"], "ok", "{health}");
+    // Still no PUBACK for the message sent during the pause (the connection may have
+    // been closed instead, so that the device sends it again).
+    let deadline = paused_at + PAUSE - Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match timeout(deadline - Instant::now(), d.seen.recv()).await {
+            Err(_) | Ok(None) => break,
+            Ok(Some(Seen::PubAck(id))) => panic!("PUBACK {id} while the node is paused"),
+            Ok(Some(Seen::Closed(_))) => break,
+            Ok(Some(_)) => {}
+        }
+    }
+    tokio::time::sleep_until(paused_at + PAUSE).await;
+    node.signal("CONT");
+    let resumed_at = Instant::now();
+
+    // Ingest resumes by itself.
+    loop {
+        assert!(
+            resumed_at.elapsed() < Duration::from_secs(60),
+            "ingest did not resume"
+        );
+        match ingest_one(&api, &token).await {
+            (200, id, _) => {
+                acked.push(id);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let healthy = api.health().await;
+    assert_eq!(healthy["status"], "ok", "{healthy}");
+    // The device sends its unacknowledged message again, as MQTT devices do.
+    let mut again = Device::connect(mqtt_addr, &device, &token);
+    again.connected().await;
+    again
+        .publish(topic(&device), QoS::AtLeastOnce, event(&during, 2.0))
+        .await;
+    again.pubacks(1).await;
+    acked.push(during);
+
+    // Everything acknowledged is stored, once.
+    let (s, v) = api
+        .get(&format!("/v1/devices/{device}/events?limit=10000"), &key)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let mut stored: HashMap<String, usize> = HashMap::new();
+    for e in v["events"].as_array().unwrap() {
+        *stored
+            .entry(e["id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    for id in &acked {
+        assert_eq!(
+            stored.get(&id.to_string()),
+            Some(&1),
+            "acknowledged event {id} stored {:?} times",
+            stored.get(&id.to_string())
+        );
+    }
+    assert!(stored.values().all(|n| *n == 1), "{stored:?}");
+    server.stop().await;
+}
