@@ -159,10 +159,10 @@ pub struct StoreConfig {
     /// ScyllaDB keyspace. Env: `IOTPIPE_SCYLLA_KEYSPACE`.
     pub keyspace: String,
     /// Replication of the keyspace, as a CQL map, used by `iotpipe migrate` when it
-    /// creates the keyspace.
+    /// creates the keyspace. Env: `IOTPIPE_SCYLLA_REPLICATION`.
     pub replication: String,
     /// Consistency of reads and writes: `LOCAL_QUORUM`, `QUORUM`, `LOCAL_ONE`, `ONE`,
-    /// `ALL`...
+    /// `ALL`... Env: `IOTPIPE_SCYLLA_CONSISTENCY`.
     pub consistency: String,
     /// Default TTL of stored events, in seconds; 0 keeps them forever. Applied to the
     /// tables by `iotpipe migrate`.
@@ -403,6 +403,12 @@ impl Config {
         }
         if let Some(v) = env("IOTPIPE_SCYLLA_KEYSPACE") {
             self.store.keyspace = v;
+        }
+        if let Some(v) = env("IOTPIPE_SCYLLA_REPLICATION") {
+            self.store.replication = v;
+        }
+        if let Some(v) = env("IOTPIPE_SCYLLA_CONSISTENCY") {
+            self.store.consistency = v;
         }
         if let Some(v) = env("IOTPIPE_REDIS_PREFIX") {
             self.live.key_prefix = v;

@@ -21,13 +21,18 @@ struct Proc {
     base: String,
 }
 
-fn spawn(dir: &Path) -> Proc {
+/// The binary, with none of the caller's `IOTPIPE_*` settings: a developer's exported
+/// production settings must not redirect a test.
+fn iotpipe() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_iotpipe"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("IOTPIPE_") {
-            cmd.env_remove(k);
-        }
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
+        cmd.env_remove(k);
     }
+    cmd
+}
+
+fn spawn(dir: &Path) -> Proc {
+    let mut cmd = iotpipe();
     let mut child = cmd
         .arg("serve")
         .env("IOTPIPE_DATA_DIR", dir)
@@ -215,7 +220,7 @@ fn a_taken_port_stops_start_up_naming_the_setting() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_iotpipe"))
+    let out = iotpipe()
         .arg("serve")
         .env("IOTPIPE_DATA_DIR", dir.path())
         .env("IOTPIPE_HTTP_ADDR", &addr)
@@ -234,7 +239,7 @@ fn a_taken_port_stops_start_up_naming_the_setting() {
 fn the_admin_token_is_generated_once_with_mode_0600() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_iotpipe"))
+    let out = iotpipe()
         .arg("migrate")
         .env("IOTPIPE_DATA_DIR", dir.path())
         .output()
@@ -264,7 +269,7 @@ fn the_admin_token_is_generated_once_with_mode_0600() {
 }
 
 fn spawn_without_admin(dir: &Path) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iotpipe"))
+    let mut child = iotpipe()
         .arg("serve")
         .env_remove("IOTPIPE_ADMIN_TOKEN")
         .env("IOTPIPE_DATA_DIR", dir)

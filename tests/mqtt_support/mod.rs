@@ -350,6 +350,22 @@ pub fn topic(device: &str) -> String {
     format!("devices/{device}/events")
 }
 
+/// The `iotpipe` binary: cargo names it to the main crate's tests; the simulator's
+/// tests find it beside their own executable, in the same target directory.
+pub fn iotpipe_bin() -> std::path::PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_iotpipe") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("iotpipe");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace (cargo test --workspace)",
+        bin.display()
+    );
+    bin
+}
+
 /// The real `iotpipe` binary, started on port 0.
 pub struct Process {
     pub child: tokio::process::Child,
@@ -362,7 +378,12 @@ impl Process {
     /// addresses from its stdout line.
     pub async fn spawn(data_dir: &Path, env: &[(&str, String)]) -> Self {
         use tokio::io::AsyncBufReadExt;
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_iotpipe"));
+        let mut cmd = tokio::process::Command::new(iotpipe_bin());
+        // Only what the test sets: a developer's exported production settings must not
+        // redirect a test to other backends.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
+            cmd.env_remove(k);
+        }
         cmd.arg("serve")
             .env("IOTPIPE_DATA_DIR", data_dir)
             .env("IOTPIPE_HTTP_ADDR", "127.0.0.1:0")

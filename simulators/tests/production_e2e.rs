@@ -1,0 +1,291 @@
+//! Production mode end to end: two `iotpipe serve` processes share Cassandra (a fresh
+//! keyspace on the node of `scripts/cassandra`), MariaDB (a fresh database), Redis (a
+//! random key prefix) and a private Mosquitto to which both subscribe with `$share`.
+//! The simulator drives three fleets at once: over HTTP to each instance, and over
+//! MQTT through the broker. One instance is killed with SIGKILL mid-run and started
+//! again. Then every fleet must verify: nothing acknowledged lost, nothing stored
+//! twice, aggregates equal to what was acknowledged.
+
+#[path = "../../tests/mqtt_support/mod.rs"]
+mod mqtt_support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use iotpipe_sim::api::Api;
+use iotpipe_sim::chaos::Chaos;
+use iotpipe_sim::profile::Profile;
+use iotpipe_sim::proto::mqtt::MqttSettings;
+use iotpipe_sim::provision::Fleet;
+use iotpipe_sim::rate::Rate;
+use iotpipe_sim::run::{run, Finished, Limit, Protocol, RunOptions};
+use iotpipe_sim::verify::{verify, Verification};
+use mqtt_support::{Broker, Process, ADMIN};
+use tokio::time::{sleep, Instant};
+use tokio_util::sync::CancellationToken;
+
+const RUN: Duration = Duration::from_secs(20);
+const KILL_AFTER: Duration = Duration::from_secs(7);
+
+fn name() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+fn shell(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The shared backends of one run, removed again at the end.
+struct Backends {
+    keyspace: String,
+    database: String,
+    prefix: String,
+    broker: Broker,
+}
+
+impl Backends {
+    async fn new() -> Self {
+        let n = name();
+        let database = format!("iotpipe_e2e_{n}");
+        shell(
+            "mariadb",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-u",
+                "root",
+                "-e",
+                &format!("CREATE DATABASE {database}"),
+            ],
+        );
+        Self {
+            keyspace: format!("iotpipe_e2e_{n}"),
+            database,
+            prefix: format!("iotpipe_e2e_{n}:"),
+            broker: Broker::start().await,
+        }
+    }
+
+    fn env(&self, http: SocketAddr) -> Vec<(&'static str, String)> {
+        vec![
+            ("IOTPIPE_SCYLLA_NODES", "127.0.0.1:9042".into()),
+            ("IOTPIPE_SCYLLA_KEYSPACE", self.keyspace.clone()),
+            (
+                "IOTPIPE_SCYLLA_REPLICATION",
+                "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+            ),
+            (
+                "IOTPIPE_REGISTRY_URL",
+                format!("mysql://root@127.0.0.1:3306/{}", self.database),
+            ),
+            ("IOTPIPE_REDIS_URL", "redis://127.0.0.1:6379/0".into()),
+            ("IOTPIPE_REDIS_PREFIX", self.prefix.clone()),
+            ("IOTPIPE_MQTT_URL", self.broker.url()),
+            ("IOTPIPE_MQTT_ADDR", "off".into()),
+            ("IOTPIPE_HTTP_ADDR", http.to_string()),
+        ]
+    }
+
+    fn clean(&self) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let cqlsh = root.join("scripts/cassandra");
+        let drop_ks = format!("DROP KEYSPACE IF EXISTS {}", self.keyspace);
+        let _ = Command::new(cqlsh).args(["cqlsh", "-e", &drop_ks]).status();
+        let drop_db = format!("DROP DATABASE IF EXISTS {}", self.database);
+        let _ = Command::new("mariadb")
+            .args(["-h", "127.0.0.1", "-u", "root", "-e", &drop_db])
+            .status();
+        let del = format!(
+            "redis-cli --scan --pattern '{}*' | xargs -r redis-cli del >/dev/null",
+            self.prefix
+        );
+        let _ = Command::new("sh").args(["-c", &del]).status();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn options(protocol: Protocol) -> RunOptions {
+    RunOptions {
+        protocol,
+        batch: 4,
+        rate: Rate::PerDevice(20.0),
+        ramp: Duration::from_millis(500),
+        limit: Limit {
+            duration: Some(RUN),
+            count: None,
+        },
+        chaos: Chaos {
+            late: 0.05,
+            late_by_ms: 5_000,
+            duplicates: 0.05,
+            invalid: 0.0,
+        },
+        profiles: vec![Profile::SmartMeter, Profile::EnvSensor],
+        ledger: true,
+        progress: false,
+        seed: 11,
+        connect_concurrency: 4,
+    }
+}
+
+async fn fleet(api: &Api, devices: usize) -> (Fleet, String) {
+    let key = Fleet::create_user(api, ADMIN).await.expect("user");
+    let fleet = Fleet::create(api, &key, devices, &options(http()).profiles)
+        .await
+        .expect("devices");
+    (fleet, key)
+}
+
+fn http() -> Protocol {
+    Protocol::Http {
+        concurrency: 8,
+        retries: 30,
+    }
+}
+
+/// Verifies a fleet until it passes: what the broker acknowledged reaches iotpipe a
+/// little after the run ends.
+async fn verified(api: &Api, key: &str, fleet: &Fleet, f: &Finished) -> Verification {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = verify(api, key, fleet, &f.tally, &options(http()).profiles, 1_000).await;
+        if v.pass || Instant::now() > deadline {
+            return v;
+        }
+        sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_lose_nothing_acknowledged_when_one_is_killed() {
+    let backends = Backends::new().await;
+    let (addr_a, addr_b) = (free_addr(), free_addr());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Schema through the binary, as an operator would create it.
+    let mut migrate = Command::new(mqtt_support::iotpipe_bin());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
+        migrate.env_remove(k);
+    }
+    migrate
+        .arg("migrate")
+        .env("IOTPIPE_DATA_DIR", dir_a.path())
+        .envs(backends.env(addr_a));
+    let out = migrate.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let a = Process::spawn(dir_a.path(), &backends.env(addr_a)).await;
+    let b = Process::spawn(dir_b.path(), &backends.env(addr_b)).await;
+    let api_a = Api::new(&format!("http://{addr_a}"), 8).unwrap();
+    let api_b = Api::new(&format!("http://{addr_b}"), 8).unwrap();
+
+    let (fleet_a, key_a) = fleet(&api_a, 3).await;
+    let (fleet_b, key_b) = fleet(&api_b, 3).await;
+    let (fleet_m, key_m) = fleet(&api_b, 3).await;
+    let mqtt = Protocol::Mqtt(MqttSettings {
+        host: "127.0.0.1".into(),
+        port: backends.broker.port,
+        qos: rumqttc::QoS::AtLeastOnce,
+        inflight: 20,
+        topic: "devices/{id}/events".into(),
+    });
+
+    let stop = CancellationToken::new();
+    let (over_http, over_mqtt) = (options(http()), options(mqtt));
+    let runs = async {
+        tokio::join!(
+            run(&api_a, &fleet_a, &over_http, stop.clone()),
+            run(&api_b, &fleet_b, &over_http, stop.clone()),
+            run(&api_b, &fleet_m, &over_mqtt, stop.clone()),
+        )
+    };
+    let chaos = async {
+        sleep(KILL_AFTER).await;
+        a.kill9().await;
+        sleep(Duration::from_secs(1)).await;
+        Process::spawn(dir_a.path(), &backends.env(addr_a)).await
+    };
+    let ((ra, rb, rm), a) = tokio::join!(runs, chaos);
+    let (ra, rb, rm) = (ra.unwrap(), rb.unwrap(), rm.unwrap());
+    for f in [&ra, &rb, &rm] {
+        assert!(f.report.events.acked > 0, "{:?}", f.report.events);
+    }
+    // Requests cut by the kill are in doubt, never counted as acknowledged.
+    eprintln!(
+        "fleet a (HTTP to the killed instance): {:?}",
+        ra.report.events
+    );
+
+    for (api, key, fleet, finished) in [
+        (&api_b, &key_a, &fleet_a, &ra),
+        (&api_a, &key_b, &fleet_b, &rb),
+        (&api_a, &key_m, &fleet_m, &rm),
+    ] {
+        let v = verified(api, key, fleet, finished).await;
+        assert!(v.pass, "{}", v.render());
+        assert!(
+            v.expected_once > 0 && v.windows_compared > 0,
+            "{}",
+            v.render()
+        );
+        // The fleet aggregate over the whole run counts each acknowledged event once,
+        // plus those in doubt (cut by the kill) that were stored after all.
+        let total = fleet_total(api, key).await;
+        assert_eq!(
+            total,
+            v.expected_once + v.in_doubt_stored,
+            "aggregate {total}: {}",
+            v.render()
+        );
+    }
+    drop((a, b));
+    backends.clean();
+}
+
+/// Every event of the user's devices over the last hour, from `/v1/aggregates`.
+async fn fleet_total(api: &Api, key: &str) -> u64 {
+    let now = chrono::Utc::now();
+    let from = (now - chrono::Duration::hours(1)).to_rfc3339();
+    let to = (now + chrono::Duration::minutes(10)).to_rfc3339();
+    let url = format!(
+        "{}/v1/aggregates?from={}&to={}&window=2h&group_by=device",
+        api.base(),
+        urlencode(&from),
+        urlencode(&to)
+    );
+    let v: serde_json::Value = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["buckets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum()
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
