@@ -167,3 +167,74 @@ async fn a_paused_node_gets_503s_and_no_acks_then_ingest_resumes_with_nothing_lo
     assert!(stored.values().all(|n| *n == 1), "{stored:?}");
     server.stop().await;
 }
+
+/// What Cassandra would refuse never reaches it: out-of-range instants and oversized
+/// texts are refused whole at ingest with the field named, and the largest event the
+/// contract allows is stored whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_the_node_would_refuse_get_a_clear_400_and_the_largest_event_is_stored() {
+    let keyspace = format!("iotpipe_limits_{}", prod_support::random_name());
+    let store = StoreConfig {
+        scylla_nodes: Some("127.0.0.1:9042".into()),
+        keyspace: keyspace.clone(),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+        consistency: "ONE".into(),
+        ..StoreConfig::default()
+    };
+    ScyllaStore::migrate(&ScyllaSettings::from_config(&store, 3_600_000).unwrap())
+        .await
+        .expect("the node of scripts/cassandra answers");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = prod_support::config(dir.path());
+    config.store = store;
+    let admin = config.admin_token.clone().unwrap();
+    let server = prod_support::start(config).await;
+    let api = prod_support::Api::new(&server);
+    let key = api.user(&admin).await;
+    let (device, token) = api.device(&key).await;
+
+    let good = json!({"type": "t", "metrics": {"v": 1}});
+    let cases = [
+        (json!({"type": "t", "ts": "1969-12-31T23:59:59Z"}), "ts"),
+        (json!({"type": "t", "ts": "9999-12-31T23:59:59Z"}), "ts"),
+        (json!({"type": "t", "ts": i64::MAX}), "ts"),
+        (
+            json!({"type": "t", "attrs": {"note": "x".repeat(1025)}}),
+            "attrs.note",
+        ),
+        (json!({"type": "x".repeat(65)}), "type"),
+    ];
+    for (bad, field) in cases {
+        let (s, v) = api.post("/v1/ingest", &token, json!([good, bad])).await;
+        assert_eq!(s, 400, "{v}");
+        assert_eq!(v["index"], 1, "{v}");
+        assert_eq!(v["field"], field, "{v}");
+    }
+    let (s, v) = api.get(&format!("/v1/devices/{device}/events"), &key).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        v["events"],
+        json!([]),
+        "nothing of a refused request is stored"
+    );
+
+    // The largest event: 64 metrics and 64 attrs of 1 KiB each, with multi-byte text.
+    let metrics: serde_json::Map<String, serde_json::Value> = (0..64)
+        .map(|i| (format!("m{i}"), json!(i as f64 / 3.0)))
+        .collect();
+    let attrs: serde_json::Map<String, serde_json::Value> = (0..64)
+        .map(|i| (format!("a{i}"), json!("é".repeat(512))))
+        .collect();
+    let big = json!({"type": "t", "metrics": metrics, "attrs": attrs});
+    let (s, v) = api.post("/v1/ingest", &token, big.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = api.get(&format!("/v1/devices/{device}/events"), &key).await;
+    assert_eq!(v["events"][0]["attrs"], big["attrs"]);
+    assert_eq!(v["events"][0]["metrics"], big["metrics"]);
+    server.stop().await;
+    let _ = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cassandra"),
+    )
+    .args(["cqlsh", "-e", &format!("DROP KEYSPACE {keyspace}")])
+    .status();
+}
