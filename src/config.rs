@@ -62,6 +62,9 @@ pub struct HttpConfig {
     /// Most ingest requests read and processed at once; further ones get 503. With
     /// `max_body_bytes` this bounds the memory held by request bodies.
     pub max_inflight_requests: usize,
+    /// How long an ingest request's body may take to arrive, in seconds; a slower one
+    /// gets 408 and frees its slot.
+    pub body_timeout_secs: u64,
 }
 
 /// MQTT ingestion.
@@ -241,6 +244,7 @@ impl Default for HttpConfig {
             max_body_bytes: 1024 * 1024,
             max_events_per_request: 10_000,
             max_inflight_requests: 128,
+            body_timeout_secs: 10,
         }
     }
 }

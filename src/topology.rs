@@ -319,6 +319,7 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
         limits: RequestLimits {
             max_body_bytes: config.http.max_body_bytes,
             max_events: config.http.max_events_per_request,
+            body_timeout: Duration::from_secs(config.http.body_timeout_secs.max(1)),
         },
         ingest_slots: Arc::new(Semaphore::new(config.http.max_inflight_requests)),
         bucket_len_ms: config.pipeline.bucket_len_ms,

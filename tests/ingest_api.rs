@@ -344,3 +344,61 @@ async fn the_user_limit_sums_over_the_users_devices() {
     assert_eq!(v["limit"], "user");
     assert!(headers.contains_key("retry-after"));
 }
+
+/// Sends the head of a POST /v1/ingest announcing `length` body bytes, then `body`,
+/// and leaves the connection open.
+async fn stalled_ingest(
+    base: &str,
+    token: Option<&str>,
+    length: usize,
+    body: &[u8],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let head = format!(
+        "POST /v1/ingest HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    s
+}
+
+async fn status_line(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn stalled_bodies_cannot_hold_the_ingest_slots() {
+    let t = TestServer::start_with(|c| {
+        c.http.max_inflight_requests = 1;
+        c.http.body_timeout_secs = 1;
+    })
+    .await;
+    let (_, key) = t.user("sam").await;
+    let (_, token) = t.device(&key, "d").await;
+    // A stranger announcing a large body and stalling is refused before any slot is
+    // taken, without its body being waited for.
+    let mut stranger = stalled_ingest(&t.base, None, 1_000_000, b"[").await;
+    assert!(status_line(&mut stranger).await.contains(" 401 "));
+    // A device that stalls holds the only slot, but only until the body deadline.
+    let started = std::time::Instant::now();
+    let mut slow = stalled_ingest(&t.base, Some(&token), 1_000, b"[").await;
+    let line = status_line(&mut slow).await;
+    assert!(line.contains(" 408 "), "{line}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // The slot is free again.
+    let (s, v) = t.ingest(&token, json!({"type": "t"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}

@@ -28,6 +28,8 @@ pub enum ApiError {
     RateLimited(Limited),
     /// The store, registry or pipeline cannot take the request now.
     Unavailable(String),
+    /// The request body did not arrive in time.
+    Timeout(String),
 }
 
 impl ApiError {
@@ -49,6 +51,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 }
@@ -79,7 +82,9 @@ impl IntoResponse for ApiError {
                 }
                 body
             }
-            ApiError::Conflict(m) | ApiError::TooLarge(m) => json!({ "error": m }),
+            ApiError::Conflict(m) | ApiError::TooLarge(m) | ApiError::Timeout(m) => {
+                json!({ "error": m })
+            }
             ApiError::RateLimited(Limited {
                 limit,
                 retry_after_ms,

@@ -58,6 +58,8 @@ impl MqttStatus {
 pub struct RequestLimits {
     pub max_body_bytes: usize,
     pub max_events: usize,
+    /// How long an ingest body may take to arrive.
+    pub body_timeout: std::time::Duration,
 }
 
 /// Everything a handler may need. Cheap to clone.

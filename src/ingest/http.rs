@@ -26,7 +26,22 @@ use crate::telemetry::{Reason, Source};
 
 /// Sheds ingest requests beyond `http.max_inflight_requests` with 503 before their
 /// bodies are read, so that request bodies never pile up in memory.
-pub async fn limit_inflight(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn limit_inflight(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    req: Request,
+    next: Next,
+) -> Response {
+    // Authenticated before a slot is taken: strangers cannot hold the slots.
+    if let Err(e) = authenticate(&state, req.headers(), peer).await {
+        let reason = match e {
+            ApiError::Unauthorized => Reason::Unauthorized,
+            ApiError::RateLimited(_) => Reason::RateLimited,
+            _ => Reason::Overloaded,
+        };
+        state.telemetry.rejected(Source::Http, reason, 1);
+        return e.into_response();
+    }
     let Ok(_slot) = state.ingest_slots.clone().try_acquire_owned() else {
         state
             .telemetry
@@ -34,7 +49,34 @@ pub async fn limit_inflight(State(state): State<AppState>, req: Request, next: N
         return ApiError::Unavailable("too many ingest requests in flight; try again".into())
             .into_response();
     };
-    next.run(req).await
+    // The body is read here, under a deadline, so that a client that sends it slowly
+    // (or not at all) gets 408 and frees its slot instead of holding it.
+    let (parts, body) = req.into_parts();
+    let limit = state.limits.max_body_bytes;
+    let bytes =
+        match tokio::time::timeout(state.limits.body_timeout, axum::body::to_bytes(body, limit))
+            .await
+        {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => {
+                let too_large = std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+                if !too_large {
+                    // The client went away mid-body; nobody is left to answer.
+                    return ApiError::field("body", "could not be read").into_response();
+                }
+                state.telemetry.rejected(Source::Http, Reason::TooLarge, 1);
+                return ApiError::TooLarge("the request body is larger than the limit".into())
+                    .into_response();
+            }
+            Err(_) => {
+                state.telemetry.rejected(Source::Http, Reason::Invalid, 1);
+                return ApiError::Timeout("the request body did not arrive in time".into())
+                    .into_response();
+            }
+        };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Who the events are charged to once known, for rejection accounting.
