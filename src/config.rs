@@ -65,6 +65,11 @@ pub struct HttpConfig {
     /// How long an ingest request's body may take to arrive, in seconds; a slower one
     /// gets 408 and frees its slot.
     pub body_timeout_secs: u64,
+    /// How long a request's headers may take to arrive, in seconds; a connection that
+    /// is slower (or idle that long between requests) is closed.
+    pub header_timeout_secs: u64,
+    /// Most HTTP connections open at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 /// MQTT ingestion.
@@ -245,6 +250,8 @@ impl Default for HttpConfig {
             max_events_per_request: 10_000,
             max_inflight_requests: 128,
             body_timeout_secs: 10,
+            header_timeout_secs: 10,
+            max_connections: 2_048,
         }
     }
 }

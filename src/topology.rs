@@ -328,15 +328,12 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
     let stop = shutdown.clone();
     let app = api::router(state);
     tracing::info!(%http_addr, "HTTP API listening");
+    let http_limits = api::serve::HttpLimits {
+        max_connections: config.http.max_connections,
+        header_timeout: Duration::from_secs(config.http.header_timeout_secs.max(1)),
+    };
     let task = tokio::spawn(async move {
-        // The peer address reaches the handlers, for the failed-login limit.
-        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let served = axum::serve(http, app)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
+        api::serve::serve(http, app, http_limits, stop.clone()).await;
         // The MQTT sources stop reading and send the acks still due while the
         // pipeline still runs; only then is the pipeline drained.
         stop.cancel();

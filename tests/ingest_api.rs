@@ -402,3 +402,49 @@ async fn stalled_bodies_cannot_hold_the_ingest_slots() {
     let (s, v) = t.ingest(&token, json!({"type": "t"})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
 }
+
+#[tokio::test]
+async fn half_sent_headers_are_closed_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = TestServer::start_with(|c| {
+        c.http.header_timeout_secs = 1;
+        c.http.max_connections = 2;
+    })
+    .await;
+    let addr = t.base.trim_start_matches("http://").to_owned();
+    // Headers that never end: closed after the header timeout.
+    let mut trickle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    trickle
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 512];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), trickle.read(&mut buf))
+        .await
+        .expect("closed within the header timeout");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+
+    // Two silent connections take both slots: a third client waits...
+    let idle: Vec<_> =
+        futures::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(addr.clone())))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let early =
+        tokio::time::timeout(std::time::Duration::from_millis(300), third.read(&mut buf)).await;
+    assert!(early.is_err(), "served past the connection cap");
+    // ...and is served once a slot frees (the idle ones time out too).
+    drop(idle);
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("served once a slot was free")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod devices;
 pub mod error;
 pub mod ops;
+pub mod serve;
 pub mod users;
 
 use std::sync::atomic::{AtomicBool, Ordering};
