@@ -443,3 +443,55 @@ async fn latest_values_are_served_per_device_and_per_fleet_and_never_go_back_in_
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["devices"], json!([]));
 }
+
+#[tokio::test]
+async fn extreme_ranges_answer_at_once_without_harm() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("rex").await;
+    let (dev, token) = t.device(&key, "d").await;
+    let (s, _) = t
+        .ingest(&token, json!({"type": "t", "metrics": {"v": 1}}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let max = i64::MAX;
+    let min = i64::MIN;
+    // Once a loop that wrapped around and grew until the process aborted.
+    for path in [
+        format!("/v1/devices/{dev}/aggregates?from=9223372036854775000&to={max}&window=1s"),
+        format!("/v1/aggregates?from=9223372036854775000&to={max}&window=1s"),
+        format!("/v1/devices/{dev}/aggregates?from=-1000&to=0&window=1s"),
+    ] {
+        let (s, v) = t.get(&path, &key).await;
+        assert_eq!(s, StatusCode::OK, "{path}: {v}");
+        assert_eq!(v["buckets"], json!([]), "{path}: {v}");
+    }
+    // A span that overflows i64 once wrapped the window count below the limit.
+    for path in [
+        format!("/v1/devices/{dev}/aggregates?from={min}&to={max}&window=1s"),
+        format!("/v1/aggregates?from={min}&to={max}&window=1s"),
+    ] {
+        let (s, v) = t.get(&path, &key).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert_eq!(v["field"], "window", "{v}");
+    }
+    // The same span in week windows is fine: it is clamped to when events can exist.
+    let (s, v) = t
+        .get(
+            &format!("/v1/devices/{dev}/aggregates?from={min}&to={max}&window=7d"),
+            &key,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["buckets"].as_array().unwrap().len(), 1);
+    let (s, v) = t
+        .get(
+            &format!("/v1/devices/{dev}/events?from={min}&to={max}"),
+            &key,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["events"].as_array().unwrap().len(), 1);
+    // The server is still there.
+    let (s, _) = t.get("/v1/devices", &key).await;
+    assert_eq!(s, StatusCode::OK);
+}

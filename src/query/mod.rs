@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 
-use crate::model::{bucket_start, DeviceId, UserId};
+use crate::model::{bucket_start, DeviceId, UserId, MIN_TS_MS};
 use crate::store::{EventStore, Point, PointQuery, RollupQuery, StoreError, Summary, ROLLUP_MS};
 
 /// Most windows one query may span.
@@ -35,16 +35,40 @@ pub struct Range {
     pub to_ms: i64,
 }
 
+/// How far past now a query reads: no event is newer than now + 5 minutes.
+pub const QUERY_AHEAD_MS: i64 = 86_400_000;
+
 impl Range {
-    /// `ceil((to - from) / window)`, the contract's window count.
+    /// `[from, to)` from a client, clamped to the instants events can have (2000-01-01
+    /// to now + 1 day): what lies outside holds nothing, and every computation on the
+    /// range then stays far from i64's limits.
+    pub fn bounded(from_ms: i64, to_ms: i64, now_ms: i64) -> Range {
+        let hi = now_ms.saturating_add(QUERY_AHEAD_MS).max(MIN_TS_MS);
+        let from_ms = from_ms.clamp(MIN_TS_MS, hi);
+        let to_ms = to_ms.clamp(MIN_TS_MS, hi).max(from_ms);
+        Range { from_ms, to_ms }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.to_ms <= self.from_ms
+    }
+
+    /// `ceil((to - from) / window)`, the contract's window count; saturating, so that
+    /// no range or window can wrap it below the limit.
     pub fn window_count(&self, window_ms: i64) -> i64 {
-        let span = self.to_ms - self.from_ms;
+        if window_ms <= 0 {
+            return i64::MAX;
+        }
+        let span = self.to_ms.saturating_sub(self.from_ms).max(0);
         span / window_ms + i64::from(span % window_ms != 0)
     }
 
     /// Splits the range into at most `n` consecutive chunks whose inner edges fall on
     /// bucket boundaries, so that no partition is scanned by two chunks.
     pub fn chunks(&self, bucket_len_ms: i64, n: i64) -> Vec<Range> {
+        if self.is_empty() {
+            return Vec::new();
+        }
         let first = bucket_start(self.from_ms, bucket_len_ms);
         let last = bucket_start(self.to_ms - 1, bucket_len_ms);
         let buckets = (last - first) / bucket_len_ms + 1;
@@ -56,6 +80,9 @@ impl Range {
         while from < self.to_ms {
             edge += per_chunk * bucket_len_ms;
             let to = edge.min(self.to_ms);
+            // Each chunk ends past its start (edge > from: the first edge is a whole
+            // bucket past the bucket holding `from`), so the loop always advances.
+            debug_assert!(to > from);
             out.push(Range {
                 from_ms: from,
                 to_ms: to,
@@ -85,8 +112,12 @@ pub struct Windows {
 impl Windows {
     pub fn new(range: Range, window_ms: i64) -> Self {
         let origin_ms = bucket_start(range.from_ms, window_ms);
-        let last = bucket_start(range.to_ms - 1, window_ms);
-        let n = ((last - origin_ms) / window_ms + 1) as usize;
+        let n = if range.is_empty() {
+            0
+        } else {
+            let last = bucket_start(range.to_ms - 1, window_ms);
+            usize::try_from((last - origin_ms) / window_ms + 1).unwrap_or(0)
+        };
         Self {
             origin_ms,
             window_ms,
@@ -489,5 +520,41 @@ mod tests {
         assert_eq!((out[0].stats.min, out[0].stats.max), (2.0, 4.0));
         assert_eq!(out[0].stats.avg(), 3.0);
         assert_eq!(out[1].start_ms, 5_000);
+    }
+
+    proptest::proptest! {
+        /// Whatever a client sends (any i64 for from, to, window and bucket), the range
+        /// arithmetic neither overflows nor loops, and allocates within the limit.
+        #[test]
+        fn client_controlled_values_never_overflow_or_loop(
+            from in proptest::num::i64::ANY,
+            to in proptest::num::i64::ANY,
+            window in 1..=i64::MAX,
+            bucket in 1..=i64::MAX,
+            n in proptest::num::i64::ANY,
+        ) {
+            let now = 1_800_000_000_000;
+            let r = Range::bounded(from, to, now);
+            proptest::prop_assert!(r.from_ms >= MIN_TS_MS && r.to_ms <= now + QUERY_AHEAD_MS);
+            proptest::prop_assert!(r.from_ms <= r.to_ms);
+            let count = r.window_count(window);
+            proptest::prop_assert!(count >= 0);
+            if count <= MAX_WINDOWS {
+                let w = Windows::new(r, window);
+                proptest::prop_assert!(w.stats.len() as i64 <= MAX_WINDOWS + 1);
+            }
+            let chunks = r.chunks(bucket, n.clamp(1, SCAN_CHUNKS));
+            proptest::prop_assert!(chunks.len() as i64 <= SCAN_CHUNKS);
+            let mut at = r.from_ms;
+            for c in &chunks {
+                proptest::prop_assert_eq!(c.from_ms, at);
+                proptest::prop_assert!(c.to_ms > c.from_ms);
+                at = c.to_ms;
+            }
+            if !r.is_empty() {
+                proptest::prop_assert_eq!(at, r.to_ms);
+            }
+            let _ = Plan::new(r, window);
+        }
     }
 }

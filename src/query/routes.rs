@@ -40,10 +40,7 @@ fn required_range(params: &Params) -> Result<Range, ApiError> {
     if to <= from {
         return Err(ApiError::field("to", "must be after from"));
     }
-    Ok(Range {
-        from_ms: from,
-        to_ms: to,
-    })
+    Ok(Range::bounded(from, to, now_ms()))
 }
 
 fn window(params: &Params, range: Range) -> Result<i64, ApiError> {
@@ -129,6 +126,10 @@ pub async fn events(
     let device = owned_device(&state, user, &id).await?;
     let from = instant(&params, "from")?.unwrap_or(MIN_TS_MS);
     let to = instant(&params, "to")?.unwrap_or_else(|| now_ms() + MAX_FUTURE_MS);
+    let Range {
+        from_ms: from,
+        to_ms: to,
+    } = Range::bounded(from, to, now_ms());
     let limit = match params.get("limit") {
         None => DEFAULT_LIMIT,
         Some(v) => match v.parse::<usize>() {
