@@ -15,7 +15,7 @@ use iotpipe::Config;
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS};
 use serde_json::{json, Value};
 
-const ADMIN: &str = "bench-admin-token";
+const ADMIN: &str = "ipa_mqtt-bench-admin-token-0123456789";
 /// Messages in flight per publisher: the same for both paths.
 const INFLIGHT: u16 = 1000;
 

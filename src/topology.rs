@@ -92,9 +92,20 @@ impl Server {
     }
 }
 
+/// The shortest admin token accepted from the settings.
+const MIN_ADMIN_TOKEN_CHARS: usize = 32;
+
 /// The admin token: configured, or read from (or generated into) `DATA_DIR/admin.token`.
 fn admin_token(config: &Config) -> Result<String, StartError> {
     if let Some(t) = &config.admin_token {
+        // The admin token creates users: a short one could be guessed.
+        if t.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+            return Err(StartError::Unsupported(format!(
+                "IOTPIPE_ADMIN_TOKEN has {} characters; it needs at least \
+                 {MIN_ADMIN_TOKEN_CHARS} (or leave it unset to have one generated)",
+                t.chars().count()
+            )));
+        }
         return Ok(t.clone());
     }
     let path = config.data_dir.join("admin.token");
@@ -120,11 +131,29 @@ fn admin_token(config: &Config) -> Result<String, StartError> {
     Ok(token)
 }
 
+/// Creates the data dir, readable by this user only: it holds the registry (hashed
+/// secrets), the admin token and every event.
 fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
-    std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+    let err = |source| StartError::DataDir {
         path: dir.display().to_string(),
         source,
-    })
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Makes a file this process created readable by this user only, when it exists.
+fn owner_only(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
 }
 
 async fn open_store(config: &Config) -> Result<SharedStore, StartError> {
@@ -147,6 +176,11 @@ async fn open_registry(config: &Config) -> Result<SharedRegistry, StartError> {
         .unwrap_or_else(|| SqliteRegistry::default_url(&config.data_dir));
     if url.starts_with("sqlite:") {
         let registry = SqliteRegistry::connect(&url).await?;
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            for suffix in ["", "-wal", "-shm"] {
+                owner_only(Path::new(&format!("{path}{suffix}")));
+            }
+        }
         registry.migrate().await?;
         Ok(Arc::new(registry))
     } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {

@@ -216,6 +216,25 @@ async fn sigterm_drains_and_everything_acknowledged_is_there_after_restart() {
 }
 
 #[test]
+fn a_short_admin_token_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = iotpipe()
+        .arg("serve")
+        .env("IOTPIPE_DATA_DIR", dir.path())
+        .env("IOTPIPE_HTTP_ADDR", "127.0.0.1:0")
+        .env("IOTPIPE_MQTT_ADDR", "off")
+        .env("IOTPIPE_ADMIN_TOKEN", "short-token")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("IOTPIPE_ADMIN_TOKEN") && stderr.contains("32"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_taken_port_stops_start_up_naming_the_setting() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
@@ -239,6 +258,8 @@ fn a_taken_port_stops_start_up_naming_the_setting() {
 fn the_admin_token_is_generated_once_with_mode_0600() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
+    // Open to everyone at first: iotpipe must close it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = iotpipe()
         .arg("migrate")
         .env("IOTPIPE_DATA_DIR", dir.path())
@@ -249,7 +270,13 @@ fn the_admin_token_is_generated_once_with_mode_0600() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(dir.path().join("registry.db").exists());
+    let mode_of = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode_of(dir.path()),
+        0o700,
+        "the data dir is the owner's only"
+    );
+    assert_eq!(mode_of(&dir.path().join("registry.db")), 0o600);
     let mut p = spawn_without_admin(dir.path());
     let path = dir.path().join("admin.token");
     let token = std::fs::read_to_string(&path).unwrap();

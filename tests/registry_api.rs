@@ -277,3 +277,27 @@ async fn repeated_failed_logins_are_slowed_down_with_429_and_retry_after() {
     let throttled = common::sample(&metrics, "iotpipe_logins_throttled_total{source=\"http\"}");
     assert_eq!(throttled, Some(2.0));
 }
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("cas").await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let r = t
+            .http
+            .get(format!("{}/v1/devices", t.base))
+            .header("Authorization", format!("{scheme} {key}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{scheme}");
+    }
+    let r = t
+        .http
+        .get(format!("{}/v1/devices", t.base))
+        .header("Authorization", format!("Basic {key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}

@@ -71,7 +71,10 @@ async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Principal, Api
     let secret = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, secret)| secret)
         .map(str::trim)
         .filter(|s| !s.is_empty() && s.len() <= 256)
         .ok_or(ApiError::Unauthorized)?;

@@ -157,9 +157,26 @@ fn explain_array(body: &[u8]) -> DecodeError {
                 Some(serde_path_to_error::Segment::Seq { index }) => *index,
                 _ => 0,
             };
-            let field = join_path(segments);
+            let field = field_of(join_path(segments), e.inner());
             DecodeError::invalid(index, field, reason_of(e.inner()))
         }
+    }
+}
+
+/// The field an error is about. serde reports a duplicated key at the object that
+/// holds it, not at the key; name the key.
+fn field_of(path: String, e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let Some(name) = msg
+        .strip_prefix("duplicate field `")
+        .and_then(|rest| rest.split('`').next())
+    else {
+        return path;
+    };
+    if path == "body" {
+        name.to_owned()
+    } else {
+        format!("{path}.{name}")
     }
 }
 
@@ -168,7 +185,7 @@ fn explain_single(body: &[u8], index: usize) -> DecodeError {
     match serde_path_to_error::deserialize::<_, RawEvent>(de) {
         Ok(_) => DecodeError::invalid(index, "body", "malformed JSON"),
         Err(e) => {
-            let field = join_path(e.path().iter());
+            let field = field_of(join_path(e.path().iter()), e.inner());
             DecodeError::invalid(index, field, reason_of(e.inner()))
         }
     }
@@ -556,6 +573,14 @@ mod tests {
         assert_eq!(index, 1);
         let (_, field, _) = invalid("42");
         assert_eq!(field, "body");
+    }
+
+    #[test]
+    fn a_duplicated_field_is_named() {
+        let (_, field, reason) = invalid(r#"{"type":"t","type":"u"}"#);
+        assert_eq!(field, "type", "{reason}");
+        let (index, field, _) = invalid(r#"[{"type":"t"},{"type":"t","ts":1,"ts":2}]"#);
+        assert_eq!((index, field.as_str()), (1, "ts"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 /// Generous: the machine is small and shared.
 pub const PATIENCE: Duration = Duration::from_secs(30);
-pub const ADMIN: &str = "test-admin-token";
+pub const ADMIN: &str = "ipa_mqtt-test-admin-token-0123456789";
 
 /// A test configuration: loopback port 0 for HTTP and MQTT, data in `dir`.
 pub fn config(dir: &Path) -> Config {

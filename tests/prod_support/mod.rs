@@ -174,7 +174,7 @@ pub fn config(data_dir: &Path) -> Config {
     c.data_dir = data_dir.to_owned();
     c.http.addr = "127.0.0.1:0".into();
     c.mqtt.addr = "off".into();
-    c.admin_token = Some(format!("ipa_{}", random_name()));
+    c.admin_token = Some(format!("ipa_{}{}", random_name(), random_name()).repeat(2));
     c.pipeline.retry_budget_ms = 500;
     c
 }
