@@ -474,10 +474,11 @@ async fn extreme_ranges_answer_at_once_without_harm() {
         assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
         assert_eq!(v["field"], "window", "{v}");
     }
-    // The same span in week windows is fine: it is clamped to when events can exist.
+    // From 1970 in 30-day windows is fine, and read only where events can exist.
+    let to = common::now_ms() + 86_400_000;
     let (s, v) = t
         .get(
-            &format!("/v1/devices/{dev}/aggregates?from={min}&to={max}&window=7d"),
+            &format!("/v1/devices/{dev}/aggregates?from=0&to={to}&window=30d"),
             &key,
         )
         .await;

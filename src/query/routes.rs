@@ -40,7 +40,10 @@ fn required_range(params: &Params) -> Result<Range, ApiError> {
     if to <= from {
         return Err(ApiError::field("to", "must be after from"));
     }
-    Ok(Range::bounded(from, to, now_ms()))
+    Ok(Range {
+        from_ms: from,
+        to_ms: to,
+    })
 }
 
 fn window(params: &Params, range: Range) -> Result<i64, ApiError> {
@@ -179,8 +182,11 @@ pub async fn device_aggregates(
 ) -> Result<Json<DeviceAggregateOut>, ApiError> {
     let user = caller.user()?;
     let device = owned_device(&state, user, &id).await?;
-    let range = required_range(&params)?;
-    let window_ms = window(&params, range)?;
+    let asked = required_range(&params)?;
+    // The contract counts windows over the range as asked (saturating, so that no
+    // range wraps the count); what is read is clamped to when events can exist.
+    let window_ms = window(&params, asked)?;
+    let range = Range::bounded(asked.from_ms, asked.to_ms, now_ms());
     let metric = match params.get("metric") {
         None => None,
         Some(m) if crate::model::is_valid_name(m) => Some(m.clone()),
@@ -262,8 +268,11 @@ pub async fn grouped_aggregates(
     params: Params,
 ) -> Result<Json<GroupedAggregateOut>, ApiError> {
     let user = caller.user()?;
-    let range = required_range(&params)?;
-    let window_ms = window(&params, range)?;
+    let asked = required_range(&params)?;
+    // The contract counts windows over the range as asked (saturating, so that no
+    // range wraps the count); what is read is clamped to when events can exist.
+    let window_ms = window(&params, asked)?;
+    let range = Range::bounded(asked.from_ms, asked.to_ms, now_ms());
     let group_by = match params.get("group_by").map(String::as_str) {
         None | Some("type") => GroupBy::Type,
         Some("device") => GroupBy::Device,
