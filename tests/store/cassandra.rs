@@ -68,8 +68,14 @@ impl Keyspace {
 
     async fn count(&self, table: &str) -> i64 {
         let ks = &self.settings.keyspace;
+        self.one_i64(format!("SELECT count(*) FROM {ks}.{table}"), ())
+            .await
+    }
+
+    /// The single bigint a query answers.
+    async fn one_i64(&self, cql: String, values: impl scylla::serialize::row::SerializeRow) -> i64 {
         self.session
-            .query_unpaged(format!("SELECT count(*) FROM {ks}.{table}"), ())
+            .query_unpaged(cql, values)
             .await
             .unwrap()
             .into_rows_result()
@@ -274,21 +280,12 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
 /// The stored count of the rollup row (T0's minute, all events, telemetry).
 async fn scalar_count(ks: &Keyspace, user: i64, device: Uuid) -> i64 {
     let name = &ks.settings.keyspace;
-    ks.session
-        .query_unpaged(
-            format!(
-                "SELECT count FROM {name}.rollups WHERE user_id = ? AND device_id = ? \
-                 AND day = ? AND metric = '' AND minute = ? AND type = 'telemetry'"
-            ),
-            (user, device, ts(bucket_start(T0, 86_400_000)), ts(T0)),
-        )
-        .await
-        .unwrap()
-        .into_rows_result()
-        .unwrap()
-        .single_row::<(i64,)>()
-        .unwrap()
-        .0
+    let cql = format!(
+        "SELECT count FROM {name}.rollups WHERE user_id = ? AND device_id = ? \
+         AND day = ? AND metric = '' AND minute = ? AND type = 'telemetry'"
+    );
+    let day = ts(bucket_start(T0, 86_400_000));
+    ks.one_i64(cql, (user, device, day, ts(T0))).await
 }
 
 fn ts(ms: i64) -> scylla::value::CqlTimestamp {
