@@ -107,6 +107,38 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
         "instance b still took the token after {:?}",
         deleted_at.elapsed()
     );
+    // A user key rotated on a is refused on b within a second too.
+    let (s, created) = api_a
+        .post(
+            "/v1/users",
+            &admin,
+            json!({"username": "rot", "email": "r@x.y"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{created}");
+    let (uid, old_key) = (
+        created["id"].as_i64().unwrap(),
+        created["api_key"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(
+        api_b.get("/v1/devices", &old_key).await.0,
+        200,
+        "b caches the old key"
+    );
+    let (s, _) = api_a
+        .post(&format!("/v1/users/{uid}/rotate-key"), &old_key, json!({}))
+        .await;
+    assert_eq!(s, 200);
+    let rotated_at = Instant::now();
+    let refused = wait_until(Duration::from_secs(1), || async {
+        api_b.get("/v1/devices", &old_key).await.0 == 401
+    })
+    .await;
+    assert!(
+        refused,
+        "b still took the old key after {:?}",
+        rotated_at.elapsed()
+    );
     // And its open MQTT connection is closed, although credentials are checked only
     // at CONNECT.
     device.closed().await;

@@ -28,6 +28,14 @@ async fn registry_behaves(reg: &dyn Registry) {
     assert_eq!(reg.user_by_key("ka").await.unwrap(), Some(alice.id));
     assert_eq!(reg.user_by_key("kb").await.unwrap(), Some(bob.id));
     assert_eq!(reg.user_by_key("nope").await.unwrap(), None);
+    // A rotated key: the old hash comes back, and only the new one finds the user.
+    assert_eq!(
+        reg.rotate_user_key(bob.id, "kb2").await.unwrap().as_deref(),
+        Some("kb")
+    );
+    assert_eq!(reg.user_by_key("kb").await.unwrap(), None);
+    assert_eq!(reg.user_by_key("kb2").await.unwrap(), Some(bob.id));
+    assert_eq!(reg.rotate_user_key(bob.id + 1_000_000, "x").await.unwrap(), None);
 
     let d1 = reg
         .create_device(alice.id, "one", "sensor", "t1", 10)

@@ -301,3 +301,40 @@ async fn the_bearer_scheme_is_case_insensitive() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn a_user_key_can_be_rotated_and_the_old_one_stops_at_once() {
+    let t = TestServer::start().await;
+    let (id, old) = t.user("rot").await;
+    let (other_id, other) = t.user("oth").await;
+    let rotate = |who: i64, secret: String| {
+        let t = &t;
+        async move {
+            t.call(
+                Method::POST,
+                &format!("/v1/users/{who}/rotate-key"),
+                Some(&secret),
+                None,
+            )
+            .await
+        }
+    };
+    // Another user's id looks like a missing one.
+    let (s, _, _) = rotate(other_id, old.clone()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, v) = rotate(id, old.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let new = v["api_key"].as_str().unwrap().to_owned();
+    assert!(new.starts_with("ipk_") && new != old);
+    assert_eq!(t.get("/v1/devices", &old).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(t.get("/v1/devices", &new).await.0, StatusCode::OK);
+    // The admin may rotate any user's key; an unknown user is a 404.
+    let (s, _, v) = rotate(other_id, t.admin.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        t.get("/v1/devices", &other).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, _, _) = rotate(999_999, t.admin.clone()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

@@ -83,6 +83,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     Router::new()
         .route("/v1/users", post(users::create))
+        .route("/v1/users/{id}/rotate-key", post(users::rotate_key))
         .route("/v1/devices", post(devices::create).get(devices::list))
         .route(
             "/v1/devices/{id}",

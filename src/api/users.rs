@@ -1,7 +1,7 @@
-//! `POST /v1/users` (admin).
+//! `POST /v1/users` (admin), and `POST /v1/users/{id}/rotate-key` (the user, or admin).
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use bytes::Bytes;
@@ -12,6 +12,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::{json_body, AppState};
 use crate::model::{format_ms, now_ms};
+use crate::registry::auth::Principal;
 use crate::registry::secrets::{self, SecretKind};
 
 #[derive(Deserialize)]
@@ -69,4 +70,30 @@ pub(super) async fn create(
             "created_at": format_ms(user.created_at_ms),
         })),
     ))
+}
+
+/// Gives the user a new API key and revokes the old one: here at once, on every other
+/// instance through the deletion broadcast. The new key is shown once.
+pub(super) async fn rotate_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let user: i64 = id.parse().map_err(|_| ApiError::NotFound)?;
+    // A user rotates its own key only; another user's id looks like a missing one.
+    match caller.0 {
+        Principal::Admin => {}
+        Principal::User(me) if me == user => {}
+        Principal::User(_) => return Err(ApiError::NotFound),
+        Principal::Device { .. } => return Err(ApiError::Unauthorized),
+    }
+    let api_key = secrets::generate(SecretKind::UserKey);
+    let old = state
+        .auth
+        .registry()
+        .rotate_user_key(user, &secrets::hash_hex(&api_key))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    state.auth.secret_revoked(&old).await;
+    Ok(Json(json!({ "id": user, "api_key": api_key })))
 }

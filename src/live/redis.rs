@@ -11,7 +11,7 @@
 //! | `P u:{user}:s:{second}` | string, TTL 120 s | the user's events in that second |
 //! | `P u:{user}:active` | sorted set | the user's devices → last time of receipt |
 //! | `P rl:d:{device}`, `P rl:u:{user}` | string, TTL until refilled | GCRA TAT (ms) |
-//! | `P device-deleted` | pub/sub channel | `{device} {token hash}` |
+//! | `P device-deleted` | pub/sub channel | `{device} {token hash}`, or `- {hash}` for a replaced user key |
 //!
 //! Round trips: one pipeline per [`Live::record_ingested`] call (one per flush, not per
 //! event), one script call per admitted request, one pipeline per read.
@@ -450,7 +450,8 @@ impl RedisLive {
                             let Some(msg) = msg else { break };
                             let payload: String = msg.get_payload().unwrap_or_default();
                             match parse_deletion(&payload) {
-                                Some((device, hash)) => auth.forget_device(device, hash),
+                                Some((Some(device), hash)) => auth.forget_device(device, hash),
+                                Some((None, hash)) => auth.forget_secret(hash),
                                 None => {
                                     tracing::warn!(payload, "ignoring a malformed deletion notice")
                                 }
@@ -472,9 +473,13 @@ impl RedisLive {
     }
 }
 
-fn parse_deletion(payload: &str) -> Option<(DeviceId, &str)> {
+/// `{device} {hash}` (a deleted device), or `- {hash}` (a replaced secret).
+fn parse_deletion(payload: &str) -> Option<(Option<DeviceId>, &str)> {
     let (device, hash) = payload.split_once(' ')?;
-    Some((device.parse().ok()?, hash))
+    if device == "-" {
+        return Some((None, hash));
+    }
+    Some((Some(device.parse().ok()?), hash))
 }
 
 /// Probes a down Redis and switches back once it answers and the backlog is pushed.
@@ -625,6 +630,17 @@ impl DeletionBroadcast for RedisLive {
             tracing::warn!(error = %e, %device, "cannot announce a device deletion");
         }
     }
+
+    async fn secret_revoked(&self, token_hash: &str) {
+        let published: Result<i64, _> = redis::cmd("PUBLISH")
+            .arg(self.keys.deletions())
+            .arg(format!("- {token_hash}"))
+            .query_async(&mut self.conn())
+            .await;
+        if let Err(e) = published {
+            tracing::warn!(error = %e, "cannot announce a replaced key");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -635,7 +651,8 @@ mod tests {
     fn deletion_notices_round_trip() {
         let d = DeviceId::from_u128(7);
         let payload = format!("{d} abc123");
-        assert_eq!(parse_deletion(&payload), Some((d, "abc123")));
+        assert_eq!(parse_deletion(&payload), Some((Some(d), "abc123")));
+        assert_eq!(parse_deletion("- abc123"), Some((None, "abc123")));
         assert_eq!(parse_deletion("garbage"), None);
     }
 

@@ -47,6 +47,9 @@ pub trait DeletionBroadcast: Send + Sync + 'static {
     /// Best effort: a failure is logged by the implementation, and the other instances
     /// then fall back on their own recovery (see `docs/production.md`).
     async fn device_deleted(&self, device: DeviceId, token_hash: &str);
+
+    /// The same for a secret replaced (a rotated user key).
+    async fn secret_revoked(&self, token_hash: &str);
 }
 
 /// A cached answer and when the registry gave it.
@@ -251,10 +254,23 @@ impl Auth {
         self.owners.insert(device, Cached::now(None));
         // Nobody listening (no built-in MQTT endpoint) is fine.
         let _ = self.revoked.send(device);
+        self.forget_secret(token_hash);
+    }
+
+    /// Forgets a replaced secret on this instance.
+    pub fn forget_secret(&self, token_hash: &str) {
         if let Ok(bytes) = hex::decode(token_hash) {
             if let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) {
                 self.secrets.invalidate(&digest);
             }
+        }
+    }
+
+    /// Forgets a replaced secret here and tells the other instances.
+    pub async fn secret_revoked(&self, token_hash: &str) {
+        self.forget_secret(token_hash);
+        if let Some(b) = &self.broadcast {
+            b.secret_revoked(token_hash).await;
         }
     }
 

@@ -79,6 +79,13 @@ pub trait Registry: Send + Sync + 'static {
 
     async fn user_by_key(&self, key_hash: &str) -> Result<Option<UserId>, RegistryError>;
 
+    /// Gives the user a new key hash; returns the old one, or `None` if no such user.
+    async fn rotate_user_key(
+        &self,
+        user: UserId,
+        key_hash: &str,
+    ) -> Result<Option<String>, RegistryError>;
+
     async fn create_device(
         &self,
         user: UserId,

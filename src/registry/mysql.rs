@@ -109,6 +109,14 @@ impl Registry for MySqlRegistry {
         self.find_user_by_key(key_hash).await
     }
 
+    async fn rotate_user_key(
+        &self,
+        user: UserId,
+        key_hash: &str,
+    ) -> Result<Option<String>, RegistryError> {
+        self.replace_user_key(user, key_hash).await
+    }
+
     async fn create_device(
         &self,
         user: UserId,

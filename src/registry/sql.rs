@@ -58,6 +58,29 @@ macro_rules! shared_queries {
                 Ok(row.map(|r| r.0))
             }
 
+            async fn replace_user_key(
+                &self,
+                user: $crate::model::UserId,
+                key_hash: &str,
+            ) -> Result<Option<String>, $crate::registry::RegistryError> {
+                // One transaction: the old hash returned is the one replaced.
+                let mut tx = self.pool.begin().await?;
+                let old: Option<(String,)> =
+                    sqlx::query_as("SELECT api_key_hash FROM users WHERE id = ?")
+                        .bind(user)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if old.is_some() {
+                    sqlx::query("UPDATE users SET api_key_hash = ? WHERE id = ?")
+                        .bind(key_hash)
+                        .bind(user)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(old.map(|o| o.0))
+            }
+
             async fn insert_device(
                 &self,
                 user: $crate::model::UserId,
