@@ -290,8 +290,10 @@ async fn with_mysql_down_known_devices_keep_ingesting_and_registry_writes_answer
     let dir = tempfile::tempdir().unwrap();
     let mut config = prod_support::config(dir.path());
     config.registry.url = Some(format!("mysql://root@127.0.0.1:{}/{}", proxy.port, db.name));
-    // Short, so that the outage outlasts the freshness of every cached answer.
+    // Short, so that the outage outlasts the freshness of every cached answer, and
+    // then how long stale answers may be served.
     config.registry.cache_ttl_secs = 1;
+    config.registry.stale_limit_secs = 4;
     let admin = config.admin_token.clone().unwrap();
     let server = prod_support::start(config).await;
     let api = Api::new(&server);
@@ -342,6 +344,15 @@ async fn with_mysql_down_known_devices_keep_ingesting_and_registry_writes_answer
     let health = api.health().await;
     assert_eq!(health["status"], "degraded", "{health}");
     assert_eq!(health["components"]["registry"]["ok"], false);
+    // Past the stale limit, even a known device cannot be vouched for: 503.
+    let expired = wait_until(Duration::from_secs(8), || async {
+        api.ingest(&token, 1).await.0 == 503
+    })
+    .await;
+    assert!(
+        expired,
+        "stale answers served past registry.stale_limit_secs"
+    );
 
     proxy.restore();
     let back = wait_until(Duration::from_secs(10), || async {

@@ -35,7 +35,10 @@ async fn registry_behaves(reg: &dyn Registry) {
     );
     assert_eq!(reg.user_by_key("kb").await.unwrap(), None);
     assert_eq!(reg.user_by_key("kb2").await.unwrap(), Some(bob.id));
-    assert_eq!(reg.rotate_user_key(bob.id + 1_000_000, "x").await.unwrap(), None);
+    assert_eq!(
+        reg.rotate_user_key(bob.id + 1_000_000, "x").await.unwrap(),
+        None
+    );
 
     let d1 = reg
         .create_device(alice.id, "one", "sensor", "t1", 10)
