@@ -84,17 +84,18 @@ async fn messages_through_the_shared_broker_are_stored_and_bad_ones_counted() {
             &page,
             r#"iotpipe_events_rejected_total{source="mqtt",reason="unknown_device"}"#,
         );
-        if live["rejected_total"] == 1 && unknown >= 1.0 {
+        // Rejections are counted before their acknowledgements go out: wait for both.
+        let acks = metric(&page, "iotpipe_mqtt_acks_sent_total");
+        if live["rejected_total"] == 1 && unknown >= 1.0 && acks >= 4.0 {
             assert!(
                 live["last_error"].as_str().unwrap().contains("type"),
                 "{live}"
             );
-            assert!(metric(&page, "iotpipe_mqtt_acks_sent_total") >= 4.0);
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{live} unknown={unknown}"
+            "{live} unknown={unknown} acks={acks}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
