@@ -7,7 +7,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use iotpipe::ingest::decode::{decode, DecodeOptions, Format};
 use iotpipe::model::{Event, Record};
 use iotpipe::pipeline::batcher::Batcher;
-use iotpipe::query::{Range, Windows};
+use iotpipe::query::{Grid, Range, Windows};
 use iotpipe::store::embedded::EmbeddedStore;
 use iotpipe::store::EventStore;
 use serde_json::json;
@@ -88,13 +88,13 @@ fn bench_windows(c: &mut Criterion) {
     g.throughput(Throughput::Elements(day as u64));
     g.bench_function("86400_points_into_1m_windows", |b| {
         b.iter(|| {
-            let mut w = Windows::new(
+            let mut w = Windows::new(Grid::utc(
                 Range {
                     from_ms: 0,
                     to_ms: day * 1000,
                 },
                 60_000,
-            );
+            ));
             for i in 0..day {
                 w.add(i * 1000, Some(i as f64));
             }

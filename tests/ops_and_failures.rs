@@ -12,7 +12,10 @@ use iotpipe::model::Event;
 use iotpipe::pipeline::batcher::PartitionBatch;
 use iotpipe::store::embedded::EmbeddedStore;
 use iotpipe::store::latest::Latest;
-use iotpipe::store::{EventStore, ListQuery, Point, PointQuery, Rollup, RollupQuery, StoreError};
+use iotpipe::store::{
+    EventStore, FleetCount, FleetQuery, ListQuery, Point, PointQuery, Rollup, RollupQuery,
+    StoreError,
+};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -78,6 +81,10 @@ impl EventStore for FaultyStore {
     async fn rollups(&self, q: RollupQuery) -> Result<Option<Vec<Rollup>>, StoreError> {
         self.check()?;
         self.inner.rollups(q).await
+    }
+    async fn fleet_counts(&self, q: FleetQuery) -> Result<Option<Vec<FleetCount>>, StoreError> {
+        self.check()?;
+        self.inner.fleet_counts(q).await
     }
     async fn latest(&self, user: i64, device: Option<Uuid>) -> Result<Vec<Latest>, StoreError> {
         self.check()?;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use iotpipe::model::{assigned_id, Event, Record, MIN_TS_MS};
 use iotpipe::pipeline::batcher::{Batcher, PartitionBatch};
-use iotpipe::query::{device_aggregate, AggregateFilter, Range, Scope};
+use iotpipe::query::{device_aggregate, AggregateFilter, Grid, Range, Scope};
 use iotpipe::store::embedded::EmbeddedStore;
 use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
 use iotpipe::store::{EventStore, ListQuery, Point, PointQuery, Position};
@@ -218,14 +218,15 @@ async fn store_behaves(store: &dyn EventStore) {
         user_id: user,
         bucket_len_ms: HOUR,
     };
+    let range = Range {
+        from_ms: T0,
+        to_ms: far,
+    };
     let windows = device_aggregate(
         scope,
         a,
-        Range {
-            from_ms: T0,
-            to_ms: far,
-        },
-        HOUR,
+        Grid::utc(range, HOUR),
+        range,
         AggregateFilter {
             metric: Some("temp".into()),
             kind: None,

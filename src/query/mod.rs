@@ -1,32 +1,32 @@
 //! Reads: windowed aggregates and event listings, computed above the store trait so
 //! that every backend shares the same semantics.
 //!
-//! - Windows start at multiples of the window length since the epoch, in UTC.
-//! - The range is half-open, `[from, to)`; empty windows are left out.
-//! - Scans fan out in parallel over chunks of the range that follow partition
-//!   (bucket) boundaries, and the partial results are merged in time order.
-//! - When the window is a whole number of minutes, the whole minutes of the range are
-//!   read from the store's per-minute rollups (if it keeps them) and only the ragged
-//!   edges are scanned event by event: each minute then falls in exactly one window.
+//! - Windows are UTC-aligned, or aligned to a time zone's local midnight
+//!   (`windows.rs`). The range is half-open, `[from, to)`.
+//! - A plan (`plan.rs`) reads each window from the coarsest rollups that fit inside it
+//!   (day, hour, minute) and the ragged edges from raw events; a store that keeps no
+//!   rollups at some level is read at the finer ones, down to raw events.
+//! - Grouped aggregates read the stores' fleet rows, one row per device per window,
+//!   where they keep them (`aggregate.rs`).
+//! - Raw scans fan out in parallel over chunks of the range that follow partition
+//!   (bucket) boundaries.
+//! - Empty windows are left out, or filled as asked (`fill.rs`).
 
+pub mod aggregate;
+pub mod fill;
 pub mod latest;
+pub mod plan;
 pub mod routes;
+pub mod windows;
 
-use std::collections::BTreeMap;
+pub use aggregate::{device_aggregate, grouped_counts, AggregateFilter, GroupBy, GroupCount};
+pub use windows::{Grid, Window, Windows};
 
-use futures::stream::{self, StreamExt, TryStreamExt};
-
-use crate::model::{bucket_start, DeviceId, UserId, MIN_TS_MS};
-use crate::store::{EventStore, Point, PointQuery, RollupQuery, StoreError, Summary, ROLLUP_MS};
+use crate::model::{bucket_start, UserId, MIN_TS_MS};
+use crate::store::EventStore;
 
 /// Most windows one query may span.
 pub const MAX_WINDOWS: i64 = 10_000;
-
-/// How many chunks a device scan is split into, at most.
-const SCAN_CHUNKS: i64 = 8;
-
-/// How many scans run at once for one query.
-const SCAN_CONCURRENCY: usize = 8;
 
 /// A half-open time range `[from_ms, to_ms)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,156 +93,6 @@ impl Range {
     }
 }
 
-/// One non-empty window of a device aggregate.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Window {
-    pub start_ms: i64,
-    pub stats: Summary,
-}
-
-/// Accumulates points into aligned windows, indexed directly: a query spans at most
-/// [`MAX_WINDOWS`] (+1 for alignment) windows, so a flat vector beats a map.
-#[derive(Debug)]
-pub struct Windows {
-    origin_ms: i64,
-    window_ms: i64,
-    stats: Vec<Summary>,
-}
-
-impl Windows {
-    pub fn new(range: Range, window_ms: i64) -> Self {
-        let origin_ms = bucket_start(range.from_ms, window_ms);
-        let n = if range.is_empty() {
-            0
-        } else {
-            let last = bucket_start(range.to_ms - 1, window_ms);
-            usize::try_from((last - origin_ms) / window_ms + 1).unwrap_or(0)
-        };
-        Self {
-            origin_ms,
-            window_ms,
-            stats: vec![Summary::EMPTY; n],
-        }
-    }
-
-    pub fn add(&mut self, ts_ms: i64, value: Option<f64>) {
-        if let Some(s) = self.slot(ts_ms) {
-            s.add(value);
-        }
-    }
-
-    /// Merges a summary of events that all fall in the window holding `ts_ms`.
-    pub fn merge(&mut self, ts_ms: i64, summary: &Summary) {
-        if let Some(s) = self.slot(ts_ms) {
-            s.merge(summary);
-        }
-    }
-
-    fn slot(&mut self, ts_ms: i64) -> Option<&mut Summary> {
-        let i = (ts_ms - self.origin_ms).div_euclid(self.window_ms);
-        usize::try_from(i).ok().and_then(|i| self.stats.get_mut(i))
-    }
-
-    /// The non-empty windows, in ascending order.
-    pub fn finish(self) -> Vec<Window> {
-        let (origin, w) = (self.origin_ms, self.window_ms);
-        self.stats
-            .into_iter()
-            .enumerate()
-            .filter(|(_, s)| s.count > 0)
-            .map(|(i, stats)| Window {
-                start_ms: origin + i as i64 * w,
-                stats,
-            })
-            .collect()
-    }
-}
-
-/// Scans one device's points over a range, in parallel chunks, in time order.
-async fn device_points(
-    store: &dyn EventStore,
-    template: PointQuery,
-    range: Range,
-    bucket_len_ms: i64,
-) -> Result<Vec<Vec<Point>>, StoreError> {
-    let queries = range
-        .chunks(bucket_len_ms, SCAN_CHUNKS)
-        .into_iter()
-        .map(|chunk| PointQuery {
-            from_ms: chunk.from_ms,
-            to_ms: chunk.to_ms,
-            ..template.clone()
-        });
-    stream::iter(queries)
-        .map(|q| store.points(q))
-        .buffered(SCAN_CONCURRENCY)
-        .try_collect()
-        .await
-}
-
-/// How a range is read: event by event at the ragged edges, from rollups in between.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    pub raw: Vec<Range>,
-    pub rollup: Option<Range>,
-}
-
-impl Plan {
-    pub fn new(range: Range, window_ms: i64) -> Plan {
-        let all_raw = Plan {
-            raw: vec![range],
-            rollup: None,
-        };
-        if window_ms % ROLLUP_MS != 0 {
-            return all_raw;
-        }
-        let m0 = -bucket_start(-range.from_ms, ROLLUP_MS); // rounded up
-        let m1 = bucket_start(range.to_ms, ROLLUP_MS);
-        if m0 >= m1 {
-            return all_raw;
-        }
-        let mut raw = Vec::new();
-        if range.from_ms < m0 {
-            raw.push(Range {
-                from_ms: range.from_ms,
-                to_ms: m0,
-            });
-        }
-        if m1 < range.to_ms {
-            raw.push(Range {
-                from_ms: m1,
-                to_ms: range.to_ms,
-            });
-        }
-        Plan {
-            raw,
-            rollup: Some(Range {
-                from_ms: m0,
-                to_ms: m1,
-            }),
-        }
-    }
-}
-
-/// Reads the rollups of the plan's middle part. If the store keeps none, that part is
-/// moved to the raw ranges instead.
-async fn read_rollups(
-    store: &dyn EventStore,
-    plan: &mut Plan,
-    query: impl FnOnce(Range) -> RollupQuery,
-) -> Result<Vec<crate::store::Rollup>, StoreError> {
-    let Some(middle) = plan.rollup.take() else {
-        return Ok(Vec::new());
-    };
-    match store.rollups(query(middle)).await? {
-        Some(rows) => Ok(rows),
-        None => {
-            plan.raw.push(middle);
-            Ok(Vec::new())
-        }
-    }
-}
-
 /// Whose data a query reads, and from where.
 #[derive(Clone, Copy)]
 pub struct Scope<'a> {
@@ -250,155 +100,6 @@ pub struct Scope<'a> {
     pub user_id: UserId,
     /// The store's partition bucket length, for splitting scans.
     pub bucket_len_ms: i64,
-}
-
-/// Filters for an aggregate.
-#[derive(Debug, Clone, Default)]
-pub struct AggregateFilter {
-    pub metric: Option<String>,
-    pub kind: Option<String>,
-}
-
-/// The windows of one device. With a metric, only events carrying it are counted and
-/// its statistics are filled.
-///
-/// # Errors
-///
-/// A store failure.
-pub async fn device_aggregate(
-    store: Scope<'_>,
-    device_id: DeviceId,
-    range: Range,
-    window_ms: i64,
-    filter: AggregateFilter,
-) -> Result<Vec<Window>, StoreError> {
-    let Scope {
-        store,
-        user_id,
-        bucket_len_ms,
-    } = store;
-    let mut windows = Windows::new(range, window_ms);
-    let mut plan = Plan::new(range, window_ms);
-    let rollups = read_rollups(store, &mut plan, |middle| RollupQuery {
-        user_id,
-        device_id,
-        from_ms: middle.from_ms,
-        to_ms: middle.to_ms,
-        metric: filter.metric.clone(),
-        kind: filter.kind.clone(),
-    })
-    .await?;
-    for r in &rollups {
-        windows.merge(r.minute_ms, &r.summary);
-    }
-    for part in plan.raw {
-        let template = PointQuery {
-            user_id,
-            device_id,
-            from_ms: part.from_ms,
-            to_ms: part.to_ms,
-            kind: filter.kind.clone(),
-            metric: filter.metric.clone(),
-            with_kind: false,
-        };
-        for chunk in device_points(store, template, part, bucket_len_ms).await? {
-            for p in chunk {
-                windows.add(p.ts_ms, p.value);
-            }
-        }
-    }
-    Ok(windows.finish())
-}
-
-/// What grouped aggregates group by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupBy {
-    Type,
-    Device,
-}
-
-/// One (window, group) count.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupCount {
-    pub start_ms: i64,
-    pub group: String,
-    pub count: u64,
-}
-
-/// Counts per window and group over several devices, sorted by window then group.
-///
-/// # Errors
-///
-/// A store failure.
-pub async fn grouped_counts(
-    store: Scope<'_>,
-    devices: &[DeviceId],
-    range: Range,
-    window_ms: i64,
-    group_by: GroupBy,
-    kind: Option<String>,
-) -> Result<Vec<GroupCount>, StoreError> {
-    let Scope {
-        store,
-        user_id,
-        bucket_len_ms,
-    } = store;
-    let per_device = stream::iter(devices.iter().copied())
-        .map(|device_id| {
-            let kind = kind.clone();
-            async move {
-                let mut plan = Plan::new(range, window_ms);
-                let rollups = read_rollups(store, &mut plan, |middle| RollupQuery {
-                    user_id,
-                    device_id,
-                    from_ms: middle.from_ms,
-                    to_ms: middle.to_ms,
-                    metric: None,
-                    kind: kind.clone(),
-                })
-                .await?;
-                let mut points = Vec::new();
-                for part in plan.raw {
-                    let template = PointQuery {
-                        user_id,
-                        device_id,
-                        from_ms: part.from_ms,
-                        to_ms: part.to_ms,
-                        kind: kind.clone(),
-                        metric: None,
-                        with_kind: group_by == GroupBy::Type,
-                    };
-                    points.extend(device_points(store, template, part, bucket_len_ms).await?);
-                }
-                Ok::<_, StoreError>((device_id, rollups, points))
-            }
-        })
-        .buffer_unordered(SCAN_CONCURRENCY / 2);
-    let mut counts: BTreeMap<(i64, String), u64> = BTreeMap::new();
-    let mut per_device = std::pin::pin!(per_device);
-    while let Some((device_id, rollups, points)) = per_device.try_next().await? {
-        let device_group = device_id.to_string();
-        let group_of = |kind: Option<String>| match group_by {
-            GroupBy::Device => device_group.clone(),
-            GroupBy::Type => kind.unwrap_or_default(),
-        };
-        for r in rollups {
-            let start = bucket_start(r.minute_ms, window_ms);
-            *counts.entry((start, group_of(Some(r.kind)))).or_default() += r.summary.count;
-        }
-        for p in points.into_iter().flatten() {
-            let start = bucket_start(p.ts_ms, window_ms);
-            *counts.entry((start, group_of(p.kind))).or_default() += 1;
-        }
-    }
-    Ok(counts
-        .into_iter()
-        .map(|((start_ms, group), count)| GroupCount {
-            start_ms,
-            group,
-            count,
-        })
-        .collect())
 }
 
 #[cfg(test)]
@@ -450,78 +151,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn whole_minutes_go_to_rollups_and_ragged_edges_are_scanned() {
-        let r = Range {
-            from_ms: 90_000,
-            to_ms: 400_500,
-        };
-        let p = Plan::new(r, 120_000);
-        assert_eq!(
-            p.rollup,
-            Some(Range {
-                from_ms: 120_000,
-                to_ms: 360_000
-            })
-        );
-        assert_eq!(
-            p.raw,
-            vec![
-                Range {
-                    from_ms: 90_000,
-                    to_ms: 120_000
-                },
-                Range {
-                    from_ms: 360_000,
-                    to_ms: 400_500
-                }
-            ]
-        );
-        // Aligned ends: no raw part at all.
-        let p = Plan::new(
-            Range {
-                from_ms: -60_000,
-                to_ms: 60_000,
-            },
-            60_000,
-        );
-        assert_eq!(p.raw, vec![]);
-        // Windows that are not whole minutes, or ranges inside one minute: all raw.
-        assert_eq!(Plan::new(r, 90_000).rollup, None);
-        assert_eq!(
-            Plan::new(
-                Range {
-                    from_ms: 1,
-                    to_ms: 59_000
-                },
-                60_000
-            )
-            .rollup,
-            None
-        );
-    }
-
-    #[test]
-    fn windows_are_aligned_and_empty_ones_left_out() {
-        let mut w = Windows::new(
-            Range {
-                from_ms: 1_500,
-                to_ms: 10_000,
-            },
-            1000,
-        );
-        w.add(1_500, Some(2.0));
-        w.add(1_999, Some(4.0));
-        w.add(5_000, None);
-        let out = w.finish();
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[0].start_ms, 1_000);
-        assert_eq!(out[0].stats.count, 2);
-        assert_eq!((out[0].stats.min, out[0].stats.max), (2.0, 4.0));
-        assert_eq!(out[0].stats.avg(), 3.0);
-        assert_eq!(out[1].start_ms, 5_000);
-    }
-
     proptest::proptest! {
         /// Whatever a client sends (any i64 for from, to, window and bucket), the range
         /// arithmetic neither overflows nor loops, and allocates within the limit.
@@ -540,11 +169,10 @@ mod tests {
             let count = r.window_count(window);
             proptest::prop_assert!(count >= 0);
             if count <= MAX_WINDOWS {
-                let w = Windows::new(r, window);
-                proptest::prop_assert!(w.stats.len() as i64 <= MAX_WINDOWS + 1);
+                proptest::prop_assert!(Grid::utc(r, window).len() as i64 <= MAX_WINDOWS + 1);
             }
-            let chunks = r.chunks(bucket, n.clamp(1, SCAN_CHUNKS));
-            proptest::prop_assert!(chunks.len() as i64 <= SCAN_CHUNKS);
+            let chunks = r.chunks(bucket, n.clamp(1, 8));
+            proptest::prop_assert!(chunks.len() as i64 <= 8);
             let mut at = r.from_ms;
             for c in &chunks {
                 proptest::prop_assert_eq!(c.from_ms, at);
@@ -554,7 +182,6 @@ mod tests {
             if !r.is_empty() {
                 proptest::prop_assert_eq!(at, r.to_ms);
             }
-            let _ = Plan::new(r, window);
         }
     }
 }

@@ -9,7 +9,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{AggregateFilter, GroupBy, Range, MAX_WINDOWS};
+use super::fill::{fill, Fill};
+use super::{AggregateFilter, Grid, GroupBy, Range, MAX_WINDOWS};
 use crate::api::auth::Caller;
 use crate::api::devices::owned_device;
 use crate::api::error::ApiError;
@@ -21,6 +22,9 @@ use crate::store::{ListQuery, Position};
 /// The largest page of events.
 const MAX_LIMIT: usize = 10_000;
 const DEFAULT_LIMIT: usize = 100;
+
+/// The most devices one grouped-by-device answer covers.
+pub const MAX_GROUP_DEVICES: usize = 1_000;
 
 type Params = Query<HashMap<String, String>>;
 
@@ -63,6 +67,29 @@ fn window(params: &Params, range: Range) -> Result<i64, ApiError> {
         ));
     }
     Ok(window)
+}
+
+/// The windows of an aggregate: `from`, `to`, `window` and `tz`. The contract counts
+/// windows over the range as asked (saturating, so that no range wraps the count);
+/// what is read is clamped to when events can exist.
+fn grid(params: &Params) -> Result<(i64, Grid, Range), ApiError> {
+    let asked = required_range(params)?;
+    let window_ms = window(params, asked)?;
+    let range = Range::bounded(asked.from_ms, asked.to_ms, now_ms());
+    let grid = match params.get("tz") {
+        None => Grid::utc(range, window_ms),
+        Some(name) => {
+            let tz: chrono_tz::Tz = name.parse().map_err(|_| {
+                ApiError::field(
+                    "tz",
+                    "is not a known time zone: use an IANA name such as Europe/Berlin",
+                )
+            })?;
+            Grid::zoned(range, window_ms, tz)
+                .map_err(|e| ApiError::field("window", e.to_string()))?
+        }
+    };
+    Ok((window_ms, grid, range))
 }
 
 fn kind(params: &Params) -> Result<Option<String>, ApiError> {
@@ -182,35 +209,44 @@ pub async fn device_aggregates(
 ) -> Result<Json<DeviceAggregateOut>, ApiError> {
     let user = caller.user()?;
     let device = owned_device(&state, user, &id).await?;
-    let asked = required_range(&params)?;
-    // The contract counts windows over the range as asked (saturating, so that no
-    // range wraps the count); what is read is clamped to when events can exist.
-    let window_ms = window(&params, asked)?;
-    let range = Range::bounded(asked.from_ms, asked.to_ms, now_ms());
+    let (window_ms, grid, range) = grid(&params)?;
     let metric = match params.get("metric") {
         None => None,
         Some(m) if crate::model::is_valid_name(m) => Some(m.clone()),
         Some(_) => return Err(ApiError::field("metric", "is not a valid metric name")),
+    };
+    let mode = match params.get("fill") {
+        None => Fill::None,
+        Some(f) => Fill::parse(f).ok_or_else(|| {
+            ApiError::field("fill", "must be one of none, null, zero, previous, linear")
+        })?,
     };
     let with_stats = metric.is_some();
     let filter = AggregateFilter {
         metric,
         kind: kind(&params)?,
     };
+    let carry_in = if mode.carries_in() && with_stats {
+        super::aggregate::last_value_before(scope(&state, user), device, &filter, range.from_ms)
+            .await?
+    } else {
+        None
+    };
     let windows =
-        super::device_aggregate(scope(&state, user), device, range, window_ms, filter).await?;
-    let buckets = windows
-        .iter()
+        super::device_aggregate(scope(&state, user), device, grid.clone(), range, filter).await?;
+    let buckets = fill(&grid, windows, mode, carry_in)
+        .into_iter()
         .map(|w| WindowOut {
             start: format_ms(w.start_ms),
             start_ms: w.start_ms,
-            count: w.stats.count,
-            stats: with_stats.then(|| StatsOut {
+            count: w.count,
+            stats: with_stats.then_some(StatsOut {
                 min: w.stats.min,
                 max: w.stats.max,
-                avg: w.stats.avg(),
+                avg: w.stats.avg,
                 sum: w.stats.sum,
             }),
+            filled: w.filled,
         })
         .collect();
     Ok(Json(DeviceAggregateOut {
@@ -237,20 +273,28 @@ struct WindowOut {
     count: u64,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     stats: Option<StatsOut>,
+    /// Only on windows that `fill` added.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    filled: bool,
 }
 
+/// Null where unknown: in windows that `fill` added.
 #[derive(Serialize)]
 struct StatsOut {
-    min: f64,
-    max: f64,
-    avg: f64,
-    sum: f64,
+    min: Option<f64>,
+    max: Option<f64>,
+    avg: Option<f64>,
+    sum: Option<f64>,
 }
 
 #[derive(Serialize)]
 pub struct GroupedAggregateOut {
     window_ms: i64,
     buckets: Vec<GroupOut>,
+    /// With group_by=device, where the next page of devices starts; absent on the
+    /// last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_after_device: Option<Uuid>,
 }
 
 #[derive(Serialize)]
@@ -268,11 +312,7 @@ pub async fn grouped_aggregates(
     params: Params,
 ) -> Result<Json<GroupedAggregateOut>, ApiError> {
     let user = caller.user()?;
-    let asked = required_range(&params)?;
-    // The contract counts windows over the range as asked (saturating, so that no
-    // range wraps the count); what is read is clamped to when events can exist.
-    let window_ms = window(&params, asked)?;
-    let range = Range::bounded(asked.from_ms, asked.to_ms, now_ms());
+    let (window_ms, grid, range) = grid(&params)?;
     let group_by = match params.get("group_by").map(String::as_str) {
         None | Some("type") => GroupBy::Type,
         Some("device") => GroupBy::Device,
@@ -280,7 +320,7 @@ pub async fn grouped_aggregates(
     };
     let kind = kind(&params)?;
     // Only the user's current devices: a deleted device's events are never served.
-    let devices: Vec<Uuid> = state
+    let mut devices: Vec<Uuid> = state
         .auth
         .registry()
         .devices(user)
@@ -288,15 +328,47 @@ pub async fn grouped_aggregates(
         .into_iter()
         .map(|d| d.id)
         .collect();
-    let counts = super::grouped_counts(
-        scope(&state, user),
-        &devices,
-        range,
-        window_ms,
-        group_by,
-        kind,
-    )
-    .await?;
+    // One group per device and window: past the cap, group_by=device is paged over
+    // devices (in id order) so that an answer stays bounded.
+    let mut next_after_device = None;
+    if group_by == GroupBy::Device {
+        let limit = match params.get("device_limit") {
+            None if devices.len() > MAX_GROUP_DEVICES => {
+                return Err(ApiError::field(
+                    "group_by",
+                    format!(
+                        "device groups {} devices, more than {MAX_GROUP_DEVICES}: page with device_limit and after_device",
+                        devices.len()
+                    ),
+                ))
+            }
+            None => MAX_GROUP_DEVICES,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_GROUP_DEVICES).contains(&n) => n,
+                _ => {
+                    return Err(ApiError::field(
+                        "device_limit",
+                        format!("must be an integer from 1 to {MAX_GROUP_DEVICES}"),
+                    ))
+                }
+            },
+        };
+        let after = params
+            .get("after_device")
+            .map(|v| {
+                Uuid::parse_str(v)
+                    .map_err(|_| ApiError::field("after_device", "is not a device id"))
+            })
+            .transpose()?;
+        devices.sort_unstable();
+        devices.retain(|d| after.is_none_or(|a| *d > a));
+        if devices.len() > limit {
+            devices.truncate(limit);
+            next_after_device = devices.last().copied();
+        }
+    }
+    let counts =
+        super::grouped_counts(scope(&state, user), &devices, grid, range, group_by, kind).await?;
     let buckets = counts
         .into_iter()
         .map(|c| GroupOut {
@@ -306,7 +378,11 @@ pub async fn grouped_aggregates(
             count: c.count,
         })
         .collect();
-    Ok(Json(GroupedAggregateOut { window_ms, buckets }))
+    Ok(Json(GroupedAggregateOut {
+        window_ms,
+        buckets,
+        next_after_device,
+    }))
 }
 
 /// `GET /v1/devices/{id}/live`

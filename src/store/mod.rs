@@ -11,6 +11,7 @@
 
 pub mod embedded;
 pub mod latest;
+pub mod rollup;
 pub mod scylla;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use uuid::Uuid;
 
 use crate::model::{DeviceId, Event, UserId};
 use crate::pipeline::batcher::PartitionBatch;
+pub use rollup::{FleetCount, FleetQuery, Level, Rollup, RollupQuery, Summary, ROLLUP_MS};
 
 /// Why a store call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -86,70 +88,6 @@ pub struct Point {
     pub kind: Option<String>,
 }
 
-/// Count, min, max and sum of a set of values. Counting without values (events
-/// without a metric) leaves min, max and sum untouched.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Summary {
-    pub count: u64,
-    pub min: f64,
-    pub max: f64,
-    pub sum: f64,
-}
-
-impl Summary {
-    pub const EMPTY: Summary = Summary {
-        count: 0,
-        min: f64::INFINITY,
-        max: f64::NEG_INFINITY,
-        sum: 0.0,
-    };
-
-    pub fn add(&mut self, value: Option<f64>) {
-        self.count += 1;
-        if let Some(v) = value {
-            self.min = self.min.min(v);
-            self.max = self.max.max(v);
-            self.sum += v;
-        }
-    }
-
-    pub fn merge(&mut self, other: &Summary) {
-        self.count += other.count;
-        self.min = self.min.min(other.min);
-        self.max = self.max.max(other.max);
-        self.sum += other.sum;
-    }
-
-    pub fn avg(&self) -> f64 {
-        self.sum / self.count as f64
-    }
-}
-
-/// Length of a rollup interval: engines that keep rollups keep one per minute.
-pub const ROLLUP_MS: i64 = 60_000;
-
-/// Per-minute summaries of one device in `[from_ms, to_ms)`; both ends are multiples
-/// of [`ROLLUP_MS`].
-#[derive(Debug, Clone)]
-pub struct RollupQuery {
-    pub user_id: UserId,
-    pub device_id: DeviceId,
-    pub from_ms: i64,
-    pub to_ms: i64,
-    /// Summaries of this metric's values; `None` counts all events.
-    pub metric: Option<String>,
-    /// Only events of this type.
-    pub kind: Option<String>,
-}
-
-/// One minute of one event type.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rollup {
-    pub minute_ms: i64,
-    pub kind: String,
-    pub summary: Summary,
-}
-
 /// An event engine. See the module docs for the contract.
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
@@ -166,10 +104,16 @@ pub trait EventStore: Send + Sync + 'static {
     /// Scans a projection oldest first.
     async fn points(&self, query: PointQuery) -> Result<Vec<Point>, StoreError>;
 
-    /// Per-minute summaries, oldest first, for engines that maintain them as they
-    /// write (counting each event once, duplicates never). `Ok(None)` means the engine
-    /// keeps none, and the caller scans points instead.
+    /// One level's summaries of one device, oldest first, for engines that maintain
+    /// them as they write (counting each event once, duplicates never, late events in
+    /// every level at once). `Ok(None)` means the engine keeps none at that level, and
+    /// the caller reads a finer one or scans points instead.
     async fn rollups(&self, query: RollupQuery) -> Result<Option<Vec<Rollup>>, StoreError>;
+
+    /// Event counts of every device of a user at one level, in one read: what grouped
+    /// aggregates need, one row per (window, device, type). `Ok(None)` means the
+    /// engine keeps none, and the caller reads each device's rollups instead.
+    async fn fleet_counts(&self, query: FleetQuery) -> Result<Option<Vec<FleetCount>>, StoreError>;
 
     /// The newest value of each metric of `device`, or of every device of `user`
     /// (`None`), in no particular order. Kept as events are written; an older event

@@ -10,7 +10,7 @@ use std::time::Duration;
 use iotpipe::config::StoreConfig;
 use iotpipe::model::{bucket_start, Event};
 use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
-use iotpipe::store::{EventStore, RollupQuery, Summary, ROLLUP_MS};
+use iotpipe::store::{EventStore, Level, RollupQuery, Summary, ROLLUP_MS};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use scylla::client::session::Session;
@@ -18,6 +18,10 @@ use scylla::client::session_builder::SessionBuilder;
 use uuid::Uuid;
 
 use super::{event, flush, HOUR, T0};
+
+const DAY: i64 = 86_400_000;
+/// The UTC day that holds T0.
+const DAY0: i64 = T0 - T0.rem_euclid(DAY);
 
 pub fn node() -> String {
     std::env::var("IOTPIPE_TEST_SCYLLA").unwrap_or_else(|_| "127.0.0.1:9042".into())
@@ -89,9 +93,14 @@ impl Keyspace {
 /// Per (minute, type) summaries of `metric` ("" counts every event), computed here
 /// from the events the test knows it sent, each id once.
 fn expected(events: &[Event], metric: &str) -> BTreeMap<(i64, String), Summary> {
+    expected_at(Level::Minute, events, metric)
+}
+
+/// The same per interval of `level`.
+fn expected_at(level: Level, events: &[Event], metric: &str) -> BTreeMap<(i64, String), Summary> {
     let mut out = BTreeMap::new();
     for e in events {
-        let minute = bucket_start(e.ts_ms, ROLLUP_MS);
+        let minute = bucket_start(e.ts_ms, level.ms());
         let value = e.metrics.iter().find(|(m, _)| m == metric).map(|(_, v)| *v);
         if metric.is_empty() || value.is_some() {
             out.entry((minute, e.kind.clone()))
@@ -110,9 +119,22 @@ async fn rollups(
     from_ms: i64,
     to_ms: i64,
 ) -> BTreeMap<(i64, String), Summary> {
+    rollups_at(Level::Minute, store, user, device, metric, from_ms, to_ms).await
+}
+
+async fn rollups_at(
+    level: Level,
+    store: &dyn EventStore,
+    user: i64,
+    device: Uuid,
+    metric: &str,
+    from_ms: i64,
+    to_ms: i64,
+) -> BTreeMap<(i64, String), Summary> {
     let q = RollupQuery {
         user_id: user,
         device_id: device,
+        level,
         from_ms,
         to_ms,
         metric: (!metric.is_empty()).then(|| metric.to_owned()),
@@ -120,7 +142,7 @@ async fn rollups(
     };
     let rows = store.rollups(q).await.unwrap().expect("keeps rollups");
     rows.into_iter()
-        .map(|r| ((r.minute_ms, r.kind), r.summary))
+        .map(|r| ((r.start_ms, r.kind), r.summary))
         .collect()
 }
 
@@ -155,7 +177,9 @@ async fn two_writers_on_the_same_minutes_keep_the_rollups_exact() {
     // moving a device between instances) and late events into earlier minutes.
     let pool: Vec<Event> = (0..600u128)
         .map(|i| {
-            let ts = T0 + rng.random_range(0..6 * ROLLUP_MS);
+            // Six minutes in each of three hours, so that hours and days are summed
+            // from several recomputed minutes.
+            let ts = T0 + (i % 3) as i64 * HOUR + rng.random_range(0..6 * ROLLUP_MS);
             let kind = if i % 5 == 0 { "alarm" } else { "telemetry" };
             let metrics: &[(&str, f64)] = if i % 3 == 0 { &[] } else { &[("temp", 0.0)] };
             let mut e = event(i + 1, ts, kind, metrics);
@@ -184,24 +208,28 @@ async fn two_writers_on_the_same_minutes_keep_the_rollups_exact() {
         // are read from the events.
         let truth: Vec<Event> = sent.values().cloned().collect();
         for metric in ["", "temp"] {
-            let got = rollups(&a, user, device, metric, T0, T0 + HOUR).await;
-            assert_same(&got, &expected(&truth, metric));
+            for level in [Level::Minute, Level::Hour, Level::Day] {
+                let got = rollups_at(level, &a, user, device, metric, DAY0, DAY0 + 2 * DAY).await;
+                assert_same(&got, &expected_at(level, &truth, metric));
+            }
         }
     }
     a.settle().await;
     b.settle().await;
     assert_eq!(
-        ks.count("rollups_pending").await,
+        ks.count("pending_minutes").await,
         0,
         "every minute recomputed"
     );
     let truth: Vec<Event> = sent.values().cloned().collect();
     for metric in ["", "temp"] {
-        // Now from the rollup rows alone, through either instance.
-        assert_same(
-            &rollups(&b, user, device, metric, T0, T0 + HOUR).await,
-            &expected(&truth, metric),
-        );
+        // Now from the rollup rows alone, through either instance, at every level.
+        for level in [Level::Minute, Level::Hour, Level::Day] {
+            assert_same(
+                &rollups_at(level, &b, user, device, metric, DAY0, DAY0 + 2 * DAY).await,
+                &expected_at(level, &truth, metric),
+            );
+        }
     }
     ks.drop_it().await;
 }
@@ -228,16 +256,10 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
     ks.session
         .query_unpaged(
             format!(
-                "INSERT INTO {name}.rollups_pending (user_id, device_id, day, minute, \
-                 flush) VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO {name}.pending_minutes (user_id, device_id, minute, flush) \
+                 VALUES (?, ?, ?, ?)"
             ),
-            (
-                user,
-                device,
-                ts(bucket_start(T0, 86_400_000)),
-                ts(T0),
-                crashed,
-            ),
+            (user, device, ts(T0), crashed),
         )
         .await
         .unwrap();
@@ -256,17 +278,19 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
 
     // Aggregates are exact at once (the minute is pending, so read from the events)...
     for metric in ["", "temp"] {
-        assert_same(
-            &rollups(&store, user, device, metric, T0, T0 + HOUR).await,
-            &expected(&truth, metric),
-        );
+        for level in [Level::Minute, Level::Hour, Level::Day] {
+            assert_same(
+                &rollups_at(level, &store, user, device, metric, DAY0, DAY0 + 2 * DAY).await,
+                &expected_at(level, &truth, metric),
+            );
+        }
     }
     // ...and the rollup rows themselves still miss the event until the sweep.
     let stale = scalar_count(&ks, user, device).await;
     assert_eq!(stale, 3);
     tokio::time::sleep(Duration::from_millis(1_100)).await; // older than sweep_after
     assert!(store.sweep().await.unwrap() >= 1);
-    assert_eq!(ks.count("rollups_pending").await, 0);
+    assert_eq!(ks.count("pending_minutes").await, 0);
     assert_eq!(scalar_count(&ks, user, device).await, 4);
     for metric in ["", "temp"] {
         assert_same(
@@ -350,8 +374,9 @@ async fn iotpipe_migrate_creates_the_schema_in_a_fresh_keyspace() {
             "events",
             "latest",
             "meta",
+            "pending_minutes",
             "rollups",
-            "rollups_pending"
+            "rollups_coarse"
         ]
     );
     // Twice is harmless, and the keyspace then serves a store.

@@ -4,7 +4,7 @@
 
 use fjall::OwnedWriteBatch as WriteBatch;
 
-use super::{corrupt, engine, Inner, WriteState, ROLLUP_CACHE_ROWS};
+use super::{corrupt, engine, Inner, WriteState, CACHE_ROWS};
 use crate::model::{DeviceId, Record, UserId};
 use crate::store::latest::{is_newer, newest, Latest};
 use crate::store::StoreError;
@@ -41,7 +41,7 @@ impl Inner {
         batch: &mut WriteBatch,
     ) -> Result<Vec<LatestRow>, StoreError> {
         let candidates = newest(records);
-        if state.latest.len() + candidates.len() > ROLLUP_CACHE_ROWS {
+        if state.latest.len() + candidates.len() > CACHE_ROWS {
             state.latest.clear();
         }
         let mut out = Vec::new();

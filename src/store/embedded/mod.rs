@@ -18,10 +18,8 @@
 //!   `ts`: neither costs an index entry. Only a UUIDv7 stored with another `ts` gets a
 //!   row here. A UUIDv7 is therefore looked up in `events` and in this keyspace, which
 //!   stays small, never in the large `ids` (see `docs/performance.md`).
-//! - `rollups`: key = user (8) | device (16) | metric length (1) | metric | minute (8)
-//!   | type, value = [`Summary`] of the minute's new events. Metric "" counts all
-//!   events. Maintained in the same atomic batch as the events, so a 24-hour,
-//!   1-minute aggregate reads 1,440 rows instead of 86,400 events.
+//! - `rollups`, `rollups_coarse`, `fleet_counts`: summaries at every level, kept in
+//!   the same atomic batch as the events (see `rollups.rs`).
 //! - `meta`: the bucket length this data directory was created with.
 
 use std::collections::{HashMap, HashSet};
@@ -34,18 +32,22 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 mod latest;
+mod rollups;
 
 use super::latest::Latest;
 use super::{
-    EventStore, ListQuery, Point, PointQuery, Position, Rollup, RollupQuery, StoreError, Summary,
-    ROLLUP_MS,
+    EventStore, FleetCount, FleetQuery, ListQuery, Point, PointQuery, Position, Rollup,
+    RollupQuery, StoreError,
 };
 use crate::model::{assigned_id_ts, bucket_start, DeviceId, Event, Record, UserId};
 use crate::pipeline::batcher::PartitionBatch;
+use rollups::{Caches, MinuteSums, RollupKeyspaces, LEVELS_META_KEY};
 
 const KEY_LEN: usize = 8 + 16 + 8 + 8 + 16;
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
+/// Rows kept in each write cache (rollups, latest values), at most.
+const CACHE_ROWS: usize = 100_000;
 const BUCKET_META_KEY: &str = "bucket_len_ms";
 /// Present in data directories whose UUIDv7 index rows are all in `timed_ids`; older
 /// ones may hold some in `ids` too.
@@ -64,7 +66,7 @@ struct Inner {
     timed_ids: Keyspace,
     /// UUIDv7 index rows may also be in `ids` (a directory from before `timed_ids`).
     timed_in_ids: bool,
-    rollups: Keyspace,
+    rollups: RollupKeyspaces,
     /// The newest value per (user, device, metric): see `latest.rs`.
     latest: Keyspace,
     bucket_len_ms: i64,
@@ -78,17 +80,11 @@ struct Inner {
 /// State kept between writes, under the write mutex.
 #[derive(Default)]
 struct WriteState {
-    /// The latest value of recently written rollup rows: most flushes touch the
-    /// minutes the previous flush touched, and reading them back from the engine would
-    /// cost a memtable search each. Values are exactly what was written, so the cache
-    /// is never stale; it is dropped whole when it reaches its bound.
-    rollups: HashMap<Vec<u8>, Summary>,
-    /// The same for `latest` rows.
+    /// Recently written rollup rows (see `rollups.rs`).
+    rollups: Caches,
+    /// The latest value of recently written `latest` rows, for the same reason.
     latest: HashMap<Vec<u8>, (i64, f64)>,
 }
-
-/// Rollup rows kept in [`WriteState::rollups`], at most.
-const ROLLUP_CACHE_ROWS: usize = 100_000;
 
 /// The part of an event that is not in its key.
 #[derive(Serialize, Deserialize)]
@@ -121,7 +117,11 @@ impl EmbeddedStore {
         let events = db.keyspace("events", memtable).map_err(engine)?;
         let ids = db.keyspace("ids", memtable).map_err(engine)?;
         let timed_ids = db.keyspace("timed_ids", memtable).map_err(engine)?;
-        let rollups = db.keyspace("rollups", memtable).map_err(engine)?;
+        let rollups = RollupKeyspaces {
+            minute: db.keyspace("rollups", memtable).map_err(engine)?,
+            coarse: db.keyspace("rollups_coarse", memtable).map_err(engine)?,
+            fleet: db.keyspace("fleet_counts", memtable).map_err(engine)?,
+        };
         let latest = db.keyspace("latest", memtable).map_err(engine)?;
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
@@ -142,11 +142,13 @@ impl EmbeddedStore {
                 meta.insert(BUCKET_META_KEY, bucket_len_ms.to_be_bytes())
                     .map_err(engine)?;
                 meta.insert(TIMED_IDS_META_KEY, [1]).map_err(engine)?;
+                meta.insert(LEVELS_META_KEY, [1]).map_err(engine)?;
                 db.persist(PersistMode::SyncAll).map_err(engine)?;
                 false
             }
         };
-        Ok(Self {
+        let build_levels = !meta.contains_key(LEVELS_META_KEY).map_err(engine)?;
+        let store = Self {
             inner: Arc::new(Inner {
                 db,
                 events,
@@ -158,7 +160,18 @@ impl EmbeddedStore {
                 bucket_len_ms,
                 dedup: std::sync::Mutex::new(WriteState::default()),
             }),
-        })
+        };
+        if build_levels {
+            tracing::info!(dir = %dir.display(), "building hour, day and fleet rollups from minute rollups (once)");
+            store.inner.build_levels()?;
+            meta.insert(LEVELS_META_KEY, [1]).map_err(engine)?;
+            store
+                .inner
+                .db
+                .persist(PersistMode::SyncAll)
+                .map_err(engine)?;
+        }
+        Ok(store)
     }
 
     /// Runs blocking engine work off the async threads.
@@ -188,8 +201,7 @@ impl Inner {
             let mut event_rows = Vec::with_capacity(records.len());
             // (in `timed_ids`, key, value): sorted, each keyspace's rows in key order.
             let mut id_rows = Vec::new();
-            // Keyed by borrowed parts; the byte keys are built once per rollup row.
-            let mut rollups: HashMap<(UserId, DeviceId, &str, i64, &str), Summary> = HashMap::new();
+            let mut sums = MinuteSums::default();
             let mut fresh = fresh.iter();
             let mut new_records = Vec::new();
             for p in partitions {
@@ -209,17 +221,7 @@ impl Inner {
                     }
                     let key = event_key(r.user_id, r.device_id, self.bucket_len_ms, e.ts_ms, e.id);
                     event_rows.push((key, encode_value(e, r.received_ms)?));
-                    let minute = bucket_start(e.ts_ms, ROLLUP_MS);
-                    rollups
-                        .entry((r.user_id, r.device_id, "", minute, &e.kind))
-                        .or_insert(Summary::EMPTY)
-                        .add(None);
-                    for (name, v) in &e.metrics {
-                        rollups
-                            .entry((r.user_id, r.device_id, name, minute, &e.kind))
-                            .or_insert(Summary::EMPTY)
-                            .add(Some(*v));
-                    }
+                    sums.add(r);
                     new += 1;
                 }
                 counts.push(new);
@@ -233,31 +235,11 @@ impl Inner {
                 let index = if timed { &self.timed_ids } else { &self.ids };
                 batch.insert(index, key, value);
             }
-            if state.rollups.len() + rollups.len() > ROLLUP_CACHE_ROWS {
-                state.rollups.clear();
-            }
-            let mut merged = Vec::with_capacity(rollups.len());
-            for ((user, device, metric, minute, kind), mut summary) in rollups {
-                let key = rollup_key(rollup_prefix(user, device, metric), minute, kind);
-                let old = match state.rollups.get(&key) {
-                    Some(cached) => Some(*cached),
-                    None => match self.rollups.get(&key).map_err(engine)? {
-                        Some(bytes) => Some(postcard::from_bytes(&bytes).map_err(corrupt)?),
-                        None => None,
-                    },
-                };
-                if let Some(old) = old {
-                    summary.merge(&old);
-                }
-                let value = postcard::to_allocvec(&summary)
-                    .map_err(|e| StoreError::Invalid(e.to_string()))?;
-                batch.insert(&self.rollups, key.clone(), value);
-                merged.push((key, summary));
-            }
+            let staged = self.stage_rollups(&mut state.rollups, sums, &mut batch)?;
             let latest = self.newer_latest(&mut state, new_records, &mut batch)?;
             batch.commit().map_err(engine)?;
             // Only what was committed enters the caches.
-            state.rollups.extend(merged);
+            staged.commit(&mut state.rollups);
             state.latest.extend(latest);
         }
         // Group commit: one fsync for the whole flush, outside the lock so that a
@@ -404,30 +386,6 @@ impl Inner {
     }
 }
 
-impl Inner {
-    fn rollups(&self, q: &RollupQuery) -> Result<Vec<Rollup>, StoreError> {
-        let prefix = rollup_prefix(q.user_id, q.device_id, q.metric.as_deref().unwrap_or(""));
-        let lo = rollup_key(prefix.clone(), q.from_ms, "");
-        let hi = rollup_key(prefix, q.to_ms, "");
-        let tail = lo.len() - 8;
-        let mut out = Vec::new();
-        for item in self.rollups.range(lo..hi) {
-            let (key, value) = item.into_inner().map_err(engine)?;
-            let minute_ms = unordered(key[tail..tail + 8].try_into().map_err(corrupt)?);
-            let kind = std::str::from_utf8(&key[tail + 8..]).map_err(corrupt)?;
-            if q.kind.as_deref().is_some_and(|k| k != kind) {
-                continue;
-            }
-            out.push(Rollup {
-                minute_ms,
-                kind: kind.to_owned(),
-                summary: postcard::from_bytes(&value).map_err(corrupt)?,
-            });
-        }
-        Ok(out)
-    }
-}
-
 #[async_trait]
 impl EventStore for EmbeddedStore {
     fn backend(&self) -> &'static str {
@@ -447,8 +405,12 @@ impl EventStore for EmbeddedStore {
     }
 
     async fn rollups(&self, query: RollupQuery) -> Result<Option<Vec<Rollup>>, StoreError> {
-        self.blocking(move |inner| inner.rollups(&query).map(Some))
+        self.blocking(move |inner| inner.read_rollups(&query).map(Some))
             .await
+    }
+
+    async fn fleet_counts(&self, query: FleetQuery) -> Result<Option<Vec<FleetCount>>, StoreError> {
+        self.blocking(move |inner| inner.read_fleet(&query)).await
     }
 
     async fn latest(
@@ -522,23 +484,6 @@ fn id_key(device: DeviceId, id: Uuid) -> [u8; 32] {
     }
     k[16..].copy_from_slice(device.as_bytes());
     k
-}
-
-fn rollup_prefix(user: UserId, device: DeviceId, metric: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + 16 + 1 + metric.len() + 8 + 16);
-    k.extend_from_slice(&ordered(user));
-    k.extend_from_slice(device.as_bytes());
-    // Names are at most 64 bytes (validated at ingest), so one length byte suffices
-    // and keeps "temp" from being a prefix of "temperature".
-    k.push(metric.len() as u8);
-    k.extend_from_slice(metric.as_bytes());
-    k
-}
-
-fn rollup_key(mut prefix: Vec<u8>, minute_ms: i64, kind: &str) -> Vec<u8> {
-    prefix.extend_from_slice(&ordered(minute_ms));
-    prefix.extend_from_slice(kind.as_bytes());
-    prefix
 }
 
 fn encode_value(event: &Event, received_ms: i64) -> Result<Vec<u8>, StoreError> {

@@ -10,7 +10,7 @@
 //! Writes, per flush:
 //! 1. Duplicates within the flush are dropped; the others are looked up in
 //!    `event_ids` (read-before-write, in parallel).
-//! 2. The minutes the new events fall in are marked pending in `rollups_pending`.
+//! 2. The minutes the new events fall in are marked pending in `pending_minutes`.
 //! 3. The new events are written partition by partition, in unlogged batches that
 //!    each hold one partition and stay under `store.batch_max_bytes`, together with
 //!    the partition's row in the `buckets` index.
@@ -37,6 +37,7 @@
 //! refused requests to [`StoreError::Invalid`] (never retried).
 
 mod errors;
+mod levels;
 mod pending;
 mod read;
 mod rollup;
@@ -61,7 +62,10 @@ pub use schema::{schema_statements, SCHEMA};
 pub use settings::{parse_consistency, ScyllaSettings};
 
 use super::latest::Latest;
-use super::{EventStore, ListQuery, Point, PointQuery, Rollup, RollupQuery, StoreError};
+use super::{
+    EventStore, FleetCount, FleetQuery, ListQuery, Point, PointQuery, Rollup, RollupQuery,
+    StoreError,
+};
 use crate::model::{DeviceId, Event, UserId};
 use crate::pipeline::batcher::PartitionBatch;
 use errors::{exec_error, session_error};
@@ -184,7 +188,15 @@ impl EventStore for ScyllaStore {
     }
 
     async fn rollups(&self, query: RollupQuery) -> Result<Option<Vec<Rollup>>, StoreError> {
-        self.inner.rollups(&query).await.map(Some)
+        self.inner.rollups(&query).await
+    }
+
+    async fn fleet_counts(
+        &self,
+        _query: FleetQuery,
+    ) -> Result<Option<Vec<FleetCount>>, StoreError> {
+        // Grouped queries read each device's hour and day rows instead.
+        Ok(None)
     }
 
     async fn latest(

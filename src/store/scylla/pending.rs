@@ -1,4 +1,4 @@
-//! The minutes this instance has marked pending in `rollups_pending` and not yet
+//! The minutes this instance has marked pending in `pending_minutes` and not yet
 //! recomputed (see `rollup.rs` for why minutes are marked).
 //!
 //! One marker row per minute and recomputation, not per flush: a flush that writes
@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::rows::{ms, PendingRow};
-use crate::model::{bucket_start, DeviceId, UserId};
+use crate::model::{DeviceId, UserId};
 
-/// A rollup partition, and a pending one, holds one device's UTC day.
+/// A partition of minute rollups holds one device's UTC day.
 pub(super) const DAY_MS: i64 = 86_400_000;
 
 /// A minute is recomputed once no flush has touched it for this long: a device's
@@ -42,7 +42,6 @@ pub(super) fn marker_row(key: MinuteKey, marker: Uuid) -> PendingRow {
     PendingRow {
         user_id,
         device_id,
-        day: ms(bucket_start(minute, DAY_MS)),
         minute: ms(minute),
         flush: marker,
     }

@@ -18,7 +18,7 @@
 //!   writes arrive in; equal counts mean equal sets. The recomputation that read last
 //!   saw every event, so the row that wins is exact.
 //! - **Pending minutes.** Before writing its events a flush marks their minutes in
-//!   `rollups_pending` (or joins its instance's mark of them, `pending.rs`); a
+//!   `pending_minutes` (or joins its instance's mark of them, `pending.rs`); a
 //!   recomputation that read after every joined flush's events deletes the mark once
 //!   its rollups are written.
 //!   Aggregates read pending minutes from the events instead of the rollups, so an
@@ -33,6 +33,7 @@
 //! of one device.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -42,13 +43,10 @@ use uuid::Uuid;
 
 use super::errors::{corrupt, exec_error, pager_error, row_error};
 use super::pending::{marker_row, MinuteKey, Pending, DAY_MS};
-use super::rows::{
-    ms, MetricOut, PendingOut, PendingRangeIn, PendingRow, RollupIn, RollupOut, RollupSliceIn,
-    SliceIn,
-};
+use super::rows::{ms, MetricOut, PendingRow, RollupIn, RollupOut, RollupSliceIn, SliceIn};
 use super::Inner;
 use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, UserId};
-use crate::store::{Rollup, RollupQuery, StoreError, Summary, ROLLUP_MS};
+use crate::store::{Level, Rollup, RollupQuery, StoreError, Summary, ROLLUP_MS};
 
 /// How often the recomputer looks for marks that are due.
 const TICK: Duration = Duration::from_millis(250);
@@ -156,27 +154,50 @@ impl Inner {
         Ok(n)
     }
 
-    /// One round: each minute is read and written once, then the pending rows it
-    /// covers are deleted. A failed minute keeps its rows for the sweep.
+    /// One round: each minute is read and written once, then its hour and day are
+    /// summed again (`levels.rs`), then the pending rows it covers are deleted. A
+    /// minute that failed at any level keeps its rows for the sweep.
     async fn recompute(&self, minutes: Vec<(MinuteKey, Vec<Uuid>)>) {
-        stream::iter(minutes)
-            .for_each_concurrent(FANOUT, |((user, device, minute), flushes)| async move {
-                if let Err(e) = self.recompute_minute(user, device, minute, &flushes).await {
-                    tracing::warn!(error = %e, %device, minute, "rollup recomputation failed; left pending");
+        let done: Vec<(MinuteKey, Vec<Uuid>, BTreeSet<String>)> = stream::iter(minutes)
+            .map(|(key, flushes)| async move {
+                match self.recompute_minute(key).await {
+                    Ok(metrics) => Some((key, flushes, metrics)),
+                    Err(e) => {
+                        let (_, device, minute) = key;
+                        tracing::warn!(error = %e, %device, minute, "rollup recomputation failed; left pending");
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(FANOUT)
+            .filter_map(futures::future::ready)
+            .collect()
+            .await;
+        let levels: Vec<(MinuteKey, BTreeSet<String>)> =
+            done.iter().map(|(k, _, m)| (*k, m.clone())).collect();
+        let failed = self.recompute_levels(&levels).await;
+        stream::iter(done.into_iter().filter(|(k, _, _)| !failed.contains(k)))
+            .for_each_concurrent(FANOUT, |(key, flushes, _)| async move {
+                for marker in flushes {
+                    let _p = self.permit().await;
+                    if let Err(e) = self
+                        .session
+                        .execute_unpaged(&self.cql.delete_pending, marker_row(key, marker))
+                        .await
+                    {
+                        tracing::warn!(error = %exec_error(e), "pending marker not deleted; the sweep will");
+                    }
                 }
             })
             .await;
     }
 
-    async fn recompute_minute(
-        &self,
-        user: UserId,
-        device: DeviceId,
-        minute: i64,
-        flushes: &[Uuid],
-    ) -> Result<(), StoreError> {
-        // Read only after every flush in `flushes` has its events durable: they were
-        // submitted after their writes returned.
+    /// Writes one minute's rows from its events; returns the metrics it carries
+    /// (`""`, counting every event, always among them).
+    async fn recompute_minute(&self, key: MinuteKey) -> Result<BTreeSet<String>, StoreError> {
+        let (user, device, minute) = key;
+        // Read only after every flush whose marker this clears has its events
+        // durable: they were submitted after their writes returned.
         let summaries = self.summarize_minute(user, device, minute).await?;
         let day = bucket_start(minute, DAY_MS);
         let rows: Vec<RollupIn<'_>> = summaries
@@ -207,15 +228,9 @@ impl Inner {
                 .await
                 .map_err(exec_error)?;
         }
-        for &marker in flushes {
-            let key = marker_row((user, device, minute), marker);
-            let _p = self.permit().await;
-            self.session
-                .execute_unpaged(&self.cql.delete_pending, key)
-                .await
-                .map_err(exec_error)?;
-        }
-        Ok(())
+        let mut metrics: BTreeSet<String> = summaries.into_keys().map(|(m, _)| m).collect();
+        metrics.insert(String::new());
+        Ok(metrics)
     }
 
     /// Summaries of one device's minute, computed from its stored events.
@@ -262,32 +277,29 @@ impl Inner {
         Ok(out)
     }
 
-    /// Per-minute summaries for a query: from the rollups, except for the minutes
-    /// pending right now, which are computed from their events.
-    pub(super) async fn rollups(&self, q: &RollupQuery) -> Result<Vec<Rollup>, StoreError> {
+    /// Summaries for a query at any level. Minutes come from their rows, except the
+    /// minutes pending right now, which are computed from their events; hours and
+    /// days, see `levels.rs`.
+    pub(super) async fn rollups(&self, q: &RollupQuery) -> Result<Option<Vec<Rollup>>, StoreError> {
         if q.from_ms >= q.to_ms {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
+        }
+        if q.level != Level::Minute {
+            return self.coarse_rollups(q).await.map(Some);
         }
         let metric = q.metric.as_deref().unwrap_or("");
-        let first_day = bucket_start(q.from_ms, DAY_MS);
-        let days = (0..)
-            .map(|i| first_day + i * DAY_MS)
-            .take_while(|d| *d < q.to_ms);
-        let per_day: Vec<(BTreeSet<i64>, Vec<Rollup>)> = stream::iter(days)
-            .map(|day| self.rollup_day(q, metric, day))
-            .buffered(4)
-            .try_collect()
+        // Pending first: a minute not pending then has rows that hold every event
+        // acknowledged before.
+        let pending = self
+            .pending_minutes(q.user_id, q.device_id, q.from_ms, q.to_ms)
             .await?;
         let kind_ok = |k: &str| q.kind.as_deref().is_none_or(|want| want == k);
-        let mut out = Vec::new();
-        let mut pending = BTreeSet::new();
-        for (day_pending, rows) in per_day {
-            out.extend(
-                rows.into_iter()
-                    .filter(|r| !day_pending.contains(&r.minute_ms) && kind_ok(&r.kind)),
-            );
-            pending.extend(day_pending);
-        }
+        let mut out: Vec<Rollup> = self
+            .minute_rows(q.user_id, q.device_id, metric, q.from_ms, q.to_ms)
+            .await?
+            .into_iter()
+            .filter(|r| !pending.contains(&r.start_ms) && kind_ok(&r.kind))
+            .collect();
         let computed: Vec<(i64, MinuteSummaries)> = stream::iter(pending)
             .map(|minute| async move {
                 let s = self
@@ -298,89 +310,68 @@ impl Inner {
             .buffered(4)
             .try_collect()
             .await?;
-        for (minute_ms, summaries) in computed {
+        for (start_ms, summaries) in computed {
             for ((m, kind), summary) in summaries {
                 if m == metric && kind_ok(&kind) {
                     out.push(Rollup {
-                        minute_ms,
+                        start_ms,
                         kind,
                         summary,
                     });
                 }
             }
         }
-        out.sort_by(|a, b| (a.minute_ms, &a.kind).cmp(&(b.minute_ms, &b.kind)));
-        Ok(out)
+        out.sort_by(|a, b| (a.start_ms, &a.kind).cmp(&(b.start_ms, &b.kind)));
+        Ok(Some(out))
     }
 
-    /// One day of a query: its pending minutes, then its rollup rows. The pending
-    /// minutes are read first: a minute not pending then has rollups that hold every
-    /// event acknowledged before.
-    async fn rollup_day(
+    /// One device's minute rows of one metric in `[from, to)`, as written: one slice
+    /// per UTC day.
+    pub(super) async fn minute_rows(
         &self,
-        q: &RollupQuery,
+        user: UserId,
+        device: DeviceId,
         metric: &str,
-        day: i64,
-    ) -> Result<(BTreeSet<i64>, Vec<Rollup>), StoreError> {
-        let (from, to) = (q.from_ms.max(day), q.to_ms.min(day + DAY_MS));
-        let pending: BTreeSet<i64> = self
-            .session
-            .execute_iter(
-                self.cql.select_pending.clone(),
-                PendingRangeIn {
-                    user_id: q.user_id,
-                    device_id: q.device_id,
-                    day: ms(day),
-                    from_minute: ms(from),
-                    to_minute: ms(to),
-                },
-            )
-            .await
-            .map_err(pager_error)?
-            .rows_stream::<PendingOut>()
-            .map_err(corrupt)?
-            .map_ok(|r| r.minute.0)
-            .map_err(row_error)
-            .try_collect()
-            .await?;
-        let rows = self.rollup_rows(q, metric, day, from, to).await?;
-        Ok((pending, rows))
-    }
-
-    async fn rollup_rows(
-        &self,
-        q: &RollupQuery,
-        metric: &str,
-        day: i64,
         from: i64,
         to: i64,
     ) -> Result<Vec<Rollup>, StoreError> {
-        let slice = RollupSliceIn {
-            user_id: q.user_id,
-            device_id: q.device_id,
-            day: ms(day),
-            metric,
-            from_minute: ms(from),
-            to_minute: ms(to),
-        };
-        self.session
-            .execute_iter(self.cql.select_rollups.clone(), slice)
-            .await
-            .map_err(pager_error)?
-            .rows_stream::<RollupOut>()
-            .map_err(corrupt)?
-            .map_ok(|r| Rollup {
-                minute_ms: r.minute.0,
-                kind: r.kind,
-                summary: Summary {
-                    count: r.count.max(0) as u64,
-                    min: r.min,
-                    max: r.max,
-                    sum: r.sum,
-                },
+        let first_day = bucket_start(from, DAY_MS);
+        let days = (0..)
+            .map(|i| first_day + i * DAY_MS)
+            .take_while(|d| *d < to);
+        let parts: Vec<Vec<Rollup>> = stream::iter(days)
+            .map(|day| async move {
+                let slice = RollupSliceIn {
+                    user_id: user,
+                    device_id: device,
+                    day: ms(day),
+                    metric,
+                    from_minute: ms(from.max(day)),
+                    to_minute: ms(to.min(day + DAY_MS)),
+                };
+                self.session
+                    .execute_iter(self.cql.select_rollups.clone(), slice)
+                    .await
+                    .map_err(pager_error)?
+                    .rows_stream::<RollupOut>()
+                    .map_err(corrupt)?
+                    .map_ok(|r| Rollup {
+                        start_ms: r.minute.0,
+                        kind: r.kind,
+                        summary: Summary {
+                            count: r.count.max(0) as u64,
+                            min: r.min,
+                            max: r.max,
+                            sum: r.sum,
+                        },
+                    })
+                    .map_err(row_error)
+                    .try_collect::<Vec<_>>()
+                    .await
             })
-            .map_err(row_error)
+            .buffered(4)
             .try_collect()
-            .await
+            .await?;
+        Ok(parts.into_iter().flatten().collect())
     }
 }

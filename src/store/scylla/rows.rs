@@ -225,12 +225,11 @@ pub(super) struct RollupOut {
     pub sum: f64,
 }
 
-/// A row of `rollups_pending` (its whole primary key).
+/// A row of `pending_minutes` (its whole primary key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, SerializeRow, DeserializeRow)]
 pub(super) struct PendingRow {
     pub user_id: i64,
     pub device_id: Uuid,
-    pub day: CqlTimestamp,
     pub minute: CqlTimestamp,
     pub flush: Uuid,
 }
@@ -240,9 +239,49 @@ pub(super) struct PendingRow {
 pub(super) struct PendingRangeIn {
     pub user_id: i64,
     pub device_id: Uuid,
-    pub day: CqlTimestamp,
     pub from_minute: CqlTimestamp,
     pub to_minute: CqlTimestamp,
+}
+
+/// A row of `rollups_coarse`, as written; `writetime` is its count.
+#[derive(Debug, SerializeRow)]
+#[scylla(flavor = "enforce_order", skip_name_checks)]
+pub(super) struct CoarseIn<'a> {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub level: i32,
+    pub slab: CqlTimestamp,
+    pub metric: &'a str,
+    pub start: CqlTimestamp,
+    pub kind: &'a str,
+    pub count: i64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    pub writetime: i64,
+}
+
+/// One device's hours or days of one metric in one slab, for starts in `[from, to)`.
+#[derive(Debug, SerializeRow)]
+pub(super) struct CoarseSliceIn<'a> {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub level: i32,
+    pub slab: CqlTimestamp,
+    pub metric: &'a str,
+    pub from_start: CqlTimestamp,
+    pub to_start: CqlTimestamp,
+}
+
+#[derive(Debug, DeserializeRow)]
+pub(super) struct CoarseOut {
+    pub start: CqlTimestamp,
+    #[scylla(rename = "type")]
+    pub kind: String,
+    pub count: i64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
 }
 
 #[derive(Debug, DeserializeRow)]

@@ -94,22 +94,38 @@ impl Cql {
              AND metric = :metric AND minute >= :from_minute AND minute < :to_minute"
         )
     }
+    /// Written with its count as its write time, like the minutes.
+    pub(super) fn insert_coarse(ks: &str) -> String {
+        format!(
+            "INSERT INTO {ks}.rollups_coarse (user_id, device_id, level, slab, metric, start, \
+             type, count, min, max, sum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             USING TIMESTAMP ?"
+        )
+    }
+    pub(super) fn select_coarse(ks: &str) -> String {
+        format!(
+            "SELECT start, type, count, min, max, sum FROM {ks}.rollups_coarse \
+             WHERE user_id = :user_id AND device_id = :device_id AND level = :level \
+             AND slab = :slab AND metric = :metric AND start >= :from_start \
+             AND start < :to_start"
+        )
+    }
     pub(super) fn insert_pending(ks: &str) -> String {
         format!(
-            "INSERT INTO {ks}.rollups_pending (user_id, device_id, day, minute, flush) \
-             VALUES (?, ?, ?, ?, ?)"
+            "INSERT INTO {ks}.pending_minutes (user_id, device_id, minute, flush) \
+             VALUES (?, ?, ?, ?)"
         )
     }
     pub(super) fn delete_pending(ks: &str) -> String {
         format!(
-            "DELETE FROM {ks}.rollups_pending WHERE user_id = ? AND device_id = ? \
-             AND day = ? AND minute = ? AND flush = ?"
+            "DELETE FROM {ks}.pending_minutes WHERE user_id = ? AND device_id = ? \
+             AND minute = ? AND flush = ?"
         )
     }
     pub(super) fn select_pending(ks: &str) -> String {
         format!(
-            "SELECT minute FROM {ks}.rollups_pending \
-             WHERE user_id = :user_id AND device_id = :device_id AND day = :day \
+            "SELECT minute FROM {ks}.pending_minutes \
+             WHERE user_id = :user_id AND device_id = :device_id \
              AND minute >= :from_minute AND minute < :to_minute"
         )
     }
@@ -131,7 +147,7 @@ impl Cql {
     }
     /// Every pending minute of the keyspace: the sweep after a crash.
     pub(super) fn scan_pending(ks: &str) -> String {
-        format!("SELECT user_id, device_id, day, minute, flush FROM {ks}.rollups_pending")
+        format!("SELECT user_id, device_id, minute, flush FROM {ks}.pending_minutes")
     }
 }
 
@@ -149,6 +165,8 @@ pub(super) struct Prepared {
     pub(super) ping: PreparedStatement,
     pub(super) insert_rollup: PreparedStatement,
     pub(super) select_rollups: PreparedStatement,
+    pub(super) insert_coarse: PreparedStatement,
+    pub(super) select_coarse: PreparedStatement,
     pub(super) insert_pending: PreparedStatement,
     pub(super) delete_pending: PreparedStatement,
     pub(super) select_pending: PreparedStatement,
@@ -183,6 +201,8 @@ impl Prepared {
             ping: prepare(Cql::ping()).await?,
             insert_rollup: prepare(Cql::insert_rollup(ks)).await?,
             select_rollups: prepare(Cql::select_rollups(ks)).await?,
+            insert_coarse: prepare(Cql::insert_coarse(ks)).await?,
+            select_coarse: prepare(Cql::select_coarse(ks)).await?,
             insert_pending: prepare(Cql::insert_pending(ks)).await?,
             delete_pending: prepare(Cql::delete_pending(ks)).await?,
             select_pending: prepare(Cql::select_pending(ks)).await?,

@@ -312,8 +312,9 @@ fn the_schema_parses_into_its_tables() {
             "events",
             "latest",
             "meta",
+            "pending_minutes",
             "rollups",
-            "rollups_pending"
+            "rollups_coarse"
         ]
     );
     assert_eq!(s["events"]["ts"], ColumnType::Native(NativeType::Timestamp));
@@ -334,7 +335,6 @@ fn every_bound_row_type_serializes_against_the_schema() {
     let pending = PendingRow {
         user_id: 1,
         device_id: d,
-        day: t,
         minute: t,
         flush: e,
     };
@@ -442,6 +442,35 @@ fn every_bound_row_type_serializes_against_the_schema() {
         ),
         check_bind(&Cql::insert_pending(KS), &pending),
         check_bind(
+            &Cql::insert_coarse(KS),
+            &CoarseIn {
+                user_id: 1,
+                device_id: d,
+                level: 1,
+                slab: t,
+                metric: "temp",
+                start: t,
+                kind: "telemetry",
+                count: 3,
+                min: 1.0,
+                max: 2.0,
+                sum: 4.5,
+                writetime: 3,
+            },
+        ),
+        check_bind(
+            &Cql::select_coarse(KS),
+            &CoarseSliceIn {
+                user_id: 1,
+                device_id: d,
+                level: 2,
+                slab: t,
+                metric: "",
+                from_start: t,
+                to_start: t,
+            },
+        ),
+        check_bind(
             &Cql::insert_latest(KS),
             &LatestIn {
                 user_id: 1,
@@ -470,7 +499,6 @@ fn every_bound_row_type_serializes_against_the_schema() {
             &PendingRangeIn {
                 user_id: 1,
                 device_id: d,
-                day: t,
                 from_minute: t,
                 to_minute: t,
             },
@@ -499,6 +527,7 @@ fn every_read_row_type_type_checks_against_the_schema() {
     check_read::<CountOut>(&Cql::count_slice(KS)).unwrap();
     check_read::<MetaOut>(&Cql::select_meta(KS)).unwrap();
     check_read::<RollupOut>(&Cql::select_rollups(KS)).unwrap();
+    check_read::<CoarseOut>(&Cql::select_coarse(KS)).unwrap();
     check_read::<PendingOut>(&Cql::select_pending(KS)).unwrap();
     check_read::<PendingRow>(&Cql::scan_pending(KS)).unwrap();
     check_read::<LatestOut>(&Cql::select_latest(KS)).unwrap();
@@ -626,7 +655,7 @@ fn the_schema_is_filled_from_the_settings() {
     };
     c.replication = "{'class': 'NetworkTopologyStrategy', 'dc1': 3}".into();
     let stmts = schema_statements(&ScyllaSettings::from_config(&c, 1000).unwrap());
-    assert_eq!(stmts.len(), 8);
+    assert_eq!(stmts.len(), 9);
     assert!(stmts[0].starts_with("CREATE KEYSPACE IF NOT EXISTS metrics_prod"));
     assert!(stmts[0].ends_with("replication = {'class': 'NetworkTopologyStrategy', 'dc1': 3}"));
     assert!(stmts.iter().skip(1).all(|s| s.contains("metrics_prod.")));

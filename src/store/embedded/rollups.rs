@@ -1,0 +1,364 @@
+//! Rollups in the embedded store: every level kept in the same atomic batch as the
+//! events, by read-modify-write under the write mutex, so they are exact at once.
+//!
+//! Three keyspaces:
+//! - `rollups`: minutes of a device. Key = user (8) | device (16) | metric length (1)
+//!   | metric | minute (8) | type, value = the [`Summary`] in postcard. Metric ""
+//!   counts all events.
+//! - `rollups_coarse`: hours and days of a device. Key = user | device | level (1) |
+//!   metric length | metric | start (8) | type. Kept apart from the minutes so that
+//!   data directories from before the levels keep their minute keys.
+//! - `fleet_counts`: hours and days of every device of a user, counts only, time
+//!   first. Key = user | level | start | device | type. A grouped query over a fleet
+//!   reads one slice of it instead of one slice per device.
+//!
+//! A flush first sums its new events per minute, then derives hours, days and fleet
+//! rows from those minute sums: the coarser rows cost one map entry per distinct row,
+//! not per event.
+
+use std::collections::HashMap;
+
+use fjall::{Keyspace, OwnedWriteBatch as WriteBatch};
+
+use super::{corrupt, engine, ordered, unordered, Inner, CACHE_ROWS};
+use crate::model::{bucket_start, DeviceId, Record, UserId};
+use crate::store::{FleetCount, FleetQuery, Level, Rollup, RollupQuery, StoreError, Summary};
+
+/// Present in data directories whose hour, day and fleet rows are complete; older
+/// ones get them built from their minute rows once, when opened.
+pub(super) const LEVELS_META_KEY: &str = "rollup_levels";
+
+/// The rollup keyspaces.
+pub(super) struct RollupKeyspaces {
+    pub(super) minute: Keyspace,
+    pub(super) coarse: Keyspace,
+    pub(super) fleet: Keyspace,
+}
+
+/// The latest value of recently written rows, per keyspace: most flushes touch the
+/// rows the previous flush touched, and reading them back from the engine would cost
+/// a memtable search each. Values are exactly what was written, so a cache is never
+/// stale; it is dropped whole when it reaches its bound.
+#[derive(Default)]
+pub(super) struct Caches {
+    minute: HashMap<Vec<u8>, Summary>,
+    coarse: HashMap<Vec<u8>, Summary>,
+    fleet: HashMap<Vec<u8>, Summary>,
+}
+
+/// A flush's new events summed per (user, device, metric, minute, type), keyed by
+/// borrowed parts; the byte keys are built once per row.
+#[derive(Default)]
+pub(super) struct MinuteSums<'a> {
+    rows: HashMap<(UserId, DeviceId, &'a str, i64, &'a str), Summary>,
+}
+
+impl<'a> MinuteSums<'a> {
+    pub(super) fn add(&mut self, r: &'a Record) {
+        let e = &r.event;
+        let minute = bucket_start(e.ts_ms, Level::Minute.ms());
+        self.rows
+            .entry((r.user_id, r.device_id, "", minute, &e.kind))
+            .or_insert(Summary::EMPTY)
+            .add(None);
+        for (name, v) in &e.metrics {
+            self.rows
+                .entry((r.user_id, r.device_id, name, minute, &e.kind))
+                .or_insert(Summary::EMPTY)
+                .add(Some(*v));
+        }
+    }
+}
+
+/// Rows staged in a batch, to enter the caches once the batch is committed.
+#[derive(Default)]
+pub(super) struct Staged {
+    minute: Vec<(Vec<u8>, Summary)>,
+    coarse: Vec<(Vec<u8>, Summary)>,
+    fleet: Vec<(Vec<u8>, Summary)>,
+}
+
+impl Staged {
+    pub(super) fn commit(self, caches: &mut Caches) {
+        caches.minute.extend(self.minute);
+        caches.coarse.extend(self.coarse);
+        caches.fleet.extend(self.fleet);
+    }
+}
+
+/// Minute, hour, day and fleet rows derived from a flush's minute sums.
+type Derived = [(Which, HashMap<Vec<u8>, Summary>); 3];
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Which {
+    Minute,
+    Coarse,
+    Fleet,
+}
+
+fn derive(sums: MinuteSums<'_>) -> Derived {
+    let mut minute = HashMap::with_capacity(sums.rows.len());
+    let mut coarse: HashMap<Vec<u8>, Summary> = HashMap::new();
+    let mut fleet: HashMap<Vec<u8>, Summary> = HashMap::new();
+    for ((user, device, metric, start, kind), s) in sums.rows {
+        for level in [Level::Hour, Level::Day] {
+            let at = bucket_start(start, level.ms());
+            coarse
+                .entry(coarse_key(user, device, level, metric, at, kind))
+                .or_insert(Summary::EMPTY)
+                .merge(&s);
+            if metric.is_empty() {
+                fleet
+                    .entry(fleet_key(user, level, at, device, kind))
+                    .or_insert(Summary::EMPTY)
+                    .merge(&s);
+            }
+        }
+        minute.insert(minute_key(user, device, metric, start, kind), s);
+    }
+    [
+        (Which::Minute, minute),
+        (Which::Coarse, coarse),
+        (Which::Fleet, fleet),
+    ]
+}
+
+impl Inner {
+    /// Adds a flush's minute sums to every level's stored rows, in `batch`. Called
+    /// under the write mutex.
+    pub(super) fn stage_rollups(
+        &self,
+        caches: &mut Caches,
+        sums: MinuteSums<'_>,
+        batch: &mut WriteBatch,
+    ) -> Result<Staged, StoreError> {
+        let mut staged = Staged::default();
+        for (which, rows) in derive(sums) {
+            let (keyspace, cache, out) = match which {
+                Which::Minute => (&self.rollups.minute, &mut caches.minute, &mut staged.minute),
+                Which::Coarse => (&self.rollups.coarse, &mut caches.coarse, &mut staged.coarse),
+                Which::Fleet => (&self.rollups.fleet, &mut caches.fleet, &mut staged.fleet),
+            };
+            if cache.len() + rows.len() > CACHE_ROWS {
+                cache.clear();
+            }
+            // In key order, like the events: neighbours inserted one after another
+            // keep the memtable's search paths in cache.
+            let mut rows: Vec<_> = rows.into_iter().collect();
+            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            out.reserve(rows.len());
+            for (key, mut summary) in rows {
+                let old = match cache.get(&key) {
+                    Some(cached) => Some(*cached),
+                    None => match keyspace.get(&key).map_err(engine)? {
+                        Some(bytes) => Some(postcard::from_bytes(&bytes).map_err(corrupt)?),
+                        None => None,
+                    },
+                };
+                if let Some(old) = old {
+                    summary.merge(&old);
+                }
+                batch.insert(keyspace, key.clone(), encode(&summary)?);
+                out.push((key, summary));
+            }
+        }
+        Ok(staged)
+    }
+
+    pub(super) fn read_rollups(&self, q: &RollupQuery) -> Result<Vec<Rollup>, StoreError> {
+        let metric = q.metric.as_deref().unwrap_or("");
+        let (keyspace, lo, hi) = match q.level {
+            Level::Minute => (
+                &self.rollups.minute,
+                minute_key(q.user_id, q.device_id, metric, q.from_ms, ""),
+                minute_key(q.user_id, q.device_id, metric, q.to_ms, ""),
+            ),
+            level => (
+                &self.rollups.coarse,
+                coarse_key(q.user_id, q.device_id, level, metric, q.from_ms, ""),
+                coarse_key(q.user_id, q.device_id, level, metric, q.to_ms, ""),
+            ),
+        };
+        // The start sits right before the type, at the same offset in every key of
+        // the slice.
+        let at = lo.len() - 8;
+        let mut out = Vec::new();
+        for item in keyspace.range(lo..hi) {
+            let (key, value) = item.into_inner().map_err(engine)?;
+            let start_ms = unordered(key[at..at + 8].try_into().map_err(corrupt)?);
+            let kind = std::str::from_utf8(&key[at + 8..]).map_err(corrupt)?;
+            if q.kind.as_deref().is_some_and(|k| k != kind) {
+                continue;
+            }
+            out.push(Rollup {
+                start_ms,
+                kind: kind.to_owned(),
+                summary: postcard::from_bytes(&value).map_err(corrupt)?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub(super) fn read_fleet(&self, q: &FleetQuery) -> Result<Option<Vec<FleetCount>>, StoreError> {
+        if q.level == Level::Minute {
+            return Ok(None);
+        }
+        let lo = fleet_key(q.user_id, q.level, q.from_ms, DeviceId::nil(), "");
+        let hi = fleet_key(q.user_id, q.level, q.to_ms, DeviceId::nil(), "");
+        let mut out = Vec::new();
+        for item in self.rollups.fleet.range(lo..hi) {
+            let (key, value) = item.into_inner().map_err(engine)?;
+            let kind = std::str::from_utf8(&key[33..]).map_err(corrupt)?;
+            if q.kind.as_deref().is_some_and(|k| k != kind) {
+                continue;
+            }
+            let summary: Summary = postcard::from_bytes(&value).map_err(corrupt)?;
+            out.push(FleetCount {
+                start_ms: unordered(key[9..17].try_into().map_err(corrupt)?),
+                device_id: DeviceId::from_slice(&key[17..33]).map_err(corrupt)?,
+                kind: kind.to_owned(),
+                count: summary.count,
+            });
+        }
+        Ok(Some(out))
+    }
+
+    /// Builds the hour, day and fleet rows of a data directory written before they
+    /// existed, from its minute rows. Overwrites rather than adds, so that a build cut
+    /// short by a crash is simply done again at the next start.
+    pub(super) fn build_levels(&self) -> Result<(), StoreError> {
+        const BATCH_ROWS: usize = 10_000;
+        let mut derived: HashMap<(Which, Vec<u8>), Summary> = HashMap::new();
+        let mut prefix: Vec<u8> = Vec::new();
+        let flush = |derived: &mut HashMap<(Which, Vec<u8>), Summary>| {
+            let mut batch = self.db.batch();
+            for ((which, key), s) in derived.drain() {
+                let keyspace = match which {
+                    Which::Fleet => &self.rollups.fleet,
+                    _ => &self.rollups.coarse,
+                };
+                batch.insert(keyspace, key, encode(&s)?);
+            }
+            batch.commit().map_err(engine)
+        };
+        for item in self.rollups.minute.iter() {
+            let (key, value) = item.into_inner().map_err(engine)?;
+            let (user, device, metric, minute, kind) = parse_minute_key(&key)?;
+            // Rows of one (user, device, metric) are contiguous: once past them, their
+            // hours and days are complete and can be written.
+            let this_prefix = &key[..25 + metric.len()];
+            if this_prefix != prefix.as_slice() {
+                if derived.len() >= BATCH_ROWS {
+                    flush(&mut derived)?;
+                }
+                prefix = this_prefix.to_vec();
+            }
+            let s: Summary = postcard::from_bytes(&value).map_err(corrupt)?;
+            for level in [Level::Hour, Level::Day] {
+                let at = bucket_start(minute, level.ms());
+                derived
+                    .entry((
+                        Which::Coarse,
+                        coarse_key(user, device, level, metric, at, kind),
+                    ))
+                    .or_insert(Summary::EMPTY)
+                    .merge(&s);
+                if metric.is_empty() {
+                    derived
+                        .entry((Which::Fleet, fleet_key(user, level, at, device, kind)))
+                        .or_insert(Summary::EMPTY)
+                        .merge(&s);
+                }
+            }
+        }
+        flush(&mut derived)
+    }
+}
+
+fn encode(s: &Summary) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(s).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+fn push_metric(k: &mut Vec<u8>, metric: &str) {
+    // Names are at most 64 bytes (validated at ingest), so one length byte suffices
+    // and keeps "temp" from being a prefix of "temperature".
+    k.push(metric.len() as u8);
+    k.extend_from_slice(metric.as_bytes());
+}
+
+fn minute_key(user: UserId, device: DeviceId, metric: &str, start: i64, kind: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + 16 + 1 + metric.len() + 8 + kind.len());
+    k.extend_from_slice(&ordered(user));
+    k.extend_from_slice(device.as_bytes());
+    push_metric(&mut k, metric);
+    k.extend_from_slice(&ordered(start));
+    k.extend_from_slice(kind.as_bytes());
+    k
+}
+
+fn coarse_key(
+    user: UserId,
+    device: DeviceId,
+    level: Level,
+    metric: &str,
+    start: i64,
+    kind: &str,
+) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + 16 + 2 + metric.len() + 8 + kind.len());
+    k.extend_from_slice(&ordered(user));
+    k.extend_from_slice(device.as_bytes());
+    k.push(level.tag());
+    push_metric(&mut k, metric);
+    k.extend_from_slice(&ordered(start));
+    k.extend_from_slice(kind.as_bytes());
+    k
+}
+
+fn fleet_key(user: UserId, level: Level, start: i64, device: DeviceId, kind: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + 1 + 8 + 16 + kind.len());
+    k.extend_from_slice(&ordered(user));
+    k.push(level.tag());
+    k.extend_from_slice(&ordered(start));
+    k.extend_from_slice(device.as_bytes());
+    k.extend_from_slice(kind.as_bytes());
+    k
+}
+
+fn parse_minute_key(key: &[u8]) -> Result<(UserId, DeviceId, &str, i64, &str), StoreError> {
+    let bad = || StoreError::Corrupt(format!("rollup key of {} bytes", key.len()));
+    let len = usize::from(*key.get(24).ok_or_else(bad)?);
+    if key.len() < 25 + len + 8 {
+        return Err(bad());
+    }
+    let user = unordered(key[..8].try_into().map_err(corrupt)?);
+    let device = DeviceId::from_slice(&key[8..24]).map_err(corrupt)?;
+    let metric = std::str::from_utf8(&key[25..25 + len]).map_err(corrupt)?;
+    let at = 25 + len;
+    let minute = unordered(key[at..at + 8].try_into().map_err(corrupt)?);
+    let kind = std::str::from_utf8(&key[at + 8..]).map_err(corrupt)?;
+    Ok((user, device, metric, minute, kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minute_keys_parse_back() {
+        let d = DeviceId::from_u128(7);
+        let k = minute_key(-3, d, "temp", 120_000, "telemetry");
+        assert_eq!(
+            parse_minute_key(&k).unwrap(),
+            (-3, d, "temp", 120_000, "telemetry")
+        );
+    }
+
+    #[test]
+    fn fleet_keys_sort_by_time_before_device() {
+        let (a, b) = (DeviceId::from_u128(9), DeviceId::from_u128(1));
+        assert!(
+            fleet_key(1, Level::Hour, 0, a, "x") < fleet_key(1, Level::Hour, 3_600_000, b, "x")
+        );
+        assert!(fleet_key(1, Level::Hour, 0, a, "x") < fleet_key(1, Level::Day, 0, b, "x"));
+    }
+}

@@ -1,0 +1,278 @@
+//! Hours and days in the wide-column store, exact without coordination, like the
+//! minutes (`rollup.rs`).
+//!
+//! - **Summed from the finer level, not incremented.** Once a minute's rows are
+//!   written, its hour is summed again from that hour's minute rows, then its day
+//!   from that day's hour rows, for the metrics the minute carries (an hour row of a
+//!   metric depends only on that metric's minute rows).
+//! - **The larger count wins**, as for minutes: each row is written `USING TIMESTAMP`
+//!   its count. Every recomputation writes its own minute before it reads the hour's
+//!   minutes, so of two concurrent ones the one that reads last sees both minutes as
+//!   written; finer rows only grow, so it has the larger count, and its row wins
+//!   whatever order the writes arrive in. The same holds one level up.
+//! - **Pending minutes make their hour and day pending too.** A minute's marker is
+//!   deleted only after its hour and day are written, so a query reads an hour or a
+//!   day from its row only when no minute inside is pending, and otherwise sums it
+//!   from the finer levels (down to the events of the pending minutes). One slice of
+//!   the device's `pending_minutes` partition tells which.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use scylla::statement::batch::{Batch, BatchType};
+
+use super::errors::{corrupt, exec_error, pager_error, row_error};
+use super::pending::{MinuteKey, DAY_MS};
+use super::rows::{ms, CoarseIn, CoarseOut, CoarseSliceIn, PendingOut, PendingRangeIn};
+use super::Inner;
+use crate::model::{bucket_start, DeviceId, UserId};
+use crate::store::{Level, Rollup, RollupQuery, StoreError, Summary};
+
+/// Hour rows are partitioned by 28 days (672 hours of a metric), day rows by 3,640
+/// days: both multiples of a day, so a day's hours lie in one partition.
+fn slab_ms(level: Level) -> i64 {
+    match level {
+        Level::Day => 3_640 * DAY_MS,
+        _ => 28 * DAY_MS,
+    }
+}
+
+/// Intervals recomputed at once.
+const FANOUT: usize = 16;
+
+/// Coarse rows per unlogged batch (all in one partition).
+const BATCH_ROWS: usize = 64;
+
+/// Summaries by type.
+type ByType = BTreeMap<String, Summary>;
+
+impl Inner {
+    /// Recomputes the hours, then the days, of freshly recomputed minutes, for the
+    /// metrics each carries. Returns the minutes whose hour or day failed: their
+    /// markers must stay for the sweep.
+    pub(super) async fn recompute_levels(
+        &self,
+        minutes: &[(MinuteKey, BTreeSet<String>)],
+    ) -> HashSet<MinuteKey> {
+        let mut failed = HashSet::new();
+        for level in [Level::Hour, Level::Day] {
+            // (user, device, start, metric) -> the minutes that wait on it.
+            let mut work: BTreeMap<(UserId, DeviceId, i64, String), Vec<MinuteKey>> =
+                BTreeMap::new();
+            for (key, metrics) in minutes {
+                let (user, device, minute) = *key;
+                for metric in metrics {
+                    work.entry((
+                        user,
+                        device,
+                        bucket_start(minute, level.ms()),
+                        metric.clone(),
+                    ))
+                    .or_default()
+                    .push(*key);
+                }
+            }
+            let results: Vec<_> = stream::iter(work)
+                .map(|((user, device, start, metric), waiting)| async move {
+                    let r = self
+                        .recompute_interval(user, device, level, start, &metric)
+                        .await;
+                    (r, waiting)
+                })
+                .buffer_unordered(FANOUT)
+                .collect()
+                .await;
+            for (r, waiting) in results {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, ?level, "rollup recomputation failed; left pending");
+                    failed.extend(waiting);
+                }
+            }
+        }
+        failed
+    }
+
+    async fn recompute_interval(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        level: Level,
+        start: i64,
+        metric: &str,
+    ) -> Result<(), StoreError> {
+        let finer = match level {
+            Level::Day => Level::Hour,
+            _ => Level::Minute,
+        };
+        let rows = self
+            .stored_rows(user, device, finer, metric, start, start + level.ms())
+            .await?;
+        let mut sums = ByType::new();
+        for r in rows {
+            sums.entry(r.kind)
+                .or_insert(Summary::EMPTY)
+                .merge(&r.summary);
+        }
+        let slab = ms(bucket_start(start, slab_ms(level)));
+        let rows: Vec<CoarseIn<'_>> = sums
+            .iter()
+            .map(|(kind, s)| CoarseIn {
+                user_id: user,
+                device_id: device,
+                level: i32::from(level.tag()),
+                slab,
+                metric,
+                start: ms(start),
+                kind,
+                count: s.count as i64,
+                min: s.min,
+                max: s.max,
+                sum: s.sum,
+                writetime: s.count as i64,
+            })
+            .collect();
+        for chunk in rows.chunks(BATCH_ROWS) {
+            let mut batch = Batch::new(BatchType::Unlogged);
+            for _ in chunk {
+                batch.append_statement(self.cql.insert_coarse.clone());
+            }
+            batch.set_is_idempotent(true);
+            let _p = self.permit().await;
+            self.session
+                .batch(&batch, chunk)
+                .await
+                .map_err(exec_error)?;
+        }
+        Ok(())
+    }
+
+    /// One device's stored rows of one level and metric in `[from, to)`, as written,
+    /// whether or not they are complete.
+    pub(super) async fn stored_rows(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        level: Level,
+        metric: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Rollup>, StoreError> {
+        if level == Level::Minute {
+            return self.minute_rows(user, device, metric, from, to).await;
+        }
+        let slab_len = slab_ms(level);
+        let first = bucket_start(from, slab_len);
+        let slabs = (0..).map(|i| first + i * slab_len).take_while(|s| *s < to);
+        let parts: Vec<Vec<Rollup>> = stream::iter(slabs)
+            .map(|slab| async move {
+                let slice = CoarseSliceIn {
+                    user_id: user,
+                    device_id: device,
+                    level: i32::from(level.tag()),
+                    slab: ms(slab),
+                    metric,
+                    from_start: ms(from.max(slab)),
+                    to_start: ms(to.min(slab + slab_len)),
+                };
+                self.session
+                    .execute_iter(self.cql.select_coarse.clone(), slice)
+                    .await
+                    .map_err(pager_error)?
+                    .rows_stream::<CoarseOut>()
+                    .map_err(corrupt)?
+                    .map_ok(|r| Rollup {
+                        start_ms: r.start.0,
+                        kind: r.kind,
+                        summary: Summary {
+                            count: r.count.max(0) as u64,
+                            min: r.min,
+                            max: r.max,
+                            sum: r.sum,
+                        },
+                    })
+                    .map_err(row_error)
+                    .try_collect()
+                    .await
+            })
+            .buffered(4)
+            .try_collect()
+            .await?;
+        Ok(parts.into_iter().flatten().collect())
+    }
+
+    /// The pending minutes of a device in `[from, to)`: one slice of its partition.
+    pub(super) async fn pending_minutes(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        from: i64,
+        to: i64,
+    ) -> Result<BTreeSet<i64>, StoreError> {
+        self.session
+            .execute_iter(
+                self.cql.select_pending.clone(),
+                PendingRangeIn {
+                    user_id: user,
+                    device_id: device,
+                    from_minute: ms(from),
+                    to_minute: ms(to),
+                },
+            )
+            .await
+            .map_err(pager_error)?
+            .rows_stream::<PendingOut>()
+            .map_err(corrupt)?
+            .map_ok(|r| r.minute.0)
+            .map_err(row_error)
+            .try_collect()
+            .await
+    }
+
+    /// Hours or days for a query: from their rows, except those holding a pending
+    /// minute, which are summed from the finer levels.
+    pub(super) async fn coarse_rollups(&self, q: &RollupQuery) -> Result<Vec<Rollup>, StoreError> {
+        let len = q.level.ms();
+        // Pending first: an interval with no pending minute now has rows that hold
+        // every event acknowledged before (its markers went only after its rows).
+        let stale: BTreeSet<i64> = self
+            .pending_minutes(q.user_id, q.device_id, q.from_ms, q.to_ms)
+            .await?
+            .into_iter()
+            .map(|m| bucket_start(m, len))
+            .collect();
+        let metric = q.metric.as_deref().unwrap_or("");
+        let kind_ok = |k: &str| q.kind.as_deref().is_none_or(|want| want == k);
+        let mut out: Vec<Rollup> = self
+            .stored_rows(q.user_id, q.device_id, q.level, metric, q.from_ms, q.to_ms)
+            .await?
+            .into_iter()
+            .filter(|r| !stale.contains(&r.start_ms) && kind_ok(&r.kind))
+            .collect();
+        let finer = match q.level {
+            Level::Day => Level::Hour,
+            _ => Level::Minute,
+        };
+        for start in stale {
+            let part = RollupQuery {
+                level: finer,
+                from_ms: start,
+                to_ms: start + len,
+                ..q.clone()
+            };
+            let rows = Box::pin(self.rollups(&part)).await?.unwrap_or_default();
+            let mut sums = ByType::new();
+            for r in rows {
+                sums.entry(r.kind)
+                    .or_insert(Summary::EMPTY)
+                    .merge(&r.summary);
+            }
+            out.extend(sums.into_iter().map(|(kind, summary)| Rollup {
+                start_ms: start,
+                kind,
+                summary,
+            }));
+        }
+        out.sort_by(|a, b| (a.start_ms, &a.kind).cmp(&(b.start_ms, &b.kind)));
+        Ok(out)
+    }
+}
