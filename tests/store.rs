@@ -6,6 +6,8 @@
 
 #[path = "store/cassandra.rs"]
 mod cassandra;
+#[path = "store/levels.rs"]
+mod levels;
 mod prod_support;
 
 use std::collections::HashSet;
@@ -345,6 +347,40 @@ async fn the_embedded_store_passes_the_shared_suite() {
     let store = EmbeddedStore::open(dir.path(), HOUR).unwrap();
     store_behaves(&store).await;
     store.close().await.unwrap();
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    /// Every level of the embedded store equals a brute-force scan, whatever the
+    /// history.
+    #[test]
+    fn embedded_rollups_are_exact_at_every_level(seed in proptest::num::u64::ANY) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), HOUR).unwrap();
+        let result = rt.block_on(levels::levels_match_brute_force(&store, seed));
+        proptest::prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+    }
+}
+
+#[tokio::test]
+async fn wide_column_rollups_are_exact_at_every_level_on_cassandra() {
+    let ks = cassandra::Keyspace::new(|c| c.batch_max_bytes = 2048).await;
+    let store = ks.store().await;
+    for seed in [1, 2, 3] {
+        // Exact at once (pending minutes are read from the events)...
+        levels::levels_match_brute_force(&store, seed)
+            .await
+            .unwrap();
+    }
+    // ...and from the rows alone once every recomputation is done.
+    store.settle().await;
+    for seed in [1, 2, 3] {
+        levels::levels_match_brute_force(&store, seed)
+            .await
+            .unwrap();
+    }
+    ks.drop_it().await;
 }
 
 #[tokio::test]
