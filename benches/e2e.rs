@@ -9,8 +9,6 @@
 //!
 //! Run: `cargo bench --bench e2e` (set `E2E_SECS` to change the ingest duration).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,9 +20,12 @@ use iotpipe::store::embedded::EmbeddedStore;
 use iotpipe::store::EventStore;
 use serde_json::{json, Value};
 use sqlx::sqlite::SqlitePoolOptions;
+use support::{median, post_json, rss_mb, start_server, Server, ADMIN};
 use uuid::Uuid;
 
-const ADMIN: &str = "ipa_bench-admin-token-0123456789abcdef";
+#[path = "support/mod.rs"]
+mod support;
+
 const BATCH: usize = 1_000;
 const DAY: i64 = 86_400;
 
@@ -75,59 +76,6 @@ async fn raw_store_rate(secs: f64) -> Result<f64> {
             .sum::<usize>();
     }
     Ok(written as f64 / started.elapsed().as_secs_f64())
-}
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(dir: &std::path::Path) -> Result<Server> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iotpipe"))
-        .arg("serve")
-        .env("IOTPIPE_DATA_DIR", dir)
-        .env("IOTPIPE_HTTP_ADDR", "127.0.0.1:0")
-        .env("IOTPIPE_MQTT_ADDR", "off")
-        .env("IOTPIPE_RATE_DEVICE", "0")
-        .env("IOTPIPE_RATE_USER", "0")
-        .env("IOTPIPE_ADMIN_TOKEN", ADMIN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting iotpipe")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("http="))
-        .context("no address line")?
-        .to_owned();
-    Ok(Server {
-        child,
-        base: format!("http://{addr}"),
-    })
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-async fn post_json(http: &reqwest::Client, url: &str, secret: &str, body: &Value) -> Result<Value> {
-    let r = http.post(url).bearer_auth(secret).json(body).send().await?;
-    anyhow::ensure!(r.status().is_success(), "{url}: {}", r.status());
-    Ok(r.json().await?)
 }
 
 /// Returns (events/s, peak RSS in MB).
@@ -195,11 +143,6 @@ async fn http_ingest_rate(
     }
     let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
     Ok((rate, peak))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Median ms of the HTTP aggregate query over 86,400 events of one device.
@@ -298,7 +241,7 @@ async fn main() -> Result<()> {
     println!("raw store bulk write: {raw:.0} events/s");
 
     let dir = tempfile::tempdir()?;
-    let server = start_server(dir.path())?;
+    let server = start_server(dir.path(), &[])?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(16)
         .build()?;

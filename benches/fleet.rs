@@ -1,0 +1,298 @@
+//! The fleet shape (issue 11), against the release binary over HTTP, each figure
+//! beside a baseline measured in the same run:
+//!
+//! 1. Ingest: 1,000 devices sending one event a minute for 24 h (1.44M events),
+//!    posted in gateway mode (a user key, 5 devices x 1,440 events per request), vs.
+//!    one device's dense 1 Hz stream of as many events (10,000 per request), by the
+//!    same client with the same concurrency.
+//! 2. Queries, median of 21: grouped 24 h / 1 h over the 1,000 devices (by device and
+//!    by type), 30 d / 1 d and 365 d / 1 d for the dense device, and the fleet's
+//!    latest values; each beside the same query in 59m59s (or 23h59m59s) windows,
+//!    which no rollup fits, so every event is scanned.
+//! 3. Peak RSS of the server over the whole run.
+//!
+//! Run: `cargo bench --bench fleet`. `FLEET_DEVICES` and `FLEET_HOURS` scale the
+//! fleet; `FLEET_STORE=cassandra` runs it on the Cassandra node at 127.0.0.1:9042 (or
+//! `IOTPIPE_TEST_SCYLLA`) in a fresh keyspace.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use serde_json::{json, Value};
+use support::{median, post_json, rss_mb, start_server, Server, ADMIN};
+
+#[path = "support/mod.rs"]
+mod support;
+
+const MIN: i64 = 60_000;
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 86_400_000;
+const CONCURRENCY: usize = 4;
+
+/// Samples the server's RSS until stopped; returns the peak.
+fn watch_rss(pid: u32, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<f64> {
+    tokio::spawn(async move {
+        let mut peak = 0.0f64;
+        while !stop.load(Ordering::Relaxed) {
+            peak = peak.max(rss_mb(pid));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        peak
+    })
+}
+
+/// Posts request bodies built by `body(i)` for `i in 0..n`, `CONCURRENCY` at a time;
+/// returns events per second.
+async fn ingest(
+    http: &reqwest::Client,
+    url: &str,
+    secret: &str,
+    n: usize,
+    events_per_request: usize,
+    body: impl Fn(usize) -> Vec<u8>,
+) -> Result<f64> {
+    let started = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let b = body(i);
+            async move {
+                let r = http
+                    .post(url)
+                    .bearer_auth(secret)
+                    .header("content-type", "application/json")
+                    .body(b)
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "ingest answered {}", r.status());
+                Ok(())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<()>()
+        .await?;
+    Ok((n * events_per_request) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Median ms of a GET, after checking it once with `check`.
+async fn query_ms(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    runs: usize,
+    check: impl Fn(&Value) -> Result<()>,
+) -> Result<f64> {
+    let v: Value = http.get(url).bearer_auth(key).send().await?.json().await?;
+    check(&v).with_context(|| format!("{url}: {v}"))?;
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let r = http.get(url).bearer_auth(key).send().await?;
+        anyhow::ensure!(r.status().is_success(), "{url}: {}", r.status());
+        let _ = r.bytes().await?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(median(times))
+}
+
+fn count_sum(v: &Value) -> u64 {
+    v["buckets"]
+        .as_array()
+        .map(|b| b.iter().filter_map(|b| b["count"].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+/// Extra settings for the server, and the keyspace to drop afterwards.
+async fn store_env() -> Result<Vec<(&'static str, String)>> {
+    if std::env::var("FLEET_STORE").as_deref() != Ok("cassandra") {
+        return Ok(Vec::new());
+    }
+    let node = std::env::var("IOTPIPE_TEST_SCYLLA").unwrap_or_else(|_| "127.0.0.1:9042".into());
+    let ks = format!("bench_fleet_{}", std::process::id());
+    let env = vec![
+        ("IOTPIPE_SCYLLA_NODES", node),
+        ("IOTPIPE_SCYLLA_KEYSPACE", ks),
+    ];
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_iotpipe"))
+        .arg("migrate")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .status()?;
+    anyhow::ensure!(status.success(), "iotpipe migrate failed");
+    Ok(env)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    if !std::env::args().any(|a| a == "--bench") {
+        return Ok(());
+    }
+    let devices: usize = std::env::var("FLEET_DEVICES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000);
+    let hours: i64 = std::env::var("FLEET_HOURS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(24);
+    let cpu = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let env = store_env().await?;
+    let store = if env.is_empty() {
+        "embedded (fjall)"
+    } else {
+        "Cassandra"
+    };
+    println!("machine: {cpu} cores; store: {store}; fleet: {devices} devices x {hours} h");
+
+    let dir = tempfile::tempdir()?;
+    let server: Server = start_server(dir.path(), &env)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = watch_rss(server.child.id(), stop.clone());
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(16)
+        .build()?;
+    let base = server.base.clone();
+    let user = post_json(
+        &http,
+        &format!("{base}/v1/users"),
+        ADMIN,
+        &json!({"username": "fleet", "email": "f@example.com"}),
+    )
+    .await?;
+    let key = user["api_key"].as_str().context("key")?.to_owned();
+    let ids: Vec<String> = stream::iter(0..devices)
+        .map(|d| {
+            let (http, base, key) = (&http, &base, &key);
+            async move {
+                let types = ["thermostat", "meter", "tracker"];
+                let v = post_json(
+                    http,
+                    &format!("{base}/v1/devices"),
+                    key,
+                    &json!({"name": format!("d{d}"), "type": types[d % 3]}),
+                )
+                .await?;
+                Ok::<_, anyhow::Error>(v["id"].as_str().context("id")?.to_owned())
+            }
+        })
+        .buffered(8)
+        .try_collect()
+        .await?;
+    let dense = post_json(
+        &http,
+        &format!("{base}/v1/devices"),
+        &key,
+        &json!({"name": "dense", "type": "meter"}),
+    )
+    .await?;
+    let (dense_id, dense_token) = (
+        dense["id"].as_str().context("id")?.to_owned(),
+        dense["token"].as_str().context("token")?.to_owned(),
+    );
+
+    // 1. Ingest. The fleet's day ends at the last whole hour; the dense stream's
+    //    events end there too and go back as many seconds as the fleet has events.
+    let end = iotpipe::model::now_ms() / HOUR * HOUR;
+    let start = end - hours * HOUR;
+    let minutes = (hours * 60) as usize;
+    let url = format!("{base}/v1/ingest");
+    let per_request = 5;
+    let fleet_rate = ingest(&http, &url, &key, devices / per_request, per_request * minutes, |r| {
+        let mut events = Vec::with_capacity(per_request * minutes);
+        for d in &ids[r * per_request..(r + 1) * per_request] {
+            for m in 0..minutes {
+                let kind = ["telemetry", "telemetry", "status"][m % 3];
+                events.push(json!({"device_id": d, "ts": start + m as i64 * MIN, "type": kind, "metrics": {"temperature": (m % 300) as f64 / 10.0}}));
+            }
+        }
+        serde_json::to_vec(&events).unwrap()
+    })
+    .await?;
+    let total = devices / per_request * per_request * minutes;
+    let dense_per_request = 10_000;
+    let dense_start = end - (total as i64) * 1000;
+    let dense_rate = ingest(&http, &url, &dense_token, total / dense_per_request, dense_per_request, |r| {
+        let events: Vec<Value> = (0..dense_per_request)
+            .map(|i| {
+                let n = (r * dense_per_request + i) as i64;
+                json!({"ts": dense_start + n * 1000, "type": "telemetry", "metrics": {"temperature": (n % 500) as f64 / 10.0}})
+            })
+            .collect();
+        serde_json::to_vec(&events).unwrap()
+    })
+    .await?;
+    println!(
+        "fleet ingest: {fleet_rate:.0} ev/s; dense ingest: {dense_rate:.0} ev/s ({:.0}%)",
+        100.0 * fleet_rate / dense_rate
+    );
+
+    // 2. Queries, each beside the same question in windows no rollup fits.
+    let runs = 21;
+    let fleet_events = (devices / per_request * per_request * minutes) as u64;
+    let grouped = |window: &str, by: &str| {
+        format!("{base}/v1/aggregates?from={start}&to={end}&window={window}&group_by={by}")
+    };
+    let all_fleet = |v: &Value| {
+        anyhow::ensure!(
+            count_sum(v) == fleet_events + (total as i64).min((end - start) / 1000) as u64,
+            "count {}",
+            count_sum(v)
+        );
+        Ok(())
+    };
+    let mut rows = Vec::new();
+    for by in ["device", "type"] {
+        let fast = query_ms(&http, &grouped("1h", by), &key, runs, all_fleet).await?;
+        let slow = query_ms(&http, &grouped("3599s", by), &key, 5, |_| Ok(())).await?;
+        rows.push((
+            format!("grouped 24 h / 1 h by {by}, {devices} devices"),
+            fast,
+            slow,
+            "50 ms",
+        ));
+    }
+    let dense_agg = |days: i64, window: &str| {
+        format!("{base}/v1/devices/{dense_id}/aggregates?from={}&to={end}&window={window}&metric=temperature", end - days * DAY)
+    };
+    for (days, target) in [(30, "5 ms"), (365, "10 ms")] {
+        let fast = query_ms(&http, &dense_agg(days, "1d"), &key, runs, |v| {
+            anyhow::ensure!(count_sum(v) == total as u64, "count {}", count_sum(v));
+            Ok(())
+        })
+        .await?;
+        let slow = query_ms(&http, &dense_agg(days, "86399s"), &key, 5, |_| Ok(())).await?;
+        rows.push((
+            format!("{days} d / 1 d, one device ({total} events)"),
+            fast,
+            slow,
+            target,
+        ));
+    }
+    let latest = query_ms(&http, &format!("{base}/v1/latest"), &key, runs, |v| {
+        let n = v["devices"].as_array().map_or(0, Vec::len);
+        anyhow::ensure!(n == devices + 1, "{n} devices");
+        Ok(())
+    })
+    .await?;
+    let list = query_ms(&http, &format!("{base}/v1/devices"), &key, runs, |_| Ok(())).await?;
+    stop.store(true, Ordering::Relaxed);
+    let peak = peak.await?;
+
+    println!();
+    println!("| figure | iotpipe | baseline (same run) | ratio | target |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| fleet-shaped ingest ({devices} devices x 1/min, 7,200 per request) | {fleet_rate:.0} ev/s | dense 1 Hz, one device, 10,000 per request: {dense_rate:.0} ev/s | {:.0}% | ≥ 70% |",
+        100.0 * fleet_rate / dense_rate
+    );
+    for (what, fast, slow, target) in rows {
+        println!("| {what} | {fast:.1} ms | same, windows no rollup fits (raw scan): {slow:.0} ms | {:.0}x faster | ≤ {target} |", slow / fast);
+    }
+    println!("| fleet latest values, {} devices | {latest:.1} ms | device list (registry): {list:.1} ms | {:.1}x | ≤ 20 ms |", devices + 1, latest / list);
+    println!(
+        "| server peak RSS over the run | {peak:.0} MB | bar: 300 MB | {:.0}% of bar | < 300 MB |",
+        100.0 * peak / 300.0
+    );
+    Ok(())
+}
