@@ -481,3 +481,93 @@ async fn bad_dashboard_parameters_are_refused_by_name() {
         assert_eq!(v["field"], field, "{path}: {v}");
     }
 }
+
+#[tokio::test]
+async fn percentiles_are_within_the_documented_relative_error_of_exact_ones() {
+    let t = TestServer::start_with(|c| c.limits.device_per_sec = 0).await;
+    let (_, key) = t.user("ann").await;
+    let (dev, token) = t.device(&key, "d").await;
+    let base = at("2026-06-01T00:00:00Z");
+    // Three hours of values spread over five orders of magnitude, both signs and
+    // zero, at pseudo-random times.
+    let mut points = Vec::new();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..6_000 {
+        let ts = base + (next() % (3 * HOUR as u64)) as i64;
+        let magnitude = 10f64.powi((next() % 5) as i32 - 1);
+        let v = match next() % 10 {
+            0 => 0.0,
+            1 | 2 => -magnitude * (next() % 1000) as f64 / 100.0,
+            _ => magnitude * (next() % 1000) as f64 / 100.0,
+        };
+        points.push((ts, v));
+    }
+    let events: Vec<Value> = points
+        .iter()
+        .map(|(ts, v)| json!({"ts": ts, "type": "t", "metrics": {"v": v}}))
+        .collect();
+    send(&t, &token, &events).await;
+    let asked = [50.0, 90.0, 95.0, 99.0, 99.9];
+    // Hour rows; minute rows with raw edges; and a window no rollup fits.
+    for (from, to, window) in [
+        (base, base + 3 * HOUR, HOUR),
+        (base + 7 * MIN + 311, base + 2 * HOUR + 5, 20 * MIN),
+        (base, base + 3 * HOUR, 47_000),
+    ] {
+        let path = format!(
+            "/v1/devices/{dev}/aggregates?from={from}&to={to}&window={}s&metric=v&percentiles=50,90,95,99,99.9",
+            window / 1000
+        );
+        let (status, v) = t.get(&path, &key).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        for b in v["buckets"].as_array().unwrap() {
+            let start = b["start_ms"].as_i64().unwrap();
+            let mut values: Vec<f64> = points
+                .iter()
+                .filter(|(ts, _)| *ts >= from.max(start) && *ts < to.min(start + window))
+                .map(|p| p.1)
+                .collect();
+            values.sort_by(f64::total_cmp);
+            assert_eq!(b["count"], values.len(), "{path}: {b}");
+            for p in asked {
+                // The documented rank: floor(q * (n - 1)).
+                let exact = values[((p / 100.0) * (values.len() - 1) as f64) as usize];
+                let got = b[format!("p{p}")].as_f64().unwrap();
+                assert!(
+                    (got - exact).abs() <= 0.01 * exact.abs() + 1e-9,
+                    "{path} at {start}: p{p} = {got}, exact {exact}"
+                );
+            }
+        }
+    }
+    for (q, why) in [
+        ("percentiles=0", "percentiles"),
+        ("percentiles=100", "percentiles"),
+        ("percentiles=50,abc", "percentiles"),
+        ("percentiles=-5", "percentiles"),
+        ("percentiles=1,2,3,4,5,6,7,8,9,10,11", "percentiles"),
+    ] {
+        let path = format!(
+            "/v1/devices/{dev}/aggregates?from={base}&to={}&window=1h&metric=v&{q}",
+            base + HOUR
+        );
+        let (status, v) = t.get(&path, &key).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert_eq!(v["field"], why, "{v}");
+    }
+    let path = format!(
+        "/v1/devices/{dev}/aggregates?from={base}&to={}&window=1h&percentiles=50",
+        base + HOUR
+    );
+    let (status, v) = t.get(&path, &key).await;
+    assert_eq!(
+        (status, v["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("percentiles"))
+    );
+}

@@ -232,6 +232,7 @@ async fn store_behaves(store: &dyn EventStore) {
         AggregateFilter {
             metric: Some("temp".into()),
             kind: None,
+            sketches: false,
         },
     )
     .await

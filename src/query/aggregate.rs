@@ -12,7 +12,7 @@ use super::windows::{Grid, Window, Windows};
 use super::{Range, Scope};
 use crate::model::DeviceId;
 use crate::store::{
-    EventStore, FleetQuery, Level, Point, PointQuery, RollupQuery, StoreError, Summary,
+    EventStore, FleetQuery, Level, Point, PointQuery, RollupQuery, Sketch, StoreError, Summary,
 };
 
 /// How many chunks a device scan is split into, at most.
@@ -26,6 +26,8 @@ const READ_CONCURRENCY: usize = 8;
 pub struct AggregateFilter {
     pub metric: Option<String>,
     pub kind: Option<String>,
+    /// Merge the metric's sketches too (percentiles were asked for).
+    pub sketches: bool,
 }
 
 /// Events summarized over an interval that lies inside one window (one event, for a
@@ -34,6 +36,7 @@ struct Piece {
     at_ms: i64,
     kind: Option<String>,
     summary: Summary,
+    sketch: Option<Sketch>,
 }
 
 /// One device's reads.
@@ -61,6 +64,11 @@ impl<'a> DeviceRead<'a> {
         async move {
             let level = match segment.source {
                 Source::Raw => return self.raw(segment.range).await,
+                // Minutes keep no sketches (see `store::rollup`): percentiles of
+                // minute pieces come from their events.
+                Source::Rollup(Level::Minute) if self.filter.sketches => {
+                    return self.raw(segment.range).await
+                }
                 Source::Rollup(level) => level,
             };
             let q = RollupQuery {
@@ -79,6 +87,7 @@ impl<'a> DeviceRead<'a> {
                         at_ms: r.start_ms,
                         kind: self.with_kind.then_some(r.kind),
                         summary: r.summary,
+                        sketch: r.sketch.filter(|_| self.filter.sketches),
                     })
                     .collect()),
                 None => {
@@ -114,6 +123,7 @@ impl<'a> DeviceRead<'a> {
                     at_ms: p.ts_ms,
                     kind: p.kind,
                     summary,
+                    sketch: p.value.filter(|_| self.filter.sketches).map(Sketch::of),
                 }
             })
             .collect())
@@ -170,9 +180,16 @@ pub async fn device_aggregate(
         with_kind: false,
     };
     let pieces = read.all(segments).await?;
-    let mut windows = Windows::new(grid);
+    let mut windows = if filter.sketches {
+        Windows::with_sketches(grid)
+    } else {
+        Windows::new(grid)
+    };
     for p in &pieces {
         windows.merge(p.at_ms, &p.summary);
+        if let Some(s) = &p.sketch {
+            windows.merge_sketch(p.at_ms, s);
+        }
     }
     Ok(windows.finish())
 }
@@ -315,7 +332,11 @@ pub async fn grouped_counts(
         }
     }
     if !per_device.is_empty() {
-        let filter = AggregateFilter { metric: None, kind };
+        let filter = AggregateFilter {
+            metric: None,
+            kind,
+            sketches: false,
+        };
         let filter = &filter;
         let per_device = &per_device;
         let mut reads = stream::iter(devices.iter().copied())

@@ -16,6 +16,7 @@
 //! mode but `none` lists the empty windows with a count of 0.
 
 use super::windows::{Grid, Window};
+use crate::store::Sketch;
 
 /// How empty windows are answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,12 +67,14 @@ impl Stats {
 }
 
 /// One window as answered.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Filled {
     pub start_ms: i64,
     pub count: u64,
     pub stats: Stats,
     pub filled: bool,
+    /// The window's sketch, if asked for (never on filled windows).
+    pub sketch: Option<Sketch>,
 }
 
 /// The answer for every window of `grid` (every non-empty one, for `Fill::None`).
@@ -82,7 +85,8 @@ pub fn fill(
     mode: Fill,
     carry_in: Option<(i64, f64)>,
 ) -> Vec<Filled> {
-    let real = |w: &Window| Filled {
+    let real = |w: Window| Filled {
+        sketch: w.sketch,
         start_ms: w.start_ms,
         count: w.stats.count,
         stats: if w.stats.min.is_finite() {
@@ -98,18 +102,16 @@ pub fn fill(
         filled: false,
     };
     if mode == Fill::None {
-        return windows.iter().map(real).collect();
+        return windows.into_iter().map(real).collect();
     }
     let mut out = Vec::with_capacity(grid.len());
-    let mut next = windows.iter().peekable();
+    let mut next = windows.into_iter().peekable();
     for i in 0..grid.len() {
         let start_ms = grid.window(i).0;
-        match next.peek() {
-            Some(w) if w.start_ms == start_ms => {
-                out.push(real(w));
-                next.next();
-            }
-            _ => out.push(Filled {
+        match next.next_if(|w| w.start_ms == start_ms) {
+            Some(w) => out.push(real(w)),
+            None => out.push(Filled {
+                sketch: None,
                 start_ms,
                 count: 0,
                 stats: match mode {
@@ -197,7 +199,11 @@ mod tests {
     fn w(start_ms: i64, v: f64) -> Window {
         let mut stats = Summary::EMPTY;
         stats.add(Some(v));
-        Window { start_ms, stats }
+        Window {
+            start_ms,
+            stats,
+            sketch: None,
+        }
     }
 
     fn avgs(out: &[Filled]) -> Vec<Option<f64>> {

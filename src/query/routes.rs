@@ -92,6 +92,42 @@ fn grid(params: &Params) -> Result<(i64, Grid, Range), ApiError> {
     Ok((window_ms, grid, range))
 }
 
+/// The most percentiles one query may ask for.
+const MAX_PERCENTILES: usize = 10;
+
+/// `percentiles=50,90,99.9`: each in (0, 100), with a metric. Returns the answer's
+/// field names (`p50`, `p99.9`) and quantiles.
+fn percentiles(params: &Params, with_metric: bool) -> Result<Vec<(String, f64)>, ApiError> {
+    let Some(raw) = params.get("percentiles") else {
+        return Ok(Vec::new());
+    };
+    if !with_metric {
+        return Err(ApiError::field("percentiles", "needs a metric"));
+    }
+    let mut out = Vec::new();
+    for part in raw.split(',') {
+        let p: f64 = part
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p: &f64| *p > 0.0 && *p < 100.0)
+            .ok_or_else(|| {
+                ApiError::field(
+                    "percentiles",
+                    "must be a comma-separated list of numbers strictly between 0 and 100",
+                )
+            })?;
+        out.push((format!("p{p}"), p / 100.0));
+    }
+    if out.len() > MAX_PERCENTILES {
+        return Err(ApiError::field(
+            "percentiles",
+            format!("at most {MAX_PERCENTILES} may be asked for"),
+        ));
+    }
+    Ok(out)
+}
+
 fn kind(params: &Params) -> Result<Option<String>, ApiError> {
     match params.get("type") {
         None => Ok(None),
@@ -222,9 +258,11 @@ pub async fn device_aggregates(
         })?,
     };
     let with_stats = metric.is_some();
+    let percentiles = percentiles(&params, with_stats)?;
     let filter = AggregateFilter {
         metric,
         kind: kind(&params)?,
+        sketches: !percentiles.is_empty(),
     };
     let carry_in = if mode.carries_in() && with_stats {
         super::aggregate::last_value_before(scope(&state, user), device, &filter, range.from_ms)
@@ -237,6 +275,15 @@ pub async fn device_aggregates(
     let buckets = fill(&grid, windows, mode, carry_in)
         .into_iter()
         .map(|w| WindowOut {
+            percentiles: Percentiles(
+                percentiles
+                    .iter()
+                    .map(|(name, q)| {
+                        let v = w.sketch.as_ref().and_then(|s| s.quantile(*q));
+                        (name.clone(), v)
+                    })
+                    .collect(),
+            ),
             start: format_ms(w.start_ms),
             start_ms: w.start_ms,
             count: w.count,
@@ -276,6 +323,23 @@ struct WindowOut {
     /// Only on windows that `fill` added.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     filled: bool,
+    /// `p50`, `p99.9`, ...: as asked, null where the window has no values.
+    #[serde(flatten)]
+    percentiles: Percentiles,
+}
+
+/// Named values in the order asked, serialized as fields of the window.
+struct Percentiles(Vec<(String, Option<f64>)>);
+
+impl Serialize for Percentiles {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (name, v) in &self.0 {
+            map.serialize_entry(name, v)?;
+        }
+        map.end()
+    }
 }
 
 /// Null where unknown: in windows that `fill` added.

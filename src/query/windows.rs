@@ -17,7 +17,7 @@ use chrono_tz::Tz;
 
 use super::Range;
 use crate::model::bucket_start;
-use crate::store::Summary;
+use crate::store::{Sketch, Summary};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -167,23 +167,47 @@ fn local_midnight(tz: Tz, date: NaiveDate) -> i64 {
 }
 
 /// One non-empty window of a device aggregate.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Window {
     pub start_ms: i64,
     pub stats: Summary,
+    /// The sketch of the metric's values, when percentiles were asked for.
+    pub sketch: Option<Sketch>,
 }
 
-/// Accumulates summaries into the windows of a grid.
+/// Accumulates summaries (and, if asked, sketches) into the windows of a grid.
 #[derive(Debug)]
 pub struct Windows {
     grid: Grid,
     stats: Vec<Summary>,
+    sketches: Option<Vec<Option<Sketch>>>,
 }
 
 impl Windows {
     pub fn new(grid: Grid) -> Self {
         let stats = vec![Summary::EMPTY; grid.len()];
-        Self { grid, stats }
+        Self {
+            grid,
+            stats,
+            sketches: None,
+        }
+    }
+
+    /// Windows that also merge sketches.
+    pub fn with_sketches(grid: Grid) -> Self {
+        let mut w = Windows::new(grid);
+        w.sketches = Some(vec![None; w.stats.len()]);
+        w
+    }
+
+    /// Merges a sketch of values that all fall in the window holding `ts_ms`.
+    pub fn merge_sketch(&mut self, ts_ms: i64, sketch: &Sketch) {
+        if let (Some(i), Some(sketches)) = (self.grid.slot(ts_ms), self.sketches.as_mut()) {
+            match &mut sketches[i] {
+                Some(s) => s.merge(sketch),
+                slot => *slot = Some(sketch.clone()),
+            }
+        }
     }
 
     pub fn add(&mut self, ts_ms: i64, value: Option<f64>) {
@@ -202,6 +226,7 @@ impl Windows {
     /// The non-empty windows, in ascending order.
     pub fn finish(self) -> Vec<Window> {
         let grid = self.grid;
+        let mut sketches = self.sketches;
         self.stats
             .into_iter()
             .enumerate()
@@ -209,6 +234,7 @@ impl Windows {
             .map(|(i, stats)| Window {
                 start_ms: grid.window(i).0,
                 stats,
+                sketch: sketches.as_mut().and_then(|s| s[i].take()),
             })
             .collect()
     }

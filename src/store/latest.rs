@@ -2,7 +2,7 @@
 //! the events, and never replaced by an older event, so a late event cannot make a
 //! dashboard's "current" value go back in time.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::model::{DeviceId, Record, UserId};
 
@@ -25,7 +25,7 @@ pub fn is_newer(ts_ms: i64, value: f64, old: (i64, f64)) -> bool {
 pub fn newest<'a>(
     records: impl IntoIterator<Item = &'a Record>,
 ) -> HashMap<(UserId, DeviceId, &'a str), (i64, f64)> {
-    let mut out: HashMap<(UserId, DeviceId, &str), (i64, f64)> = HashMap::new();
+    let mut out: HashMap<(UserId, DeviceId, &str), (i64, f64)> = HashMap::default();
     for r in records {
         for (metric, v) in &r.event.metrics {
             let ts = r.event.ts_ms;

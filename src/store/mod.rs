@@ -21,7 +21,10 @@ use uuid::Uuid;
 
 use crate::model::{DeviceId, Event, UserId};
 use crate::pipeline::batcher::PartitionBatch;
-pub use rollup::{FleetCount, FleetQuery, Level, Rollup, RollupQuery, Summary, ROLLUP_MS};
+pub use rollup::{
+    FleetCount, FleetQuery, Level, Rollup, RollupQuery, Sketch, Summary, ROLLUP_MS,
+    SKETCH_RELATIVE_ERROR,
+};
 
 /// Why a store call failed.
 #[derive(Debug, Clone, thiserror::Error)]

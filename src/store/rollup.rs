@@ -6,7 +6,10 @@
 //! hours, so a window can be composed of rows of several levels and each event counted
 //! once.
 
+use sketches_ddsketch::{Config, DDSketch};
+
 use crate::model::{DeviceId, UserId};
+use crate::store::StoreError;
 
 /// Count, min, max and sum of a set of values. Counting without values (events
 /// without a metric) leaves min, max and sum untouched.
@@ -16,6 +19,12 @@ pub struct Summary {
     pub min: f64,
     pub max: f64,
     pub sum: f64,
+}
+
+impl Default for Summary {
+    fn default() -> Self {
+        Summary::EMPTY
+    }
 }
 
 impl Summary {
@@ -44,6 +53,102 @@ impl Summary {
 
     pub fn avg(&self) -> f64 {
         self.sum / self.count as f64
+    }
+}
+
+/// The relative error of a percentile read from a [`Sketch`]: the value returned for
+/// a rank is within 1% of the exact value at that rank.
+pub const SKETCH_RELATIVE_ERROR: f64 = 0.01;
+
+/// A mergeable quantile sketch of a metric's values (DDSketch): kept beside each hour
+/// and day row of a metric, so that percentiles of long windows are merged from rows
+/// like the other figures. Minute rows need not keep one (a sketch costs about a
+/// kilobyte in memory, and a minute often holds a single value): the query layer
+/// reads the events of minute pieces instead. Values whose magnitude is below 1e-9
+/// count as zero.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct Sketch(DDSketch);
+
+impl Sketch {
+    pub fn new() -> Self {
+        // 2,048 bins per sign hold values over a ratio of e^80 without collapsing.
+        Sketch(DDSketch::new(Config::new(
+            SKETCH_RELATIVE_ERROR,
+            2_048,
+            1e-9,
+        )))
+    }
+
+    pub fn of(value: f64) -> Self {
+        let mut s = Sketch::new();
+        s.add(value);
+        s
+    }
+
+    pub fn add(&mut self, value: f64) {
+        self.0.add(value);
+    }
+
+    pub fn merge(&mut self, other: &Sketch) {
+        // Every sketch is made by `new`, with one configuration, so merging cannot
+        // fail.
+        let _ = self.0.merge(&other.0);
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.count()
+    }
+
+    /// The value at rank `floor(q * (n - 1))` of the sorted values, within
+    /// [`SKETCH_RELATIVE_ERROR`]; `None` when empty. `q` is in `[0, 1]`.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        self.0.quantile(q).ok().flatten()
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("a sketch always serializes")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StoreError> {
+        postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("sketch: {e}")))
+    }
+}
+
+impl Default for Sketch {
+    fn default() -> Self {
+        Sketch::new()
+    }
+}
+
+impl std::fmt::Debug for Sketch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sketch({} values)", self.count())
+    }
+}
+
+/// A summary and, for a metric, the sketch of its values: what a rollup row holds.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    pub summary: Summary,
+    pub sketch: Option<Sketch>,
+}
+
+impl Stats {
+    /// Counts an event; with a value, also adds it to the sketch.
+    pub fn add(&mut self, value: Option<f64>) {
+        self.summary.add(value);
+        if let Some(v) = value {
+            self.sketch.get_or_insert_with(Sketch::new).add(v);
+        }
+    }
+
+    pub fn merge(&mut self, other: &Stats) {
+        self.summary.merge(&other.summary);
+        match (self.sketch.as_mut(), other.sketch.as_ref()) {
+            (Some(a), Some(b)) => a.merge(b),
+            (None, Some(b)) => self.sketch = Some(b.clone()),
+            _ => {}
+        }
     }
 }
 
@@ -104,11 +209,14 @@ pub struct RollupQuery {
 }
 
 /// One interval of one event type.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Rollup {
     pub start_ms: i64,
     pub kind: String,
     pub summary: Summary,
+    /// The metric's values, for rows of a metric (none for counts of all events, nor
+    /// for rows written before sketches were kept).
+    pub sketch: Option<Sketch>,
 }
 
 /// The event counts of all of a user's devices at one level in `[from_ms, to_ms)`;

@@ -393,6 +393,55 @@ async fn iotpipe_migrate_creates_the_schema_in_a_fresh_keyspace() {
     .unwrap();
     let store = Arc::new(ScyllaStore::connect(settings).await.unwrap());
     store.ping().await.unwrap();
+
+    // A table from before sketches gets its column from migrate.
+    session
+        .query_unpaged(format!("ALTER TABLE {keyspace}.rollups DROP sketch"), ())
+        .await
+        .unwrap();
+    assert!(run().status.success());
+    let columns = session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? \
+             AND table_name = 'rollups' AND column_name = 'sketch'",
+            (&keyspace,),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .rows_num();
+    assert_eq!(columns, 1);
+
+    // A keyspace from before hour and day rollups (minute rows, no marker) is refused
+    // by migrate and by the server, rather than served with hours and days missing.
+    for cql in [
+        format!("DELETE FROM {keyspace}.meta WHERE name = 'rollup_levels'"),
+        format!(
+            "INSERT INTO {keyspace}.rollups (user_id, device_id, day, metric, minute, type, \
+             count, min, max, sum) VALUES (1, uuid(), 0, '', 0, 't', 1, 0, 0, 0)"
+        ),
+    ] {
+        session.query_unpaged(cql, ()).await.unwrap();
+    }
+    let out = run();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("predates hour and day rollups"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let settings = ScyllaSettings::from_config(
+        &StoreConfig {
+            scylla_nodes: Some(node()),
+            keyspace: keyspace.clone(),
+            consistency: "ONE".into(),
+            ..StoreConfig::default()
+        },
+        HOUR,
+    )
+    .unwrap();
+    assert!(ScyllaStore::connect(settings).await.is_err());
     session
         .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
         .await

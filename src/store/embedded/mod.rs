@@ -22,7 +22,7 @@
 //!   the same atomic batch as the events (see `rollups.rs`).
 //! - `meta`: the bucket length this data directory was created with.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -253,7 +253,7 @@ impl Inner {
     /// mutex, so that no other flush stores one of these ids meanwhile.
     fn fresh(&self, records: &[&Record]) -> Result<Vec<bool>, StoreError> {
         let mut fresh = Vec::with_capacity(records.len());
-        let mut in_flush = HashSet::new();
+        let mut in_flush = HashSet::default();
         let mut lookups = Vec::new();
         for (i, r) in records.iter().enumerate() {
             let e = &r.event;

@@ -3,8 +3,10 @@
 //!
 //! Three keyspaces:
 //! - `rollups`: minutes of a device. Key = user (8) | device (16) | metric length (1)
-//!   | metric | minute (8) | type, value = the [`Summary`] in postcard. Metric ""
-//!   counts all events.
+//!   | metric | minute (8) | type, value = a row in postcard: the [`Summary`] (and, in
+//!   hour and day rows of a metric, its values' [`Sketch`]). Metric "" counts all
+//!   events. Directories from before sketches hold a bare `Summary`, read as a row
+//!   without a sketch.
 //! - `rollups_coarse`: hours and days of a device. Key = user | device | level (1) |
 //!   metric length | metric | start (8) | type. Kept apart from the minutes so that
 //!   data directories from before the levels keep their minute keys.
@@ -16,17 +18,34 @@
 //! rows from those minute sums: the coarser rows cost one map entry per distinct row,
 //! not per event.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use fjall::{Keyspace, OwnedWriteBatch as WriteBatch};
 
 use super::{corrupt, engine, ordered, unordered, Inner, CACHE_ROWS};
 use crate::model::{bucket_start, DeviceId, Record, UserId};
-use crate::store::{FleetCount, FleetQuery, Level, Rollup, RollupQuery, StoreError, Summary};
+use crate::store::rollup::Stats;
+use crate::store::{
+    FleetCount, FleetQuery, Level, Rollup, RollupQuery, Sketch, StoreError, Summary,
+};
 
 /// Present in data directories whose hour, day and fleet rows are complete; older
 /// ones get them built from their minute rows once, when opened.
 pub(super) const LEVELS_META_KEY: &str = "rollup_levels";
+
+/// A stored rollup row.
+type Row = Stats;
+
+/// Reads a row; directories from before sketches hold a bare `Summary`.
+fn decode_row(bytes: &[u8]) -> Result<Row, StoreError> {
+    postcard::from_bytes(bytes).or_else(|_| {
+        let summary = postcard::from_bytes(bytes).map_err(corrupt)?;
+        Ok(Row {
+            summary,
+            sketch: None,
+        })
+    })
+}
 
 /// The rollup keyspaces.
 pub(super) struct RollupKeyspaces {
@@ -41,9 +60,9 @@ pub(super) struct RollupKeyspaces {
 /// stale; it is dropped whole when it reaches its bound.
 #[derive(Default)]
 pub(super) struct Caches {
-    minute: HashMap<Vec<u8>, Summary>,
-    coarse: HashMap<Vec<u8>, Summary>,
-    fleet: HashMap<Vec<u8>, Summary>,
+    minute: HashMap<Vec<u8>, Row>,
+    coarse: HashMap<Vec<u8>, Row>,
+    fleet: HashMap<Vec<u8>, Row>,
 }
 
 /// A flush's new events summed per (user, device, metric, minute, type), keyed by
@@ -51,12 +70,16 @@ pub(super) struct Caches {
 #[derive(Default)]
 pub(super) struct MinuteSums<'a> {
     rows: HashMap<(UserId, DeviceId, &'a str, i64, &'a str), Summary>,
+    /// Sketches are kept from the hour up: a sketch costs a kilobyte in memory, and
+    /// a minute often holds one value. Percentiles of minute windows read events.
+    hour_sketches: HashMap<(UserId, DeviceId, &'a str, i64, &'a str), Sketch>,
 }
 
 impl<'a> MinuteSums<'a> {
     pub(super) fn add(&mut self, r: &'a Record) {
         let e = &r.event;
         let minute = bucket_start(e.ts_ms, Level::Minute.ms());
+        let hour = bucket_start(e.ts_ms, Level::Hour.ms());
         self.rows
             .entry((r.user_id, r.device_id, "", minute, &e.kind))
             .or_insert(Summary::EMPTY)
@@ -66,6 +89,10 @@ impl<'a> MinuteSums<'a> {
                 .entry((r.user_id, r.device_id, name, minute, &e.kind))
                 .or_insert(Summary::EMPTY)
                 .add(Some(*v));
+            self.hour_sketches
+                .entry((r.user_id, r.device_id, name, hour, &e.kind))
+                .or_default()
+                .add(*v);
         }
     }
 }
@@ -73,9 +100,9 @@ impl<'a> MinuteSums<'a> {
 /// Rows staged in a batch, to enter the caches once the batch is committed.
 #[derive(Default)]
 pub(super) struct Staged {
-    minute: Vec<(Vec<u8>, Summary)>,
-    coarse: Vec<(Vec<u8>, Summary)>,
-    fleet: Vec<(Vec<u8>, Summary)>,
+    minute: Vec<(Vec<u8>, Row)>,
+    coarse: Vec<(Vec<u8>, Row)>,
+    fleet: Vec<(Vec<u8>, Row)>,
 }
 
 impl Staged {
@@ -87,7 +114,7 @@ impl Staged {
 }
 
 /// Minute, hour, day and fleet rows derived from a flush's minute sums.
-type Derived = [(Which, HashMap<Vec<u8>, Summary>); 3];
+type Derived = [(Which, HashMap<Vec<u8>, Row>); 3];
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Which {
@@ -97,25 +124,53 @@ enum Which {
 }
 
 fn derive(sums: MinuteSums<'_>) -> Derived {
-    let mut minute = HashMap::with_capacity(sums.rows.len());
-    let mut coarse: HashMap<Vec<u8>, Summary> = HashMap::new();
-    let mut fleet: HashMap<Vec<u8>, Summary> = HashMap::new();
-    for ((user, device, metric, start, kind), s) in sums.rows {
+    // Hours, days and fleet rows are summed under borrowed keys first: many minute
+    // rows fall in one of them, and a byte key is then built once per row.
+    let mut coarse: HashMap<(UserId, DeviceId, Level, &str, i64, &str), Row> = HashMap::default();
+    let mut fleet: HashMap<(UserId, Level, i64, DeviceId, &str), Row> = HashMap::default();
+    let mut minute = HashMap::with_capacity_and_hasher(sums.rows.len(), Default::default());
+    for ((user, device, metric, start, kind), summary) in sums.rows {
+        let s = Row {
+            summary,
+            sketch: None,
+        };
         for level in [Level::Hour, Level::Day] {
             let at = bucket_start(start, level.ms());
             coarse
-                .entry(coarse_key(user, device, level, metric, at, kind))
-                .or_insert(Summary::EMPTY)
+                .entry((user, device, level, metric, at, kind))
+                .or_default()
                 .merge(&s);
             if metric.is_empty() {
                 fleet
-                    .entry(fleet_key(user, level, at, device, kind))
-                    .or_insert(Summary::EMPTY)
+                    .entry((user, level, at, device, kind))
+                    .or_default()
                     .merge(&s);
             }
         }
         minute.insert(minute_key(user, device, metric, start, kind), s);
     }
+    for ((user, device, metric, hour, kind), sketch) in sums.hour_sketches {
+        let day = bucket_start(hour, Level::Day.ms());
+        let sketch = Row {
+            summary: Summary::EMPTY,
+            sketch: Some(sketch),
+        };
+        for (level, at) in [(Level::Hour, hour), (Level::Day, day)] {
+            if let Some(row) = coarse.get_mut(&(user, device, level, metric, at, kind)) {
+                row.merge(&sketch);
+            }
+        }
+    }
+    let coarse = coarse
+        .into_iter()
+        .map(|((user, device, level, metric, at, kind), s)| {
+            (coarse_key(user, device, level, metric, at, kind), s)
+        })
+        .collect();
+    let fleet = fleet
+        .into_iter()
+        .map(|((user, level, at, device, kind), s)| (fleet_key(user, level, at, device, kind), s))
+        .collect();
     [
         (Which::Minute, minute),
         (Which::Coarse, coarse),
@@ -147,19 +202,17 @@ impl Inner {
             let mut rows: Vec<_> = rows.into_iter().collect();
             rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             out.reserve(rows.len());
-            for (key, mut summary) in rows {
-                let old = match cache.get(&key) {
-                    Some(cached) => Some(*cached),
-                    None => match keyspace.get(&key).map_err(engine)? {
-                        Some(bytes) => Some(postcard::from_bytes(&bytes).map_err(corrupt)?),
-                        None => None,
-                    },
-                };
-                if let Some(old) = old {
-                    summary.merge(&old);
+            for (key, mut row) in rows {
+                match cache.get(&key) {
+                    Some(cached) => row.merge(cached),
+                    None => {
+                        if let Some(bytes) = keyspace.get(&key).map_err(engine)? {
+                            row.merge(&decode_row(&bytes)?);
+                        }
+                    }
                 }
-                batch.insert(keyspace, key.clone(), encode(&summary)?);
-                out.push((key, summary));
+                batch.insert(keyspace, key.clone(), encode(&row)?);
+                out.push((key, row));
             }
         }
         Ok(staged)
@@ -190,10 +243,12 @@ impl Inner {
             if q.kind.as_deref().is_some_and(|k| k != kind) {
                 continue;
             }
+            let row = decode_row(&value)?;
             out.push(Rollup {
                 start_ms,
                 kind: kind.to_owned(),
-                summary: postcard::from_bytes(&value).map_err(corrupt)?,
+                summary: row.summary,
+                sketch: row.sketch,
             });
         }
         Ok(out)
@@ -212,7 +267,7 @@ impl Inner {
             if q.kind.as_deref().is_some_and(|k| k != kind) {
                 continue;
             }
-            let summary: Summary = postcard::from_bytes(&value).map_err(corrupt)?;
+            let summary = decode_row(&value)?.summary;
             out.push(FleetCount {
                 start_ms: unordered(key[9..17].try_into().map_err(corrupt)?),
                 device_id: DeviceId::from_slice(&key[17..33]).map_err(corrupt)?,
@@ -228,9 +283,9 @@ impl Inner {
     /// short by a crash is simply done again at the next start.
     pub(super) fn build_levels(&self) -> Result<(), StoreError> {
         const BATCH_ROWS: usize = 10_000;
-        let mut derived: HashMap<(Which, Vec<u8>), Summary> = HashMap::new();
+        let mut derived: HashMap<(Which, Vec<u8>), Row> = HashMap::default();
         let mut prefix: Vec<u8> = Vec::new();
-        let flush = |derived: &mut HashMap<(Which, Vec<u8>), Summary>| {
+        let flush = |derived: &mut HashMap<(Which, Vec<u8>), Row>| {
             let mut batch = self.db.batch();
             for ((which, key), s) in derived.drain() {
                 let keyspace = match which {
@@ -253,7 +308,7 @@ impl Inner {
                 }
                 prefix = this_prefix.to_vec();
             }
-            let s: Summary = postcard::from_bytes(&value).map_err(corrupt)?;
+            let s = decode_row(&value)?;
             for level in [Level::Hour, Level::Day] {
                 let at = bucket_start(minute, level.ms());
                 derived
@@ -261,12 +316,12 @@ impl Inner {
                         Which::Coarse,
                         coarse_key(user, device, level, metric, at, kind),
                     ))
-                    .or_insert(Summary::EMPTY)
+                    .or_default()
                     .merge(&s);
                 if metric.is_empty() {
                     derived
                         .entry((Which::Fleet, fleet_key(user, level, at, device, kind)))
-                        .or_insert(Summary::EMPTY)
+                        .or_default()
                         .merge(&s);
                 }
             }
@@ -275,8 +330,8 @@ impl Inner {
     }
 }
 
-fn encode(s: &Summary) -> Result<Vec<u8>, StoreError> {
-    postcard::to_allocvec(s).map_err(|e| StoreError::Invalid(e.to_string()))
+fn encode(row: &Row) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(row).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
 fn push_metric(k: &mut Vec<u8>, metric: &str) {

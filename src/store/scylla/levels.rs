@@ -26,7 +26,8 @@ use super::pending::{MinuteKey, DAY_MS};
 use super::rows::{ms, CoarseIn, CoarseOut, CoarseSliceIn, PendingOut, PendingRangeIn};
 use super::Inner;
 use crate::model::{bucket_start, DeviceId, UserId};
-use crate::store::{Level, Rollup, RollupQuery, StoreError, Summary};
+use crate::store::rollup::Stats;
+use crate::store::{Level, Rollup, RollupQuery, Sketch, StoreError, Summary};
 
 /// Hour rows are partitioned by 28 days (672 hours of a metric), day rows by 3,640
 /// days: both multiples of a day, so a day's hours lie in one partition.
@@ -44,7 +45,39 @@ const FANOUT: usize = 16;
 const BATCH_ROWS: usize = 64;
 
 /// Summaries by type.
-type ByType = BTreeMap<String, Summary>;
+type ByType = BTreeMap<String, Stats>;
+
+/// A rollup from a stored row's columns.
+pub(super) fn rollup_of(
+    start_ms: i64,
+    kind: String,
+    (count, min, max, sum): (i64, f64, f64, f64),
+    sketch: Option<Vec<u8>>,
+) -> Result<Rollup, StoreError> {
+    Ok(Rollup {
+        start_ms,
+        kind,
+        summary: Summary {
+            count: count.max(0) as u64,
+            min,
+            max,
+            sum,
+        },
+        sketch: sketch.as_deref().map(Sketch::from_bytes).transpose()?,
+    })
+}
+
+/// Sums rows by type.
+fn by_type(rows: Vec<Rollup>) -> ByType {
+    let mut sums = ByType::new();
+    for r in rows {
+        sums.entry(r.kind).or_default().merge(&Stats {
+            summary: r.summary,
+            sketch: r.sketch,
+        });
+    }
+    sums
+}
 
 impl Inner {
     /// Recomputes the hours, then the days, of freshly recomputed minutes, for the
@@ -107,16 +140,11 @@ impl Inner {
         let rows = self
             .stored_rows(user, device, finer, metric, start, start + level.ms())
             .await?;
-        let mut sums = ByType::new();
-        for r in rows {
-            sums.entry(r.kind)
-                .or_insert(Summary::EMPTY)
-                .merge(&r.summary);
-        }
+        let sums = by_type(rows);
         let slab = ms(bucket_start(start, slab_ms(level)));
         let rows: Vec<CoarseIn<'_>> = sums
             .iter()
-            .map(|(kind, s)| CoarseIn {
+            .map(|(kind, Stats { summary: s, sketch })| CoarseIn {
                 user_id: user,
                 device_id: device,
                 level: i32::from(level.tag()),
@@ -128,6 +156,7 @@ impl Inner {
                 min: s.min,
                 max: s.max,
                 sum: s.sum,
+                sketch: sketch.as_ref().map(Sketch::to_bytes),
                 writetime: s.count as i64,
             })
             .collect();
@@ -180,17 +209,15 @@ impl Inner {
                     .map_err(pager_error)?
                     .rows_stream::<CoarseOut>()
                     .map_err(corrupt)?
-                    .map_ok(|r| Rollup {
-                        start_ms: r.start.0,
-                        kind: r.kind,
-                        summary: Summary {
-                            count: r.count.max(0) as u64,
-                            min: r.min,
-                            max: r.max,
-                            sum: r.sum,
-                        },
-                    })
                     .map_err(row_error)
+                    .and_then(|r| {
+                        futures::future::ready(rollup_of(
+                            r.start.0,
+                            r.kind,
+                            (r.count, r.min, r.max, r.sum),
+                            r.sketch,
+                        ))
+                    })
                     .try_collect()
                     .await
             })
@@ -260,16 +287,11 @@ impl Inner {
                 ..q.clone()
             };
             let rows = Box::pin(self.rollups(&part)).await?.unwrap_or_default();
-            let mut sums = ByType::new();
-            for r in rows {
-                sums.entry(r.kind)
-                    .or_insert(Summary::EMPTY)
-                    .merge(&r.summary);
-            }
-            out.extend(sums.into_iter().map(|(kind, summary)| Rollup {
+            out.extend(by_type(rows).into_iter().map(|(kind, s)| Rollup {
                 start_ms: start,
                 kind,
-                summary,
+                summary: s.summary,
+                sketch: s.sketch,
             }));
         }
         out.sort_by(|a, b| (a.start_ms, &a.kind).cmp(&(b.start_ms, &b.kind)));

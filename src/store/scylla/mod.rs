@@ -70,7 +70,7 @@ use crate::model::{DeviceId, Event, UserId};
 use crate::pipeline::batcher::PartitionBatch;
 use errors::{exec_error, session_error};
 use rollup::Recomputer;
-use schema::check_bucket_len;
+use schema::{add_missing_columns, check_bucket_len, check_levels};
 use statements::Prepared;
 
 /// The ScyllaDB store. Cheap to clone.
@@ -144,7 +144,13 @@ impl ScyllaStore {
             .await_schema_agreement()
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        check_bucket_len(&session, settings, true).await
+        add_missing_columns(&session, settings).await?;
+        session
+            .await_schema_agreement()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        check_bucket_len(&session, settings, true).await?;
+        check_levels(&session, settings, true).await
     }
 
     /// Connects and prepares every statement.
@@ -156,6 +162,7 @@ impl ScyllaStore {
     pub async fn connect(settings: ScyllaSettings) -> Result<Self, StoreError> {
         let session = session(&settings).await?;
         check_bucket_len(&session, &settings, false).await?;
+        check_levels(&session, &settings, false).await?;
         let cql = Prepared::new(&session, &settings.keyspace, settings.page_size).await?;
         let inner = Arc::new(Inner {
             session,

@@ -42,11 +42,13 @@ use scylla::statement::batch::{Batch, BatchType};
 use uuid::Uuid;
 
 use super::errors::{corrupt, exec_error, pager_error, row_error};
+use super::levels::rollup_of;
 use super::pending::{marker_row, MinuteKey, Pending, DAY_MS};
 use super::rows::{ms, MetricOut, PendingRow, RollupIn, RollupOut, RollupSliceIn, SliceIn};
 use super::Inner;
 use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, UserId};
-use crate::store::{Level, Rollup, RollupQuery, StoreError, Summary, ROLLUP_MS};
+use crate::store::rollup::Stats;
+use crate::store::{Level, Rollup, RollupQuery, Sketch, StoreError, ROLLUP_MS};
 
 /// How often the recomputer looks for marks that are due.
 const TICK: Duration = Duration::from_millis(250);
@@ -58,7 +60,7 @@ const FANOUT: usize = 16;
 const BATCH_ROWS: usize = 64;
 
 /// Summaries of one device's minute, by (metric, type); metric `""` counts every event.
-type MinuteSummaries = BTreeMap<(String, String), Summary>;
+type MinuteSummaries = BTreeMap<(String, String), Stats>;
 
 /// This instance's marks, and the lock that makes recomputation rounds one at a time.
 #[derive(Default)]
@@ -202,7 +204,7 @@ impl Inner {
         let day = bucket_start(minute, DAY_MS);
         let rows: Vec<RollupIn<'_>> = summaries
             .iter()
-            .map(|((metric, kind), s)| RollupIn {
+            .map(|((metric, kind), Stats { summary: s, sketch })| RollupIn {
                 user_id: user,
                 device_id: device,
                 day: ms(day),
@@ -213,6 +215,7 @@ impl Inner {
                 min: s.min,
                 max: s.max,
                 sum: s.sum,
+                sketch: sketch.as_ref().map(Sketch::to_bytes),
                 writetime: s.count as i64,
             })
             .collect();
@@ -264,12 +267,10 @@ impl Inner {
             while let Some(r) = rows.try_next().await.map_err(row_error)? {
                 let kind = r.kind;
                 out.entry((String::new(), kind.clone()))
-                    .or_insert(Summary::EMPTY)
+                    .or_default()
                     .add(None);
                 for (metric, v) in r.metrics.unwrap_or_default() {
-                    out.entry((metric, kind.clone()))
-                        .or_insert(Summary::EMPTY)
-                        .add(Some(v));
+                    out.entry((metric, kind.clone())).or_default().add(Some(v));
                 }
             }
             bucket += len;
@@ -311,12 +312,13 @@ impl Inner {
             .try_collect()
             .await?;
         for (start_ms, summaries) in computed {
-            for ((m, kind), summary) in summaries {
+            for ((m, kind), s) in summaries {
                 if m == metric && kind_ok(&kind) {
                     out.push(Rollup {
                         start_ms,
                         kind,
-                        summary,
+                        summary: s.summary,
+                        sketch: s.sketch,
                     });
                 }
             }
@@ -355,17 +357,15 @@ impl Inner {
                     .map_err(pager_error)?
                     .rows_stream::<RollupOut>()
                     .map_err(corrupt)?
-                    .map_ok(|r| Rollup {
-                        start_ms: r.minute.0,
-                        kind: r.kind,
-                        summary: Summary {
-                            count: r.count.max(0) as u64,
-                            min: r.min,
-                            max: r.max,
-                            sum: r.sum,
-                        },
-                    })
                     .map_err(row_error)
+                    .and_then(|r| {
+                        futures::future::ready(rollup_of(
+                            r.minute.0,
+                            r.kind,
+                            (r.count, r.min, r.max, r.sum),
+                            r.sketch,
+                        ))
+                    })
                     .try_collect::<Vec<_>>()
                     .await
             })

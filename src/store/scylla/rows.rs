@@ -200,6 +200,7 @@ pub(super) struct RollupIn<'a> {
     pub min: f64,
     pub max: f64,
     pub sum: f64,
+    pub sketch: Option<Vec<u8>>,
     pub writetime: i64,
 }
 
@@ -223,6 +224,7 @@ pub(super) struct RollupOut {
     pub min: f64,
     pub max: f64,
     pub sum: f64,
+    pub sketch: Option<Vec<u8>>,
 }
 
 /// A row of `pending_minutes` (its whole primary key).
@@ -258,6 +260,7 @@ pub(super) struct CoarseIn<'a> {
     pub min: f64,
     pub max: f64,
     pub sum: f64,
+    pub sketch: Option<Vec<u8>>,
     pub writetime: i64,
 }
 
@@ -282,6 +285,7 @@ pub(super) struct CoarseOut {
     pub min: f64,
     pub max: f64,
     pub sum: f64,
+    pub sketch: Option<Vec<u8>>,
 }
 
 #[derive(Debug, DeserializeRow)]

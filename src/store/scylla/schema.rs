@@ -84,3 +84,100 @@ pub(super) async fn check_bucket_len(
         ))),
     }
 }
+
+/// Recorded by `iotpipe migrate` in keyspaces whose hour and day rollups are complete.
+pub(super) const LEVELS_META: &str = "rollup_levels";
+
+async fn meta_value(session: &Session, ks: &str, name: &str) -> Result<Option<i64>, StoreError> {
+    let select = session
+        .prepare(Cql::select_meta(ks))
+        .await
+        .map_err(prepare_error)?;
+    Ok(session
+        .execute_unpaged(&select, MetaKeyIn { name })
+        .await
+        .map_err(exec_error)?
+        .into_rows_result()
+        .map_err(corrupt)?
+        .maybe_first_row::<MetaOut>()
+        .map_err(corrupt)?
+        .map(|m| m.value))
+}
+
+/// Checks that the keyspace keeps hour and day rollups. With `record` (`migrate`), a
+/// keyspace without minute rollups yet is marked as keeping them; one made by an
+/// earlier version that already holds minute rollups is refused rather than served
+/// with hours and days missing: its events must be moved to a new keyspace.
+pub(super) async fn check_levels(
+    session: &Session,
+    settings: &ScyllaSettings,
+    record: bool,
+) -> Result<(), StoreError> {
+    let ks = &settings.keyspace;
+    if meta_value(session, ks, LEVELS_META).await?.is_some() {
+        return Ok(());
+    }
+    let refused = |why: &str| {
+        Err(StoreError::Invalid(format!(
+            "keyspace {ks} {why}; it predates hour and day rollups: write to a new keyspace"
+        )))
+    };
+    if !record {
+        return refused("was not migrated by this version (run `iotpipe migrate`)");
+    }
+    let any = session
+        .query_unpaged(format!("SELECT minute FROM {ks}.rollups LIMIT 1"), ())
+        .await
+        .map_err(exec_error)?
+        .into_rows_result()
+        .map_err(corrupt)?
+        .rows_num();
+    if any > 0 {
+        return refused("holds minute rollups without their hours and days");
+    }
+    let insert = session
+        .prepare(Cql::insert_meta(ks))
+        .await
+        .map_err(prepare_error)?;
+    session
+        .execute_unpaged(
+            &insert,
+            MetaIn {
+                name: LEVELS_META,
+                value: 1,
+            },
+        )
+        .await
+        .map_err(exec_error)?;
+    Ok(())
+}
+
+/// Adds the columns that tables made by earlier versions lack (`CREATE TABLE IF NOT
+/// EXISTS` leaves an existing table as it is): the sketch of `rollups`.
+pub(super) async fn add_missing_columns(
+    session: &Session,
+    settings: &ScyllaSettings,
+) -> Result<(), StoreError> {
+    let ks = &settings.keyspace;
+    for (table, column, kind) in [("rollups", "sketch", "blob")] {
+        let present = session
+            .query_unpaged(
+                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? \
+                 AND table_name = ? AND column_name = ?",
+                (ks.as_str(), table, column),
+            )
+            .await
+            .map_err(exec_error)?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .rows_num()
+            > 0;
+        if !present {
+            session
+                .query_unpaged(format!("ALTER TABLE {ks}.{table} ADD {column} {kind}"), ())
+                .await
+                .map_err(exec_error)?;
+        }
+    }
+    Ok(())
+}

@@ -84,12 +84,12 @@ impl Cql {
     pub(super) fn insert_rollup(ks: &str) -> String {
         format!(
             "INSERT INTO {ks}.rollups (user_id, device_id, day, metric, minute, type, count, \
-             min, max, sum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+             min, max, sum, sketch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
         )
     }
     pub(super) fn select_rollups(ks: &str) -> String {
         format!(
-            "SELECT minute, type, count, min, max, sum FROM {ks}.rollups \
+            "SELECT minute, type, count, min, max, sum, sketch FROM {ks}.rollups \
              WHERE user_id = :user_id AND device_id = :device_id AND day = :day \
              AND metric = :metric AND minute >= :from_minute AND minute < :to_minute"
         )
@@ -98,13 +98,13 @@ impl Cql {
     pub(super) fn insert_coarse(ks: &str) -> String {
         format!(
             "INSERT INTO {ks}.rollups_coarse (user_id, device_id, level, slab, metric, start, \
-             type, count, min, max, sum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             type, count, min, max, sum, sketch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
              USING TIMESTAMP ?"
         )
     }
     pub(super) fn select_coarse(ks: &str) -> String {
         format!(
-            "SELECT start, type, count, min, max, sum FROM {ks}.rollups_coarse \
+            "SELECT start, type, count, min, max, sum, sketch FROM {ks}.rollups_coarse \
              WHERE user_id = :user_id AND device_id = :device_id AND level = :level \
              AND slab = :slab AND metric = :metric AND start >= :from_start \
              AND start < :to_start"
