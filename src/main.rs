@@ -7,6 +7,12 @@ use clap::{Parser, Subcommand};
 use iotpipe::{topology, Config};
 use tracing_subscriber::EnvFilter;
 
+// mimalloc rather than glibc's malloc: the write path allocates and frees many small
+// buffers from several threads, and glibc's per-thread arenas kept the fleet bench's
+// freed memory resident (see docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A time-series ingestion pipeline for IoT events.
 #[derive(Parser)]
 #[command(name = "iotpipe", version, about)]

@@ -271,7 +271,7 @@ pub struct GroupCount {
     pub count: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Group {
     Device(DeviceId),
     Type(String),
@@ -356,17 +356,19 @@ pub async fn grouped_counts(
             }
         }
     }
-    let mut out: Vec<GroupCount> = counts
+    // Sorted before the groups become strings: a device id orders as its text does.
+    let mut counts: Vec<((usize, Group), u64)> = counts.into_iter().collect();
+    counts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut names: HashMap<DeviceId, String> = HashMap::new();
+    Ok(counts
         .into_iter()
         .map(|((w, group), count)| GroupCount {
             start_ms: grid.window(w).0,
             group: match group {
-                Group::Device(d) => d.to_string(),
+                Group::Device(d) => names.entry(d).or_insert_with(|| d.to_string()).clone(),
                 Group::Type(t) => t,
             },
             count,
         })
-        .collect();
-    out.sort_by(|a, b| (a.start_ms, &a.group).cmp(&(b.start_ms, &b.group)));
-    Ok(out)
+        .collect())
 }

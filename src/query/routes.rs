@@ -433,10 +433,17 @@ pub async fn grouped_aggregates(
     }
     let counts =
         super::grouped_counts(scope(&state, user), &devices, grid, range, group_by, kind).await?;
+    // Counts come sorted by window: each window's start is formatted once.
+    let mut start = (i64::MIN, String::new());
     let buckets = counts
         .into_iter()
         .map(|c| GroupOut {
-            start: format_ms(c.start_ms),
+            start: {
+                if start.0 != c.start_ms {
+                    start = (c.start_ms, format_ms(c.start_ms));
+                }
+                start.1.clone()
+            },
             start_ms: c.start_ms,
             group: c.group,
             count: c.count,

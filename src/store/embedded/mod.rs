@@ -46,8 +46,11 @@ use rollups::{Caches, MinuteSums, RollupKeyspaces, LEVELS_META_KEY};
 const KEY_LEN: usize = 8 + 16 + 8 + 8 + 16;
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
+/// The smaller keyspaces (indexes, rollups, latest values) fill far more slowly than
+/// `events`; smaller memtables keep their share of memory small.
+const SMALL_MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
 /// Rows kept in each write cache (rollups, latest values), at most.
-const CACHE_ROWS: usize = 100_000;
+const CACHE_ROWS: usize = 30_000;
 const BUCKET_META_KEY: &str = "bucket_len_ms";
 /// Present in data directories whose UUIDv7 index rows are all in `timed_ids`; older
 /// ones may hold some in `ids` too.
@@ -109,20 +112,26 @@ impl EmbeddedStore {
         // Memory: memtables are bounded per keyspace and the block cache is fixed, so
         // RSS stays flat at full ingest speed; smaller memtables also keep range scans
         // off the (slower to iterate) skiplist.
+        // One background worker: with two, fjall's worker 0 hands every compaction
+        // request back to the queue while the other worker compacts, and spins doing
+        // so (a fifth of a core in the fleet bench, measured with perf; see
+        // docs/performance.md). Flushes and compactions then take turns.
         let db = Database::builder(dir)
+            .worker_threads(1)
             .cache_size(CACHE_BYTES)
             .open()
             .map_err(engine)?;
         let memtable = || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES);
+        let small = || KeyspaceCreateOptions::default().max_memtable_size(SMALL_MEMTABLE_BYTES);
         let events = db.keyspace("events", memtable).map_err(engine)?;
         let ids = db.keyspace("ids", memtable).map_err(engine)?;
-        let timed_ids = db.keyspace("timed_ids", memtable).map_err(engine)?;
+        let timed_ids = db.keyspace("timed_ids", small).map_err(engine)?;
         let rollups = RollupKeyspaces {
-            minute: db.keyspace("rollups", memtable).map_err(engine)?,
-            coarse: db.keyspace("rollups_coarse", memtable).map_err(engine)?,
-            fleet: db.keyspace("fleet_counts", memtable).map_err(engine)?,
+            minute: db.keyspace("rollups", small).map_err(engine)?,
+            coarse: db.keyspace("rollups_coarse", small).map_err(engine)?,
+            fleet: db.keyspace("fleet_counts", small).map_err(engine)?,
         };
-        let latest = db.keyspace("latest", memtable).map_err(engine)?;
+        let latest = db.keyspace("latest", small).map_err(engine)?;
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(engine)?;

@@ -60,9 +60,16 @@ pub(super) struct RollupKeyspaces {
 /// stale; it is dropped whole when it reaches its bound.
 #[derive(Default)]
 pub(super) struct Caches {
-    minute: HashMap<Vec<u8>, Row>,
-    coarse: HashMap<Vec<u8>, Row>,
-    fleet: HashMap<Vec<u8>, Row>,
+    // Rows as written, encoded: a sketch takes a kilobyte decoded and a tenth of
+    // that encoded, and a hit is decoded again only to be merged.
+    minute: HashMap<Vec<u8>, Vec<u8>>,
+    coarse: HashMap<Vec<u8>, Vec<u8>>,
+    fleet: HashMap<Vec<u8>, Vec<u8>>,
+    /// Per device, the newest minute that may have rows (that of its newest stored
+    /// event): a minute past it has none, so its rows are written without reading
+    /// them first. A fleet whose devices send one event a minute creates new minute
+    /// rows with nearly every event, and those reads were most of its write cost.
+    newest_minute: HashMap<(UserId, DeviceId), i64>,
 }
 
 /// A flush's new events summed per (user, device, metric, minute, type), keyed by
@@ -100,9 +107,10 @@ impl<'a> MinuteSums<'a> {
 /// Rows staged in a batch, to enter the caches once the batch is committed.
 #[derive(Default)]
 pub(super) struct Staged {
-    minute: Vec<(Vec<u8>, Row)>,
-    coarse: Vec<(Vec<u8>, Row)>,
-    fleet: Vec<(Vec<u8>, Row)>,
+    minute: Vec<(Vec<u8>, Vec<u8>)>,
+    coarse: Vec<(Vec<u8>, Vec<u8>)>,
+    fleet: Vec<(Vec<u8>, Vec<u8>)>,
+    newest_minute: Vec<((UserId, DeviceId), i64)>,
 }
 
 impl Staged {
@@ -110,11 +118,19 @@ impl Staged {
         caches.minute.extend(self.minute);
         caches.coarse.extend(self.coarse);
         caches.fleet.extend(self.fleet);
+        if caches.newest_minute.len() + self.newest_minute.len() > CACHE_ROWS {
+            caches.newest_minute.clear();
+        }
+        for (device, minute) in self.newest_minute {
+            let m = caches.newest_minute.entry(device).or_insert(minute);
+            *m = (*m).max(minute);
+        }
     }
 }
 
 /// Minute, hour, day and fleet rows derived from a flush's minute sums.
-type Derived = [(Which, HashMap<Vec<u8>, Row>); 3];
+/// Rows by keyspace: (key, row, known to be new).
+type Derived = [(Which, Vec<(Vec<u8>, Row, bool)>); 3];
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Which {
@@ -123,13 +139,16 @@ enum Which {
     Fleet,
 }
 
-fn derive(sums: MinuteSums<'_>) -> Derived {
+fn derive(sums: MinuteSums<'_>, newest_minute: &HashMap<(UserId, DeviceId), i64>) -> Derived {
     // Hours, days and fleet rows are summed under borrowed keys first: many minute
     // rows fall in one of them, and a byte key is then built once per row.
     let mut coarse: HashMap<(UserId, DeviceId, Level, &str, i64, &str), Row> = HashMap::default();
     let mut fleet: HashMap<(UserId, Level, i64, DeviceId, &str), Row> = HashMap::default();
-    let mut minute = HashMap::with_capacity_and_hasher(sums.rows.len(), Default::default());
+    let mut minute = Vec::with_capacity(sums.rows.len());
     for ((user, device, metric, start, kind), summary) in sums.rows {
+        let new = newest_minute
+            .get(&(user, device))
+            .is_some_and(|newest| start > *newest);
         let s = Row {
             summary,
             sketch: None,
@@ -147,7 +166,7 @@ fn derive(sums: MinuteSums<'_>) -> Derived {
                     .merge(&s);
             }
         }
-        minute.insert(minute_key(user, device, metric, start, kind), s);
+        minute.push((minute_key(user, device, metric, start, kind), s, new));
     }
     for ((user, device, metric, hour, kind), sketch) in sums.hour_sketches {
         let day = bucket_start(hour, Level::Day.ms());
@@ -164,12 +183,14 @@ fn derive(sums: MinuteSums<'_>) -> Derived {
     let coarse = coarse
         .into_iter()
         .map(|((user, device, level, metric, at, kind), s)| {
-            (coarse_key(user, device, level, metric, at, kind), s)
+            (coarse_key(user, device, level, metric, at, kind), s, false)
         })
         .collect();
     let fleet = fleet
         .into_iter()
-        .map(|((user, level, at, device, kind), s)| (fleet_key(user, level, at, device, kind), s))
+        .map(|((user, level, at, device, kind), s)| {
+            (fleet_key(user, level, at, device, kind), s, false)
+        })
         .collect();
     [
         (Which::Minute, minute),
@@ -188,7 +209,23 @@ impl Inner {
         batch: &mut WriteBatch,
     ) -> Result<Staged, StoreError> {
         let mut staged = Staged::default();
-        for (which, rows) in derive(sums) {
+        // The newest minute of each device in the flush, as stored before it (read
+        // once per device, then kept), and after it.
+        let mut flush_newest: HashMap<(UserId, DeviceId), i64> = HashMap::default();
+        for &(user, device, _, minute, _) in sums.rows.keys() {
+            let m = flush_newest.entry((user, device)).or_insert(minute);
+            *m = (*m).max(minute);
+        }
+        for &device in flush_newest.keys() {
+            if !caches.newest_minute.contains_key(&device) {
+                let stored = self.newest_event_minute(device.0, device.1)?;
+                caches
+                    .newest_minute
+                    .insert(device, stored.unwrap_or(i64::MIN));
+            }
+        }
+        staged.newest_minute = flush_newest.into_iter().collect();
+        for (which, rows) in derive(sums, &caches.newest_minute) {
             let (keyspace, cache, out) = match which {
                 Which::Minute => (&self.rollups.minute, &mut caches.minute, &mut staged.minute),
                 Which::Coarse => (&self.rollups.coarse, &mut caches.coarse, &mut staged.coarse),
@@ -199,23 +236,44 @@ impl Inner {
             }
             // In key order, like the events: neighbours inserted one after another
             // keep the memtable's search paths in cache.
-            let mut rows: Vec<_> = rows.into_iter().collect();
+            let mut rows = rows;
             rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             out.reserve(rows.len());
-            for (key, mut row) in rows {
+            for (key, mut row, new) in rows {
                 match cache.get(&key) {
-                    Some(cached) => row.merge(cached),
+                    Some(cached) => row.merge(&decode_row(cached)?),
+                    None if new => {}
                     None => {
                         if let Some(bytes) = keyspace.get(&key).map_err(engine)? {
                             row.merge(&decode_row(&bytes)?);
                         }
                     }
                 }
-                batch.insert(keyspace, key.clone(), encode(&row)?);
-                out.push((key, row));
+                let value = encode(&row)?;
+                batch.insert(keyspace, key.clone(), value.clone());
+                out.push((key, value));
             }
         }
         Ok(staged)
+    }
+
+    /// The minute of a device's newest stored event: no rollup row of the device is
+    /// newer (rows are only written with their events).
+    fn newest_event_minute(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut prefix = ordered(user).to_vec();
+        prefix.extend_from_slice(device.as_bytes());
+        match self.events.prefix(&prefix).next_back() {
+            None => Ok(None),
+            Some(item) => {
+                let key = item.key().map_err(engine)?;
+                let (ts, _) = super::decode_key_tail(&key)?;
+                Ok(Some(bucket_start(ts, Level::Minute.ms())))
+            }
+        }
     }
 
     pub(super) fn read_rollups(&self, q: &RollupQuery) -> Result<Vec<Rollup>, StoreError> {
