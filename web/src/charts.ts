@@ -8,10 +8,12 @@ import { formatNumber, formatTime } from "./format";
 
 const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"];
 
-/** A uPlot chart that follows its box's width and keeps zoom across data refreshes. */
+/** A uPlot chart that follows its box's width, over the whole range asked for. */
 export class Chart {
   private plot: uPlot | null = null;
   private layout = "";
+  /** The x range in seconds: the query's, not the data's, so that gaps show. */
+  private xRange: uPlot.Range.MinMax = [null, null];
 
   constructor(private readonly box: HTMLElement) {
     new ResizeObserver(() => this.plot?.setSize(this.size())).observe(box);
@@ -27,14 +29,16 @@ export class Chart {
    * Draws `data`. The plot is rebuilt only when its series change (`layout`);
    * otherwise the data is swapped in, so a refresh does not flicker.
    */
-  draw(layout: string, opts: Omit<uPlot.Options, "width" | "height">, data: uPlot.AlignedData): void {
+  draw(layout: string, w: Windows, opts: Omit<uPlot.Options, "width" | "height">, data: uPlot.AlignedData): void {
+    this.xRange = [w.from / 1000, w.to / 1000];
     if (this.plot && layout === this.layout) {
       this.plot.setData(data);
       return;
     }
     this.plot?.destroy();
     this.layout = layout;
-    this.plot = new uPlot({ ...opts, ...this.size() }, data, this.box);
+    const x = { time: true, range: (): uPlot.Range.MinMax => this.xRange };
+    this.plot = new uPlot({ ...opts, scales: { x }, ...this.size() }, data, this.box);
   }
 
   clear(): void {
@@ -45,10 +49,9 @@ export class Chart {
 }
 
 /** Axis labels and the cursor's time, in the chosen zone. */
-function timeOptions(tz: string): Pick<uPlot.Options, "tzDate" | "axes" | "scales"> {
+function timeOptions(tz: string): Pick<uPlot.Options, "tzDate" | "axes"> {
   return {
     tzDate: (ts: number) => uPlot.tzDate(new Date(ts * 1000), tz),
-    scales: { x: { time: true } },
     axes: [{ stroke: "#475569" }, { stroke: "#475569", size: 56 }],
   };
 }
@@ -100,6 +103,7 @@ export function drawDevice(
     const max = buckets.map((b) => b.max ?? null);
     chart.draw(
       `avg:${metric}:${w.tz}`,
+      w,
       {
         ...tz,
         series: [
@@ -116,6 +120,7 @@ export function drawDevice(
   } else {
     chart.draw(
       `count:${w.tz}`,
+      w,
       {
         ...tz,
         series: [
@@ -153,8 +158,8 @@ export function drawDevice(
 }
 
 /**
- * Events per window, one line per device type. The server leaves out windows where a
- * type had no events; those are zero here, so every line covers every window shown.
+ * Events per window, one bar per event type. The server leaves out windows where a
+ * type had no events; in a window where another type had some, that type's bar is 0.
  */
 export function drawFleet(chart: Chart, box: HTMLElement, table: HTMLTableElement, w: Windows, buckets: GroupBucket[]): void {
   const starts = [...new Set(buckets.map((b) => b.start_ms))].sort((a, b) => a - b);
@@ -165,15 +170,21 @@ export function drawFleet(chart: Chart, box: HTMLElement, table: HTMLTableElemen
 
   chart.draw(
     `fleet:${w.tz}:${groups.join(",")}`,
+    w,
     {
       ...timeOptions(w.tz),
       series: [
         {},
+        // Bars, not lines: a window without events is simply no bar, where a line
+        // would be drawn across it as if it had some. Translucent, so that the bars
+        // of several types in one window all stay visible.
         ...groups.map((g, i) => ({
           label: g,
           stroke: PALETTE[i % PALETTE.length],
-          width: 2,
-          points: { show: true, size: 4 },
+          fill: `${PALETTE[i % PALETTE.length]}55`,
+          width: 1,
+          paths: uPlot.paths.bars!({ size: [0.8, 40] }),
+          points: { show: false },
         })),
       ],
     },

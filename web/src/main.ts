@@ -45,6 +45,8 @@ let view: "signin" | "fleet" | "device" = "signin";
 let deviceId = "";
 /** Bumped on every navigation and sign-in/out: answers for an older view are dropped. */
 let generation = 0;
+/** Set when what the charts show changed (controls, navigation, metrics). */
+let chartDue = true;
 let lastChart = 0;
 let lastHealth = 0;
 let busy = false;
@@ -150,8 +152,19 @@ function chartWindows(): Windows {
 }
 
 function redrawCharts(): void {
-  lastChart = 0;
+  chartDue = true;
   void tick();
+}
+
+/**
+ * Whether to draw a chart in this refresh: when asked to, or when it is old. Taken
+ * before the request, so that a change made while it is under way asks again.
+ */
+function takeChartTurn(): boolean {
+  if (!chartDue && Date.now() - lastChart < CHART_EVERY_MS) return false;
+  chartDue = false;
+  lastChart = Date.now();
+  return true;
 }
 
 // ---- sign-in and views --------------------------------------------------------------
@@ -227,7 +240,7 @@ async function signIn(ev: SubmitEvent): Promise<void> {
 
 function route(): void {
   generation += 1;
-  lastChart = 0;
+  chartDue = true;
   if (!client) {
     show("signin");
     $("key").focus();
@@ -311,6 +324,12 @@ async function refreshHealth(): Promise<void> {
   }
 }
 
+/** A chart that could not be fetched is tried again at the next refresh. */
+function retryChart(e: unknown): never {
+  chartDue = true;
+  throw e;
+}
+
 /** Runs `f` over `items`, `limit` at a time, keeping their order. */
 async function mapLimit<T, R>(items: T[], limit: number, f: (t: T) => Promise<R>): Promise<R[]> {
   const out = new Array<R>(items.length);
@@ -358,12 +377,11 @@ async function refreshFleet(c: Client, gen: number): Promise<void> {
       ? "No devices yet. Create one with POST /v1/devices (see docs/api.md)."
       : `Showing ${MAX_ROWS} of ${devices.length} devices, by name.`;
 
-  if (now - lastChart >= CHART_EVERY_MS) {
+  if (takeChartTurn()) {
     const w = chartWindows();
-    const buckets = await c.grouped(w, "type");
+    const buckets = await c.grouped(w, "type").catch(retryChart);
     if (gen !== generation) return;
     drawFleet(fleetChart, $("fleet-chart"), $<HTMLTableElement>("fleet-data"), w, buckets);
-    lastChart = Date.now();
   }
 }
 
@@ -446,16 +464,15 @@ async function refreshDevice(c: Client, gen: number): Promise<void> {
     }),
   );
   $("latest-empty").hidden = names.length > 0;
-  if (updateMetrics(names)) lastChart = 0;
+  if (updateMetrics(names)) chartDue = true;
 
-  if (Date.now() - lastChart >= CHART_EVERY_MS) {
+  if (takeChartTurn()) {
     const metric = $<HTMLSelectElement>("metric").value;
     const mode = $<HTMLSelectElement>("mode").value as Mode;
     const w = chartWindows();
-    const agg = await c.deviceAggregates(id, w, metric || undefined);
+    const agg = await c.deviceAggregates(id, w, metric || undefined).catch(retryChart);
     if (gen !== generation) return;
     drawDevice(deviceChart, $("device-chart"), $<HTMLTableElement>("device-data"), w, agg.buckets, metric, mode);
-    lastChart = Date.now();
   }
 }
 
