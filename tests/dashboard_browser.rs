@@ -11,11 +11,13 @@ mod common;
 mod mqtt_support;
 
 use std::net::TcpListener;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{now_ms, TestServer};
+use futures::FutureExt;
 use reqwest::Method;
 use rumqttc::QoS;
 use serde_json::{json, Value};
@@ -37,11 +39,9 @@ struct Chromedriver {
 
 impl Chromedriver {
     async fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
         let child = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -175,13 +175,18 @@ impl Browser {
         let input = self.driver.find(By::Id("key")).await.unwrap();
         input.clear().await.unwrap();
         input.send_keys(key).await.unwrap();
-        self.driver
-            .find(By::Id("signin-button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        self.click("#signin-button").await;
+    }
+
+    /// Waits until the section `id` is shown.
+    async fn shown(&self, id: &str) {
+        let expr = format!("!document.getElementById('{id}').hidden");
+        self.until(&format!("#{id}"), &expr).await;
+    }
+
+    async fn click(&self, css: &str) {
+        let el = self.driver.find(By::Css(css)).await.unwrap();
+        el.click().await.unwrap();
     }
 
     /// Picks `value` from the menu `id`, as a person would, with a click.
@@ -197,13 +202,12 @@ impl Browser {
         assert_eq!(el.value().await.unwrap().as_deref(), Some(value), "#{id}");
     }
 
-    /// The fleet table: device id → its cells by class.
+    /// The fleet table's rows: device id and cells by class.
     async fn fleet_rows(&self) -> Vec<Value> {
         let v = self
             .js(
                 "return [...document.querySelectorAll('#devices tbody tr')].map(tr => ({
                     id: tr.dataset.deviceId,
-                    name: tr.cells[0].textContent,
                     type: tr.querySelector('.type').textContent,
                     minute: tr.querySelector('.minute').textContent,
                     hour: tr.querySelector('.hour').textContent,
@@ -259,68 +263,126 @@ fn reading(minutes_ago: i64, temperature: f64) -> Value {
     })
 }
 
+/// Two users: Alice has a sensor (fed over HTTP and MQTT) and a meter, Bob a boiler.
+struct Fleet {
+    server: TestServer,
+    alice: String,
+    bob: String,
+    sensor: String,
+    sensor_token: String,
+    meter: String,
+    boiler: String,
+    mqtt: mqtt_support::Device,
+}
+
+impl Fleet {
+    async fn start() -> Self {
+        let server = TestServer::start_with(|c| c.mqtt.addr = "127.0.0.1:0".into()).await;
+        let mqtt_addr = server.server.as_ref().unwrap().mqtt_addr.unwrap();
+        let (_, alice) = server.user("alice").await;
+        let (_, bob) = server.user("bob").await;
+        let (sensor, sensor_token) = server.device(&alice, "greenhouse sensor").await;
+        let (status, _, meter) = server
+            .call(
+                Method::POST,
+                "/v1/devices",
+                Some(&alice),
+                Some(json!({"name": "water meter", "type": "meter"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{meter}");
+        let (boiler, boiler_token) = server.device(&bob, "bob's secret boiler").await;
+        let (status, _) = server
+            .ingest(&boiler_token, json!([reading(2, 70.0), reading(1, 71.0)]))
+            .await;
+        assert_eq!(status, 200);
+        let mut mqtt = mqtt_support::Device::connect(mqtt_addr, &sensor, &sensor_token);
+        mqtt.connected().await;
+        let mut fleet = Self {
+            meter: meter["id"].as_str().unwrap().to_owned(),
+            server,
+            alice,
+            bob,
+            sensor,
+            sensor_token,
+            boiler,
+            mqtt,
+        };
+        // Twelve readings in the last hour and two before it, so that the chart has
+        // more than one hour window whatever the time of day; six more over MQTT.
+        let by_http = (0..12).map(|k| reading(5 * k + 1, 18.0 + k as f64 * 0.75));
+        let older = [reading(80, 15.0), reading(100, 14.5)];
+        fleet.send_http(by_http.chain(older).collect()).await;
+        let by_mqtt = (0..6).map(|k| reading(4 * k + 3, 25.0 - k as f64));
+        fleet.send_mqtt(by_mqtt.collect()).await;
+        // One refused event, for the rejected count and the last error.
+        let (status, _) = fleet
+            .server
+            .ingest(
+                &fleet.sensor_token,
+                json!({"type": "telemetry", "metrics": {"temperature": "hot"}}),
+            )
+            .await;
+        assert_eq!(status, 400);
+        fleet
+    }
+
+    async fn send_http(&self, events: Vec<Value>) {
+        let (status, v) = self.server.ingest(&self.sensor_token, json!(events)).await;
+        assert_eq!(status, 200, "{v}");
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACKs, so the events are stored.
+    async fn send_mqtt(&mut self, events: Vec<Value>) {
+        let topic = mqtt_support::topic(&self.sensor);
+        for e in &events {
+            self.mqtt
+                .publish(&topic, QoS::AtLeastOnce, e.to_string())
+                .await;
+        }
+        self.mqtt.pubacks(events.len()).await;
+    }
+
+    /// An API answer with Alice's key.
+    async fn alices(&self, path: &str) -> Value {
+        let (status, v) = self.server.get(path, &self.alice).await;
+        assert_eq!(status, 200, "{path}: {v}");
+        v
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_a_users_fleet_live_and_only_theirs() {
     if !browser_installed() {
         return;
     }
-    let mut server = TestServer::start_with(|c| c.mqtt.addr = "127.0.0.1:0".into()).await;
-    let mqtt = server.server.as_ref().unwrap().mqtt_addr.unwrap();
-
-    // Alice has a sensor (fed over HTTP and MQTT) and a meter; Bob has a boiler.
-    let (_, alice) = server.user("alice").await;
-    let (_, bob) = server.user("bob").await;
-    let (sensor, sensor_token) = server.device(&alice, "greenhouse sensor").await;
-    let (status, _, meter) = server
-        .call(
-            Method::POST,
-            "/v1/devices",
-            Some(&alice),
-            Some(json!({"name": "water meter", "type": "meter"})),
-        )
-        .await;
-    assert_eq!(status, 201, "{meter}");
-    let meter = meter["id"].as_str().unwrap().to_owned();
-    let (boiler, boiler_token) = server.device(&bob, "bob's secret boiler").await;
-
-    // Twelve readings in the last hour and two before it, so that the chart below has
-    // more than one hour window whatever the time of day.
-    let http_events: Vec<Value> = (0..12)
-        .map(|k| reading(5 * k + 1, 18.0 + k as f64 * 0.75))
-        .chain([reading(80, 15.0), reading(100, 14.5)])
-        .collect();
-    let (status, v) = server.ingest(&sensor_token, json!(http_events)).await;
-    assert_eq!(status, 200, "{v}");
-    let mut device = mqtt_support::Device::connect(mqtt, &sensor, &sensor_token);
-    device.connected().await;
-    for k in 0..6 {
-        let payload = reading(4 * k + 3, 25.0 - k as f64).to_string();
-        device
-            .publish(mqtt_support::topic(&sensor), QoS::AtLeastOnce, payload)
-            .await;
-    }
-    device.pubacks(6).await;
-    // One refused event, for the rejected count and the last error.
-    let (status, _) = server
-        .ingest(
-            &sensor_token,
-            json!({"type": "telemetry", "metrics": {"temperature": "hot"}}),
-        )
-        .await;
-    assert_eq!(status, 400);
-    let (status, _) = server
-        .ingest(&boiler_token, json!([reading(2, 70.0), reading(1, 71.0)]))
-        .await;
-    assert_eq!(status, 200);
-
+    let mut fleet = Fleet::start().await;
     let chromedriver = Chromedriver::start().await;
-    let b = Browser::open(&chromedriver, &server.base).await;
-    b.driver.goto(format!("{}/", b.base)).await.unwrap();
-    b.until(
-        "the sign-in form",
-        "!document.getElementById('signin').hidden",
-    )
+    let b = Browser::open(&chromedriver, &fleet.server.base).await;
+    // Chromium is closed whatever happens: chromedriver, killed, would leave it running.
+    let outcome = AssertUnwindSafe(async {
+        sign_in_and_refusal(&b, &fleet).await;
+        fleet_view(&b, &fleet).await;
+        live_count_rises(&b, &mut fleet).await;
+        device_chart(&b, &fleet).await;
+        other_users_devices(&b, &fleet).await;
+        phone_width_and_no_errors(&b).await;
+    })
+    .catch_unwind()
     .await;
+    let _ = b.driver.clone().quit().await;
+    drop(chromedriver);
+    fleet.server.stop().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// A wrong key is refused with a message and not kept; Alice's key lets her in, and
+/// lives in session storage only.
+async fn sign_in_and_refusal(b: &Browser, f: &Fleet) {
+    b.driver.goto(format!("{}/", b.base)).await.unwrap();
+    b.shown("signin").await;
     b.until(
         "the health strip",
         "document.querySelectorAll('#health li[data-component]').length === 4",
@@ -328,7 +390,6 @@ async fn the_dashboard_shows_a_users_fleet_live_and_only_theirs() {
     .await;
     b.shot("1-sign-in").await;
 
-    // A wrong key is refused with a message, and is not kept.
     b.sign_in(&format!("ipk_{}", "0".repeat(64))).await;
     let refused = b
         .until(
@@ -343,65 +404,60 @@ async fn the_dashboard_shows_a_users_fleet_live_and_only_theirs() {
     assert_eq!(b.js("return sessionStorage.length;").await, 0);
     b.shot("2-wrong-key").await;
 
-    // Alice signs in: her two devices, nothing of Bob's.
-    b.sign_in(&alice).await;
-    b.until(
-        "Alice's devices",
-        "document.querySelectorAll('#devices tbody tr').length === 2",
-    )
-    .await;
-    assert_eq!(
-        b.js("return sessionStorage.getItem('iotpipe.key');").await,
-        alice.as_str()
-    );
+    b.sign_in(&f.alice).await;
+    b.shown("fleet").await;
+    let kept = b.js("return sessionStorage.getItem('iotpipe.key');").await;
+    assert_eq!(kept, f.alice.as_str());
     let url = b.driver.current_url().await.unwrap().to_string();
     assert!(!url.contains("ipk_"), "the key is never in the URL: {url}");
     assert_eq!(b.js("return document.cookie;").await, "");
-    // The sensor's row: the 20 events received in the last minute, 18 of them with a
-    // `ts` in the last hour, and the refused one counted, with its reason.
-    let sensor_row = format!("#devices tr[data-device-id=\"{sensor}\"]");
+}
+
+fn sensor_row(f: &Fleet) -> String {
+    format!("#devices tr[data-device-id=\"{}\"]", f.sensor)
+}
+
+/// Alice's two devices with their figures; the fleet chart as the API counts it.
+async fn fleet_view(b: &Browser, f: &Fleet) {
+    // The sensor: 20 events received in the last minute, 18 of them with a `ts` in the
+    // last hour, and the refused one counted, with its reason.
+    let row = sensor_row(f);
     b.until(
         "the sensor's live figures",
         &format!(
-            "document.querySelector('{sensor_row} .minute').textContent === '20' && \
-             document.querySelector('{sensor_row} .rejected').textContent === '1'"
+            "document.querySelectorAll('#devices tbody tr').length === 2 && \
+             document.querySelector('{row} .minute').textContent === '20' && \
+             document.querySelector('{row} .rejected').textContent === '1'"
         ),
     )
     .await;
     let rows = b.fleet_rows().await;
     let mut ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
     ids.sort_unstable();
-    let mut mine = vec![sensor.as_str(), meter.as_str()];
+    let mut mine = vec![f.sensor.as_str(), f.meter.as_str()];
     mine.sort_unstable();
     assert_eq!(ids, mine);
-    let page = b.driver.source().await.unwrap();
-    assert!(!page.contains(&boiler) && !page.contains("boiler"));
-
-    let shown = rows.iter().find(|r| r["id"] == sensor.as_str()).unwrap();
+    let shown = rows.iter().find(|r| r["id"] == f.sensor.as_str()).unwrap();
     assert_eq!(shown["type"], "sensor");
     assert_eq!(shown["hour"], "18", "{shown}");
-    let (_, live) = server
-        .get(&format!("/v1/devices/{sensor}/live"), &alice)
-        .await;
+    let live = f.alices(&format!("/v1/devices/{}/live", f.sensor)).await;
     assert_eq!(live["events_last_minute"], 20, "{live}");
     assert!(live["last_error"].as_str().is_some_and(|e| !e.is_empty()));
     assert_eq!(shown["error"], live["last_error"], "{live}");
+
     b.until(
         "the fleet chart",
         "Number(document.getElementById('fleet-chart').dataset.points) > 0",
     )
     .await;
     b.shot("3-fleet").await;
-
-    // The fleet chart: the counts per window and type that the API gives.
     let (chart, table) = b.chart("fleet-chart", "fleet-data").await;
-    let (status, fleet) = server
-        .get(
-            &format!("/v1/aggregates?group_by=type&{}", windows_query(&chart)),
-            &alice,
-        )
+    let fleet = f
+        .alices(&format!(
+            "/v1/aggregates?group_by=type&{}",
+            windows_query(&chart)
+        ))
         .await;
-    assert_eq!(status, 200, "{fleet}");
     let buckets = fleet["buckets"].as_array().unwrap();
     let mut starts: Vec<i64> = buckets
         .iter()
@@ -418,42 +474,33 @@ async fn the_dashboard_shows_a_users_fleet_live_and_only_theirs() {
         );
         assert_eq!(row["cells"][1], b["count"].to_string());
     }
+}
 
-    // More events, over both paths: the live count rises on the page.
-    let (status, _) = server
-        .ingest(
-            &sensor_token,
-            json!((0..5).map(|_| reading(0, 20.0)).collect::<Vec<_>>()),
-        )
+/// More events, over both paths: the live count rises on the page by itself.
+async fn live_count_rises(b: &Browser, f: &mut Fleet) {
+    f.send_http((0..5).map(|_| reading(0, 20.0)).collect())
         .await;
-    assert_eq!(status, 200);
-    for _ in 0..3 {
-        device
-            .publish(
-                mqtt_support::topic(&sensor),
-                QoS::AtLeastOnce,
-                reading(0, 21.0).to_string(),
-            )
-            .await;
-    }
-    device.pubacks(3).await;
+    f.send_mqtt((0..3).map(|_| reading(0, 21.0)).collect())
+        .await;
+    let row = sensor_row(f);
     b.until(
         "the live count to rise to 28",
-        &format!("document.querySelector('{sensor_row} .minute').textContent === '28'"),
+        &format!("document.querySelector('{row} .minute').textContent === '28'"),
     )
     .await;
     b.shot("4-fleet-after-more-events").await;
+}
 
-    // The sensor's chart: temperature over 6 h in 1 h windows aligned to Kolkata's
-    // midnight, so at :30 UTC. What is plotted is what the API answers.
-    b.driver
-        .find(By::Css(format!("{sensor_row} a")))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.until("the device view", "!document.getElementById('device').hidden && document.getElementById('device-name').textContent === 'greenhouse sensor'").await;
+/// The sensor's chart: temperature over 6 h in 1 h windows aligned to Kolkata's
+/// midnight, so at :30 UTC; then the counts. What is plotted is what the API answers.
+async fn device_chart(b: &Browser, f: &Fleet) {
+    b.click(&format!("{} a", sensor_row(f))).await;
+    b.until(
+        "the device view",
+        "!document.getElementById('device').hidden && \
+         document.getElementById('device-name').textContent === 'greenhouse sensor'",
+    )
+    .await;
     b.until(
         "the metrics menu",
         "document.querySelectorAll('#metric option').length === 3",
@@ -462,8 +509,8 @@ async fn the_dashboard_shows_a_users_fleet_live_and_only_theirs() {
     b.select("metric", "temperature").await;
     b.select("range", "21600000").await;
     b.select("window", "1h").await;
-    // ICU, and so Chromium, may still list India's zone under its old name; the
-    // server knows both.
+    // ICU, and so Chromium, may list India's zone under its old name; the server
+    // knows both.
     let kolkata = b
         .js("return ['Asia/Kolkata', 'Asia/Calcutta'].find(z => document.querySelector(`#tz option[value=\"${z}\"]`));")
         .await;
@@ -473,27 +520,26 @@ async fn the_dashboard_shows_a_users_fleet_live_and_only_theirs() {
     b.until(
         "the temperature chart",
         &format!(
-            "{box_}.metric === 'temperature' && {box_}.window === '1h' && {box_}.tz === '{kolkata}' && {box_}.mode === 'avg'"
+            "{box_}.metric === 'temperature' && {box_}.window === '1h' && \
+             {box_}.tz === '{kolkata}' && {box_}.mode === 'avg'"
         ),
     )
     .await;
     b.shot("5-device").await;
+    let aggregates = |chart: Value| {
+        let path = format!(
+            "/v1/devices/{}/aggregates?metric=temperature&{}",
+            f.sensor,
+            windows_query(&chart)
+        );
+        async move { f.alices(&path).await["buckets"].as_array().unwrap().clone() }
+    };
     let (chart, table) = b.chart("device-chart", "device-data").await;
-    let (status, agg) = server
-        .get(
-            &format!(
-                "/v1/devices/{sensor}/aggregates?metric=temperature&{}",
-                windows_query(&chart)
-            ),
-            &alice,
-        )
-        .await;
-    assert_eq!(status, 200, "{agg}");
-    let buckets = agg["buckets"].as_array().unwrap();
-    assert!(buckets.len() >= 2, "{agg}");
+    let buckets = aggregates(chart.clone()).await;
+    assert!(buckets.len() >= 2, "{buckets:?}");
     assert_eq!(number(&chart["points"]) as usize, buckets.len());
     assert_eq!(table.len(), buckets.len());
-    for (row, b) in table.iter().zip(buckets) {
+    for (row, b) in table.iter().zip(&buckets) {
         let start = b["start_ms"].as_i64().unwrap();
         assert_eq!(start.rem_euclid(3_600_000), 1_800_000, "Kolkata hours");
         assert_eq!(number(&row["startMs"]) as i64, start);
@@ -508,9 +554,7 @@ async fn the_dashboard_shows_a_users_fleet_live_and_only_theirs() {
             );
         }
     }
-    let (_, latest) = server
-        .get(&format!("/v1/devices/{sensor}/latest"), &alice)
-        .await;
+    let latest = f.alices(&format!("/v1/devices/{}/latest", f.sensor)).await;
     let shown = b
         .js("return document.querySelector('#latest tr[data-metric=\"temperature\"]').dataset.value;")
         .await;
@@ -519,36 +563,28 @@ async fn the_dashboard_shows_a_users_fleet_live_and_only_theirs() {
         latest["metrics"]["temperature"]["value"].as_f64().unwrap()
     );
 
-    // The count view of the same windows.
     b.select("mode", "count").await;
     b.until("the count chart", &format!("{box_}.mode === 'count'"))
         .await;
     let (chart, table) = b.chart("device-chart", "device-data").await;
-    let (_, agg) = server
-        .get(
-            &format!(
-                "/v1/devices/{sensor}/aggregates?metric=temperature&{}",
-                windows_query(&chart)
-            ),
-            &alice,
-        )
-        .await;
-    let counts: Vec<String> = agg["buckets"]
-        .as_array()
-        .unwrap()
+    let counts: Vec<String> = aggregates(chart.clone())
+        .await
         .iter()
         .map(|b| b["count"].to_string())
         .collect();
-    let shown: Vec<String> = table
+    let shown: Vec<&str> = table
         .iter()
-        .map(|r| r["cells"][1].as_str().unwrap().to_owned())
+        .map(|r| r["cells"][1].as_str().unwrap())
         .collect();
     assert_eq!(shown, counts);
     assert_eq!(number(&chart["points"]) as usize, counts.len());
+}
 
-    // Bob's device, asked for by id in Alice's page: not found, nothing shown.
+/// Bob's device, asked for by id in Alice's page, is not found and nothing of it is
+/// shown; after Alice signs out, Bob on the same tab sees his boiler only.
+async fn other_users_devices(b: &Browser, f: &Fleet) {
     b.driver
-        .goto(format!("{}/#/device/{boiler}", b.base))
+        .goto(format!("{}/#/device/{}", b.base, f.boiler))
         .await
         .unwrap();
     b.until(
@@ -560,38 +596,33 @@ async fn the_dashboard_shows_a_users_fleet_live_and_only_theirs() {
     assert!(!page.contains("boiler"), "nothing of Bob's device is shown");
     b.shot("6-other-users-device").await;
 
-    // Bob signs in on the same tab after Alice signs out: his boiler only.
     b.driver.goto(format!("{}/#/", b.base)).await.unwrap();
-    b.driver
-        .find(By::Id("signout"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.until(
-        "the sign-in form",
-        "!document.getElementById('signin').hidden",
-    )
-    .await;
-    assert_eq!(
-        b.js("return sessionStorage.getItem('iotpipe.key');").await,
-        Value::Null
-    );
-    b.sign_in(&bob).await;
+    let page = b.driver.source().await.unwrap();
+    assert!(!page.contains(&f.boiler) && !page.contains("boiler"));
+    b.click("#signout").await;
+    b.shown("signin").await;
+    let kept = b.js("return sessionStorage.getItem('iotpipe.key');").await;
+    assert_eq!(kept, Value::Null);
+    b.sign_in(&f.bob).await;
     b.until(
         "Bob's device",
         &format!(
-            "document.querySelectorAll('#devices tbody tr').length === 1 && document.querySelector('#devices tr[data-device-id=\"{boiler}\"]')"
+            "document.querySelectorAll('#devices tbody tr').length === 1 && \
+             document.querySelector('#devices tr[data-device-id=\"{}\"]')",
+            f.boiler
         ),
     )
     .await;
     let page = b.driver.source().await.unwrap();
-    for alices in [sensor.as_str(), meter.as_str(), "greenhouse", "water meter"] {
+    for alices in [f.sensor.as_str(), &f.meter, "greenhouse", "water meter"] {
         assert!(!page.contains(alices), "{alices} shown to Bob");
     }
+}
 
-    // At phone width the page fits the screen: no sideways scrolling of the page.
+/// At phone width the page fits the screen (no sideways scrolling of the page), and
+/// the page logged no script error or policy violation all along; the refused calls
+/// (401, 404) were expected.
+async fn phone_width_and_no_errors(b: &Browser) {
     b.driver.set_window_rect(0, 0, 390, 844).await.unwrap();
     b.until(
         "the phone layout",
@@ -599,8 +630,6 @@ async fn the_dashboard_shows_a_users_fleet_live_and_only_theirs() {
     )
     .await;
     b.shot("7-fleet-phone").await;
-
-    // No script error or policy violation; refused calls (401, 404) are expected.
     let log = b.driver.browser_log().await.unwrap();
     let errors: Vec<&str> = log
         .iter()
@@ -608,8 +637,4 @@ async fn the_dashboard_shows_a_users_fleet_live_and_only_theirs() {
         .filter(|m| !m.contains("status of 401") && !m.contains("status of 404"))
         .collect();
     assert!(errors.is_empty(), "browser errors: {errors:#?}");
-
-    b.driver.quit().await.unwrap();
-    drop(chromedriver);
-    server.stop().await;
 }

@@ -510,4 +510,10 @@ setupControls();
 const saved = sessionStorage.getItem(KEY_SLOT);
 client = saved ? new Client(saved) : null;
 route();
-setInterval(() => void tick(), POLL_MS);
+// A tab in the background does not poll; it catches up when shown again.
+setInterval(() => {
+  if (!document.hidden) void tick();
+}, POLL_MS);
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden) void tick();
+});
