@@ -38,7 +38,7 @@ export class Chart {
     this.plot?.destroy();
     this.layout = layout;
     const x = { time: true, range: (): uPlot.Range.MinMax => this.xRange };
-    this.plot = new uPlot({ ...opts, scales: { x }, ...this.size() }, data, this.box);
+    this.plot = new uPlot({ ...opts, scales: { ...opts.scales, x }, ...this.size() }, data, this.box);
   }
 
   clear(): void {
@@ -48,13 +48,21 @@ export class Chart {
   }
 }
 
+/** Whole steps for a count axis: no tick at half an event. */
+const COUNT_STEPS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8].map((p) => m * p)).sort((a, b) => a - b);
+
 /** Axis labels and the cursor's time, in the chosen zone. */
-function timeOptions(tz: string): Pick<uPlot.Options, "tzDate" | "axes"> {
+function timeOptions(tz: string, counts = false): Pick<uPlot.Options, "tzDate" | "axes"> {
   return {
     tzDate: (ts: number) => uPlot.tzDate(new Date(ts * 1000), tz),
-    axes: [{ stroke: "#475569" }, { stroke: "#475569", size: 56 }],
+    axes: [{ stroke: "#475569" }, { stroke: "#475569", size: 56, ...(counts ? { incrs: COUNT_STEPS } : {}) }],
   };
 }
+
+/** Counts start at zero, or a bar of 1 among bars of 2 would look empty. */
+const COUNT_SCALES: uPlot.Scales = {
+  y: { range: (_u, _min, max) => uPlot.rangeNum(0, Math.max(max, 1), 0.1, true) },
+};
 
 /** Marks the box with what it shows: the query, how many points, a render counter. */
 function describeBox(box: HTMLElement, w: Windows, points: number, extra: Record<string, string>): void {
@@ -96,7 +104,6 @@ export function drawDevice(
   mode: Mode,
 ): void {
   const x = buckets.map((b) => b.start_ms / 1000);
-  const tz = timeOptions(w.tz);
   if (mode === "avg") {
     const avg = buckets.map((b) => b.avg ?? null);
     const min = buckets.map((b) => b.min ?? null);
@@ -105,7 +112,7 @@ export function drawDevice(
       `avg:${metric}:${w.tz}`,
       w,
       {
-        ...tz,
+        ...timeOptions(w.tz),
         series: [
           {},
           { label: `${metric} avg`, stroke: PALETTE[0], width: 2, points: { show: true, size: 5 } },
@@ -122,7 +129,8 @@ export function drawDevice(
       `count:${w.tz}`,
       w,
       {
-        ...tz,
+        ...timeOptions(w.tz, true),
+        scales: COUNT_SCALES,
         series: [
           {},
           {
@@ -172,7 +180,8 @@ export function drawFleet(chart: Chart, box: HTMLElement, table: HTMLTableElemen
     `fleet:${w.tz}:${groups.join(",")}`,
     w,
     {
-      ...timeOptions(w.tz),
+      ...timeOptions(w.tz, true),
+      scales: COUNT_SCALES,
       series: [
         {},
         // Bars, not lines: a window without events is simply no bar, where a line

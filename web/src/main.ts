@@ -185,8 +185,10 @@ function clearData(): void {
   for (const id of ["sum-total", "sum-minute", "sum-active", "dev-total", "dev-minute", "dev-rejected", "dev-seen"]) {
     $(id).textContent = "–";
   }
-  for (const id of ["device-name", "device-meta", "dev-error"]) $(id).textContent = "";
+  for (const id of ["device-name", "device-meta", "dev-error", "device-missing"]) $(id).textContent = "";
   $("dev-error").hidden = true;
+  $("device-missing").hidden = true;
+  $("device-body").hidden = false;
   $("devices-note").hidden = true;
   $<HTMLSelectElement>("metric").replaceChildren();
   for (const box of [$("fleet-chart"), $("device-chart")]) {
@@ -421,9 +423,10 @@ async function refreshDevice(c: Client, gen: number): Promise<void> {
     // The same answer for another user's device as for none: nothing to show.
     clearData();
     $("device-name").textContent = "Device not found";
-    const err = $("dev-error");
-    err.textContent = e.message;
-    err.hidden = false;
+    const missing = $("device-missing");
+    missing.textContent = e.message;
+    missing.hidden = false;
+    $("device-body").hidden = true;
     return;
   }
   const [device, live, latest] = answers;
