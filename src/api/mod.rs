@@ -5,6 +5,7 @@
 //! unauthenticated operations endpoints in [`ops`].
 
 pub mod auth;
+pub mod dashboard;
 pub mod devices;
 pub mod error;
 pub mod ops;
@@ -114,6 +115,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/latest", get(crate::query::latest::fleet))
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
+        .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
