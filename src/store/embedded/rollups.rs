@@ -217,11 +217,10 @@ impl Inner {
             *m = (*m).max(minute);
         }
         for &device in flush_newest.keys() {
-            if !caches.newest_minute.contains_key(&device) {
+            if let std::collections::hash_map::Entry::Vacant(e) = caches.newest_minute.entry(device)
+            {
                 let stored = self.newest_event_minute(device.0, device.1)?;
-                caches
-                    .newest_minute
-                    .insert(device, stored.unwrap_or(i64::MIN));
+                e.insert(stored.unwrap_or(i64::MIN));
             }
         }
         staged.newest_minute = flush_newest.into_iter().collect();
