@@ -127,7 +127,8 @@ impl EmbeddedStore {
         let ids = db.keyspace("ids", memtable).map_err(engine)?;
         let timed_ids = db.keyspace("timed_ids", small).map_err(engine)?;
         let rollups = RollupKeyspaces {
-            minute: db.keyspace("rollups", small).map_err(engine)?,
+            old_minute: db.keyspace("rollups", small).map_err(engine)?,
+            minute: db.keyspace("minutes", small).map_err(engine)?,
             coarse: db.keyspace("rollups_coarse", small).map_err(engine)?,
             fleet: db.keyspace("fleet_counts", small).map_err(engine)?,
         };

@@ -1,18 +1,19 @@
 //! Rollups in the embedded store: every level kept in the same atomic batch as the
 //! events, by read-modify-write under the write mutex, so they are exact at once.
 //!
-//! Three keyspaces:
-//! - `rollups`: minutes of a device. Key = user (8) | device (16) | metric length (1)
-//!   | metric | minute (8) | type, value = a row in postcard: the [`Summary`] (and, in
-//!   hour and day rows of a metric, its values' [`Sketch`]). Metric "" counts all
-//!   events. Directories from before sketches hold a bare `Summary`, read as a row
-//!   without a sketch.
+//! Three keyspaces (values in postcard):
+//! - `minutes`: the minutes of a device, one row per hour. Key = user (8) | device
+//!   (16) | metric length (1) | metric | hour (8) | type, value = [`Minutes`]. Metric
+//!   "" counts all events.
 //! - `rollups_coarse`: hours and days of a device. Key = user | device | level (1) |
-//!   metric length | metric | start (8) | type. Kept apart from the minutes so that
-//!   data directories from before the levels keep their minute keys.
+//!   metric length | metric | start (8) | type, value = the [`Summary`] and, for a
+//!   metric, the [`Sketch`] of its values.
 //! - `fleet_counts`: hours and days of every device of a user, counts only, time
 //!   first. Key = user | level | start | device | type. A grouped query over a fleet
 //!   reads one slice of it instead of one slice per device.
+//!
+//! Directories from before these keep minute rows (one per minute, a bare `Summary`)
+//! in `rollups`; they are converted once, when opened.
 //!
 //! A flush first sums its new events per minute, then derives hours, days and fleet
 //! rows from those minute sums: the coarser rows cost one map entry per distinct row,
@@ -47,8 +48,53 @@ fn decode_row(bytes: &[u8]) -> Result<Row, StoreError> {
     })
 }
 
+/// One hour of minute summaries (of one device, metric and type), sparse and in
+/// minute order: `(minute of the hour, summary)`. One row per hour rather than per
+/// minute: a fleet whose devices send an event a minute would otherwise write a new
+/// row with nearly every event, and those writes were most of its ingest cost.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(super) struct Minutes(Vec<(u8, Summary)>);
+
+impl Minutes {
+    fn add(&mut self, minute: u8, s: &Summary) {
+        match self.0.binary_search_by_key(&minute, |e| e.0) {
+            Ok(i) => self.0[i].1.merge(s),
+            Err(i) => self.0.insert(i, (minute, *s)),
+        }
+    }
+}
+
+/// What a rollup keyspace holds: rows that merge, and their encoding.
+trait Value: Default + serde::Serialize {
+    fn merge(&mut self, other: &Self);
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError>;
+}
+
+impl Value for Row {
+    fn merge(&mut self, other: &Self) {
+        Stats::merge(self, other);
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        decode_row(bytes)
+    }
+}
+
+impl Value for Minutes {
+    fn merge(&mut self, other: &Self) {
+        for (m, s) in &other.0 {
+            self.add(*m, s);
+        }
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        postcard::from_bytes(bytes).map_err(corrupt)
+    }
+}
+
 /// The rollup keyspaces.
 pub(super) struct RollupKeyspaces {
+    /// Minute rows of directories from before `minutes`: read once, by
+    /// [`Inner::build_levels`].
+    pub(super) old_minute: Keyspace,
     pub(super) minute: Keyspace,
     pub(super) coarse: Keyspace,
     pub(super) fleet: Keyspace,
@@ -128,13 +174,15 @@ impl Staged {
     }
 }
 
-/// Minute, hour, day and fleet rows derived from a flush's minute sums.
-/// Rows by keyspace: (key, row, known to be new).
-type Derived = [(Which, Vec<(Vec<u8>, Row, bool)>); 3];
+/// Rows derived from a flush's minute sums: (key, row, known to be new).
+struct Derived {
+    minutes: Vec<(Vec<u8>, Minutes, bool)>,
+    coarse: Vec<(Vec<u8>, Row, bool)>,
+    fleet: Vec<(Vec<u8>, Row, bool)>,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Which {
-    Minute,
     Coarse,
     Fleet,
 }
@@ -144,11 +192,8 @@ fn derive(sums: MinuteSums<'_>, newest_minute: &HashMap<(UserId, DeviceId), i64>
     // rows fall in one of them, and a byte key is then built once per row.
     let mut coarse: HashMap<(UserId, DeviceId, Level, &str, i64, &str), Row> = HashMap::default();
     let mut fleet: HashMap<(UserId, Level, i64, DeviceId, &str), Row> = HashMap::default();
-    let mut minute = Vec::with_capacity(sums.rows.len());
+    let mut minutes: HashMap<(UserId, DeviceId, &str, i64, &str), Minutes> = HashMap::default();
     for ((user, device, metric, start, kind), summary) in sums.rows {
-        let new = newest_minute
-            .get(&(user, device))
-            .is_some_and(|newest| start > *newest);
         let s = Row {
             summary,
             sketch: None,
@@ -166,7 +211,11 @@ fn derive(sums: MinuteSums<'_>, newest_minute: &HashMap<(UserId, DeviceId), i64>
                     .merge(&s);
             }
         }
-        minute.push((minute_key(user, device, metric, start, kind), s, new));
+        let hour = bucket_start(start, Level::Hour.ms());
+        minutes
+            .entry((user, device, metric, hour, kind))
+            .or_default()
+            .add(minute_of_hour(start), &summary);
     }
     for ((user, device, metric, hour, kind), sketch) in sums.hour_sketches {
         let day = bucket_start(hour, Level::Day.ms());
@@ -180,6 +229,16 @@ fn derive(sums: MinuteSums<'_>, newest_minute: &HashMap<(UserId, DeviceId), i64>
             }
         }
     }
+    let minutes = minutes
+        .into_iter()
+        .map(|((user, device, metric, hour, kind), m)| {
+            // An hour past the device's newest stored minute has no row yet.
+            let new = newest_minute.get(&(user, device)).is_some_and(|&newest| {
+                newest == i64::MIN || hour > bucket_start(newest, Level::Hour.ms())
+            });
+            (minutes_key(user, device, metric, hour, kind), m, new)
+        })
+        .collect();
     let coarse = coarse
         .into_iter()
         .map(|((user, device, level, metric, at, kind), s)| {
@@ -192,11 +251,47 @@ fn derive(sums: MinuteSums<'_>, newest_minute: &HashMap<(UserId, DeviceId), i64>
             (fleet_key(user, level, at, device, kind), s, false)
         })
         .collect();
-    [
-        (Which::Minute, minute),
-        (Which::Coarse, coarse),
-        (Which::Fleet, fleet),
-    ]
+    Derived {
+        minutes,
+        coarse,
+        fleet,
+    }
+}
+
+fn minute_of_hour(minute_ms: i64) -> u8 {
+    ((minute_ms - bucket_start(minute_ms, Level::Hour.ms())) / Level::Minute.ms()) as u8
+}
+
+/// Adds rows to a keyspace in `batch`: each merged with its cached or stored value
+/// unless known to be new. Returns the encoded rows, for the cache.
+fn stage<T: Value>(
+    keyspace: &Keyspace,
+    cache: &mut HashMap<Vec<u8>, Vec<u8>>,
+    mut rows: Vec<(Vec<u8>, T, bool)>,
+    batch: &mut WriteBatch,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    if cache.len() + rows.len() > CACHE_ROWS {
+        cache.clear();
+    }
+    // In key order, like the events: neighbours inserted one after another keep the
+    // memtable's search paths in cache.
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::with_capacity(rows.len());
+    for (key, mut row, new) in rows {
+        match cache.get(&key) {
+            Some(cached) => row.merge(&T::decode(cached)?),
+            None if new => {}
+            None => {
+                if let Some(bytes) = keyspace.get(&key).map_err(engine)? {
+                    row.merge(&T::decode(&bytes)?);
+                }
+            }
+        }
+        let value = postcard::to_allocvec(&row).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        batch.insert(keyspace, key.clone(), value.clone());
+        out.push((key, value));
+    }
+    Ok(out)
 }
 
 impl Inner {
@@ -224,35 +319,11 @@ impl Inner {
             }
         }
         staged.newest_minute = flush_newest.into_iter().collect();
-        for (which, rows) in derive(sums, &caches.newest_minute) {
-            let (keyspace, cache, out) = match which {
-                Which::Minute => (&self.rollups.minute, &mut caches.minute, &mut staged.minute),
-                Which::Coarse => (&self.rollups.coarse, &mut caches.coarse, &mut staged.coarse),
-                Which::Fleet => (&self.rollups.fleet, &mut caches.fleet, &mut staged.fleet),
-            };
-            if cache.len() + rows.len() > CACHE_ROWS {
-                cache.clear();
-            }
-            // In key order, like the events: neighbours inserted one after another
-            // keep the memtable's search paths in cache.
-            let mut rows = rows;
-            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            out.reserve(rows.len());
-            for (key, mut row, new) in rows {
-                match cache.get(&key) {
-                    Some(cached) => row.merge(&decode_row(cached)?),
-                    None if new => {}
-                    None => {
-                        if let Some(bytes) = keyspace.get(&key).map_err(engine)? {
-                            row.merge(&decode_row(&bytes)?);
-                        }
-                    }
-                }
-                let value = encode(&row)?;
-                batch.insert(keyspace, key.clone(), value.clone());
-                out.push((key, value));
-            }
-        }
+        let derived = derive(sums, &caches.newest_minute);
+        let r = &self.rollups;
+        staged.minute = stage(&r.minute, &mut caches.minute, derived.minutes, batch)?;
+        staged.coarse = stage(&r.coarse, &mut caches.coarse, derived.coarse, batch)?;
+        staged.fleet = stage(&r.fleet, &mut caches.fleet, derived.fleet, batch)?;
         Ok(staged)
     }
 
@@ -276,24 +347,17 @@ impl Inner {
     }
 
     pub(super) fn read_rollups(&self, q: &RollupQuery) -> Result<Vec<Rollup>, StoreError> {
+        if q.level == Level::Minute {
+            return self.read_minutes(q);
+        }
         let metric = q.metric.as_deref().unwrap_or("");
-        let (keyspace, lo, hi) = match q.level {
-            Level::Minute => (
-                &self.rollups.minute,
-                minute_key(q.user_id, q.device_id, metric, q.from_ms, ""),
-                minute_key(q.user_id, q.device_id, metric, q.to_ms, ""),
-            ),
-            level => (
-                &self.rollups.coarse,
-                coarse_key(q.user_id, q.device_id, level, metric, q.from_ms, ""),
-                coarse_key(q.user_id, q.device_id, level, metric, q.to_ms, ""),
-            ),
-        };
+        let lo = coarse_key(q.user_id, q.device_id, q.level, metric, q.from_ms, "");
+        let hi = coarse_key(q.user_id, q.device_id, q.level, metric, q.to_ms, "");
         // The start sits right before the type, at the same offset in every key of
         // the slice.
         let at = lo.len() - 8;
         let mut out = Vec::new();
-        for item in keyspace.range(lo..hi) {
+        for item in self.rollups.coarse.range(lo..hi) {
             let (key, value) = item.into_inner().map_err(engine)?;
             let start_ms = unordered(key[at..at + 8].try_into().map_err(corrupt)?);
             let kind = std::str::from_utf8(&key[at + 8..]).map_err(corrupt)?;
@@ -308,6 +372,36 @@ impl Inner {
                 sketch: row.sketch,
             });
         }
+        Ok(out)
+    }
+
+    fn read_minutes(&self, q: &RollupQuery) -> Result<Vec<Rollup>, StoreError> {
+        let metric = q.metric.as_deref().unwrap_or("");
+        let first_hour = bucket_start(q.from_ms, Level::Hour.ms());
+        let lo = minutes_key(q.user_id, q.device_id, metric, first_hour, "");
+        let hi = minutes_key(q.user_id, q.device_id, metric, q.to_ms, "");
+        let at = lo.len() - 8;
+        let mut out = Vec::new();
+        for item in self.rollups.minute.range(lo..hi) {
+            let (key, value) = item.into_inner().map_err(engine)?;
+            let hour = unordered(key[at..at + 8].try_into().map_err(corrupt)?);
+            let kind = std::str::from_utf8(&key[at + 8..]).map_err(corrupt)?;
+            if q.kind.as_deref().is_some_and(|k| k != kind) {
+                continue;
+            }
+            for (m, summary) in Minutes::decode(&value)?.0 {
+                let start_ms = hour + i64::from(m) * Level::Minute.ms();
+                if (q.from_ms..q.to_ms).contains(&start_ms) {
+                    out.push(Rollup {
+                        start_ms,
+                        kind: kind.to_owned(),
+                        summary,
+                        sketch: None,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.start_ms, &a.kind).cmp(&(b.start_ms, &b.kind)));
         Ok(out)
     }
 
@@ -335,15 +429,23 @@ impl Inner {
         Ok(Some(out))
     }
 
-    /// Builds the hour, day and fleet rows of a data directory written before they
-    /// existed, from its minute rows. Overwrites rather than adds, so that a build cut
-    /// short by a crash is simply done again at the next start.
+    /// Builds the hour-packed minutes and the hour, day and fleet rows of a data
+    /// directory written before they existed, from its minute rows. Overwrites
+    /// rather than adds, so that a build cut short by a crash is simply done again at
+    /// the next start.
     pub(super) fn build_levels(&self) -> Result<(), StoreError> {
         const BATCH_ROWS: usize = 10_000;
         let mut derived: HashMap<(Which, Vec<u8>), Row> = HashMap::default();
+        let mut packed: HashMap<Vec<u8>, Minutes> = HashMap::default();
         let mut prefix: Vec<u8> = Vec::new();
-        let flush = |derived: &mut HashMap<(Which, Vec<u8>), Row>| {
+        let flush = |derived: &mut HashMap<(Which, Vec<u8>), Row>,
+                     packed: &mut HashMap<Vec<u8>, Minutes>| {
             let mut batch = self.db.batch();
+            for (key, m) in packed.drain() {
+                let value =
+                    postcard::to_allocvec(&m).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                batch.insert(&self.rollups.minute, key, value);
+            }
             for ((which, key), s) in derived.drain() {
                 let keyspace = match which {
                     Which::Fleet => &self.rollups.fleet,
@@ -353,19 +455,24 @@ impl Inner {
             }
             batch.commit().map_err(engine)
         };
-        for item in self.rollups.minute.iter() {
+        for item in self.rollups.old_minute.iter() {
             let (key, value) = item.into_inner().map_err(engine)?;
             let (user, device, metric, minute, kind) = parse_minute_key(&key)?;
             // Rows of one (user, device, metric) are contiguous: once past them, their
             // hours and days are complete and can be written.
             let this_prefix = &key[..25 + metric.len()];
             if this_prefix != prefix.as_slice() {
-                if derived.len() >= BATCH_ROWS {
-                    flush(&mut derived)?;
+                if derived.len() + packed.len() >= BATCH_ROWS {
+                    flush(&mut derived, &mut packed)?;
                 }
                 prefix = this_prefix.to_vec();
             }
             let s = decode_row(&value)?;
+            let hour = bucket_start(minute, Level::Hour.ms());
+            packed
+                .entry(minutes_key(user, device, metric, hour, kind))
+                .or_default()
+                .add(minute_of_hour(minute), &s.summary);
             for level in [Level::Hour, Level::Day] {
                 let at = bucket_start(minute, level.ms());
                 derived
@@ -383,7 +490,7 @@ impl Inner {
                 }
             }
         }
-        flush(&mut derived)
+        flush(&mut derived, &mut packed)
     }
 }
 
@@ -406,6 +513,11 @@ fn minute_key(user: UserId, device: DeviceId, metric: &str, start: i64, kind: &s
     k.extend_from_slice(&ordered(start));
     k.extend_from_slice(kind.as_bytes());
     k
+}
+
+/// The key of an hour of minutes: laid out as a minute row's, with the hour.
+fn minutes_key(user: UserId, device: DeviceId, metric: &str, hour: i64, kind: &str) -> Vec<u8> {
+    minute_key(user, device, metric, hour, kind)
 }
 
 fn coarse_key(
@@ -454,6 +566,90 @@ fn parse_minute_key(key: &[u8]) -> Result<(UserId, DeviceId, &str, i64, &str), S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use fjall::{KeyspaceCreateOptions, PersistMode};
+
+    #[test]
+    fn a_directory_from_before_the_levels_gets_them_built_from_its_minute_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DeviceId::from_u128(7);
+        let m0 = 1_800_000_000_000 - 1_800_000_000_000 % 86_400_000;
+        let minutes = [
+            (m0 + 60_000, 2.0),
+            (m0 + 61 * 60_000, 4.0),
+            (m0 + 62 * 60_000, 6.0),
+        ];
+        {
+            // As the older layout left it: one row per minute, a bare Summary, in
+            // `rollups`, and no marker.
+            let store = EmbeddedStore::open(dir.path(), 3_600_000).unwrap();
+            let inner = &store.inner;
+            for (minute, v) in minutes {
+                for (metric, value) in [("", None), ("temp", Some(v))] {
+                    let mut s = Summary::EMPTY;
+                    s.add(value);
+                    let key = minute_key(1, d, metric, minute, "t");
+                    inner
+                        .rollups
+                        .old_minute
+                        .insert(key, postcard::to_allocvec(&s).unwrap())
+                        .unwrap();
+                }
+            }
+            let meta = inner
+                .db
+                .keyspace("meta", KeyspaceCreateOptions::default)
+                .unwrap();
+            meta.remove(LEVELS_META_KEY).unwrap();
+            inner.db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path(), 3_600_000).unwrap();
+        let q = |level, metric: Option<&str>| RollupQuery {
+            user_id: 1,
+            device_id: d,
+            level,
+            from_ms: m0,
+            to_ms: m0 + 86_400_000,
+            metric: metric.map(str::to_owned),
+            kind: None,
+        };
+        let minute_rows = store
+            .inner
+            .read_rollups(&q(Level::Minute, Some("temp")))
+            .unwrap();
+        assert_eq!(
+            minute_rows
+                .iter()
+                .map(|r| (r.start_ms, r.summary.sum))
+                .collect::<Vec<_>>(),
+            minutes.to_vec()
+        );
+        let hours = store.inner.read_rollups(&q(Level::Hour, None)).unwrap();
+        assert_eq!(
+            hours
+                .iter()
+                .map(|r| (r.start_ms, r.summary.count))
+                .collect::<Vec<_>>(),
+            [(m0, 1), (m0 + 3_600_000, 2)]
+        );
+        let days = store
+            .inner
+            .read_rollups(&q(Level::Day, Some("temp")))
+            .unwrap();
+        assert_eq!((days.len(), days[0].summary.sum), (1, 12.0));
+        let fleet = store
+            .inner
+            .read_fleet(&FleetQuery {
+                user_id: 1,
+                level: Level::Day,
+                from_ms: m0,
+                to_ms: m0 + 86_400_000,
+                kind: None,
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(fleet.iter().map(|f| f.count).collect::<Vec<_>>(), [3]);
+    }
 
     #[test]
     fn minute_keys_parse_back() {
