@@ -150,12 +150,15 @@ impl<'a> MinuteSums<'a> {
     }
 }
 
+/// A row's key and value, as written.
+type Encoded = (Vec<u8>, Vec<u8>);
+
 /// Rows staged in a batch, to enter the caches once the batch is committed.
 #[derive(Default)]
 pub(super) struct Staged {
-    minute: Vec<(Vec<u8>, Vec<u8>)>,
-    coarse: Vec<(Vec<u8>, Vec<u8>)>,
-    fleet: Vec<(Vec<u8>, Vec<u8>)>,
+    minute: Vec<Encoded>,
+    coarse: Vec<Encoded>,
+    fleet: Vec<Encoded>,
     newest_minute: Vec<((UserId, DeviceId), i64)>,
 }
 
@@ -269,7 +272,7 @@ fn stage<T: Value>(
     cache: &mut HashMap<Vec<u8>, Vec<u8>>,
     mut rows: Vec<(Vec<u8>, T, bool)>,
     batch: &mut WriteBatch,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+) -> Result<Vec<Encoded>, StoreError> {
     if cache.len() + rows.len() > CACHE_ROWS {
         cache.clear();
     }
