@@ -112,12 +112,7 @@ impl EmbeddedStore {
         // Memory: memtables are bounded per keyspace and the block cache is fixed, so
         // RSS stays flat at full ingest speed; smaller memtables also keep range scans
         // off the (slower to iterate) skiplist.
-        // One background worker: with two, fjall's worker 0 hands every compaction
-        // request back to the queue while the other worker compacts, and spins doing
-        // so (a fifth of a core in the fleet bench, measured with perf; see
-        // docs/performance.md). Flushes and compactions then take turns.
         let db = Database::builder(dir)
-            .worker_threads(1)
             .cache_size(CACHE_BYTES)
             .open()
             .map_err(engine)?;
