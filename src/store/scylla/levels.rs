@@ -19,7 +19,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use futures::stream::{self, StreamExt, TryStreamExt};
+use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
 
 use super::errors::{corrupt, exec_error, pager_error, row_error};
 use super::pending::{MinuteKey, DAY_MS};
@@ -160,10 +162,21 @@ impl Inner {
                 writetime: s.count as i64,
             })
             .collect();
+        self.write_rows(&self.cql.insert_coarse, &rows).await
+    }
+
+    /// Writes rows of one partition with one statement, in unlogged batches of at
+    /// most [`BATCH_ROWS`]. Every rollup write is idempotent (its write time is its
+    /// count), so a batch may be retried.
+    pub(super) async fn write_rows<T: SerializeRow>(
+        &self,
+        statement: &PreparedStatement,
+        rows: &[T],
+    ) -> Result<(), StoreError> {
         for chunk in rows.chunks(BATCH_ROWS) {
             let mut batch = Batch::new(BatchType::Unlogged);
             for _ in chunk {
-                batch.append_statement(self.cql.insert_coarse.clone());
+                batch.append_statement(statement.clone());
             }
             batch.set_is_idempotent(true);
             let _p = self.permit().await;

@@ -38,7 +38,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
-use scylla::statement::batch::{Batch, BatchType};
 use uuid::Uuid;
 
 use super::errors::{corrupt, exec_error, pager_error, row_error};
@@ -55,9 +54,6 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// Minutes recomputed at once.
 const FANOUT: usize = 16;
-
-/// Rollup rows per unlogged batch (all in one partition).
-const BATCH_ROWS: usize = 64;
 
 /// Summaries of one device's minute, by (metric, type); metric `""` counts every event.
 type MinuteSummaries = BTreeMap<(String, String), Stats>;
@@ -219,18 +215,7 @@ impl Inner {
                 writetime: s.count as i64,
             })
             .collect();
-        for chunk in rows.chunks(BATCH_ROWS) {
-            let mut batch = Batch::new(BatchType::Unlogged);
-            for _ in chunk {
-                batch.append_statement(self.cql.insert_rollup.clone());
-            }
-            batch.set_is_idempotent(true);
-            let _p = self.permit().await;
-            self.session
-                .batch(&batch, chunk)
-                .await
-                .map_err(exec_error)?;
-        }
+        self.write_rows(&self.cql.insert_rollup, &rows).await?;
         let mut metrics: BTreeSet<String> = summaries.into_keys().map(|(m, _)| m).collect();
         metrics.insert(String::new());
         Ok(metrics)
