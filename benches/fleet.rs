@@ -16,7 +16,7 @@
 //! fleet; `FLEET_STORE=cassandra` runs it on the Cassandra node at 127.0.0.1:9042 (or
 //! `IOTPIPE_TEST_SCYLLA`) in a fresh keyspace.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,16 +33,28 @@ const HOUR: i64 = 3_600_000;
 const DAY: i64 = 86_400_000;
 const CONCURRENCY: usize = 4;
 
-/// Samples the server's RSS until stopped; returns the peak.
-fn watch_rss(pid: u32, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<f64> {
+/// Samples the server's RSS until stopped, keeping the peak (in KB) in `peak`, which
+/// a phase may reset (`swap(0)`) to get its own; returns the peak of the whole run.
+fn watch_rss(
+    pid: u32,
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<f64> {
     tokio::spawn(async move {
-        let mut peak = 0.0f64;
+        let mut overall = 0.0f64;
         while !stop.load(Ordering::Relaxed) {
-            peak = peak.max(rss_mb(pid));
+            let now = rss_mb(pid);
+            overall = overall.max(now);
+            peak.fetch_max((now * 1024.0) as u64, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        peak
+        overall
     })
+}
+
+/// The peak RSS since the last call, in MB.
+fn phase_peak(peak: &AtomicU64) -> f64 {
+    peak.swap(0, Ordering::Relaxed) as f64 / 1024.0
 }
 
 /// Posts request bodies built by `body(i)` for `i in 0..n`, `CONCURRENCY` at a time;
@@ -205,7 +217,8 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let server: Server = start_server(dir.path(), &env)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let peak = watch_rss(server.child.id(), stop.clone());
+    let phase = Arc::new(AtomicU64::new(0));
+    let peak = watch_rss(server.child.id(), stop.clone(), phase.clone());
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(16)
         .build()?;
@@ -265,6 +278,7 @@ async fn main() -> Result<()> {
     let minutes = (hours * 60) as usize;
     let url = format!("{base}/v1/ingest");
     let per_request = 5;
+    let setup_rss = phase_peak(&phase);
     let fleet_rate = ingest(&http, &url, &key, devices / per_request, per_request * minutes, |r| {
         let mut events = Vec::with_capacity(per_request * minutes);
         for d in &ids[r * per_request..(r + 1) * per_request] {
@@ -279,6 +293,7 @@ async fn main() -> Result<()> {
     let total = devices / per_request * per_request * minutes;
     let dense_per_request = 10_000;
     let dense_start = end - (total as i64) * 1000;
+    let fleet_rss = phase_peak(&phase);
     let dense_rate = ingest(&http, &url, &dense_token, total / dense_per_request, dense_per_request, |r| {
         let events: Vec<Value> = (0..dense_per_request)
             .map(|i| {
@@ -292,6 +307,10 @@ async fn main() -> Result<()> {
     println!(
         "fleet ingest: {fleet_rate:.0} ev/s; dense ingest: {dense_rate:.0} ev/s ({:.0}%)",
         100.0 * fleet_rate / dense_rate
+    );
+    let dense_rss = phase_peak(&phase);
+    println!(
+        "peak RSS by phase: set-up {setup_rss:.0} MB, fleet ingest {fleet_rss:.0} MB, dense ingest {dense_rss:.0} MB"
     );
 
     // 2. Queries, each beside a baseline.

@@ -36,8 +36,22 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Threads for blocking work (the embedded store's reads and writes, fsyncs).
+/// Tokio's default is 512: a grouped query fans out one store read per device and
+/// piece, and every thread that joins keeps its own allocator heap, so the peak
+/// memory grew with the fan-out (measured in `docs/performance.md`).
+const MAX_BLOCKING_THREADS: usize = 32;
+
+fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()
+        .context("starting the runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
