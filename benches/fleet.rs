@@ -183,6 +183,12 @@ async fn store_env() -> Result<Vec<(&'static str, String)>> {
     let env = vec![
         ("IOTPIPE_SCYLLA_NODES", node),
         ("IOTPIPE_SCYLLA_KEYSPACE", ks),
+        // One local node.
+        (
+            "IOTPIPE_SCYLLA_REPLICATION",
+            "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+        ),
+        ("IOTPIPE_SCYLLA_CONSISTENCY", "ONE".into()),
     ];
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_iotpipe"))
         .arg("migrate")

@@ -166,8 +166,9 @@ impl Inner {
     }
 
     /// Writes rows of one partition with one statement, in unlogged batches of at
-    /// most [`BATCH_ROWS`]. Every rollup write is idempotent (its write time is its
-    /// count), so a batch may be retried.
+    /// most [`BATCH_ROWS`]. Every statement batched here is idempotent (a rollup's
+    /// write time is its count; markers are inserted or deleted by their whole key),
+    /// so a batch may be retried.
     pub(super) async fn write_rows<T: SerializeRow>(
         &self,
         statement: &PreparedStatement,

@@ -40,7 +40,7 @@ use std::time::Duration;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use uuid::Uuid;
 
-use super::errors::{corrupt, exec_error, pager_error, row_error};
+use super::errors::{corrupt, pager_error, row_error};
 use super::levels::rollup_of;
 use super::pending::{marker_row, MinuteKey, Pending, DAY_MS};
 use super::rows::{ms, MetricOut, PendingRow, RollupIn, RollupOut, RollupSliceIn, SliceIn};
@@ -174,17 +174,19 @@ impl Inner {
         let levels: Vec<(MinuteKey, BTreeSet<String>)> =
             done.iter().map(|(k, _, m)| (*k, m.clone())).collect();
         let failed = self.recompute_levels(&levels).await;
-        stream::iter(done.into_iter().filter(|(k, _, _)| !failed.contains(k)))
-            .for_each_concurrent(FANOUT, |(key, flushes, _)| async move {
-                for marker in flushes {
-                    let _p = self.permit().await;
-                    if let Err(e) = self
-                        .session
-                        .execute_unpaged(&self.cql.delete_pending, marker_row(key, marker))
-                        .await
-                    {
-                        tracing::warn!(error = %exec_error(e), "pending marker not deleted; the sweep will");
-                    }
+        // Deleted per device in unlogged batches, like they were written.
+        let mut deletes: Vec<PendingRow> = done
+            .into_iter()
+            .filter(|(k, _, _)| !failed.contains(k))
+            .flat_map(|(key, flushes, _)| flushes.into_iter().map(move |m| marker_row(key, m)))
+            .collect();
+        deletes.sort_unstable_by_key(|m| (m.user_id, m.device_id));
+        let per_device =
+            deletes.chunk_by(|a, b| (a.user_id, a.device_id) == (b.user_id, b.device_id));
+        stream::iter(per_device)
+            .for_each_concurrent(FANOUT, |rows| async move {
+                if let Err(e) = self.write_rows(&self.cql.delete_pending, rows).await {
+                    tracing::warn!(error = %e, "pending markers not deleted; the sweep will");
                 }
             })
             .await;

@@ -116,12 +116,17 @@ impl Inner {
         Ok(())
     }
 
-    async fn write_pending(&self, row: &PendingRow) -> Result<(), StoreError> {
-        let _p = self.permit().await;
-        self.session
-            .execute_unpaged(&self.cql.insert_pending, row)
-            .await
-            .map_err(exec_error)?;
+    /// Writes marker rows, grouped by partition (a device) into unlogged batches: a
+    /// fleet flush of a few devices marks thousands of minutes, and one write each was
+    /// most of its cost. The partitions are written concurrently.
+    async fn write_markers(&self, mut markers: Vec<PendingRow>) -> Result<(), StoreError> {
+        markers.sort_unstable_by_key(|m| (m.user_id, m.device_id));
+        let per_device =
+            markers.chunk_by(|a, b| (a.user_id, a.device_id) == (b.user_id, b.device_id));
+        futures::future::try_join_all(
+            per_device.map(|rows| self.write_rows(&self.cql.insert_pending, rows)),
+        )
+        .await?;
         Ok(())
     }
 
@@ -198,7 +203,7 @@ impl Inner {
             .recomputer
             .pending
             .claim(minutes(fresh.iter().flatten().copied()));
-        futures::future::try_join_all(markers.iter().map(|row| self.write_pending(row))).await?;
+        self.write_markers(markers).await?;
 
         // 3. Events, and the bucket index, partition by partition.
         let max = self.settings.batch_max_bytes;
