@@ -182,12 +182,6 @@ impl Level {
             Level::Day => 2,
         }
     }
-
-    pub fn from_tag(tag: u8) -> Option<Level> {
-        [Level::Minute, Level::Hour, Level::Day]
-            .into_iter()
-            .find(|l| l.tag() == tag)
-    }
 }
 
 /// Length of the finest rollup interval.

@@ -381,17 +381,19 @@ async fn iotpipe_migrate_creates_the_schema_in_a_fresh_keyspace() {
     );
     // Twice is harmless, and the keyspace then serves a store.
     assert!(run().status.success());
-    let settings = ScyllaSettings::from_config(
-        &StoreConfig {
-            scylla_nodes: Some(node()),
-            keyspace: keyspace.clone(),
-            consistency: "ONE".into(),
-            ..StoreConfig::default()
-        },
-        HOUR,
-    )
-    .unwrap();
-    let store = Arc::new(ScyllaStore::connect(settings).await.unwrap());
+    let settings = || {
+        ScyllaSettings::from_config(
+            &StoreConfig {
+                scylla_nodes: Some(node()),
+                keyspace: keyspace.clone(),
+                consistency: "ONE".into(),
+                ..StoreConfig::default()
+            },
+            HOUR,
+        )
+        .unwrap()
+    };
+    let store = Arc::new(ScyllaStore::connect(settings()).await.unwrap());
     store.ping().await.unwrap();
 
     // A table from before sketches gets its column from migrate.
@@ -431,17 +433,7 @@ async fn iotpipe_migrate_creates_the_schema_in_a_fresh_keyspace() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let settings = ScyllaSettings::from_config(
-        &StoreConfig {
-            scylla_nodes: Some(node()),
-            keyspace: keyspace.clone(),
-            consistency: "ONE".into(),
-            ..StoreConfig::default()
-        },
-        HOUR,
-    )
-    .unwrap();
-    assert!(ScyllaStore::connect(settings).await.is_err());
+    assert!(ScyllaStore::connect(settings()).await.is_err());
     session
         .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
         .await

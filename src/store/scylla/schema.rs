@@ -39,6 +39,27 @@ pub(super) async fn check_bucket_len(
     record: bool,
 ) -> Result<(), StoreError> {
     let ks = &settings.keyspace;
+    let stored = meta_value(session, ks, BUCKET_META).await?;
+    match stored {
+        Some(stored) if stored != settings.bucket_len_ms => Err(StoreError::Invalid(format!(
+            "keyspace {ks} was created with a bucket of {stored} ms, not {} ms; set the bucket \
+             back or use a new keyspace",
+            settings.bucket_len_ms
+        ))),
+        Some(_) => Ok(()),
+        None if record => set_meta(session, ks, BUCKET_META, settings.bucket_len_ms).await,
+        None => Err(StoreError::Invalid(format!(
+            "keyspace {ks} has no recorded bucket length; run `iotpipe migrate`"
+        ))),
+    }
+}
+
+/// Recorded by `iotpipe migrate` in keyspaces whose hour and day rollups are complete.
+pub(super) const LEVELS_META: &str = "rollup_levels";
+
+/// One value of the keyspace's `meta` table. A keyspace without the table has not
+/// been migrated, and the error says so.
+async fn meta_value(session: &Session, ks: &str, name: &str) -> Result<Option<i64>, StoreError> {
     let select =
         session
             .prepare(Cql::select_meta(ks))
@@ -49,50 +70,6 @@ pub(super) async fn check_bucket_len(
                 )),
                 other => other,
             })?;
-    let stored = session
-        .execute_unpaged(&select, MetaKeyIn { name: BUCKET_META })
-        .await
-        .map_err(exec_error)?
-        .into_rows_result()
-        .map_err(corrupt)?
-        .maybe_first_row::<MetaOut>()
-        .map_err(corrupt)?;
-    match stored {
-        Some(m) if m.value != settings.bucket_len_ms => Err(StoreError::Invalid(format!(
-            "keyspace {ks} was created with a bucket of {} ms, not {} ms; set the bucket back \
-             or use a new keyspace",
-            m.value, settings.bucket_len_ms
-        ))),
-        Some(_) => Ok(()),
-        None if record => {
-            let insert = session
-                .prepare(Cql::insert_meta(ks))
-                .await
-                .map_err(prepare_error)?;
-            let row = MetaIn {
-                name: BUCKET_META,
-                value: settings.bucket_len_ms,
-            };
-            session
-                .execute_unpaged(&insert, row)
-                .await
-                .map_err(exec_error)?;
-            Ok(())
-        }
-        None => Err(StoreError::Invalid(format!(
-            "keyspace {ks} has no recorded bucket length; run `iotpipe migrate`"
-        ))),
-    }
-}
-
-/// Recorded by `iotpipe migrate` in keyspaces whose hour and day rollups are complete.
-pub(super) const LEVELS_META: &str = "rollup_levels";
-
-async fn meta_value(session: &Session, ks: &str, name: &str) -> Result<Option<i64>, StoreError> {
-    let select = session
-        .prepare(Cql::select_meta(ks))
-        .await
-        .map_err(prepare_error)?;
     Ok(session
         .execute_unpaged(&select, MetaKeyIn { name })
         .await
@@ -135,18 +112,16 @@ pub(super) async fn check_levels(
     if any > 0 {
         return refused("holds minute rollups without their hours and days");
     }
+    set_meta(session, ks, LEVELS_META, 1).await
+}
+
+async fn set_meta(session: &Session, ks: &str, name: &str, value: i64) -> Result<(), StoreError> {
     let insert = session
         .prepare(Cql::insert_meta(ks))
         .await
         .map_err(prepare_error)?;
     session
-        .execute_unpaged(
-            &insert,
-            MetaIn {
-                name: LEVELS_META,
-                value: 1,
-            },
-        )
+        .execute_unpaged(&insert, MetaIn { name, value })
         .await
         .map_err(exec_error)?;
     Ok(())
