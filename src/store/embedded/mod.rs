@@ -32,14 +32,16 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 mod latest;
+mod retention;
 mod rollups;
 
 use super::latest::Latest;
+use super::retention::{Retention, Tier};
 use super::{
     EventStore, FleetCount, FleetQuery, ListQuery, Point, PointQuery, Position, Rollup,
     RollupQuery, StoreError,
 };
-use crate::model::{assigned_id_ts, bucket_start, DeviceId, Event, Record, UserId};
+use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, Event, Record, UserId};
 use crate::pipeline::batcher::PartitionBatch;
 use rollups::{Caches, MinuteSums, RollupKeyspaces, LEVELS_META_KEY};
 
@@ -73,6 +75,8 @@ struct Inner {
     /// The newest value per (user, device, metric): see `latest.rs`.
     latest: Keyspace,
     bucket_len_ms: i64,
+    /// What reads may still see, and what the sweep deletes (`retention.rs`).
+    retention: Retention,
     // A std mutex, held only around the check-then-insert of duplicate ids and the
     // read-modify-write of rollups, never across an await or an fsync: two flushes
     // carrying the same id must not both see it absent, nor both update a rollup
@@ -109,6 +113,20 @@ impl EmbeddedStore {
     /// Fails if the engine cannot open the directory, or if the directory was created
     /// with another bucket length (the key layout depends on it).
     pub fn open(dir: &Path, bucket_len_ms: i64) -> Result<Self, StoreError> {
+        Self::open_with(dir, bucket_len_ms, Retention::default())
+    }
+
+    /// As [`EmbeddedStore::open`], with retention tiers: expired rows are hidden from
+    /// reads and deleted by [`EventStore::expire`].
+    ///
+    /// # Errors
+    ///
+    /// As [`EmbeddedStore::open`].
+    pub fn open_with(
+        dir: &Path,
+        bucket_len_ms: i64,
+        retention: Retention,
+    ) -> Result<Self, StoreError> {
         // Memory: memtables are bounded per keyspace and the block cache is fixed, so
         // RSS stays flat at full ingest speed; smaller memtables also keep range scans
         // off the (slower to iterate) skiplist.
@@ -163,6 +181,7 @@ impl EmbeddedStore {
                 rollups,
                 latest,
                 bucket_len_ms,
+                retention,
                 dedup: std::sync::Mutex::new(WriteState::default()),
             }),
         };
@@ -299,11 +318,12 @@ impl Inner {
     }
 
     fn list(&self, q: &ListQuery) -> Result<Vec<Event>, StoreError> {
+        let from_ms = self.retention.clip(Tier::Raw, q.from_ms, now_ms());
         let lo = event_key(
             q.user_id,
             q.device_id,
             self.bucket_len_ms,
-            q.from_ms,
+            from_ms,
             Uuid::nil(),
         );
         let mut hi = event_key(
@@ -349,11 +369,12 @@ impl Inner {
     }
 
     fn points(&self, q: &PointQuery) -> Result<Vec<Point>, StoreError> {
+        let from_ms = self.retention.clip(Tier::Raw, q.from_ms, now_ms());
         let lo = event_key(
             q.user_id,
             q.device_id,
             self.bucket_len_ms,
-            q.from_ms,
+            from_ms,
             Uuid::nil(),
         );
         let hi = event_key(
@@ -425,6 +446,10 @@ impl EventStore for EmbeddedStore {
     ) -> Result<Vec<Latest>, StoreError> {
         self.blocking(move |inner| inner.read_latest(user, device))
             .await
+    }
+
+    async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.blocking(move |inner| inner.expire(now_ms)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -24,7 +24,8 @@ use rustc_hash::FxHashMap as HashMap;
 use fjall::{Keyspace, OwnedWriteBatch as WriteBatch};
 
 use super::{corrupt, engine, ordered, unordered, Inner, CACHE_ROWS};
-use crate::model::{bucket_start, DeviceId, Record, UserId};
+use crate::model::{bucket_start, now_ms, DeviceId, Record, UserId};
+use crate::store::retention::Tier;
 use crate::store::rollup::Stats;
 use crate::store::{
     FleetCount, FleetQuery, Level, Rollup, RollupQuery, Sketch, StoreError, Summary,
@@ -350,6 +351,13 @@ impl Inner {
     }
 
     pub(super) fn read_rollups(&self, q: &RollupQuery) -> Result<Vec<Rollup>, StoreError> {
+        let from_ms = self
+            .retention
+            .clip(Tier::Rollup(q.level), q.from_ms, now_ms());
+        let q = &RollupQuery {
+            from_ms,
+            ..q.clone()
+        };
         if q.level == Level::Minute {
             return self.read_minutes(q);
         }
@@ -412,7 +420,10 @@ impl Inner {
         if q.level == Level::Minute {
             return Ok(None);
         }
-        let lo = fleet_key(q.user_id, q.level, q.from_ms, DeviceId::nil(), "");
+        let from_ms = self
+            .retention
+            .clip(Tier::Rollup(q.level), q.from_ms, now_ms());
+        let lo = fleet_key(q.user_id, q.level, from_ms, DeviceId::nil(), "");
         let hi = fleet_key(q.user_id, q.level, q.to_ms, DeviceId::nil(), "");
         let mut out = Vec::new();
         for item in self.rollups.fleet.range(lo..hi) {
