@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use iotpipe::{topology, Config};
+use iotpipe::{ops, topology, Config};
 use tracing_subscriber::EnvFilter;
 
 // mimalloc rather than glibc's malloc: the write path allocates and frees many small
@@ -33,6 +33,30 @@ enum Command {
     Migrate {
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Write one device's events in a range as NDJSON or CSV (newest first). With the
+    /// embedded store the server must be stopped; use the HTTP export while it runs.
+    Export {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The device's id.
+        #[arg(long)]
+        device: String,
+        /// Start of the range (RFC 3339 or ms), inclusive; default: the beginning.
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the range (RFC 3339 or ms), exclusive; default: now.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only events of this type.
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// ndjson or csv.
+        #[arg(long, default_value = "ndjson")]
+        format: String,
+        /// The file to write (complete once renamed from FILE.partial); default: stdout.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -80,6 +104,26 @@ async fn run() -> anyhow::Result<()> {
             let config = Config::from_process(config.as_deref()).context("configuration")?;
             topology::migrate(&config).await?;
             println!("migrations applied");
+        }
+        Command::Export {
+            config,
+            device,
+            from,
+            to,
+            kind,
+            format,
+            out,
+        } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            let args = ops::export::ExportArgs {
+                device,
+                from,
+                to,
+                kind,
+                format,
+                out,
+            };
+            ops::export::run(&config, &args).await?;
         }
     }
     Ok(())

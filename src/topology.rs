@@ -133,7 +133,7 @@ fn admin_token(config: &Config) -> Result<String, StartError> {
 
 /// Creates the data dir, readable by this user only: it holds the registry (hashed
 /// secrets), the admin token and every event.
-fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
+pub fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
     let err = |source| StartError::DataDir {
         path: dir.display().to_string(),
         source,
@@ -156,7 +156,12 @@ fn owner_only(path: &Path) {
     }
 }
 
-async fn open_store(config: &Config) -> Result<SharedStore, StartError> {
+/// The configured event store, opened on its own (the operations commands use it too).
+///
+/// # Errors
+///
+/// As [`start`].
+pub async fn open_store(config: &Config) -> Result<SharedStore, StartError> {
     if config.store.scylla_nodes.is_some() {
         let settings = ScyllaSettings::from_config(&config.store, config.pipeline.bucket_len_ms)?;
         return Ok(Arc::new(ScyllaStore::connect(settings).await?));
@@ -168,7 +173,12 @@ async fn open_store(config: &Config) -> Result<SharedStore, StartError> {
     Ok(Arc::new(store))
 }
 
-async fn open_registry(config: &Config) -> Result<SharedRegistry, StartError> {
+/// The configured registry, migrated.
+///
+/// # Errors
+///
+/// As [`start`].
+pub async fn open_registry(config: &Config) -> Result<SharedRegistry, StartError> {
     let url = config
         .registry
         .url
@@ -197,7 +207,11 @@ async fn open_registry(config: &Config) -> Result<SharedRegistry, StartError> {
 
 /// The live backend, and the Redis one again when configured: it also carries the
 /// deletion broadcast and its listener.
-fn open_live(config: &Config) -> Result<(SharedLive, Option<Arc<RedisLive>>), StartError> {
+///
+/// # Errors
+///
+/// As [`start`].
+pub fn open_live(config: &Config) -> Result<(SharedLive, Option<Arc<RedisLive>>), StartError> {
     let limits = RateLimits {
         device_per_sec: config.limits.device_per_sec,
         user_per_sec: config.limits.user_per_sec,

@@ -13,6 +13,7 @@
 //! - Empty windows are left out, or filled as asked (`fill.rs`).
 
 pub mod aggregate;
+pub mod export;
 pub mod fill;
 pub mod latest;
 pub mod plan;
