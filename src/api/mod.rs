@@ -9,6 +9,7 @@ pub mod dashboard;
 pub mod devices;
 pub mod error;
 pub mod ops;
+mod purge;
 pub mod serve;
 pub mod users;
 

@@ -201,6 +201,17 @@ impl Live for LocalLive {
         }
     }
 
+    async fn forget_device(&self, user: UserId, device: DeviceId) -> Result<(), LiveError> {
+        let removed = self.devices.lock().remove(&device);
+        if let Some(u) = self.users.lock().get_mut(&user) {
+            let events = removed.map_or(0, |d| d.events_total);
+            u.events_total = u.events_total.saturating_sub(events);
+            u.last_seen.remove(&device);
+        }
+        self.limiters.lock().devices.remove(&device);
+        Ok(())
+    }
+
     async fn ping(&self) -> Result<(), LiveError> {
         // In process: reachable by construction; check the locks are usable.
         drop(self.devices.lock());

@@ -107,6 +107,14 @@ pub trait Live: Send + Sync + 'static {
     async fn user(&self, user: UserId, now_ms: i64) -> UserLive;
 
     async fn ping(&self) -> Result<(), LiveError>;
+
+    /// Forgets a device whose events were purged: its figures and rate budget go,
+    /// and its events leave its user's total.
+    ///
+    /// # Errors
+    ///
+    /// The backend could not be reached; the figures may then still be there.
+    async fn forget_device(&self, user: UserId, device: DeviceId) -> Result<(), LiveError>;
 }
 
 pub type SharedLive = Arc<dyn Live>;

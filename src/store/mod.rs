@@ -127,6 +127,18 @@ pub trait EventStore: Send + Sync + 'static {
         device: Option<DeviceId>,
     ) -> Result<Vec<latest::Latest>, StoreError>;
 
+    /// Removes every trace of one device: its events, their duplicate-index rows,
+    /// its rollups at every level (fleet rows included) and its latest values. Returns
+    /// how many events were removed. Idempotent, so an interrupted purge is run again.
+    /// The default refuses: an engine that keeps data must say how it removes it.
+    async fn purge_device(&self, user: UserId, device: DeviceId) -> Result<u64, StoreError> {
+        let _ = (user, device);
+        Err(StoreError::Invalid(format!(
+            "the {} store cannot purge a device",
+            self.backend()
+        )))
+    }
+
     /// A cheap round trip, for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;
 

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 mod latest;
+mod purge;
 mod rollups;
 
 use super::latest::Latest;
@@ -424,6 +425,11 @@ impl EventStore for EmbeddedStore {
         device: Option<DeviceId>,
     ) -> Result<Vec<Latest>, StoreError> {
         self.blocking(move |inner| inner.read_latest(user, device))
+            .await
+    }
+
+    async fn purge_device(&self, user: UserId, device: DeviceId) -> Result<u64, StoreError> {
+        self.blocking(move |inner| inner.purge_device(user, device))
             .await
     }
 

@@ -5,7 +5,8 @@
 //! on, the embedded store. This module only turns partitions into CQL writes and
 //! ranges into CQL reads. Its files: `settings`, `schema`, `statements` (every CQL
 //! text), `rows` (every bound or read row type), `write`, `read`, `rollup` and
-//! `pending` (exact rollups), `errors`.
+//! `pending` (exact rollups), `purge` (removing a device: rare, so it prepares its own
+//! statements), `errors`.
 //!
 //! Writes, per flush:
 //! 1. Duplicates within the flush are dropped; the others are looked up in
@@ -39,6 +40,7 @@
 mod errors;
 mod levels;
 mod pending;
+mod purge;
 mod read;
 mod rollup;
 mod rows;
@@ -212,6 +214,10 @@ impl EventStore for ScyllaStore {
         device: Option<DeviceId>,
     ) -> Result<Vec<Latest>, StoreError> {
         self.inner.latest(user, device).await
+    }
+
+    async fn purge_device(&self, user: UserId, device: DeviceId) -> Result<u64, StoreError> {
+        self.inner.purge_device(user, device).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
