@@ -58,6 +58,24 @@ enum Command {
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
+    /// Copy a running (or stopped) embedded deployment into a new directory: a
+    /// consistent snapshot of the events, the registry and the admin token.
+    Backup {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A new or empty directory on this host.
+        dir: PathBuf,
+        /// The running server's base URL (default: from IOTPIPE_HTTP_ADDR).
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Restore a complete backup into an empty data directory (IOTPIPE_DATA_DIR).
+    Restore {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The backup's directory.
+        dir: PathBuf,
+    },
 }
 
 /// Threads for blocking work (the embedded store's reads and writes, fsyncs).
@@ -124,6 +142,18 @@ async fn run() -> anyhow::Result<()> {
                 out,
             };
             ops::export::run(&config, &args).await?;
+        }
+        Command::Backup {
+            config,
+            dir,
+            server,
+        } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            ops::backup::run(&config, &ops::backup::BackupArgs { dir, server }).await?;
+        }
+        Command::Restore { config, dir } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            ops::restore::run(&config, &dir).await?;
         }
     }
     Ok(())

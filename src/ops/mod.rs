@@ -5,10 +5,16 @@
 //! They sit above every other module (they use the store, the registry, the query
 //! encoders and the topology's openers) and nothing below imports them.
 
+pub mod backup;
 pub mod export;
+pub mod manifest;
 pub mod progress;
+pub mod restore;
+
+use std::path::PathBuf;
 
 use crate::config::Config;
+use crate::registry::sqlite::SqliteRegistry;
 use crate::registry::SharedRegistry;
 use crate::store::SharedStore;
 use crate::topology::{self, StartError};
@@ -53,4 +59,40 @@ pub async fn open_store(config: &Config) -> Result<SharedStore, OpsError> {
 /// It cannot be reached or migrated.
 pub async fn open_registry(config: &Config) -> Result<SharedRegistry, OpsError> {
     Ok(topology::open_registry(config).await?)
+}
+
+/// Refuses a command that works on the embedded backends only.
+///
+/// # Errors
+///
+/// A cluster store is configured.
+pub fn embedded_only(config: &Config, command: &str) -> Result<(), OpsError> {
+    if config.store.scylla_nodes.is_some() {
+        return Err(OpsError::Failed(format!(
+            "`iotpipe {command}` is for the embedded store, and IOTPIPE_SCYLLA_NODES is set; \
+             docs/operations.md gives the procedure for Cassandra/ScyllaDB and MySQL"
+        )));
+    }
+    Ok(())
+}
+
+/// The file of the SQLite registry these settings use.
+///
+/// # Errors
+///
+/// The registry is not SQLite.
+pub fn sqlite_registry(config: &Config) -> Result<PathBuf, OpsError> {
+    let url = config
+        .registry
+        .url
+        .clone()
+        .unwrap_or_else(|| SqliteRegistry::default_url(&config.data_dir));
+    url.strip_prefix("sqlite://")
+        .map(|p| PathBuf::from(p.split('?').next().unwrap_or(p)))
+        .ok_or_else(|| {
+            OpsError::Failed(format!(
+                "IOTPIPE_REGISTRY_URL is not a SQLite file ({url}); back up MySQL with \
+                 mysqldump (docs/operations.md)"
+            ))
+        })
 }

@@ -139,6 +139,21 @@ pub trait EventStore: Send + Sync + 'static {
         )))
     }
 
+    /// Copies the store as of now into the directory `target` (new or empty) while
+    /// it keeps serving; returns the keys copied per keyspace. Only an engine whose
+    /// data is a local directory can; the default refuses, naming the backend (a
+    /// cluster is backed up with its own tools: `docs/operations.md`).
+    async fn snapshot_into(
+        &self,
+        target: std::path::PathBuf,
+    ) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        let _ = target;
+        Err(StoreError::Invalid(format!(
+            "the {} store is backed up with its own tools (docs/operations.md)",
+            self.backend()
+        )))
+    }
+
     /// A cheap round trip, for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;
 

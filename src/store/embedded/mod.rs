@@ -23,7 +23,7 @@
 //! - `meta`: the bucket length this data directory was created with.
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -31,6 +31,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+mod backup;
 mod latest;
 mod purge;
 mod rollups;
@@ -42,6 +43,7 @@ use super::{
 };
 use crate::model::{assigned_id_ts, bucket_start, DeviceId, Event, Record, UserId};
 use crate::pipeline::batcher::PartitionBatch;
+pub use backup::KeyCounts;
 use rollups::{Caches, MinuteSums, RollupKeyspaces, LEVELS_META_KEY};
 
 const KEY_LEN: usize = 8 + 16 + 8 + 8 + 16;
@@ -431,6 +433,11 @@ impl EventStore for EmbeddedStore {
     async fn purge_device(&self, user: UserId, device: DeviceId) -> Result<u64, StoreError> {
         self.blocking(move |inner| inner.purge_device(user, device))
             .await
+    }
+
+    async fn snapshot_into(&self, target: PathBuf) -> Result<KeyCounts, StoreError> {
+        let store = self.clone();
+        self.blocking(move |_| store.copy_to(&target)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
