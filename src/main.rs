@@ -69,6 +69,12 @@ enum Command {
         #[arg(long)]
         server: Option<String>,
     },
+    /// Recompute live totals (per device and user) and last seen from the event store
+    /// into Redis, after Redis lost them.
+    RebuildLive {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Restore a complete backup into an empty data directory (IOTPIPE_DATA_DIR).
     Restore {
         #[arg(long, short)]
@@ -150,6 +156,10 @@ async fn run() -> anyhow::Result<()> {
         } => {
             let config = Config::from_process(config.as_deref()).context("configuration")?;
             ops::backup::run(&config, &ops::backup::BackupArgs { dir, server }).await?;
+        }
+        Command::RebuildLive { config } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            ops::rebuild_live::run(&config).await?;
         }
         Command::Restore { config, dir } => {
             let config = Config::from_process(config.as_deref()).context("configuration")?;

@@ -225,6 +225,31 @@ pub fn open_live(config: &Config) -> Result<(SharedLive, Option<Arc<RedisLive>>)
     }
 }
 
+/// In-process live figures live only as long as the process: at start-up, before
+/// anything is ingested (so that no count can be lost between the reads and the
+/// update), their totals are recomputed from the store, so that a restarted server
+/// shows the totals it showed before. A store that cannot list its devices leaves
+/// them at zero, as before this existed.
+async fn restore_live_totals(store: &SharedStore, live: &SharedLive, bucket_len_ms: i64) {
+    let started = std::time::Instant::now();
+    let totals = crate::query::totals::live_totals(store.as_ref(), bucket_len_ms, || {}).await;
+    match totals {
+        Ok(totals) => {
+            if let Err(e) = live.set_totals(&totals).await {
+                tracing::warn!(error = %e, "cannot restore the live totals");
+            }
+            tracing::info!(
+                devices = totals.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "live totals recomputed from the event store"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "live totals start from zero: cannot read them from the store")
+        }
+    }
+}
+
 /// Applies the registry migrations and, with ScyllaDB configured, creates its
 /// keyspace and tables (`cql/schema.cql`), then returns.
 ///
@@ -274,6 +299,9 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
     let admin_token = admin_token(&config)?;
     let registry = open_registry(&config).await?;
     let (live, redis) = open_live(&config)?;
+    if redis.is_none() {
+        restore_live_totals(&store, &live, config.pipeline.bucket_len_ms).await;
+    }
     let telemetry = Telemetry::new();
     let mut auth = Auth::new(
         registry,

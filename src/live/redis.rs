@@ -13,7 +13,8 @@
 //! | `P rl:d:{device}`, `P rl:u:{user}` | string, TTL until refilled | GCRA TAT (ms) |
 //! | `P device-deleted` | pub/sub channel | `{device} {token hash}`, or `- {hash}` for a replaced user key |
 //!
-//! Maintenance (forgetting a purged device) is in `redis/maintenance.rs`.
+//! Maintenance (forgetting a purged device, totals recomputed from the store) is in
+//! `redis/maintenance.rs`.
 //!
 //! Round trips: one pipeline per [`Live::record_ingested`] call (one per flush, not per
 //! event), one script call per admitted request, one pipeline per read.
@@ -605,6 +606,10 @@ impl Live for RedisLive {
 
     async fn forget_device(&self, user: UserId, device: DeviceId) -> Result<(), LiveError> {
         self.forget(user, device).await
+    }
+
+    async fn set_totals(&self, totals: &[crate::live::LiveTotal]) -> Result<(), LiveError> {
+        self.replace_totals(totals).await
     }
 
     async fn ping(&self) -> Result<(), LiveError> {

@@ -9,6 +9,7 @@ pub mod backup;
 pub mod export;
 pub mod manifest;
 pub mod progress;
+pub mod rebuild_live;
 pub mod restore;
 
 use std::path::PathBuf;

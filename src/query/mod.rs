@@ -18,6 +18,7 @@ pub mod fill;
 pub mod latest;
 pub mod plan;
 pub mod routes;
+pub mod totals;
 pub mod windows;
 
 pub use aggregate::{device_aggregate, grouped_counts, AggregateFilter, GroupBy, GroupCount};

@@ -154,6 +154,16 @@ pub trait EventStore: Send + Sync + 'static {
         )))
     }
 
+    /// Every (user, device) with stored events, deleted devices included, in no
+    /// particular order: what operations (live totals, checks) walk. The default
+    /// refuses, naming the backend.
+    async fn stored_devices(&self) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
+        Err(StoreError::Invalid(format!(
+            "the {} store cannot list its devices",
+            self.backend()
+        )))
+    }
+
     /// A cheap round trip, for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;
 

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 mod backup;
+mod devices;
 mod latest;
 mod purge;
 mod rollups;
@@ -433,6 +434,10 @@ impl EventStore for EmbeddedStore {
     async fn purge_device(&self, user: UserId, device: DeviceId) -> Result<u64, StoreError> {
         self.blocking(move |inner| inner.purge_device(user, device))
             .await
+    }
+
+    async fn stored_devices(&self) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
+        self.blocking(|inner| inner.stored_devices()).await
     }
 
     async fn snapshot_into(&self, target: PathBuf) -> Result<KeyCounts, StoreError> {

@@ -5,8 +5,8 @@
 //! on, the embedded store. This module only turns partitions into CQL writes and
 //! ranges into CQL reads. Its files: `settings`, `schema`, `statements` (every CQL
 //! text), `rows` (every bound or read row type), `write`, `read`, `rollup` and
-//! `pending` (exact rollups), `purge` (removing a device: rare, so it prepares its own
-//! statements), `errors`.
+//! `pending` (exact rollups), `purge` (removing a device) and `devices` (listing them): rare, so they
+//! prepare their own statements; `errors`.
 //!
 //! Writes, per flush:
 //! 1. Duplicates within the flush are dropped; the others are looked up in
@@ -37,6 +37,7 @@
 //! overload map to [`StoreError::Unavailable`] (the pipeline writer retries them),
 //! refused requests to [`StoreError::Invalid`] (never retried).
 
+mod devices;
 mod errors;
 mod levels;
 mod pending;
@@ -218,6 +219,10 @@ impl EventStore for ScyllaStore {
 
     async fn purge_device(&self, user: UserId, device: DeviceId) -> Result<u64, StoreError> {
         self.inner.purge_device(user, device).await
+    }
+
+    async fn stored_devices(&self) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
+        self.inner.stored_devices().await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
