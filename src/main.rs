@@ -69,6 +69,18 @@ enum Command {
         #[arg(long)]
         server: Option<String>,
     },
+    /// Check that the registry, the event store and the live figures agree; exit
+    /// non-zero when they do not.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Fix what can be fixed (see docs/operations.md).
+        #[arg(long)]
+        repair: bool,
+        /// UTC days whose rollups are compared with the events, per device.
+        #[arg(long, default_value_t = 2)]
+        sample_days: usize,
+    },
     /// Recompute live totals (per device and user) and last seen from the event store
     /// into Redis, after Redis lost them.
     RebuildLive {
@@ -156,6 +168,18 @@ async fn run() -> anyhow::Result<()> {
         } => {
             let config = Config::from_process(config.as_deref()).context("configuration")?;
             ops::backup::run(&config, &ops::backup::BackupArgs { dir, server }).await?;
+        }
+        Command::Check {
+            config,
+            repair,
+            sample_days,
+        } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            let args = ops::check::CheckArgs {
+                repair,
+                sample_days,
+            };
+            ops::check::run(&config, &args).await?;
         }
         Command::RebuildLive { config } => {
             let config = Config::from_process(config.as_deref()).context("configuration")?;

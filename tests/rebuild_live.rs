@@ -5,13 +5,10 @@
 
 mod prod_support;
 
-use std::process::Command;
-
 use iotpipe::config::StoreConfig;
 use iotpipe::model::now_ms;
 use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
 use iotpipe::topology::Server;
-use iotpipe::Config;
 use prod_support::{Api, TestDb};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -96,36 +93,16 @@ async fn a_restarted_embedded_server_shows_the_same_totals() {
     server.stop().await;
 
     // The command has nothing to do without Redis, and says why.
-    let out = iotpipe(&config).arg("rebuild-live").output().unwrap();
+    let out = prod_support::command(&config)
+        .arg("rebuild-live")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("recomputes them from the store at every start-up"),
         "{err}"
     );
-}
-
-fn iotpipe(config: &Config) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_iotpipe"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
-        cmd.env_remove(k);
-    }
-    cmd.env("IOTPIPE_DATA_DIR", &config.data_dir)
-        .env("RUST_LOG", "warn");
-    if let Some(nodes) = &config.store.scylla_nodes {
-        cmd.env("IOTPIPE_SCYLLA_NODES", nodes)
-            .env("IOTPIPE_SCYLLA_KEYSPACE", &config.store.keyspace)
-            .env("IOTPIPE_SCYLLA_REPLICATION", &config.store.replication)
-            .env("IOTPIPE_SCYLLA_CONSISTENCY", &config.store.consistency);
-    }
-    if let Some(url) = &config.registry.url {
-        cmd.env("IOTPIPE_REGISTRY_URL", url);
-    }
-    if let Some(url) = &config.live.redis_url {
-        cmd.env("IOTPIPE_REDIS_URL", url)
-            .env("IOTPIPE_REDIS_PREFIX", &config.live.key_prefix);
-    }
-    cmd
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +138,10 @@ async fn rebuild_live_restores_redis_totals_from_cassandra() {
     prod_support::clear_redis(prod_support::REDIS, &prefix).await;
     assert_eq!(figures(&api, &f).await, (0, vec![(0, false), (0, false)]));
 
-    let out = iotpipe(&config).arg("rebuild-live").output().unwrap();
+    let out = prod_support::command(&config)
+        .arg("rebuild-live")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(

@@ -6,6 +6,7 @@
 //! encoders and the topology's openers) and nothing below imports them.
 
 pub mod backup;
+pub mod check;
 pub mod export;
 pub mod manifest;
 pub mod progress;

@@ -91,6 +91,20 @@ pub struct Point {
     pub kind: Option<String>,
 }
 
+/// Duplicate-index rows whose event is not stored (`iotpipe check`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexReport {
+    /// Index rows read.
+    pub rows: u64,
+    /// Rows with no stored event (removed when repairing).
+    pub orphans: u64,
+    /// A few of them, as `device/event id`.
+    pub examples: Vec<String>,
+}
+
+/// Examples kept per finding.
+pub const MAX_EXAMPLES: usize = 5;
+
 /// An event engine. See the module docs for the contract.
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
@@ -160,6 +174,17 @@ pub trait EventStore: Send + Sync + 'static {
     async fn stored_devices(&self) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
         Err(StoreError::Invalid(format!(
             "the {} store cannot list its devices",
+            self.backend()
+        )))
+    }
+
+    /// Reads the whole duplicate index and finds the rows whose event is not stored
+    /// (left by a crash between the two, or by a purge cut short); with `repair`,
+    /// removes them. The default refuses, naming the backend.
+    async fn check_index(&self, repair: bool) -> Result<IndexReport, StoreError> {
+        let _ = repair;
+        Err(StoreError::Invalid(format!(
+            "the {} store cannot check its index",
             self.backend()
         )))
     }

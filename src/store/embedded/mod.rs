@@ -33,14 +33,15 @@ use uuid::Uuid;
 
 mod backup;
 mod devices;
+mod index_check;
 mod latest;
 mod purge;
 mod rollups;
 
 use super::latest::Latest;
 use super::{
-    EventStore, FleetCount, FleetQuery, ListQuery, Point, PointQuery, Position, Rollup,
-    RollupQuery, StoreError,
+    EventStore, FleetCount, FleetQuery, IndexReport, ListQuery, Point, PointQuery, Position,
+    Rollup, RollupQuery, StoreError,
 };
 use crate::model::{assigned_id_ts, bucket_start, DeviceId, Event, Record, UserId};
 use crate::pipeline::batcher::PartitionBatch;
@@ -438,6 +439,10 @@ impl EventStore for EmbeddedStore {
 
     async fn stored_devices(&self) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
         self.blocking(|inner| inner.stored_devices()).await
+    }
+
+    async fn check_index(&self, repair: bool) -> Result<IndexReport, StoreError> {
+        self.blocking(move |inner| inner.check_index(repair)).await
     }
 
     async fn snapshot_into(&self, target: PathBuf) -> Result<KeyCounts, StoreError> {

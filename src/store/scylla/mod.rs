@@ -5,8 +5,8 @@
 //! on, the embedded store. This module only turns partitions into CQL writes and
 //! ranges into CQL reads. Its files: `settings`, `schema`, `statements` (every CQL
 //! text), `rows` (every bound or read row type), `write`, `read`, `rollup` and
-//! `pending` (exact rollups), `purge` (removing a device) and `devices` (listing them): rare, so they
-//! prepare their own statements; `errors`.
+//! `pending` (exact rollups), `purge` (removing a device), `devices` (listing them) and `index_check`: rare,
+//! so they prepare their own statements; `errors`.
 //!
 //! Writes, per flush:
 //! 1. Duplicates within the flush are dropped; the others are looked up in
@@ -39,6 +39,7 @@
 
 mod devices;
 mod errors;
+mod index_check;
 mod levels;
 mod pending;
 mod purge;
@@ -223,6 +224,10 @@ impl EventStore for ScyllaStore {
 
     async fn stored_devices(&self) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
         self.inner.stored_devices().await
+    }
+
+    async fn check_index(&self, repair: bool) -> Result<super::IndexReport, StoreError> {
+        self.inner.check_index(repair).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
