@@ -87,6 +87,19 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Copy the registry and every event to the backends of another settings file
+    /// (e.g. embedded to MySQL + Cassandra); resumable, verified per device.
+    Transfer {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The target's settings (TOML); its environment is not read.
+        #[arg(long)]
+        to: PathBuf,
+        /// Cap on events copied per second, so that a live source keeps serving
+        /// (0: none).
+        #[arg(long, default_value_t = 20_000)]
+        max_events_per_sec: u64,
+    },
     /// Restore a complete backup into an empty data directory (IOTPIPE_DATA_DIR).
     Restore {
         #[arg(long, short)]
@@ -184,6 +197,18 @@ async fn run() -> anyhow::Result<()> {
         Command::RebuildLive { config } => {
             let config = Config::from_process(config.as_deref()).context("configuration")?;
             ops::rebuild_live::run(&config).await?;
+        }
+        Command::Transfer {
+            config,
+            to,
+            max_events_per_sec,
+        } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            let args = ops::transfer::TransferArgs {
+                to,
+                max_events_per_sec,
+            };
+            ops::transfer::run(&config, &args).await?;
         }
         Command::Restore { config, dir } => {
             let config = Config::from_process(config.as_deref()).context("configuration")?;

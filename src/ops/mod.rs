@@ -12,6 +12,8 @@ pub mod manifest;
 pub mod progress;
 pub mod rebuild_live;
 pub mod restore;
+pub mod transfer;
+pub mod transfer_target;
 
 use std::path::PathBuf;
 

@@ -68,3 +68,42 @@ pub async fn live_totals(
         .try_collect()
         .await
 }
+
+/// One device's events per UTC day over its whole history (days without events
+/// left out), through the aggregate path: what `iotpipe transfer` compares between
+/// a source and its target.
+///
+/// # Errors
+///
+/// The store failed.
+pub async fn day_counts(
+    store: &dyn EventStore,
+    bucket_len_ms: i64,
+    user_id: crate::model::UserId,
+    device_id: crate::model::DeviceId,
+) -> Result<std::collections::BTreeMap<i64, u64>, StoreError> {
+    let range = Range::bounded(MIN_TS_MS, i64::MAX, now_ms());
+    let scope = Scope {
+        store,
+        user_id,
+        bucket_len_ms,
+    };
+    let filter = AggregateFilter {
+        metric: None,
+        kind: None,
+        sketches: false,
+    };
+    let windows = device_aggregate(
+        scope,
+        device_id,
+        Grid::utc(range, 86_400_000),
+        range,
+        filter,
+    )
+    .await?;
+    Ok(windows
+        .into_iter()
+        .filter(|w| w.stats.count > 0)
+        .map(|w| (w.start_ms, w.stats.count))
+        .collect())
+}
