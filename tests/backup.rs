@@ -20,13 +20,7 @@ use uuid::Uuid;
 type Acked = (Instant, Vec<String>);
 
 fn iotpipe(data_dir: &Path) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_iotpipe"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
-        cmd.env_remove(k);
-    }
-    cmd.env("IOTPIPE_DATA_DIR", data_dir)
-        .env("RUST_LOG", "warn");
-    cmd
+    common::iotpipe_command(data_dir).into()
 }
 
 async fn run(cmd: &mut tokio::process::Command) -> (bool, String) {

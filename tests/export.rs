@@ -4,9 +4,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 
-use common::{now_ms, TestServer};
+use common::{iotpipe_command, now_ms, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -210,15 +209,6 @@ async fn bad_export_requests_name_the_field() {
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
-fn iotpipe(dir: &std::path::Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_iotpipe"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
-        cmd.env_remove(k);
-    }
-    cmd.env("IOTPIPE_DATA_DIR", dir).env("RUST_LOG", "warn");
-    cmd
-}
-
 #[tokio::test]
 async fn the_export_command_writes_what_the_api_streams() {
     let (mut t, key, dev, _) = fixture().await;
@@ -232,7 +222,7 @@ async fn the_export_command_writes_what_the_api_streams() {
     let out = t.dir.path().join("export.csv");
 
     // While the server holds the data directory, the command says so and fails.
-    let busy = iotpipe(t.dir.path())
+    let busy = iotpipe_command(t.dir.path())
         .args(["export", "--device", &dev, "--format", "csv", "--out"])
         .arg(&out)
         .output()
@@ -243,7 +233,7 @@ async fn the_export_command_writes_what_the_api_streams() {
     assert!(!out.exists());
 
     t.stop().await;
-    let done = iotpipe(t.dir.path())
+    let done = iotpipe_command(t.dir.path())
         .args([
             "export", "--device", &dev, "--format", "csv", "--from", "0", "--out",
         ])
@@ -256,7 +246,7 @@ async fn the_export_command_writes_what_the_api_streams() {
     assert_eq!(std::fs::read_to_string(&out).unwrap(), http_csv);
 
     // To stdout as NDJSON.
-    let ndjson = iotpipe(t.dir.path())
+    let ndjson = iotpipe_command(t.dir.path())
         .args(["export", "--device", &dev])
         .output()
         .unwrap();
@@ -276,7 +266,7 @@ async fn the_export_command_writes_what_the_api_streams() {
             "no device",
         ),
     ] {
-        let o = iotpipe(t.dir.path())
+        let o = iotpipe_command(t.dir.path())
             .arg("export")
             .args(&args)
             .output()

@@ -21,12 +21,8 @@ const DAY: i64 = 86_400_000;
 /// `iotpipe transfer` with only settings files: the source's as `--config`, the
 /// target's as `--to`, and none of the caller's `IOTPIPE_*` variables.
 fn transfer(from: &Path, to: &Path, rate: u64) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_iotpipe"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
-        cmd.env_remove(k);
-    }
-    cmd.env("RUST_LOG", "warn")
-        .arg("transfer")
+    let mut cmd = prod_support::bare_command();
+    cmd.arg("transfer")
         .arg("--config")
         .arg(from)
         .arg("--to")
