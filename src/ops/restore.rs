@@ -87,7 +87,7 @@ pub async fn run(config: &Config, backup: &Path) -> Result<Manifest, OpsError> {
     if manifest.bucket_len_ms != config.pipeline.bucket_len_ms {
         return Err(OpsError::Failed(format!(
             "the backup was taken with a bucket of {} ms and these settings use {} ms; set \
-             store.bucket (IOTPIPE_BUCKET) back",
+             store.bucket back in the settings file",
             manifest.bucket_len_ms, config.pipeline.bucket_len_ms
         )));
     }
