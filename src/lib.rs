@@ -24,6 +24,7 @@
 //! - [`live`]: live counters and rate limits, behind [`live::Live`] ([`live::local`] by
 //!   default, [`live::redis`]).
 //! - [`api`]: the HTTP router, authentication and error mapping.
+//! - [`ops`]: the operations commands (export, …), above everything else.
 //! - [`config`], [`topology`] (wiring, start-up and ordered shutdown), [`telemetry`]
 //!   (Prometheus series) and [`model`] (shared types and time rules).
 #![warn(unreachable_pub)]
@@ -34,6 +35,7 @@ pub mod config;
 pub mod ingest;
 pub mod live;
 pub mod model;
+pub mod ops;
 pub mod pipeline;
 pub mod query;
 pub mod registry;

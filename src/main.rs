@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use iotpipe::{topology, Config};
+use iotpipe::{ops, topology, Config};
 use tracing_subscriber::EnvFilter;
 
 // mimalloc rather than glibc's malloc: the write path allocates and frees many small
@@ -33,6 +33,79 @@ enum Command {
     Migrate {
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Write one device's events in a range as NDJSON or CSV (newest first). With the
+    /// embedded store the server must be stopped; use the HTTP export while it runs.
+    Export {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The device's id.
+        #[arg(long)]
+        device: String,
+        /// Start of the range (RFC 3339 or ms), inclusive; default: the beginning.
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the range (RFC 3339 or ms), exclusive; default: now.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only events of this type.
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// ndjson or csv.
+        #[arg(long, default_value = "ndjson")]
+        format: String,
+        /// The file to write (complete once renamed from FILE.partial); default: stdout.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Copy a running (or stopped) embedded deployment into a new directory: a
+    /// consistent snapshot of the events, the registry and the admin token.
+    Backup {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A new or empty directory on this host.
+        dir: PathBuf,
+        /// The running server's base URL (default: from IOTPIPE_HTTP_ADDR).
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Check that the registry, the event store and the live figures agree; exit
+    /// non-zero when they do not.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Fix what can be fixed (see docs/operations.md).
+        #[arg(long)]
+        repair: bool,
+        /// UTC days whose rollups are compared with the events, per device.
+        #[arg(long, default_value_t = 2)]
+        sample_days: usize,
+    },
+    /// Recompute live totals (per device and user) and last seen from the event store
+    /// into Redis, after Redis lost them.
+    RebuildLive {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Copy the registry and every event to the backends of another settings file
+    /// (e.g. embedded to MySQL + Cassandra); resumable, verified per device.
+    Transfer {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The target's settings (TOML); its environment is not read.
+        #[arg(long)]
+        to: PathBuf,
+        /// Cap on events copied per second, so that a live source keeps serving
+        /// (0: none).
+        #[arg(long, default_value_t = 20_000)]
+        max_events_per_sec: u64,
+    },
+    /// Restore a complete backup into an empty data directory (IOTPIPE_DATA_DIR).
+    Restore {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The backup's directory.
+        dir: PathBuf,
     },
 }
 
@@ -100,6 +173,66 @@ async fn run() -> anyhow::Result<()> {
             let config = Config::from_process(config.as_deref()).context("configuration")?;
             topology::migrate(&config).await?;
             println!("migrations applied");
+        }
+        Command::Export {
+            config,
+            device,
+            from,
+            to,
+            kind,
+            format,
+            out,
+        } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            let args = ops::export::ExportArgs {
+                device,
+                from,
+                to,
+                kind,
+                format,
+                out,
+            };
+            ops::export::run(&config, &args).await?;
+        }
+        Command::Backup {
+            config,
+            dir,
+            server,
+        } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            ops::backup::run(&config, &ops::backup::BackupArgs { dir, server }).await?;
+        }
+        Command::Check {
+            config,
+            repair,
+            sample_days,
+        } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            let args = ops::check::CheckArgs {
+                repair,
+                sample_days,
+            };
+            ops::check::run(&config, &args).await?;
+        }
+        Command::RebuildLive { config } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            ops::rebuild_live::run(&config).await?;
+        }
+        Command::Transfer {
+            config,
+            to,
+            max_events_per_sec,
+        } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            let args = ops::transfer::TransferArgs {
+                to,
+                max_events_per_sec,
+            };
+            ops::transfer::run(&config, &args).await?;
+        }
+        Command::Restore { config, dir } => {
+            let config = Config::from_process(config.as_deref()).context("configuration")?;
+            ops::restore::run(&config, &dir).await?;
         }
     }
     Ok(())

@@ -134,7 +134,7 @@ fn admin_token(config: &Config) -> Result<String, StartError> {
 
 /// Creates the data dir, readable by this user only: it holds the registry (hashed
 /// secrets), the admin token and every event.
-fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
+pub fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
     let err = |source| StartError::DataDir {
         path: dir.display().to_string(),
         source,
@@ -157,7 +157,12 @@ fn owner_only(path: &Path) {
     }
 }
 
-async fn open_store(config: &Config) -> Result<SharedStore, StartError> {
+/// The configured event store, opened on its own (the operations commands use it too).
+///
+/// # Errors
+///
+/// As [`start`].
+pub async fn open_store(config: &Config) -> Result<SharedStore, StartError> {
     if config.store.scylla_nodes.is_some() {
         let settings = scylla_settings(config)?;
         return Ok(Arc::new(ScyllaStore::connect(settings).await?));
@@ -176,7 +181,12 @@ fn scylla_settings(config: &Config) -> Result<ScyllaSettings, StoreError> {
     Ok(settings)
 }
 
-async fn open_registry(config: &Config) -> Result<SharedRegistry, StartError> {
+/// The configured registry, migrated.
+///
+/// # Errors
+///
+/// As [`start`].
+pub async fn open_registry(config: &Config) -> Result<SharedRegistry, StartError> {
     let url = config
         .registry
         .url
@@ -205,7 +215,11 @@ async fn open_registry(config: &Config) -> Result<SharedRegistry, StartError> {
 
 /// The live backend, and the Redis one again when configured: it also carries the
 /// deletion broadcast and its listener.
-fn open_live(config: &Config) -> Result<(SharedLive, Option<Arc<RedisLive>>), StartError> {
+///
+/// # Errors
+///
+/// As [`start`].
+pub fn open_live(config: &Config) -> Result<(SharedLive, Option<Arc<RedisLive>>), StartError> {
     let limits = RateLimits {
         device_per_sec: config.limits.device_per_sec,
         user_per_sec: config.limits.user_per_sec,
@@ -215,6 +229,31 @@ fn open_live(config: &Config) -> Result<(SharedLive, Option<Arc<RedisLive>>), St
         Some(url) => {
             let redis = RedisLive::open(url, &config.live.key_prefix, limits)?;
             Ok((redis.clone(), Some(redis)))
+        }
+    }
+}
+
+/// In-process live figures live only as long as the process: at start-up, before
+/// anything is ingested (so that no count can be lost between the reads and the
+/// update), their totals are recomputed from the store, so that a restarted server
+/// shows the totals it showed before. A store that cannot list its devices leaves
+/// them at zero, as before this existed.
+async fn restore_live_totals(store: &SharedStore, live: &SharedLive, bucket_len_ms: i64) {
+    let started = std::time::Instant::now();
+    let totals = crate::query::totals::live_totals(store.as_ref(), bucket_len_ms, || {}).await;
+    match totals {
+        Ok(totals) => {
+            if let Err(e) = live.set_totals(&totals).await {
+                tracing::warn!(error = %e, "cannot restore the live totals");
+            }
+            tracing::info!(
+                devices = totals.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "live totals recomputed from the event store"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "live totals start from zero: cannot read them from the store")
         }
     }
 }
@@ -268,6 +307,9 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
     let admin_token = admin_token(&config)?;
     let registry = open_registry(&config).await?;
     let (live, redis) = open_live(&config)?;
+    if redis.is_none() {
+        restore_live_totals(&store, &live, config.pipeline.bucket_len_ms).await;
+    }
     let telemetry = Telemetry::new();
     let retention = Retention::from_config(&config);
     let mut auth = Auth::new(

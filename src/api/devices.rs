@@ -1,7 +1,9 @@
 //! `/v1/devices`: a user's devices.
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use bytes::Bytes;
@@ -111,14 +113,24 @@ pub(super) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
 ) -> Result<StatusCode, ApiError> {
     let user = caller.user()?;
+    let purge = super::purge::requested(&params)?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
-    match state.auth.registry().delete_device(user, id).await? {
+    let deleted = match state.auth.registry().delete_device(user, id).await? {
         Some(token_hash) => {
             state.auth.device_deleted(id, &token_hash).await;
-            Ok(StatusCode::NO_CONTENT)
+            true
         }
-        None => Err(ApiError::NotFound),
+        None => false,
+    };
+    let purged = match purge {
+        true => super::purge::purge(&state, user, id).await?,
+        false => 0,
+    };
+    match deleted || purged > 0 {
+        true => Ok(StatusCode::NO_CONTENT),
+        false => Err(ApiError::NotFound),
     }
 }

@@ -9,7 +9,9 @@ pub mod dashboard;
 pub mod devices;
 pub mod error;
 pub mod ops;
+mod purge;
 pub mod serve;
+mod snapshot;
 pub mod users;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,6 +117,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/live", get(crate::query::routes::user_live))
         .route("/v1/devices/{id}/latest", get(crate::query::latest::device))
         .route("/v1/latest", get(crate::query::latest::fleet))
+        .route("/v1/admin/snapshot", post(snapshot::snapshot))
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .merge(dashboard::routes())

@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    gcra, DeviceCount, DeviceLive, LimitKind, Limited, Live, LiveError, RateLimits, UserLive,
+    gcra, DeviceCount, DeviceLive, LimitKind, Limited, Live, LiveError, LiveTotal, RateLimits,
+    UserLive,
 };
 use crate::model::{format_ms, now_ms, DeviceId, UserId};
 
@@ -199,6 +200,35 @@ impl Live for LocalLive {
                 }
             }
         }
+    }
+
+    async fn forget_device(&self, user: UserId, device: DeviceId) -> Result<(), LiveError> {
+        let removed = self.devices.lock().remove(&device);
+        if let Some(u) = self.users.lock().get_mut(&user) {
+            let events = removed.map_or(0, |d| d.events_total);
+            u.events_total = u.events_total.saturating_sub(events);
+            u.last_seen.remove(&device);
+        }
+        self.limiters.lock().devices.remove(&device);
+        Ok(())
+    }
+
+    async fn set_totals(&self, totals: &[LiveTotal]) -> Result<(), LiveError> {
+        let mut users: HashMap<UserId, u64> = HashMap::new();
+        {
+            let mut devices = self.devices.lock();
+            for t in totals {
+                let d = devices.entry(t.device_id).or_default();
+                d.events_total = t.events;
+                d.last_seen = d.last_seen.max(t.last_seen_ms);
+                *users.entry(t.user_id).or_default() += t.events;
+            }
+        }
+        let mut states = self.users.lock();
+        for (user, events) in users {
+            states.entry(user).or_default().events_total = events;
+        }
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), LiveError> {

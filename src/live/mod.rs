@@ -50,6 +50,20 @@ pub struct DeviceCount {
     pub received_ms: i64,
 }
 
+/// A device's figures recomputed from the event store (`iotpipe rebuild-live`, and
+/// in-process live figures at start-up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveTotal {
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    /// Stored events: what `events_total` counts (each new event once).
+    pub events: u64,
+    /// The time of its newest stored event. The store keeps no receipt time in its
+    /// read API, so this stands for the last receipt; a newer one already known is
+    /// kept.
+    pub last_seen_ms: Option<i64>,
+}
+
 /// `GET /v1/devices/{id}/live`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct DeviceLive {
@@ -107,6 +121,23 @@ pub trait Live: Send + Sync + 'static {
     async fn user(&self, user: UserId, now_ms: i64) -> UserLive;
 
     async fn ping(&self) -> Result<(), LiveError>;
+
+    /// Forgets a device whose events were purged: its figures and rate budget go,
+    /// and its events leave its user's total.
+    ///
+    /// # Errors
+    ///
+    /// The backend could not be reached; the figures may then still be there.
+    async fn forget_device(&self, user: UserId, device: DeviceId) -> Result<(), LiveError>;
+
+    /// Replaces the totals of these devices, and of their users with the sum of
+    /// theirs (so `totals` holds every device of each user it names), by figures
+    /// recomputed from the store. Per-second counts and rejections are left alone.
+    ///
+    /// # Errors
+    ///
+    /// The backend could not be reached.
+    async fn set_totals(&self, totals: &[LiveTotal]) -> Result<(), LiveError>;
 }
 
 pub type SharedLive = Arc<dyn Live>;

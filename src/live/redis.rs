@@ -13,6 +13,9 @@
 //! | `P rl:d:{device}`, `P rl:u:{user}` | string, TTL until refilled | GCRA TAT (ms) |
 //! | `P device-deleted` | pub/sub channel | `{device} {token hash}`, or `- {hash}` for a replaced user key |
 //!
+//! Maintenance (forgetting a purged device, totals recomputed from the store) is in
+//! `redis/maintenance.rs`.
+//!
 //! Round trips: one pipeline per [`Live::record_ingested`] call (one per flush, not per
 //! event), one script call per admitted request, one pipeline per read.
 //!
@@ -36,6 +39,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Pipeline, Script};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+mod maintenance;
 
 use super::local::LocalLive;
 use super::{
@@ -597,6 +602,14 @@ impl Live for RedisLive {
             }
         }
         self.local.user(user, now_ms).await
+    }
+
+    async fn forget_device(&self, user: UserId, device: DeviceId) -> Result<(), LiveError> {
+        self.forget(user, device).await
+    }
+
+    async fn set_totals(&self, totals: &[crate::live::LiveTotal]) -> Result<(), LiveError> {
+        self.replace_totals(totals).await
     }
 
     async fn ping(&self) -> Result<(), LiveError> {

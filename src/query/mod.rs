@@ -13,10 +13,12 @@
 //! - Empty windows are left out, or filled as asked (`fill.rs`).
 
 pub mod aggregate;
+pub mod export;
 pub mod fill;
 pub mod latest;
 pub mod plan;
 pub mod routes;
+pub mod totals;
 pub mod windows;
 
 pub use aggregate::{device_aggregate, grouped_counts, AggregateFilter, GroupBy, GroupCount};

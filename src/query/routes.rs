@@ -3,12 +3,15 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::export::{event_json, export_format, export_response, Export};
 use super::fill::{fill, Fill};
 use super::{AggregateFilter, Grid, GroupBy, Range, MAX_WINDOWS};
 use crate::api::auth::Caller;
@@ -16,7 +19,7 @@ use crate::api::devices::owned_device;
 use crate::api::error::ApiError;
 use crate::api::AppState;
 use crate::config::parse_duration_ms;
-use crate::model::{format_ms, now_ms, parse_instant, Event, MAX_FUTURE_MS, MIN_TS_MS};
+use crate::model::{format_ms, now_ms, parse_instant, MAX_FUTURE_MS, MIN_TS_MS};
 use crate::store::{ListQuery, Position};
 
 /// The largest page of events.
@@ -136,23 +139,6 @@ fn kind(params: &Params) -> Result<Option<String>, ApiError> {
     }
 }
 
-fn event_json(e: &Event) -> Value {
-    let metrics: serde_json::Map<String, Value> = e
-        .metrics
-        .iter()
-        .map(|(k, v)| (k.clone(), json!(v)))
-        .collect();
-    let attrs: serde_json::Map<String, Value> =
-        e.attrs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-    json!({
-        "id": e.id,
-        "ts": format_ms(e.ts_ms),
-        "type": e.kind,
-        "metrics": metrics,
-        "attrs": attrs,
-    })
-}
-
 fn encode_cursor(p: Position) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
         "{}:{}",
@@ -181,13 +167,15 @@ fn scope(state: &AppState, user_id: crate::model::UserId) -> super::Scope<'_> {
     }
 }
 
-/// `GET /v1/devices/{id}/events`
+/// `GET /v1/devices/{id}/events`: a page of JSON, or the whole range streamed as
+/// NDJSON or CSV (`format=` or `Accept`, see `export.rs`).
 pub async fn events(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: HeaderMap,
     params: Params,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let user = caller.user()?;
     let device = owned_device(&state, user, &id).await?;
     let from = instant(&params, "from")?.unwrap_or(MIN_TS_MS);
@@ -196,6 +184,16 @@ pub async fn events(
         from_ms: from,
         to_ms: to,
     } = Range::bounded(from, to, now_ms());
+    if let Some(format) = export_format(&params, &headers)? {
+        let export = Export {
+            user_id: user,
+            device_id: device,
+            from_ms: from,
+            to_ms: to,
+            kind: kind(&params)?,
+        };
+        return Ok(export_response(state.store.clone(), export, format));
+    }
     let limit = match params.get("limit") {
         None => DEFAULT_LIMIT,
         Some(v) => match v.parse::<usize>() {
@@ -231,9 +229,7 @@ pub async fn events(
         None
     };
     let events: Vec<Value> = page.iter().map(event_json).collect();
-    Ok(Json(
-        json!({ "events": events, "next_cursor": next_cursor }),
-    ))
+    Ok(Json(json!({ "events": events, "next_cursor": next_cursor })).into_response())
 }
 
 /// `GET /v1/devices/{id}/aggregates`

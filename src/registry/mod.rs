@@ -5,6 +5,7 @@
 //! the hot ingest path).
 
 pub mod auth;
+pub mod dump;
 pub mod login_guard;
 pub mod mysql;
 pub mod secrets;
@@ -111,6 +112,13 @@ pub trait Registry: Send + Sync + 'static {
     ) -> Result<Option<String>, RegistryError>;
 
     async fn ping(&self) -> Result<(), RegistryError>;
+
+    /// Every user and device with their secret hashes (`iotpipe transfer`).
+    async fn dump(&self) -> Result<dump::RegistryDump, RegistryError>;
+
+    /// Inserts users and devices with their ids and hashes, in one transaction;
+    /// rows already present are kept as they are.
+    async fn load(&self, dump: &dump::RegistryDump) -> Result<(), RegistryError>;
 }
 
 pub type SharedRegistry = Arc<dyn Registry>;

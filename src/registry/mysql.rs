@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 
+use super::dump::{dump_queries, RegistryDump};
 use super::sql::{self, shared_queries};
 use super::{Device, Registry, RegistryError, User};
 use crate::model::{DeviceId, UserId};
@@ -72,6 +73,7 @@ impl MySqlRegistry {
 }
 
 shared_queries!(MySqlRegistry);
+dump_queries!(MySqlRegistry, "INSERT IGNORE");
 
 #[async_trait]
 impl Registry for MySqlRegistry {
@@ -165,6 +167,14 @@ impl Registry for MySqlRegistry {
         }
         tx.commit().await?;
         Ok(row.map(|r| r.0))
+    }
+
+    async fn dump(&self) -> Result<RegistryDump, RegistryError> {
+        self.dump_rows().await
+    }
+
+    async fn load(&self, dump: &RegistryDump) -> Result<(), RegistryError> {
+        self.load_rows(dump).await
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {

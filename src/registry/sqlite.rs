@@ -8,6 +8,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use super::dump::{dump_queries, RegistryDump};
 use super::sql::{self, shared_queries};
 use super::{Device, Registry, RegistryError, User};
 use crate::model::{DeviceId, UserId};
@@ -55,6 +56,7 @@ impl SqliteRegistry {
 }
 
 shared_queries!(SqliteRegistry);
+dump_queries!(SqliteRegistry, "INSERT OR IGNORE");
 
 #[async_trait]
 impl Registry for SqliteRegistry {
@@ -136,6 +138,14 @@ impl Registry for SqliteRegistry {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(row.map(|r| r.0))
+    }
+
+    async fn dump(&self) -> Result<RegistryDump, RegistryError> {
+        self.dump_rows().await
+    }
+
+    async fn load(&self, dump: &RegistryDump) -> Result<(), RegistryError> {
+        self.load_rows(dump).await
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {

@@ -92,6 +92,20 @@ pub struct Point {
     pub kind: Option<String>,
 }
 
+/// Duplicate-index rows whose event is not stored (`iotpipe check`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexReport {
+    /// Index rows read.
+    pub rows: u64,
+    /// Rows with no stored event (removed when repairing).
+    pub orphans: u64,
+    /// A few of them, as `device/event id`.
+    pub examples: Vec<String>,
+}
+
+/// Examples kept per finding.
+pub const MAX_EXAMPLES: usize = 5;
+
 /// An event engine. See the module docs for the contract.
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
@@ -127,6 +141,54 @@ pub trait EventStore: Send + Sync + 'static {
         user: UserId,
         device: Option<DeviceId>,
     ) -> Result<Vec<latest::Latest>, StoreError>;
+
+    /// Removes every trace of one device: its events, their duplicate-index rows,
+    /// its rollups at every level (fleet rows included) and its latest values. Returns
+    /// how many events were removed. Idempotent, so an interrupted purge is run again.
+    /// The default refuses: an engine that keeps data must say how it removes it.
+    async fn purge_device(&self, user: UserId, device: DeviceId) -> Result<u64, StoreError> {
+        let _ = (user, device);
+        Err(StoreError::Invalid(format!(
+            "the {} store cannot purge a device",
+            self.backend()
+        )))
+    }
+
+    /// Copies the store as of now into the directory `target` (new or empty) while
+    /// it keeps serving; returns the keys copied per keyspace. Only an engine whose
+    /// data is a local directory can; the default refuses, naming the backend (a
+    /// cluster is backed up with its own tools: `docs/operations.md`).
+    async fn snapshot_into(
+        &self,
+        target: std::path::PathBuf,
+    ) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        let _ = target;
+        Err(StoreError::Invalid(format!(
+            "the {} store is backed up with its own tools (docs/operations.md)",
+            self.backend()
+        )))
+    }
+
+    /// Every (user, device) with stored events, deleted devices included, in no
+    /// particular order: what operations (live totals, checks) walk. The default
+    /// refuses, naming the backend.
+    async fn stored_devices(&self) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
+        Err(StoreError::Invalid(format!(
+            "the {} store cannot list its devices",
+            self.backend()
+        )))
+    }
+
+    /// Reads the whole duplicate index and finds the rows whose event is not stored
+    /// (left by a crash between the two, or by a purge cut short); with `repair`,
+    /// removes them. The default refuses, naming the backend.
+    async fn check_index(&self, repair: bool) -> Result<IndexReport, StoreError> {
+        let _ = repair;
+        Err(StoreError::Invalid(format!(
+            "the {} store cannot check its index",
+            self.backend()
+        )))
+    }
 
     /// A cheap round trip, for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;

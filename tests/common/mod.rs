@@ -201,6 +201,18 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The `iotpipe` binary on the data directory `dir`, with none of the caller's
+/// `IOTPIPE_*` settings (a developer's exported production settings must not
+/// redirect a test).
+pub fn iotpipe_command(dir: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_iotpipe"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
+        cmd.env_remove(k);
+    }
+    cmd.env("IOTPIPE_DATA_DIR", dir).env("RUST_LOG", "warn");
+    cmd
+}
+
 /// Now in ms.
 pub fn now_ms() -> i64 {
     iotpipe::model::now_ms()

@@ -179,6 +179,41 @@ pub fn config(data_dir: &Path) -> Config {
     c
 }
 
+/// The `iotpipe` binary with none of the caller's `IOTPIPE_*` settings (a
+/// developer's exported production settings must not redirect a test).
+pub fn bare_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_iotpipe"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
+        cmd.env_remove(k);
+    }
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+/// The `iotpipe` binary with `config`'s backends as `IOTPIPE_*` variables (the
+/// settings an operations command shares with `serve`), and none of the caller's.
+pub fn command(config: &Config) -> Command {
+    let mut cmd = bare_command();
+    cmd.env("IOTPIPE_DATA_DIR", &config.data_dir);
+    if let Some(nodes) = &config.store.scylla_nodes {
+        cmd.env("IOTPIPE_SCYLLA_NODES", nodes)
+            .env("IOTPIPE_SCYLLA_KEYSPACE", &config.store.keyspace)
+            .env("IOTPIPE_SCYLLA_REPLICATION", &config.store.replication)
+            .env("IOTPIPE_SCYLLA_CONSISTENCY", &config.store.consistency);
+    }
+    if let Some(url) = &config.registry.url {
+        cmd.env("IOTPIPE_REGISTRY_URL", url);
+    }
+    if let Some(url) = &config.live.redis_url {
+        cmd.env("IOTPIPE_REDIS_URL", url)
+            .env("IOTPIPE_REDIS_PREFIX", &config.live.key_prefix);
+    }
+    if let Some(token) = &config.admin_token {
+        cmd.env("IOTPIPE_ADMIN_TOKEN", token);
+    }
+    cmd
+}
+
 pub async fn start(config: Config) -> Server {
     topology::start(config).await.expect("server starts")
 }

@@ -23,7 +23,7 @@
 //! - `meta`: the bucket length this data directory was created with.
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -31,18 +31,23 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+mod backup;
+mod devices;
+mod index_check;
 mod latest;
+mod purge;
 mod retention;
 mod rollups;
 
 use super::latest::Latest;
 use super::retention::{Retention, Tier};
 use super::{
-    EventStore, FleetCount, FleetQuery, ListQuery, Point, PointQuery, Position, Rollup,
-    RollupQuery, StoreError,
+    EventStore, FleetCount, FleetQuery, IndexReport, ListQuery, Point, PointQuery, Position,
+    Rollup, RollupQuery, StoreError,
 };
 use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, Event, Record, UserId};
 use crate::pipeline::batcher::PartitionBatch;
+pub use backup::KeyCounts;
 use rollups::{Caches, MinuteSums, RollupKeyspaces, LEVELS_META_KEY};
 
 const KEY_LEN: usize = 8 + 16 + 8 + 8 + 16;
@@ -468,6 +473,24 @@ impl EventStore for EmbeddedStore {
 
     async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
         self.blocking(move |inner| inner.expire(now_ms)).await
+    }
+
+    async fn purge_device(&self, user: UserId, device: DeviceId) -> Result<u64, StoreError> {
+        self.blocking(move |inner| inner.purge_device(user, device))
+            .await
+    }
+
+    async fn stored_devices(&self) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
+        self.blocking(|inner| inner.stored_devices()).await
+    }
+
+    async fn check_index(&self, repair: bool) -> Result<IndexReport, StoreError> {
+        self.blocking(move |inner| inner.check_index(repair)).await
+    }
+
+    async fn snapshot_into(&self, target: PathBuf) -> Result<KeyCounts, StoreError> {
+        let store = self.clone();
+        self.blocking(move |_| store.copy_to(&target)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -34,7 +34,7 @@ use crate::store::{Level, Rollup, RollupQuery, Sketch, StoreError, Summary};
 
 /// Hour rows are partitioned by 28 days (672 hours of a metric), day rows by 3,640
 /// days: both multiples of a day, so a day's hours lie in one partition.
-fn slab_ms(level: Level) -> i64 {
+pub(super) fn slab_ms(level: Level) -> i64 {
     match level {
         Level::Day => 3_640 * DAY_MS,
         _ => 28 * DAY_MS,

@@ -5,7 +5,8 @@
 //! on, the embedded store. This module only turns partitions into CQL writes and
 //! ranges into CQL reads. Its files: `settings`, `schema`, `statements` (every CQL
 //! text), `rows` (every bound or read row type), `write`, `read`, `rollup` and
-//! `pending` (exact rollups), `errors`.
+//! `pending` (exact rollups), `purge` (removing a device), `devices` (listing them) and `index_check`: rare,
+//! so they prepare their own statements; `errors`.
 //!
 //! Writes, per flush:
 //! 1. Duplicates within the flush are dropped; the others are looked up in
@@ -36,9 +37,12 @@
 //! overload map to [`StoreError::Unavailable`] (the pipeline writer retries them),
 //! refused requests to [`StoreError::Invalid`] (never retried).
 
+mod devices;
 mod errors;
+mod index_check;
 mod levels;
 mod pending;
+mod purge;
 mod read;
 mod rollup;
 mod rows;
@@ -218,6 +222,18 @@ impl EventStore for ScyllaStore {
         device: Option<DeviceId>,
     ) -> Result<Vec<Latest>, StoreError> {
         self.inner.latest(user, device).await
+    }
+
+    async fn purge_device(&self, user: UserId, device: DeviceId) -> Result<u64, StoreError> {
+        self.inner.purge_device(user, device).await
+    }
+
+    async fn stored_devices(&self) -> Result<Vec<(UserId, DeviceId)>, StoreError> {
+        self.inner.stored_devices().await
+    }
+
+    async fn check_index(&self, repair: bool) -> Result<super::IndexReport, StoreError> {
+        self.inner.check_index(repair).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -17,7 +17,7 @@ const READ_FANOUT: usize = 4;
 
 impl Inner {
     /// The buckets of a device that hold events in `[from_ms, to_ms)`, newest first.
-    async fn buckets(
+    pub(super) async fn buckets(
         &self,
         user: UserId,
         device: DeviceId,

@@ -1,0 +1,164 @@
+//! Removing every trace of one device from the wide-column store (`DELETE
+//! /v1/devices/{id}?purge=true`).
+//!
+//! What a device holds, and how it is found: its buckets come from the `buckets`
+//! index; each bucket is one `events` partition, and its event ids name the
+//! `event_ids` rows (keyed by device and id, so they cannot be found otherwise); the
+//! buckets' days and slabs name the `rollups` and `rollups_coarse` partitions;
+//! `pending_minutes` is one partition per device; `latest` rows are one clustering
+//! prefix of the user's partition. Everything is removed by partition or prefix
+//! deletes (one tombstone each), except `event_ids` (one per event).
+//!
+//! Order: per bucket, the ids first, then the events partition; the `buckets` index
+//! last. A purge that stops half-way is therefore found again and finished by the
+//! next run: what is left is always reachable from the index.
+//!
+//! Rollup rows are written `USING TIMESTAMP` their count, so a delete at the current
+//! time also shadows what a recomputation still queued for the device would write
+//! later. Latest rows are written with their event's time, which may run up to five
+//! minutes ahead of this node's clock; their delete is stamped a day ahead for that.
+
+use std::collections::BTreeSet;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use scylla::statement::prepared::PreparedStatement;
+use uuid::Uuid;
+
+use super::errors::{corrupt, exec_error, pager_error, prepare_error, row_error};
+use super::levels::slab_ms;
+use super::pending::DAY_MS;
+use super::rows::ms;
+use super::Inner;
+use crate::model::{bucket_start, now_ms, DeviceId, UserId, MIN_TS_MS};
+use crate::query::QUERY_AHEAD_MS;
+use crate::store::{Level, StoreError};
+
+/// Id rows deleted at once.
+const DELETE_FANOUT: usize = 64;
+
+impl Inner {
+    async fn prepare(&self, cql: String) -> Result<PreparedStatement, StoreError> {
+        let mut statement = self.session.prepare(cql).await.map_err(prepare_error)?;
+        // Deletes by whole key: safe to retry.
+        statement.set_is_idempotent(true);
+        Ok(statement)
+    }
+
+    /// Removes the device's data; returns how many events were removed.
+    pub(super) async fn purge_device(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<u64, StoreError> {
+        let ks = &self.settings.keyspace;
+        let select_ids = self
+            .prepare(format!(
+                "SELECT event_id FROM {ks}.events WHERE user_id = ? AND device_id = ? AND bucket = ?"
+            ))
+            .await?;
+        let delete_id = self
+            .prepare(format!(
+                "DELETE FROM {ks}.event_ids WHERE device_id = ? AND event_id = ?"
+            ))
+            .await?;
+        let delete_bucket = self
+            .prepare(format!(
+                "DELETE FROM {ks}.events WHERE user_id = ? AND device_id = ? AND bucket = ?"
+            ))
+            .await?;
+        let delete_day = self
+            .prepare(format!(
+                "DELETE FROM {ks}.rollups WHERE user_id = ? AND device_id = ? AND day = ?"
+            ))
+            .await?;
+        let delete_slab = self
+            .prepare(format!(
+                "DELETE FROM {ks}.rollups_coarse WHERE user_id = ? AND device_id = ? AND level = ? AND slab = ?"
+            ))
+            .await?;
+        let delete_latest = self
+            .prepare(format!(
+                "DELETE FROM {ks}.latest USING TIMESTAMP ? WHERE user_id = ? AND device_id = ?"
+            ))
+            .await?;
+        let delete_device = |table: &str| {
+            self.prepare(format!(
+                "DELETE FROM {ks}.{table} WHERE user_id = ? AND device_id = ?"
+            ))
+        };
+        let delete_pending = delete_device("pending_minutes").await?;
+        let delete_index = delete_device("buckets").await?;
+
+        let len = self.settings.bucket_len_ms;
+        let buckets = self
+            .buckets(user, device, MIN_TS_MS, now_ms() + QUERY_AHEAD_MS)
+            .await?;
+        let mut events = 0u64;
+        let (mut days, mut slabs) = (BTreeSet::new(), BTreeSet::new());
+        for bucket in buckets {
+            let key = (user, device, ms(bucket));
+            let ids: Vec<Uuid> = self
+                .session
+                .execute_iter(select_ids.clone(), key)
+                .await
+                .map_err(pager_error)?
+                .rows_stream::<(Uuid,)>()
+                .map_err(corrupt)?
+                .map_ok(|(id,)| id)
+                .map_err(row_error)
+                .try_collect()
+                .await?;
+            events += ids.len() as u64;
+            let delete_id = &delete_id;
+            stream::iter(ids)
+                .map(|id| async move {
+                    let _p = self.permit().await;
+                    self.session
+                        .execute_unpaged(delete_id, (device, id))
+                        .await
+                        .map_err(exec_error)
+                })
+                .buffer_unordered(DELETE_FANOUT)
+                .try_collect::<Vec<_>>()
+                .await?;
+            self.session
+                .execute_unpaged(&delete_bucket, key)
+                .await
+                .map_err(exec_error)?;
+            // Every day and slab the bucket's events may have rollups in.
+            let mut day = bucket_start(bucket, DAY_MS);
+            while day < bucket + len {
+                days.insert(day);
+                for level in [Level::Hour, Level::Day] {
+                    slabs.insert((level.tag(), bucket_start(day, slab_ms(level))));
+                }
+                day += DAY_MS;
+            }
+        }
+        for day in days {
+            self.session
+                .execute_unpaged(&delete_day, (user, device, ms(day)))
+                .await
+                .map_err(exec_error)?;
+        }
+        for (level, slab) in slabs {
+            let values = (user, device, i32::from(level), ms(slab));
+            self.session
+                .execute_unpaged(&delete_slab, values)
+                .await
+                .map_err(exec_error)?;
+        }
+        let ahead_us = (now_ms() + DAY_MS) * 1000;
+        self.session
+            .execute_unpaged(&delete_latest, (ahead_us, user, device))
+            .await
+            .map_err(exec_error)?;
+        for statement in [&delete_pending, &delete_index] {
+            self.session
+                .execute_unpaged(statement, (user, device))
+                .await
+                .map_err(exec_error)?;
+        }
+        Ok(events)
+    }
+}
