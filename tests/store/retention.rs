@@ -73,6 +73,33 @@ async fn fleet_starts(store: &dyn EventStore, level: Level, from: i64, to: i64) 
     rows.iter().map(|r| r.start_ms).collect()
 }
 
+/// What the tiers keep of the test's four events.
+struct Kept {
+    device: Uuid,
+    from: i64,
+    to: i64,
+    fresh: i64,
+    minutes: Vec<i64>,
+    hours: Vec<i64>,
+    days: Vec<i64>,
+}
+
+impl Kept {
+    async fn check(&self, store: &dyn EventStore) {
+        let (d, from, to) = (self.device, self.from, self.to);
+        assert_eq!(
+            listed(store, d, from, to).await,
+            BTreeSet::from([self.fresh])
+        );
+        assert_eq!(
+            starts(store, d, Level::Minute, from, to).await,
+            self.minutes
+        );
+        assert_eq!(starts(store, d, Level::Hour, from, to).await, self.hours);
+        assert_eq!(starts(store, d, Level::Day, from, to).await, self.days);
+    }
+}
+
 #[tokio::test]
 async fn embedded_hides_expired_tiers_at_once_and_the_sweep_deletes_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -100,22 +127,16 @@ async fn embedded_hides_expired_tiers_at_once_and_the_sweep_deletes_them() {
         .await
         .unwrap();
     // Hidden at once, before any sweep.
-    assert_eq!(
-        listed(&store, device, from, to).await,
-        BTreeSet::from([ts[3]])
-    );
-    assert_eq!(
-        starts(&store, device, Level::Minute, from, to).await,
-        ts[2..]
-    );
-    assert_eq!(
-        starts(&store, device, Level::Hour, from, to).await,
-        hour_starts[1..]
-    );
-    assert_eq!(
-        starts(&store, device, Level::Day, from, to).await,
-        day_starts
-    );
+    let kept = Kept {
+        device,
+        from,
+        to,
+        fresh: ts[3],
+        minutes: ts[2..].to_vec(),
+        hours: hour_starts[1..].to_vec(),
+        days: day_starts.clone(),
+    };
+    kept.check(&store).await;
     assert_eq!(
         fleet_starts(&store, Level::Hour, from, to).await,
         hour_starts[1..]
@@ -135,22 +156,7 @@ async fn embedded_hides_expired_tiers_at_once_and_the_sweep_deletes_them() {
 
     // Opened again keeping everything: what the sweep deleted is gone from disk.
     let store = EmbeddedStore::open(dir.path(), HOUR).unwrap();
-    assert_eq!(
-        listed(&store, device, from, to).await,
-        BTreeSet::from([ts[3]])
-    );
-    assert_eq!(
-        starts(&store, device, Level::Minute, from, to).await,
-        ts[2..]
-    );
-    assert_eq!(
-        starts(&store, device, Level::Hour, from, to).await,
-        hour_starts[1..]
-    );
-    assert_eq!(
-        starts(&store, device, Level::Day, from, to).await,
-        day_starts
-    );
+    kept.check(&store).await;
     // The swept events' duplicate-index rows went with them (ingest refuses such old
     // events before they reach the store, so an orphan row would only waste space).
     let again = store.write(flush(USER, device, vec![events[2].clone()]));

@@ -13,7 +13,7 @@ const DEVICE_PREFIX: usize = 24;
 
 /// The smallest byte string greater than every key starting with `prefix`, or
 /// `None` when the prefix is all 0xff.
-fn past(prefix: &[u8]) -> Option<Vec<u8>> {
+pub(super) fn past(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut next = prefix.to_vec();
     while let Some(last) = next.pop() {
         if last < u8::MAX {

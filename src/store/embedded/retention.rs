@@ -12,6 +12,7 @@
 
 use fjall::Keyspace;
 
+use super::devices::past;
 use super::{engine, id_key, ordered, Inner};
 use crate::model::{assigned_id_ts, bucket_start, DeviceId};
 use crate::store::retention::Tier;
@@ -120,7 +121,7 @@ impl Inner {
                     }
                 }
             }
-            let Some(next) = successor(&group) else {
+            let Some(next) = past(&group) else {
                 break;
             };
             cursor = next;
@@ -167,30 +168,6 @@ fn index_row_of(event_key: &[u8]) -> Result<Option<[u8; 32]>, StoreError> {
     Ok(Some(id_key(device, id)))
 }
 
-/// The first key after every key that starts with `prefix`, if there is one.
-fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut next = prefix.to_vec();
-    while let Some(last) = next.pop() {
-        if last < u8::MAX {
-            next.push(last + 1);
-            return Some(next);
-        }
-    }
-    None
-}
-
 fn short(key: &[u8]) -> StoreError {
     StoreError::Corrupt(format!("a key of {} bytes", key.len()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_successor_of_a_prefix_is_past_all_its_keys() {
-        assert_eq!(successor(&[1, 2, 3]), Some(vec![1, 2, 4]));
-        assert_eq!(successor(&[1, 0xff, 0xff]), Some(vec![2]));
-        assert_eq!(successor(&[0xff]), None);
-    }
 }
