@@ -39,6 +39,7 @@ fn bench_decode(c: &mut Criterion) {
                 DecodeOptions {
                     max_events: 10_000,
                     now_ms: NOW,
+                    retention: Default::default(),
                 },
             )
             .unwrap()

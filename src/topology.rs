@@ -32,6 +32,7 @@ use crate::registry::secrets::{self, SecretKind};
 use crate::registry::sqlite::SqliteRegistry;
 use crate::registry::{RegistryError, SharedRegistry};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::retention::{self, Retention};
 use crate::store::scylla::{ScyllaSettings, ScyllaStore};
 use crate::store::{SharedStore, StoreError};
 use crate::telemetry::Telemetry;
@@ -163,14 +164,21 @@ fn owner_only(path: &Path) {
 /// As [`start`].
 pub async fn open_store(config: &Config) -> Result<SharedStore, StartError> {
     if config.store.scylla_nodes.is_some() {
-        let settings = ScyllaSettings::from_config(&config.store, config.pipeline.bucket_len_ms)?;
+        let settings = scylla_settings(config)?;
         return Ok(Arc::new(ScyllaStore::connect(settings).await?));
     }
-    let store = EmbeddedStore::open(
+    let store = EmbeddedStore::open_with(
         &config.data_dir.join("events"),
         config.pipeline.bucket_len_ms,
+        Retention::from_config(config),
     )?;
     Ok(Arc::new(store))
+}
+
+fn scylla_settings(config: &Config) -> Result<ScyllaSettings, StoreError> {
+    let mut settings = ScyllaSettings::from_config(&config.store, config.pipeline.bucket_len_ms)?;
+    settings.retention = Retention::from_config(config);
+    Ok(settings)
 }
 
 /// The configured registry, migrated.
@@ -260,7 +268,7 @@ pub async fn migrate(config: &Config) -> Result<(), StartError> {
     ensure_data_dir(&config.data_dir)?;
     open_registry(config).await?;
     if config.store.scylla_nodes.is_some() {
-        let settings = ScyllaSettings::from_config(&config.store, config.pipeline.bucket_len_ms)?;
+        let settings = scylla_settings(config)?;
         ScyllaStore::migrate(&settings).await?;
         tracing::info!(keyspace = %settings.keyspace, "ScyllaDB schema applied");
     }
@@ -303,6 +311,7 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
         restore_live_totals(&store, &live, config.pipeline.bucket_len_ms).await;
     }
     let telemetry = Telemetry::new();
+    let retention = Retention::from_config(&config);
     let mut auth = Auth::new(
         registry,
         &admin_token,
@@ -350,6 +359,10 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
         (Some(_), Some(_)) => MqttStatus::new("builtin+external", false),
     };
 
+    let sweeper = (!retention.is_forever()).then(|| {
+        let every = Duration::from_secs(config.retention.sweep_every_secs);
+        retention::spawn_sweeper(store.clone(), every, shutdown.child_token())
+    });
     let (pipeline, pipeline_tasks) = pipeline::spawn(
         &config.pipeline,
         store.clone(),
@@ -370,6 +383,7 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
             max_keep_alive_secs: config.mqtt.max_keep_alive_secs.max(1),
             max_per_device: config.mqtt.max_connections_per_device.max(1),
             max_per_ip: config.mqtt.max_connections_per_ip.max(1),
+            retention,
         },
         shutdown: shutdown.clone(),
         sessions: Default::default(),
@@ -396,6 +410,7 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
             max_body_bytes: config.http.max_body_bytes,
             max_events: config.http.max_events_per_request,
             body_timeout: Duration::from_secs(config.http.body_timeout_secs.max(1)),
+            retention,
         },
         ingest_slots: Arc::new(Semaphore::new(config.http.max_inflight_requests)),
         bucket_len_ms: config.pipeline.bucket_len_ms,
@@ -419,6 +434,9 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
             }
         }
         pipeline_tasks.shutdown().await;
+        if let Some(task) = sweeper {
+            let _ = task.await;
+        }
         if let Some(task) = deletions {
             let _ = task.await;
         }

@@ -7,6 +7,8 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use futures::StreamExt;
+
 use chrono::{TimeZone, Timelike};
 use chrono_tz::Tz;
 use common::TestServer;
@@ -570,4 +572,36 @@ async fn percentiles_are_within_the_documented_relative_error_of_exact_ones() {
         (status, v["field"].as_str()),
         (StatusCode::BAD_REQUEST, Some("percentiles"))
     );
+}
+
+#[tokio::test]
+async fn grouping_more_devices_than_the_cap_is_refused_unless_paged() {
+    let t = TestServer::start().await;
+    let (_, key) = t.user("fleet").await;
+    // One past the cap; no events are needed, the count is of registered devices.
+    let names: Vec<String> = (0..1_001).map(|i| format!("d{i}")).collect();
+    futures::stream::iter(names.iter().map(|n| t.device(&key, n)))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let grouped = "/v1/aggregates?from=0&to=3600000&window=1h&group_by=device";
+    let (status, v) = t.get(grouped, &key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["field"], "group_by", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("1001"), "{v}");
+
+    let (status, v) = t.get(&format!("{grouped}&device_limit=1000"), &key).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let after = v["next_after_device"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let (status, v) = t
+        .get(
+            &format!("{grouped}&device_limit=1000&after_device={after}"),
+            &key,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(v["next_after_device"].is_null(), "the last page: {v}");
 }

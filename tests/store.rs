@@ -9,6 +9,8 @@ mod cassandra;
 #[path = "store/levels.rs"]
 mod levels;
 mod prod_support;
+#[path = "store/retention.rs"]
+mod retention;
 
 use std::collections::HashSet;
 use std::sync::Arc;

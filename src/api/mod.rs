@@ -64,6 +64,8 @@ pub struct RequestLimits {
     pub max_events: usize,
     /// How long an ingest body may take to arrive.
     pub body_timeout: std::time::Duration,
+    /// Events the raw tier has already expired are refused.
+    pub retention: crate::store::retention::Retention,
 }
 
 /// Everything a handler may need. Cheap to clone.

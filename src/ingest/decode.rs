@@ -12,6 +12,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::model::{self, Event};
+use crate::store::retention::{Retention, Tier};
 
 /// How many entries `metrics` and `attrs` may each hold.
 pub const MAX_MAP_ENTRIES: usize = 64;
@@ -76,6 +77,9 @@ pub struct DecodeOptions {
     pub max_events: usize,
     /// Time of receipt; the default `ts`, and the reference for "not in the future".
     pub now_ms: i64,
+    /// An event the raw tier has already expired is refused: it could never be read,
+    /// and rollups must not be summed from partly expired data.
+    pub retention: Retention,
 }
 
 /// Decodes and validates a whole payload. All or nothing: one bad event fails it.
@@ -96,7 +100,7 @@ pub fn decode(
     let total = raw.len();
     raw.into_iter()
         .enumerate()
-        .map(|(index, raw)| raw.validate(index, opts.now_ms))
+        .map(|(index, raw)| raw.validate(index, &opts))
         .collect::<Result<_, _>>()
         .map_err(|mut e| {
             if let DecodeError::Invalid { events, .. } = &mut e {
@@ -232,7 +236,8 @@ struct RawEvent {
 }
 
 impl RawEvent {
-    fn validate(self, index: usize, now_ms: i64) -> Result<Decoded, DecodeError> {
+    fn validate(self, index: usize, opts: &DecodeOptions) -> Result<Decoded, DecodeError> {
+        let now_ms = opts.now_ms;
         let bad = |field: &str, reason: &str| DecodeError::invalid(index, field, reason);
 
         let kind = self.kind.ok_or_else(|| bad("type", "is required"))?;
@@ -253,6 +258,16 @@ impl RawEvent {
         }
         if ts_ms < model::MIN_TS_MS {
             return Err(bad("ts", "is before 2000-01-01T00:00:00Z"));
+        }
+        if opts.retention.is_expired(ts_ms, now_ms) {
+            return Err(DecodeError::invalid(
+                index,
+                "ts",
+                format!(
+                    "is older than raw events are kept ({}); it would never be readable",
+                    Tier::Raw.setting()
+                ),
+            ));
         }
         let (id, id_assigned) = match self.id {
             None => (model::assigned_id(ts_ms), true),
@@ -426,6 +441,7 @@ mod tests {
         DecodeOptions {
             max_events: 10,
             now_ms: NOW,
+            retention: Retention::default(),
         }
     }
 
@@ -586,5 +602,27 @@ mod tests {
     #[test]
     fn an_empty_array_is_fine() {
         assert!(decode(b"[]", Format::Json, opts()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_event_older_than_the_raw_tier_is_refused_naming_ts() {
+        let opts = DecodeOptions {
+            retention: Retention::new([Some(86_400_000), None, None, None]),
+            ..opts()
+        };
+        let old = NOW - 86_400_000;
+        match decode(
+            format!(r#"{{"type":"t","ts":{old}}}"#).as_bytes(),
+            Format::Json,
+            opts,
+        ) {
+            Err(DecodeError::Invalid { field, reason, .. }) => {
+                assert_eq!(field, "ts");
+                assert!(reason.contains("retention.raw"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let fresh = format!(r#"{{"type":"t","ts":{}}}"#, old + 1);
+        assert!(decode(fresh.as_bytes(), Format::Json, opts).is_ok());
     }
 }

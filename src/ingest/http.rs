@@ -149,6 +149,7 @@ pub async fn ingest(
     let opts = DecodeOptions {
         max_events: state.limits.max_events,
         now_ms: received_ms,
+        retention: state.limits.retention,
     };
     let decoded = match decode::decode(&body, format, opts) {
         Ok(d) => d,

@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::live::LiveTotal;
 use crate::model::{bucket_start, now_ms, DeviceId, UserId};
 use crate::query::totals::live_totals;
+use crate::store::retention::{Retention, Tier};
 use crate::store::{EventStore, Level, ListQuery, PointQuery, RollupQuery, MAX_EXAMPLES};
 use crate::topology;
 
@@ -93,6 +94,7 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Vec<Finding>, OpsE
         .stored_devices()
         .await
         .map_err(|e| failed("event store", e))?;
+    let retention = Retention::from_config(config);
     let bar = progress::bar(Some(devices.len() as u64 * 2), "device checks");
 
     let mut unregistered = Finding::new("devices with stored events and no registry row");
@@ -113,9 +115,15 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Vec<Finding>, OpsE
             }),
             Some(_) => {}
         }
-        compare_rollups(store.as_ref(), user, device, args.sample_days, &mut rollups)
-            .await
-            .map_err(|e| failed("event store", e))?;
+        compare_rollups(
+            store.as_ref(),
+            retention,
+            (user, device),
+            args.sample_days,
+            &mut rollups,
+        )
+        .await
+        .map_err(|e| failed("event store", e))?;
         bar.inc(1);
     }
     if args.repair && unregistered.count > 0 {
@@ -214,8 +222,8 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Vec<Finding>, OpsE
 /// Compares a device's rollups with its raw events over sampled days.
 async fn compare_rollups(
     store: &dyn EventStore,
-    user: UserId,
-    device: DeviceId,
+    retention: Retention,
+    (user, device): (UserId, DeviceId),
     sample_days: usize,
     finding: &mut Finding,
 ) -> Result<(), crate::store::StoreError> {
@@ -245,7 +253,11 @@ async fn compare_rollups(
             break;
         }
     }
-    let cutoff = now_ms() - SETTLE_MS;
+    let now = now_ms();
+    let cutoff = now - SETTLE_MS;
+    // With retention tiers, raw events and each level expire at their own age: only
+    // what both sides still show is compared.
+    let raw_from = retention.first_visible(Tier::Raw, now).unwrap_or(i64::MIN);
     for day in days {
         let to = (day + DAY_MS).min(cutoff);
         if to <= day {
@@ -263,13 +275,24 @@ async fn compare_rollups(
             })
             .await?;
         for level in [Level::Minute, Level::Hour, Level::Day] {
-            // Whole intervals of the level only.
+            // Whole intervals of the level only, still visible at both tiers.
             let end = bucket_start(to, level.ms());
-            if end <= day {
+            let visible = raw_from
+                .max(
+                    retention
+                        .first_visible(Tier::Rollup(level), now)
+                        .unwrap_or(i64::MIN),
+                )
+                .max(day);
+            let start = match bucket_start(visible, level.ms()) {
+                s if s < visible => s + level.ms(),
+                s => s,
+            };
+            if end <= start {
                 continue;
             }
             let mut raw: BTreeMap<i64, u64> = BTreeMap::new();
-            for p in points.iter().filter(|p| p.ts_ms < end) {
+            for p in points.iter().filter(|p| (start..end).contains(&p.ts_ms)) {
                 *raw.entry(bucket_start(p.ts_ms, level.ms())).or_default() += 1;
             }
             let rows = store
@@ -277,7 +300,7 @@ async fn compare_rollups(
                     user_id: user,
                     device_id: device,
                     level,
-                    from_ms: day,
+                    from_ms: start,
                     to_ms: end,
                     metric: None,
                     kind: None,

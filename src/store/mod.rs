@@ -11,6 +11,7 @@
 
 pub mod embedded;
 pub mod latest;
+pub mod retention;
 pub mod rollup;
 pub mod scylla;
 
@@ -191,6 +192,14 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// A cheap round trip, for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Deletes what the retention tiers expired by `now_ms` (see `retention.rs`) and
+    /// returns how many rows went. Reads hide expired rows already; this gives the
+    /// space back. Stores that expire rows themselves (by TTL) do nothing.
+    async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let _ = now_ms;
+        Ok(0)
+    }
 
     /// Makes everything written durable and releases the engine.
     async fn close(&self) -> Result<(), StoreError>;

@@ -72,6 +72,8 @@ pub struct MqttLimits {
     pub max_keep_alive_secs: u16,
     pub max_per_device: usize,
     pub max_per_ip: usize,
+    /// Events the raw tier has already expired are refused.
+    pub retention: crate::store::retention::Retention,
 }
 
 /// What an MQTT source needs from the rest of iotpipe. Cheap to clone.
@@ -135,6 +137,7 @@ impl MqttContext {
         let opts = DecodeOptions {
             max_events: self.limits.max_events,
             now_ms: received_ms,
+            retention: self.limits.retention,
         };
         let decoded = decode::decode(payload, Format::Json, opts).map_err(|e| {
             let reason = match e {

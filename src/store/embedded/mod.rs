@@ -36,14 +36,16 @@ mod devices;
 mod index_check;
 mod latest;
 mod purge;
+mod retention;
 mod rollups;
 
 use super::latest::Latest;
+use super::retention::{Retention, Tier};
 use super::{
     EventStore, FleetCount, FleetQuery, IndexReport, ListQuery, Point, PointQuery, Position,
     Rollup, RollupQuery, StoreError,
 };
-use crate::model::{assigned_id_ts, bucket_start, DeviceId, Event, Record, UserId};
+use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, Event, Record, UserId};
 use crate::pipeline::batcher::PartitionBatch;
 pub use backup::KeyCounts;
 use rollups::{Caches, MinuteSums, RollupKeyspaces, LEVELS_META_KEY};
@@ -78,6 +80,8 @@ struct Inner {
     /// The newest value per (user, device, metric): see `latest.rs`.
     latest: Keyspace,
     bucket_len_ms: i64,
+    /// What reads may still see, and what the sweep deletes (`retention.rs`).
+    retention: Retention,
     // A std mutex, held only around the check-then-insert of duplicate ids and the
     // read-modify-write of rollups, never across an await or an fsync: two flushes
     // carrying the same id must not both see it absent, nor both update a rollup
@@ -114,14 +118,46 @@ impl EmbeddedStore {
     /// Fails if the engine cannot open the directory, or if the directory was created
     /// with another bucket length (the key layout depends on it).
     pub fn open(dir: &Path, bucket_len_ms: i64) -> Result<Self, StoreError> {
+        Self::open_with(dir, bucket_len_ms, Retention::default())
+    }
+
+    /// As [`EmbeddedStore::open`], with retention tiers: expired rows are hidden from
+    /// reads and deleted by [`EventStore::expire`].
+    ///
+    /// # Errors
+    ///
+    /// As [`EmbeddedStore::open`].
+    pub fn open_with(
+        dir: &Path,
+        bucket_len_ms: i64,
+        retention: Retention,
+    ) -> Result<Self, StoreError> {
         // Memory: memtables are bounded per keyspace and the block cache is fixed, so
         // RSS stays flat at full ingest speed; smaller memtables also keep range scans
         // off the (slower to iterate) skiplist.
         let db = Database::builder(dir)
             .cache_size(CACHE_BYTES)
+            // One background worker. fjall's first worker hands compaction requests
+            // back to the queue to stay free for flushes, and with two workers it
+            // takes its own request again at once while the other compacts: a spin
+            // that cost 10-15% of the server's CPU under fleet ingest (perf), and one
+            // worker doubled ingest on two cores. Flushes then wait behind a running
+            // compaction; memory stays bounded because fjall holds writes once a
+            // keyspace has four sealed memtables.
+            .worker_threads(1)
             .open()
             .map_err(engine)?;
-        let memtable = || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES);
+        let memtable = || {
+            KeyspaceCreateOptions::default()
+                .max_memtable_size(MEMTABLE_BYTES)
+                .compaction_strategy(Arc::new(
+                    // Eight level-0 tables before they are merged down, not four: a
+                    // fleet's flushes each span every device's key range, so every
+                    // merge rewrites most of level 1, and half as many merges halve
+                    // that work.
+                    fjall::compaction::Leveled::default().with_l0_threshold(8),
+                ))
+        };
         let small = || KeyspaceCreateOptions::default().max_memtable_size(SMALL_MEMTABLE_BYTES);
         let events = db.keyspace("events", memtable).map_err(engine)?;
         let ids = db.keyspace("ids", memtable).map_err(engine)?;
@@ -168,6 +204,7 @@ impl EmbeddedStore {
                 rollups,
                 latest,
                 bucket_len_ms,
+                retention,
                 dedup: std::sync::Mutex::new(WriteState::default()),
             }),
         };
@@ -304,11 +341,12 @@ impl Inner {
     }
 
     fn list(&self, q: &ListQuery) -> Result<Vec<Event>, StoreError> {
+        let from_ms = self.retention.clip(Tier::Raw, q.from_ms, now_ms());
         let lo = event_key(
             q.user_id,
             q.device_id,
             self.bucket_len_ms,
-            q.from_ms,
+            from_ms,
             Uuid::nil(),
         );
         let mut hi = event_key(
@@ -354,11 +392,12 @@ impl Inner {
     }
 
     fn points(&self, q: &PointQuery) -> Result<Vec<Point>, StoreError> {
+        let from_ms = self.retention.clip(Tier::Raw, q.from_ms, now_ms());
         let lo = event_key(
             q.user_id,
             q.device_id,
             self.bucket_len_ms,
-            q.from_ms,
+            from_ms,
             Uuid::nil(),
         );
         let hi = event_key(
@@ -448,6 +487,10 @@ impl EventStore for EmbeddedStore {
     async fn snapshot_into(&self, target: PathBuf) -> Result<KeyCounts, StoreError> {
         let store = self.clone();
         self.blocking(move |_| store.copy_to(&target)).await
+    }
+
+    async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.blocking(move |inner| inner.expire(now_ms)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -24,7 +24,8 @@ use rustc_hash::FxHashMap as HashMap;
 use fjall::{Keyspace, OwnedWriteBatch as WriteBatch};
 
 use super::{corrupt, engine, ordered, unordered, Inner, CACHE_ROWS};
-use crate::model::{bucket_start, DeviceId, Record, UserId};
+use crate::model::{bucket_start, now_ms, DeviceId, Record, UserId};
+use crate::store::retention::Tier;
 use crate::store::rollup::Stats;
 use crate::store::{
     FleetCount, FleetQuery, Level, Rollup, RollupQuery, Sketch, StoreError, Summary,
@@ -57,6 +58,13 @@ pub(super) struct Minutes(Vec<(u8, Summary)>);
 
 impl Minutes {
     fn add(&mut self, minute: u8, s: &Summary) {
+        // Events mostly come in time order: the common case appends.
+        match self.0.last_mut() {
+            Some(last) if last.0 == minute => return last.1.merge(s),
+            Some(last) if last.0 < minute => return self.0.push((minute, *s)),
+            None => return self.0.push((minute, *s)),
+            _ => {}
+        }
         match self.0.binary_search_by_key(&minute, |e| e.0) {
             Ok(i) => self.0[i].1.merge(s),
             Err(i) => self.0.insert(i, (minute, *s)),
@@ -118,35 +126,62 @@ pub(super) struct Caches {
     newest_minute: HashMap<(UserId, DeviceId), i64>,
 }
 
-/// A flush's new events summed per (user, device, metric, minute, type), keyed by
-/// borrowed parts; the byte keys are built once per row.
+/// The key of an hour of one device's minutes: (user, device, metric, hour, type),
+/// borrowed from the flush's records.
+type HourKey<'a> = (UserId, DeviceId, &'a str, i64, &'a str);
+
+/// A flush's new events summed per (user, device, metric, hour, type): the minutes of
+/// the hour, and the sketch of its values. Keyed by borrowed parts; the byte keys are
+/// built once per row. Every coarser row is derived from these hours, so an event
+/// costs one map entry per metric, whatever the flush's shape (a fleet flush holds
+/// thousands of distinct minutes, a dense one a few).
 #[derive(Default)]
 pub(super) struct MinuteSums<'a> {
-    rows: HashMap<(UserId, DeviceId, &'a str, i64, &'a str), Summary>,
+    hours: HashMap<HourKey<'a>, HourSums>,
+}
+
+#[derive(Default)]
+struct HourSums {
+    minutes: Minutes,
     /// Sketches are kept from the hour up: a sketch costs a kilobyte in memory, and
     /// a minute often holds one value. Percentiles of minute windows read events.
-    hour_sketches: HashMap<(UserId, DeviceId, &'a str, i64, &'a str), Sketch>,
+    sketch: Option<Sketch>,
 }
 
 impl<'a> MinuteSums<'a> {
     pub(super) fn add(&mut self, r: &'a Record) {
         let e = &r.event;
-        let minute = bucket_start(e.ts_ms, Level::Minute.ms());
         let hour = bucket_start(e.ts_ms, Level::Hour.ms());
-        self.rows
-            .entry((r.user_id, r.device_id, "", minute, &e.kind))
-            .or_insert(Summary::EMPTY)
-            .add(None);
+        let minute = minute_of_hour(bucket_start(e.ts_ms, Level::Minute.ms()));
+        let mut count = Summary::EMPTY;
+        count.add(None);
+        self.hours
+            .entry((r.user_id, r.device_id, "", hour, &e.kind))
+            .or_default()
+            .minutes
+            .add(minute, &count);
         for (name, v) in &e.metrics {
-            self.rows
-                .entry((r.user_id, r.device_id, name, minute, &e.kind))
-                .or_insert(Summary::EMPTY)
-                .add(Some(*v));
-            self.hour_sketches
+            let mut one = Summary::EMPTY;
+            one.add(Some(*v));
+            let h = self
+                .hours
                 .entry((r.user_id, r.device_id, name, hour, &e.kind))
-                .or_default()
-                .add(*v);
+                .or_default();
+            h.minutes.add(minute, &one);
+            h.sketch.get_or_insert_with(Sketch::default).add(*v);
         }
+    }
+
+    /// The newest minute of each device in the flush.
+    fn newest_minutes(&self) -> HashMap<(UserId, DeviceId), i64> {
+        let mut newest: HashMap<(UserId, DeviceId), i64> = HashMap::default();
+        for (&(user, device, _, hour, _), h) in &self.hours {
+            let last = h.minutes.0.last().map_or(0, |m| i64::from(m.0));
+            let minute = hour + last * Level::Minute.ms();
+            let m = newest.entry((user, device)).or_insert(minute);
+            *m = (*m).max(minute);
+        }
+        newest
     }
 }
 
@@ -191,69 +226,65 @@ enum Which {
 }
 
 fn derive(sums: MinuteSums<'_>, newest_minute: &HashMap<(UserId, DeviceId), i64>) -> Derived {
-    // Hours, days and fleet rows are summed under borrowed keys first: many minute
-    // rows fall in one of them, and a byte key is then built once per row.
-    let mut coarse: HashMap<(UserId, DeviceId, Level, &str, i64, &str), Row> = HashMap::default();
-    let mut fleet: HashMap<(UserId, Level, i64, DeviceId, &str), Row> = HashMap::default();
-    let mut minutes: HashMap<(UserId, DeviceId, &str, i64, &str), Minutes> = HashMap::default();
-    for ((user, device, metric, start, kind), summary) in sums.rows {
-        let s = Row {
+    let mut minutes = Vec::with_capacity(sums.hours.len());
+    let mut coarse = Vec::with_capacity(sums.hours.len() + 16);
+    let mut fleet = Vec::new();
+    // Days are summed under borrowed keys first: many hours fall in one of them.
+    let mut days: HashMap<HourKey<'_>, Row> = HashMap::default();
+    for ((user, device, metric, hour, kind), h) in sums.hours {
+        let mut summary = Summary::EMPTY;
+        for (_, s) in &h.minutes.0 {
+            summary.merge(s);
+        }
+        let row = Row {
             summary,
-            sketch: None,
+            sketch: h.sketch,
         };
-        for level in [Level::Hour, Level::Day] {
-            let at = bucket_start(start, level.ms());
-            coarse
-                .entry((user, device, level, metric, at, kind))
-                .or_default()
-                .merge(&s);
-            if metric.is_empty() {
-                fleet
-                    .entry((user, level, at, device, kind))
-                    .or_default()
-                    .merge(&s);
-            }
-        }
-        let hour = bucket_start(start, Level::Hour.ms());
-        minutes
-            .entry((user, device, metric, hour, kind))
-            .or_default()
-            .add(minute_of_hour(start), &summary);
-    }
-    for ((user, device, metric, hour, kind), sketch) in sums.hour_sketches {
         let day = bucket_start(hour, Level::Day.ms());
-        let sketch = Row {
-            summary: Summary::EMPTY,
-            sketch: Some(sketch),
-        };
-        for (level, at) in [(Level::Hour, hour), (Level::Day, day)] {
-            if let Some(row) = coarse.get_mut(&(user, device, level, metric, at, kind)) {
-                row.merge(&sketch);
-            }
+        days.entry((user, device, metric, day, kind))
+            .or_default()
+            .merge(&row);
+        // Each hour key is unique in the flush, and so is each of its rows.
+        if metric.is_empty() {
+            let count = Row {
+                summary,
+                sketch: None,
+            };
+            fleet.push((
+                fleet_key(user, Level::Hour, hour, device, kind),
+                count,
+                false,
+            ));
         }
+        coarse.push((
+            coarse_key(user, device, Level::Hour, metric, hour, kind),
+            row,
+            false,
+        ));
+        // An hour past the device's newest stored minute has no row yet.
+        let new = newest_minute.get(&(user, device)).is_some_and(|&newest| {
+            newest == i64::MIN || hour > bucket_start(newest, Level::Hour.ms())
+        });
+        minutes.push((
+            minutes_key(user, device, metric, hour, kind),
+            h.minutes,
+            new,
+        ));
     }
-    let minutes = minutes
-        .into_iter()
-        .map(|((user, device, metric, hour, kind), m)| {
-            // An hour past the device's newest stored minute has no row yet.
-            let new = newest_minute.get(&(user, device)).is_some_and(|&newest| {
-                newest == i64::MIN || hour > bucket_start(newest, Level::Hour.ms())
-            });
-            (minutes_key(user, device, metric, hour, kind), m, new)
-        })
-        .collect();
-    let coarse = coarse
-        .into_iter()
-        .map(|((user, device, level, metric, at, kind), s)| {
-            (coarse_key(user, device, level, metric, at, kind), s, false)
-        })
-        .collect();
-    let fleet = fleet
-        .into_iter()
-        .map(|((user, level, at, device, kind), s)| {
-            (fleet_key(user, level, at, device, kind), s, false)
-        })
-        .collect();
+    for ((user, device, metric, day, kind), row) in days {
+        if metric.is_empty() {
+            let count = Row {
+                summary: row.summary,
+                sketch: None,
+            };
+            fleet.push((fleet_key(user, Level::Day, day, device, kind), count, false));
+        }
+        coarse.push((
+            coarse_key(user, device, Level::Day, metric, day, kind),
+            row,
+            false,
+        ));
+    }
     Derived {
         minutes,
         coarse,
@@ -309,11 +340,7 @@ impl Inner {
         let mut staged = Staged::default();
         // The newest minute of each device in the flush, as stored before it (read
         // once per device, then kept), and after it.
-        let mut flush_newest: HashMap<(UserId, DeviceId), i64> = HashMap::default();
-        for &(user, device, _, minute, _) in sums.rows.keys() {
-            let m = flush_newest.entry((user, device)).or_insert(minute);
-            *m = (*m).max(minute);
-        }
+        let flush_newest = sums.newest_minutes();
         for &device in flush_newest.keys() {
             if let std::collections::hash_map::Entry::Vacant(e) = caches.newest_minute.entry(device)
             {
@@ -350,6 +377,13 @@ impl Inner {
     }
 
     pub(super) fn read_rollups(&self, q: &RollupQuery) -> Result<Vec<Rollup>, StoreError> {
+        let from_ms = self
+            .retention
+            .clip(Tier::Rollup(q.level), q.from_ms, now_ms());
+        let q = &RollupQuery {
+            from_ms,
+            ..q.clone()
+        };
         if q.level == Level::Minute {
             return self.read_minutes(q);
         }
@@ -412,7 +446,10 @@ impl Inner {
         if q.level == Level::Minute {
             return Ok(None);
         }
-        let lo = fleet_key(q.user_id, q.level, q.from_ms, DeviceId::nil(), "");
+        let from_ms = self
+            .retention
+            .clip(Tier::Rollup(q.level), q.from_ms, now_ms());
+        let lo = fleet_key(q.user_id, q.level, from_ms, DeviceId::nil(), "");
         let hi = fleet_key(q.user_id, q.level, q.to_ms, DeviceId::nil(), "");
         let mut out = Vec::new();
         for item in self.rollups.fleet.range(lo..hi) {

@@ -27,7 +27,8 @@ use super::errors::{corrupt, exec_error, pager_error, row_error};
 use super::pending::{MinuteKey, DAY_MS};
 use super::rows::{ms, CoarseIn, CoarseOut, CoarseSliceIn, PendingOut, PendingRangeIn};
 use super::Inner;
-use crate::model::{bucket_start, DeviceId, UserId};
+use crate::model::{bucket_start, now_ms, DeviceId, UserId};
+use crate::store::retention::Tier;
 use crate::store::rollup::Stats;
 use crate::store::{Level, Rollup, RollupQuery, Sketch, StoreError, Summary};
 
@@ -144,6 +145,8 @@ impl Inner {
             .await?;
         let sums = by_type(rows);
         let slab = ms(bucket_start(start, slab_ms(level)));
+        let tier = Tier::Rollup(level);
+        let ttl = self.settings.retention.ttl(tier, start, now_ms()).cql();
         let rows: Vec<CoarseIn<'_>> = sums
             .iter()
             .map(|(kind, Stats { summary: s, sketch })| CoarseIn {
@@ -160,6 +163,7 @@ impl Inner {
                 sum: s.sum,
                 sketch: sketch.as_ref().map(Sketch::to_bytes),
                 writetime: s.count as i64,
+                ttl,
             })
             .collect();
         self.write_rows(&self.cql.insert_coarse, &rows).await

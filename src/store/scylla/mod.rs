@@ -149,6 +149,12 @@ impl ScyllaStore {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         add_missing_columns(&session, settings).await?;
+        for statement in schema::tier_ttl_statements(settings) {
+            session
+                .query_unpaged(statement, ())
+                .await
+                .map_err(exec_error)?;
+        }
         session
             .await_schema_agreement()
             .await

@@ -46,6 +46,7 @@ use super::pending::{marker_row, MinuteKey, Pending, DAY_MS};
 use super::rows::{ms, MetricOut, PendingRow, RollupIn, RollupOut, RollupSliceIn, SliceIn};
 use super::Inner;
 use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, UserId};
+use crate::store::retention::Tier;
 use crate::store::rollup::Stats;
 use crate::store::{Level, Rollup, RollupQuery, Sketch, StoreError, ROLLUP_MS};
 
@@ -200,6 +201,8 @@ impl Inner {
         // durable: they were submitted after their writes returned.
         let summaries = self.summarize_minute(user, device, minute).await?;
         let day = bucket_start(minute, DAY_MS);
+        let tier = Tier::Rollup(Level::Minute);
+        let ttl = self.settings.retention.ttl(tier, minute, now_ms()).cql();
         let rows: Vec<RollupIn<'_>> = summaries
             .iter()
             .map(|((metric, kind), Stats { summary: s, sketch })| RollupIn {
@@ -215,6 +218,7 @@ impl Inner {
                 sum: s.sum,
                 sketch: sketch.as_ref().map(Sketch::to_bytes),
                 writetime: s.count as i64,
+                ttl,
             })
             .collect();
         self.write_rows(&self.cql.insert_rollup, &rows).await?;

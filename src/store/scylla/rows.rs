@@ -23,6 +23,8 @@ pub(super) struct EventIn<'a> {
     pub metrics: BTreeMap<&'a str, f64>,
     pub attrs: BTreeMap<&'a str, &'a str>,
     pub received: CqlTimestamp,
+    #[scylla(rename = "[ttl]")]
+    pub ttl: i32,
 }
 
 /// A row of `events`, as listed.
@@ -84,6 +86,8 @@ pub(super) struct IdIn {
     pub device_id: Uuid,
     pub event_id: Uuid,
     pub ts: CqlTimestamp,
+    #[scylla(rename = "[ttl]")]
+    pub ttl: i32,
 }
 
 #[derive(Debug, DeserializeRow)]
@@ -97,6 +101,8 @@ pub(super) struct BucketIn {
     pub user_id: i64,
     pub device_id: Uuid,
     pub bucket: CqlTimestamp,
+    #[scylla(rename = "[ttl]")]
+    pub ttl: i32,
 }
 
 #[derive(Debug, SerializeRow)]
@@ -134,8 +140,8 @@ pub(super) fn ms(v: i64) -> CqlTimestamp {
 
 /// An upper estimate of a row's bound values, in bytes, for batch sizing.
 pub(super) fn row_bytes(e: &Event) -> usize {
-    // Fixed columns (ids, instants) and each value's 4-byte length prefix.
-    let fixed = 8 + 16 + 8 + 8 + 16 + 8 + 9 * 4;
+    // Fixed columns (ids, instants, the TTL) and each value's 4-byte length prefix.
+    let fixed = 8 + 16 + 8 + 8 + 16 + 8 + 4 + 10 * 4;
     let metrics: usize = e.metrics.iter().map(|(k, _)| 4 + k.len() + 4 + 8).sum();
     let attrs: usize = e.attrs.iter().map(|(k, v)| 4 + k.len() + 4 + v.len()).sum();
     fixed + e.kind.len() + 4 + metrics + 4 + attrs
@@ -162,7 +168,8 @@ pub(super) fn split_by_bytes<'a>(records: &[&'a Record], max: usize) -> Vec<Vec<
     out
 }
 
-pub(super) fn event_row(r: &Record, bucket_len_ms: i64) -> EventIn<'_> {
+/// The row of `r`, expiring `ttl` seconds after it is written (0: never).
+pub(super) fn event_row(r: &Record, bucket_len_ms: i64, ttl: i32) -> EventIn<'_> {
     EventIn {
         user_id: r.user_id,
         device_id: r.device_id,
@@ -183,6 +190,7 @@ pub(super) fn event_row(r: &Record, bucket_len_ms: i64) -> EventIn<'_> {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect(),
         received: ms(r.received_ms),
+        ttl,
     }
 }
 
@@ -202,6 +210,7 @@ pub(super) struct RollupIn<'a> {
     pub sum: f64,
     pub sketch: Option<Vec<u8>>,
     pub writetime: i64,
+    pub ttl: i32,
 }
 
 /// One device's rollups of one metric and day, for minutes in `[from, to)`.
@@ -262,6 +271,7 @@ pub(super) struct CoarseIn<'a> {
     pub sum: f64,
     pub sketch: Option<Vec<u8>>,
     pub writetime: i64,
+    pub ttl: i32,
 }
 
 /// One device's hours or days of one metric in one slab, for starts in `[from, to)`.

@@ -7,9 +7,10 @@ use super::errors::{corrupt, exec_error, prepare_error};
 use super::rows::{MetaIn, MetaKeyIn, MetaOut};
 use super::statements::Cql;
 use super::ScyllaSettings;
-use crate::store::StoreError;
+use crate::store::retention::Tier;
+use crate::store::{Level, StoreError};
 
-/// The schema, with `{keyspace}`, `{replication}` and `{ttl}` to fill in.
+/// The schema, with `{keyspace}`, `{replication}` and the tiers' TTLs to fill in.
 pub const SCHEMA: &str = include_str!("../../../cql/schema.cql");
 
 pub(super) const BUCKET_META: &str = "bucket_len_ms";
@@ -23,13 +24,49 @@ pub fn schema_statements(settings: &ScyllaSettings) -> Vec<String> {
         .join("\n")
         .replace("{keyspace}", &settings.keyspace)
         .replace("{replication}", &settings.replication)
-        .replace("{ttl}", &settings.ttl_secs.to_string());
+        .replace("{raw_ttl}", &table_ttl(settings, Tier::Raw))
+        .replace(
+            "{minute_ttl}",
+            &table_ttl(settings, Tier::Rollup(Level::Minute)),
+        )
+        .replace(
+            "{hour_ttl}",
+            &table_ttl(settings, Tier::Rollup(Level::Hour)),
+        );
     filled
         .split(';')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// A tier's keep period as a table's `default_time_to_live`, in seconds (0: forever).
+fn table_ttl(settings: &ScyllaSettings, tier: Tier) -> String {
+    let secs = settings
+        .retention
+        .keep_ms(tier)
+        .map_or(0, |ms| (ms + 999) / 1000);
+    secs.to_string()
+}
+
+/// The tables whose default TTL is a tier: `CREATE TABLE IF NOT EXISTS` leaves an
+/// existing table's as it was, so `migrate` sets them again when the tiers change.
+pub(super) fn tier_ttl_statements(settings: &ScyllaSettings) -> Vec<String> {
+    let ks = &settings.keyspace;
+    [
+        ("events", Tier::Raw),
+        ("event_ids", Tier::Raw),
+        ("buckets", Tier::Raw),
+        ("rollups", Tier::Rollup(Level::Minute)),
+        ("rollups_coarse", Tier::Rollup(Level::Hour)),
+    ]
+    .into_iter()
+    .map(|(table, tier)| {
+        let ttl = table_ttl(settings, tier);
+        format!("ALTER TABLE {ks}.{table} WITH default_time_to_live = {ttl}")
+    })
+    .collect()
 }
 
 /// Checks (and with `record`, records) the bucket length of the keyspace.

@@ -1,5 +1,6 @@
 //! The `[store]` settings of the wide-column store, resolved and checked.
 
+use crate::store::retention::Retention;
 use std::time::Duration;
 
 use scylla::frame::types::Consistency;
@@ -14,7 +15,8 @@ pub struct ScyllaSettings {
     pub keyspace: String,
     pub replication: String,
     pub consistency: Consistency,
-    pub ttl_secs: u64,
+    /// The retention tiers, bound as each row's TTL and set as the tables' default.
+    pub retention: Retention,
     pub batch_max_bytes: usize,
     pub write_concurrency: usize,
     pub request_timeout: Duration,
@@ -62,7 +64,8 @@ impl ScyllaSettings {
             keyspace: ks.to_ascii_lowercase(),
             replication: config.replication.clone(),
             consistency: parse_consistency(&config.consistency)?,
-            ttl_secs: config.ttl_secs,
+            // The caller sets the tiers: they are not `[store]` settings.
+            retention: Retention::default(),
             batch_max_bytes: config.batch_max_bytes,
             write_concurrency: config.write_concurrency,
             request_timeout: Duration::from_millis(config.request_timeout_ms),

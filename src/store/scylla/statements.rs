@@ -13,14 +13,16 @@ impl Cql {
     pub(super) fn insert_event(ks: &str) -> String {
         format!(
             "INSERT INTO {ks}.events (user_id, device_id, bucket, ts, event_id, type, metrics, \
-             attrs, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+             attrs, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
         )
     }
     pub(super) fn insert_bucket(ks: &str) -> String {
-        format!("INSERT INTO {ks}.buckets (user_id, device_id, bucket) VALUES (?, ?, ?)")
+        format!(
+            "INSERT INTO {ks}.buckets (user_id, device_id, bucket) VALUES (?, ?, ?) USING TTL ?"
+        )
     }
     pub(super) fn insert_id(ks: &str) -> String {
-        format!("INSERT INTO {ks}.event_ids (device_id, event_id, ts) VALUES (?, ?, ?)")
+        format!("INSERT INTO {ks}.event_ids (device_id, event_id, ts) VALUES (?, ?, ?) USING TTL ?")
     }
     pub(super) fn select_event_key(ks: &str) -> String {
         format!(
@@ -84,7 +86,8 @@ impl Cql {
     pub(super) fn insert_rollup(ks: &str) -> String {
         format!(
             "INSERT INTO {ks}.rollups (user_id, device_id, day, metric, minute, type, count, \
-             min, max, sum, sketch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+             min, max, sum, sketch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             USING TIMESTAMP ? AND TTL ?"
         )
     }
     pub(super) fn select_rollups(ks: &str) -> String {
@@ -94,12 +97,14 @@ impl Cql {
              AND metric = :metric AND minute >= :from_minute AND minute < :to_minute"
         )
     }
-    /// Written with its count as its write time, like the minutes.
+    /// Written with its count as its write time, like the minutes. Every row that
+    /// belongs to a retention tier binds its TTL, from the row's own time
+    /// (`store::retention`).
     pub(super) fn insert_coarse(ks: &str) -> String {
         format!(
             "INSERT INTO {ks}.rollups_coarse (user_id, device_id, level, slab, metric, start, \
              type, count, min, max, sum, sketch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             USING TIMESTAMP ?"
+             USING TIMESTAMP ? AND TTL ?"
         )
     }
     pub(super) fn select_coarse(ks: &str) -> String {

@@ -26,6 +26,7 @@ use super::statements::Cql;
 use super::ScyllaSettings;
 use crate::config::StoreConfig;
 use crate::model::{Event, PartitionKey, Record};
+use crate::store::retention::Retention;
 
 const KS: &str = "ks";
 
@@ -36,7 +37,7 @@ fn schema() -> HashMap<String, HashMap<String, ColumnType<'static>>> {
         keyspace: KS.into(),
         replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
         consistency: Consistency::One,
-        ttl_secs: 0,
+        retention: Retention::default(),
         batch_max_bytes: 5120,
         write_concurrency: 1,
         request_timeout: Duration::from_secs(1),
@@ -225,11 +226,17 @@ fn specs(cql: &str) -> (Vec<ColumnSpec<'static>>, Vec<ColumnSpec<'static>>) {
         for (c, m) in columns.iter().zip(markers) {
             binds.push(spec(&marker_name(m, c), c));
         }
-        // `USING TIMESTAMP ?` binds a bigint, named as the server names it.
-        if t[using..].iter().any(|x| is_marker(x)) {
+        // `USING TIMESTAMP ?` binds a bigint and `TTL ?` an int, named as the server
+        // names them.
+        for pair in t[using..].windows(2).filter(|w| is_marker(&w[1])) {
+            let (name, kind) = match pair[0].to_ascii_uppercase().as_str() {
+                "TIMESTAMP" => ("[timestamp]", NativeType::BigInt),
+                "TTL" => ("[ttl]", NativeType::Int),
+                other => panic!("{cql}: USING {other} ?"),
+            };
             binds.push(ColumnSpec::owned(
-                "[timestamp]".into(),
-                ColumnType::Native(NativeType::BigInt),
+                name.into(),
+                ColumnType::Native(kind),
                 TableSpec::owned(KS.into(), table.clone()),
             ));
         }
@@ -339,13 +346,14 @@ fn every_bound_row_type_serializes_against_the_schema() {
         flush: e,
     };
     let checks = [
-        check_bind(&Cql::insert_event(KS), &event_row(&r, 3_600_000)),
+        check_bind(&Cql::insert_event(KS), &event_row(&r, 3_600_000, 60)),
         check_bind(
             &Cql::insert_bucket(KS),
             &BucketIn {
                 user_id: 1,
                 device_id: d,
                 bucket: t,
+                ttl: 60,
             },
         ),
         check_bind(
@@ -354,6 +362,7 @@ fn every_bound_row_type_serializes_against_the_schema() {
                 device_id: d,
                 event_id: e,
                 ts: t,
+                ttl: 60,
             },
         ),
         check_bind(
@@ -428,6 +437,7 @@ fn every_bound_row_type_serializes_against_the_schema() {
                 sum: 4.5,
                 sketch: None,
                 writetime: 3,
+                ttl: 0,
             },
         ),
         check_bind(
@@ -458,6 +468,7 @@ fn every_bound_row_type_serializes_against_the_schema() {
                 sum: 4.5,
                 sketch: None,
                 writetime: 3,
+                ttl: 0,
             },
         ),
         check_bind(
@@ -588,7 +599,7 @@ fn the_checks_catch_a_row_type_that_does_not_match_the_schema() {
 fn the_size_estimate_bounds_the_serialized_row() {
     let mut r = record();
     r.event.attrs.push(("note".into(), "é".repeat(500)));
-    let actual = check_bind(&Cql::insert_event(KS), &event_row(&r, 3_600_000)).unwrap();
+    let actual = check_bind(&Cql::insert_event(KS), &event_row(&r, 3_600_000, 60)).unwrap();
     assert!(
         actual <= row_bytes(&r.event),
         "{actual} > {}",
@@ -652,18 +663,42 @@ fn the_schema_is_filled_from_the_settings() {
     let mut c = StoreConfig {
         scylla_nodes: Some("n:9042".into()),
         keyspace: "metrics_prod".into(),
-        ttl_secs: 86_400,
         ..StoreConfig::default()
     };
     c.replication = "{'class': 'NetworkTopologyStrategy', 'dc1': 3}".into();
-    let stmts = schema_statements(&ScyllaSettings::from_config(&c, 1000).unwrap());
+    let mut settings = ScyllaSettings::from_config(&c, 1000).unwrap();
+    let day = 86_400_000;
+    settings.retention = Retention::new([Some(day), Some(7 * day), Some(365 * day), None]);
+    let stmts = schema_statements(&settings);
     assert_eq!(stmts.len(), 9);
     assert!(stmts[0].starts_with("CREATE KEYSPACE IF NOT EXISTS metrics_prod"));
     assert!(stmts[0].ends_with("replication = {'class': 'NetworkTopologyStrategy', 'dc1': 3}"));
     assert!(stmts.iter().skip(1).all(|s| s.contains("metrics_prod.")));
     assert!(stmts[1].contains("TimeWindowCompactionStrategy"));
     assert!(stmts[1].contains("default_time_to_live = 86400"));
-    for placeholder in ["{keyspace}", "{replication}", "{ttl}"] {
+    let ttl_of = |table: &str| {
+        let s = stmts
+            .iter()
+            .find(|s| s.contains(&format!("metrics_prod.{table} (")))
+            .unwrap();
+        s.rsplit("default_time_to_live = ")
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(ttl_of("rollups"), "604800");
+    assert_eq!(ttl_of("rollups_coarse"), "31536000");
+    let alters = super::schema::tier_ttl_statements(&settings);
+    assert!(alters.contains(
+        &"ALTER TABLE metrics_prod.event_ids WITH default_time_to_live = 86400".to_owned()
+    ));
+    for placeholder in [
+        "{keyspace}",
+        "{replication}",
+        "{raw_ttl}",
+        "{minute_ttl}",
+        "{hour_ttl}",
+    ] {
         assert!(
             stmts.iter().all(|s| !s.contains(placeholder)),
             "{placeholder} left"

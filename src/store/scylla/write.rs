@@ -11,9 +11,10 @@ use super::rows::{
     PendingRow,
 };
 use super::Inner;
-use crate::model::{assigned_id_ts, bucket_start, DeviceId, Record, UserId};
+use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, Record, UserId};
 use crate::pipeline::batcher::PartitionBatch;
 use crate::store::latest::newest;
+use crate::store::retention::Tier;
 use crate::store::{StoreError, ROLLUP_MS};
 
 /// The distinct (user, device, minute) triples of `records`.
@@ -85,9 +86,16 @@ impl Inner {
     async fn write_run(&self, run: &[&Record]) -> Result<(), StoreError> {
         let _p = self.permit().await;
         let len = self.settings.bucket_len_ms;
+        let now = now_ms();
+        let ttl = |r: &Record| {
+            self.settings
+                .retention
+                .ttl(Tier::Raw, r.event.ts_ms, now)
+                .cql()
+        };
         if let [one] = run {
             self.session
-                .execute_unpaged(&self.cql.insert_event, event_row(one, len))
+                .execute_unpaged(&self.cql.insert_event, event_row(one, len, ttl(one)))
                 .await
                 .map_err(exec_error)?;
             return Ok(());
@@ -97,17 +105,24 @@ impl Inner {
             batch.append_statement(self.cql.insert_event.clone());
         }
         batch.set_is_idempotent(true);
-        let rows: Vec<EventIn<'_>> = run.iter().map(|r| event_row(r, len)).collect();
+        let rows: Vec<EventIn<'_>> = run.iter().map(|r| event_row(r, len, ttl(r))).collect();
         self.session.batch(&batch, rows).await.map_err(exec_error)?;
         Ok(())
     }
 
     async fn write_bucket(&self, p: &PartitionBatch) -> Result<(), StoreError> {
         let _p = self.permit().await;
+        // The bucket row goes with the bucket's last instant.
+        let last_ms = p.key.bucket_ms + self.settings.bucket_len_ms - 1;
         let row = BucketIn {
             user_id: p.key.user_id,
             device_id: p.key.device_id,
             bucket: ms(p.key.bucket_ms),
+            ttl: self
+                .settings
+                .retention
+                .ttl(Tier::Raw, last_ms, now_ms())
+                .cql(),
         };
         self.session
             .execute_unpaged(&self.cql.insert_bucket, row)
@@ -158,6 +173,9 @@ impl Inner {
             device_id: r.device_id,
             event_id: r.event.id,
             ts: ms(r.event.ts_ms),
+            ttl: (self.settings.retention)
+                .ttl(Tier::Raw, r.event.ts_ms, now_ms())
+                .cql(),
         };
         self.session
             .execute_unpaged(&self.cql.insert_id, row)

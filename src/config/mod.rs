@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod retention;
+
+pub use retention::{RetentionConfig, Tiers, MAX_KEEP_MS};
+
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,6 +50,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub store: StoreConfig,
     pub pipeline: PipelineConfig,
+    pub retention: RetentionConfig,
 }
 
 /// The HTTP API.
@@ -172,8 +177,9 @@ pub struct StoreConfig {
     /// Consistency of reads and writes: `LOCAL_QUORUM`, `QUORUM`, `LOCAL_ONE`, `ONE`,
     /// `ALL`... Env: `IOTPIPE_SCYLLA_CONSISTENCY`.
     pub consistency: String,
-    /// Default TTL of stored events, in seconds; 0 keeps them forever. Applied to the
-    /// tables by `iotpipe migrate`.
+    /// Deprecated: use `[retention]`. When not 0, every tier of `[retention]` left at
+    /// `forever` is kept this many seconds instead (what this setting meant before the
+    /// tiers: events and rollups alike).
     pub ttl_secs: u64,
     /// Largest unlogged batch sent to ScyllaDB, in bytes of bound values; a partition's
     /// events are split into batches under it (ScyllaDB warns past 5 KiB by default).
@@ -238,6 +244,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
             pipeline: PipelineConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -427,6 +434,16 @@ impl Config {
         if let Some(v) = env("IOTPIPE_ADMIN_TOKEN") {
             self.admin_token = Some(v);
         }
+        for (name, slot) in [
+            ("IOTPIPE_RETENTION_RAW", &mut self.retention.raw),
+            ("IOTPIPE_RETENTION_MINUTES", &mut self.retention.minutes),
+            ("IOTPIPE_RETENTION_HOURS", &mut self.retention.hours),
+            ("IOTPIPE_RETENTION_DAYS", &mut self.retention.days),
+        ] {
+            if let Some(v) = env(name) {
+                *slot = v;
+            }
+        }
         parse_env(&env, "IOTPIPE_RATE_DEVICE", &mut self.limits.device_per_sec)?;
         parse_env(&env, "IOTPIPE_RATE_USER", &mut self.limits.user_per_sec)?;
         parse_env(
@@ -449,6 +466,7 @@ impl Config {
                 self.store.bucket
             ))
         })?;
+        self.retention.tiers()?;
         let group = &self.mqtt.share_group;
         if group.is_empty() || group.contains(['/', '+', '#']) {
             return Err(ConfigError::Invalid(format!(
@@ -537,7 +555,7 @@ mod tests {
 
     #[test]
     fn the_example_config_parses_and_matches_the_defaults() {
-        let text = include_str!("../docs/iotpipe.example.toml");
+        let text = include_str!("../../docs/iotpipe.example.toml");
         let parsed = Config::from_toml(text).expect("example parses");
         let d = Config::default();
         assert_eq!(parsed.http.addr, d.http.addr);
