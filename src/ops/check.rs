@@ -94,14 +94,12 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Vec<Finding>, OpsE
         .stored_devices()
         .await
         .map_err(|e| failed("event store", e))?;
+    let retention = Retention::from_config(config);
     let bar = progress::bar(Some(devices.len() as u64 * 2), "device checks");
 
     let mut unregistered = Finding::new("devices with stored events and no registry row");
     let mut misfiled = Finding::new("devices whose events are filed under another user");
     let mut rollups = Finding::new("rollups that differ from their events (sampled days)");
-    // Days older than the raw tier keep rollups without their events, by design.
-    let retention = Retention::from_config(config);
-    let raw_from = retention.first_visible(Tier::Raw, now_ms());
     for &(user, device) in &devices {
         match registry
             .device(device)
@@ -119,8 +117,8 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Vec<Finding>, OpsE
         }
         compare_rollups(
             store.as_ref(),
+            retention,
             (user, device),
-            raw_from,
             args.sample_days,
             &mut rollups,
         )
@@ -151,9 +149,6 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Vec<Finding>, OpsE
     }
 
     let mut live_totals_finding = Finding::new("live totals that differ from the stored events");
-    // With a finite raw tier the stored events are fewer than those ever counted, so
-    // the two cannot be compared (`docs/operations.md`).
-    let live = live.filter(|_| raw_from.is_none());
     if let Some(live) = &live {
         let totals = live_totals(store.as_ref(), config.pipeline.bucket_len_ms, || bar.inc(1))
             .await
@@ -227,8 +222,8 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Result<Vec<Finding>, OpsE
 /// Compares a device's rollups with its raw events over sampled days.
 async fn compare_rollups(
     store: &dyn EventStore,
+    retention: Retention,
     (user, device): (UserId, DeviceId),
-    raw_from: Option<i64>,
     sample_days: usize,
     finding: &mut Finding,
 ) -> Result<(), crate::store::StoreError> {
@@ -258,10 +253,14 @@ async fn compare_rollups(
             break;
         }
     }
-    let cutoff = now_ms() - SETTLE_MS;
+    let now = now_ms();
+    let cutoff = now - SETTLE_MS;
+    // With retention tiers, raw events and each level expire at their own age: only
+    // what both sides still show is compared.
+    let raw_from = retention.first_visible(Tier::Raw, now).unwrap_or(i64::MIN);
     for day in days {
         let to = (day + DAY_MS).min(cutoff);
-        if to <= day || raw_from.is_some_and(|first| day < first) {
+        if to <= day {
             continue;
         }
         let points = store
@@ -276,13 +275,24 @@ async fn compare_rollups(
             })
             .await?;
         for level in [Level::Minute, Level::Hour, Level::Day] {
-            // Whole intervals of the level only.
+            // Whole intervals of the level only, still visible at both tiers.
             let end = bucket_start(to, level.ms());
-            if end <= day {
+            let visible = raw_from
+                .max(
+                    retention
+                        .first_visible(Tier::Rollup(level), now)
+                        .unwrap_or(i64::MIN),
+                )
+                .max(day);
+            let start = match bucket_start(visible, level.ms()) {
+                s if s < visible => s + level.ms(),
+                s => s,
+            };
+            if end <= start {
                 continue;
             }
             let mut raw: BTreeMap<i64, u64> = BTreeMap::new();
-            for p in points.iter().filter(|p| p.ts_ms < end) {
+            for p in points.iter().filter(|p| (start..end).contains(&p.ts_ms)) {
                 *raw.entry(bucket_start(p.ts_ms, level.ms())).or_default() += 1;
             }
             let rows = store
@@ -290,7 +300,7 @@ async fn compare_rollups(
                     user_id: user,
                     device_id: device,
                     level,
-                    from_ms: day,
+                    from_ms: start,
                     to_ms: end,
                     metric: None,
                     kind: None,

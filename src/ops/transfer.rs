@@ -33,7 +33,10 @@ use crate::model::{now_ms, DeviceId, Record, UserId, MIN_TS_MS};
 use crate::pipeline::batcher::PartitionBatch;
 use crate::query::totals::{day_counts, live_totals};
 use crate::query::QUERY_AHEAD_MS;
-use crate::store::{ListQuery, Position};
+use crate::store::retention::{Retention, Tier};
+use crate::store::{ListQuery, Position, SharedStore};
+
+const DAY_MS: i64 = 86_400_000;
 
 /// Events read from the source per page.
 const PAGE_EVENTS: usize = 1_000;
@@ -84,9 +87,23 @@ pub async fn run(config: &Config, args: &TransferArgs) -> Result<TransferSummary
 
     // 2. The events.
     let mut summary = TransferSummary::default();
+    // Only raw events are copied: with a raw retention tier, days whose events have
+    // expired at the source (its rollups may keep them) are not compared.
+    let first_day = match Retention::from_config(config).first_visible(Tier::Raw, now_ms()) {
+        Some(first) => (first + DAY_MS - 1).div_euclid(DAY_MS) * DAY_MS,
+        None => i64::MIN,
+    };
+    let day_counts = |store: &'_ SharedStore, bucket: i64, user: UserId, device: DeviceId| {
+        let store = store.clone();
+        async move {
+            let mut days = day_counts(store.as_ref(), bucket, user, device).await?;
+            days.retain(|day, _| *day >= first_day);
+            Ok::<_, crate::store::StoreError>(days)
+        }
+    };
     let mut expected: BTreeMap<(UserId, DeviceId), BTreeMap<i64, u64>> = BTreeMap::new();
     for &(user, device) in &devices {
-        let counts = day_counts(source.as_ref(), bucket_src, user, device)
+        let counts = day_counts(&source, bucket_src, user, device)
             .await
             .map_err(|e| failed("source store", e))?;
         expected.insert((user, device), counts);
@@ -95,7 +112,7 @@ pub async fn run(config: &Config, args: &TransferArgs) -> Result<TransferSummary
     let bar = progress::bar(Some(total), "events");
     let throttle = Throttle::new(args.max_events_per_sec);
     for (&(user, device), want) in &expected {
-        let have = day_counts(target.as_ref(), bucket_dst, user, device)
+        let have = day_counts(&target, bucket_dst, user, device)
             .await
             .map_err(|e| failed("target store", e))?;
         let events: u64 = want.values().sum();
@@ -161,7 +178,7 @@ pub async fn run(config: &Config, args: &TransferArgs) -> Result<TransferSummary
 
     // 3. Verify.
     for (&(user, device), want) in &expected {
-        let have = day_counts(target.as_ref(), bucket_dst, user, device)
+        let have = day_counts(&target, bucket_dst, user, device)
             .await
             .map_err(|e| failed("target store", e))?;
         if &have != want {

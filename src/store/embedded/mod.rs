@@ -471,10 +471,6 @@ impl EventStore for EmbeddedStore {
             .await
     }
 
-    async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
-        self.blocking(move |inner| inner.expire(now_ms)).await
-    }
-
     async fn purge_device(&self, user: UserId, device: DeviceId) -> Result<u64, StoreError> {
         self.blocking(move |inner| inner.purge_device(user, device))
             .await
@@ -491,6 +487,10 @@ impl EventStore for EmbeddedStore {
     async fn snapshot_into(&self, target: PathBuf) -> Result<KeyCounts, StoreError> {
         let store = self.clone();
         self.blocking(move |_| store.copy_to(&target)).await
+    }
+
+    async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.blocking(move |inner| inner.expire(now_ms)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
