@@ -1,21 +1,23 @@
 //! The read endpoints (user key): events, aggregates, and live figures.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::Json;
 use base64::Engine;
-use serde::Serialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::fill::{fill, Fill};
 use super::{AggregateFilter, Grid, GroupBy, Range, MAX_WINDOWS};
 use crate::api::auth::Caller;
 use crate::api::devices::owned_device;
-use crate::api::error::ApiError;
-use crate::api::AppState;
+use crate::api::devices::DeviceIdParam;
+use crate::api::error::{ApiError, ErrorBody};
+use crate::api::{ApiQuery, AppState};
 use crate::config::parse_duration_ms;
+use crate::live::{DeviceLive, UserLive};
 use crate::model::{format_ms, now_ms, parse_instant, Event, MAX_FUTURE_MS, MIN_TS_MS};
 use crate::store::{ListQuery, Position};
 
@@ -26,11 +28,103 @@ const DEFAULT_LIMIT: usize = 100;
 /// The most devices one grouped-by-device answer covers.
 pub const MAX_GROUP_DEVICES: usize = 1_000;
 
-type Params = Query<HashMap<String, String>>;
+// The parameters' patterns (`#[param(pattern)]` takes literals only) state what the
+// parsers accept: `from` and `to` are integer ms or RFC 3339 ([`parse_instant`] takes
+// nothing else), a `window` an integer and a unit, `tz` the characters of IANA names,
+// `percentiles` one to ten plain decimals. A value matching them may still be refused
+// (a 13th month, `0s`, an unknown zone, a percentile of 100), one not matching always is.
 
-fn instant(params: &Params, name: &str) -> Result<Option<i64>, ApiError> {
-    params
-        .get(name)
+/// The query of `GET /v1/devices/{id}/events`. Every field is kept as sent and
+/// checked by the handler, so that a bad one is a 400 naming it.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// The oldest instant, inclusive: RFC 3339 or integer ms. Default: the whole past.
+    #[param(
+        pattern = "^([+-]?[0-9]{1,19}|[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2}))$"
+    )]
+    from: Option<String>,
+    /// The end, exclusive. Default: now + 5 minutes.
+    #[param(
+        pattern = "^([+-]?[0-9]{1,19}|[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2}))$"
+    )]
+    to: Option<String>,
+    /// Only events of this type.
+    #[serde(rename = "type")]
+    #[param(pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
+    kind: Option<String>,
+    /// Events per page, 1 to 10,000 (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 10000)]
+    limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// The query of `GET /v1/devices/{id}/aggregates`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeviceAggregatesQuery {
+    /// The first instant, inclusive: RFC 3339 or integer ms.
+    #[param(value_type = String, pattern = "^([+-]?[0-9]{1,19}|[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2}))$")]
+    from: Option<String>,
+    /// The end, exclusive; after `from`. At most 10,000 windows in between.
+    #[param(value_type = String, pattern = "^([+-]?[0-9]{1,19}|[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2}))$")]
+    to: Option<String>,
+    /// The window: an integer followed by `s`, `m`, `h` or `d`.
+    #[param(value_type = String, pattern = "^[0-9]+[smhd]$")]
+    window: Option<String>,
+    /// Figures of this metric; without it, buckets hold counts only.
+    #[param(pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
+    metric: Option<String>,
+    /// Only events of this type.
+    #[serde(rename = "type")]
+    #[param(pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
+    kind: Option<String>,
+    /// An IANA time zone: windows align to its local midnight.
+    #[param(pattern = "^[A-Za-z0-9_+/-]+$")]
+    tz: Option<String>,
+    /// How empty windows are listed (default `none`: left out).
+    #[param(value_type = Option<Fill>)]
+    fill: Option<String>,
+    /// Up to 10 percentiles strictly between 0 and 100, comma-separated; needs `metric`.
+    #[param(pattern = "^ *[0-9]+(\\.[0-9]+)? *(, *[0-9]+(\\.[0-9]+)? *){0,9}$")]
+    percentiles: Option<String>,
+}
+
+/// The query of `GET /v1/aggregates`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GroupedAggregatesQuery {
+    /// The first instant, inclusive: RFC 3339 or integer ms.
+    #[param(value_type = String, pattern = "^([+-]?[0-9]{1,19}|[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2}))$")]
+    from: Option<String>,
+    /// The end, exclusive; after `from`. At most 10,000 windows in between.
+    #[param(value_type = String, pattern = "^([+-]?[0-9]{1,19}|[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2}))$")]
+    to: Option<String>,
+    /// The window: an integer followed by `s`, `m`, `h` or `d`.
+    #[param(value_type = String, pattern = "^[0-9]+[smhd]$")]
+    window: Option<String>,
+    /// Groups by device type (default) or by device.
+    #[param(value_type = Option<GroupBy>)]
+    group_by: Option<String>,
+    /// Only events of this type.
+    #[serde(rename = "type")]
+    #[param(pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
+    kind: Option<String>,
+    /// An IANA time zone: windows align to its local midnight.
+    #[param(pattern = "^[A-Za-z0-9_+/-]+$")]
+    tz: Option<String>,
+    /// With `group_by=device`: devices per page, 1 to 1,000.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    device_limit: Option<String>,
+    /// With `group_by=device`: the page starts after this device id
+    /// (`next_after_device` of the previous page).
+    #[param(value_type = Option<Uuid>)]
+    after_device: Option<String>,
+}
+
+fn instant(value: Option<&String>, name: &str) -> Result<Option<i64>, ApiError> {
+    value
         .map(|v| {
             parse_instant(v)
                 .ok_or_else(|| ApiError::field(name, "must be an RFC 3339 instant or integer ms"))
@@ -38,9 +132,9 @@ fn instant(params: &Params, name: &str) -> Result<Option<i64>, ApiError> {
         .transpose()
 }
 
-fn required_range(params: &Params) -> Result<Range, ApiError> {
-    let from = instant(params, "from")?.ok_or_else(|| ApiError::field("from", "is required"))?;
-    let to = instant(params, "to")?.ok_or_else(|| ApiError::field("to", "is required"))?;
+fn required_range(from: Option<&String>, to: Option<&String>) -> Result<Range, ApiError> {
+    let from = instant(from, "from")?.ok_or_else(|| ApiError::field("from", "is required"))?;
+    let to = instant(to, "to")?.ok_or_else(|| ApiError::field("to", "is required"))?;
     if to <= from {
         return Err(ApiError::field("to", "must be after from"));
     }
@@ -50,10 +144,8 @@ fn required_range(params: &Params) -> Result<Range, ApiError> {
     })
 }
 
-fn window(params: &Params, range: Range) -> Result<i64, ApiError> {
-    let raw = params
-        .get("window")
-        .ok_or_else(|| ApiError::field("window", "is required"))?;
+fn window(raw: Option<&String>, range: Range) -> Result<i64, ApiError> {
+    let raw = raw.ok_or_else(|| ApiError::field("window", "is required"))?;
     let window = parse_duration_ms(raw).ok_or_else(|| {
         ApiError::field(
             "window",
@@ -72,11 +164,16 @@ fn window(params: &Params, range: Range) -> Result<i64, ApiError> {
 /// The windows of an aggregate: `from`, `to`, `window` and `tz`. The contract counts
 /// windows over the range as asked (saturating, so that no range wraps the count);
 /// what is read is clamped to when events can exist.
-fn grid(params: &Params) -> Result<(i64, Grid, Range), ApiError> {
-    let asked = required_range(params)?;
-    let window_ms = window(params, asked)?;
+fn grid(
+    from: Option<&String>,
+    to: Option<&String>,
+    window_param: Option<&String>,
+    tz: Option<&String>,
+) -> Result<(i64, Grid, Range), ApiError> {
+    let asked = required_range(from, to)?;
+    let window_ms = window(window_param, asked)?;
     let range = Range::bounded(asked.from_ms, asked.to_ms, now_ms());
-    let grid = match params.get("tz") {
+    let grid = match tz {
         None => Grid::utc(range, window_ms),
         Some(name) => {
             let tz: chrono_tz::Tz = name.parse().map_err(|_| {
@@ -97,8 +194,8 @@ const MAX_PERCENTILES: usize = 10;
 
 /// `percentiles=50,90,99.9`: each in (0, 100), with a metric. Returns the answer's
 /// field names (`p50`, `p99.9`) and quantiles.
-fn percentiles(params: &Params, with_metric: bool) -> Result<Vec<(String, f64)>, ApiError> {
-    let Some(raw) = params.get("percentiles") else {
+fn percentiles(raw: Option<&String>, with_metric: bool) -> Result<Vec<(String, f64)>, ApiError> {
+    let Some(raw) = raw else {
         return Ok(Vec::new());
     };
     if !with_metric {
@@ -106,10 +203,18 @@ fn percentiles(params: &Params, with_metric: bool) -> Result<Vec<(String, f64)>,
     }
     let mut out = Vec::new();
     for part in raw.split(',') {
-        let p: f64 = part
-            .trim()
-            .parse()
-            .ok()
+        // Plain decimals only, as the contract's pattern says: f64's parser would also
+        // take `5e1`, `inf` or `+50`, which the document calls malformed.
+        let part = part.trim_matches(' ');
+        let decimal = part
+            .split_once('.')
+            .map_or((part, "0"), |(int, frac)| (int, frac));
+        let plain = [decimal.0, decimal.1]
+            .iter()
+            .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+        let p: f64 = Some(part)
+            .filter(|_| plain)
+            .and_then(|p| p.parse().ok())
             .filter(|p: &f64| *p > 0.0 && *p < 100.0)
             .ok_or_else(|| {
                 ApiError::field(
@@ -128,29 +233,45 @@ fn percentiles(params: &Params, with_metric: bool) -> Result<Vec<(String, f64)>,
     Ok(out)
 }
 
-fn kind(params: &Params) -> Result<Option<String>, ApiError> {
-    match params.get("type") {
+fn kind(kind: Option<&String>) -> Result<Option<String>, ApiError> {
+    match kind {
         None => Ok(None),
         Some(t) if crate::model::is_valid_name(t) => Ok(Some(t.clone())),
         Some(_) => Err(ApiError::field("type", "is not a valid event type")),
     }
 }
 
-fn event_json(e: &Event) -> Value {
-    let metrics: serde_json::Map<String, Value> = e
-        .metrics
-        .iter()
-        .map(|(k, v)| (k.clone(), json!(v)))
-        .collect();
-    let attrs: serde_json::Map<String, Value> =
-        e.attrs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-    json!({
-        "id": e.id,
-        "ts": format_ms(e.ts_ms),
-        "type": e.kind,
-        "metrics": metrics,
-        "attrs": attrs,
-    })
+/// A page of `GET /v1/devices/{id}/events`, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct EventsPage {
+    events: Vec<EventOut>,
+    /// Pass back as `cursor` for the next page; null on the last page.
+    #[schema(required = true)]
+    next_cursor: Option<String>,
+}
+
+/// A stored event.
+#[derive(Serialize, ToSchema)]
+pub struct EventOut {
+    id: Uuid,
+    #[schema(format = DateTime)]
+    ts: String,
+    #[serde(rename = "type")]
+    kind: String,
+    metrics: BTreeMap<String, f64>,
+    attrs: BTreeMap<String, String>,
+}
+
+impl From<&Event> for EventOut {
+    fn from(e: &Event) -> Self {
+        Self {
+            id: e.id,
+            ts: format_ms(e.ts_ms),
+            kind: e.kind.clone(),
+            metrics: e.metrics.iter().cloned().collect(),
+            attrs: e.attrs.iter().cloned().collect(),
+        }
+    }
 }
 
 fn encode_cursor(p: Position) -> String {
@@ -182,21 +303,34 @@ fn scope(state: &AppState, user_id: crate::model::UserId) -> super::Scope<'_> {
 }
 
 /// `GET /v1/devices/{id}/events`
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{id}/events",
+    operation_id = "listEvents",
+    tag = "queries",
+    security(("userKey" = [])),
+    params(DeviceIdParam, EventsQuery),
+    responses(
+        (status = 200, description = "A page of events, newest first", body = EventsPage),
+        (status = 400, description = "A bad parameter, named in `field`", body = ErrorBody),
+        (status = 404, description = "No such device of the caller's", body = ErrorBody),
+    )
+)]
 pub async fn events(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    params: Params,
-) -> Result<Json<Value>, ApiError> {
+    ApiQuery(params): ApiQuery<EventsQuery>,
+) -> Result<Json<EventsPage>, ApiError> {
     let user = caller.user()?;
     let device = owned_device(&state, user, &id).await?;
-    let from = instant(&params, "from")?.unwrap_or(MIN_TS_MS);
-    let to = instant(&params, "to")?.unwrap_or_else(|| now_ms() + MAX_FUTURE_MS);
+    let from = instant(params.from.as_ref(), "from")?.unwrap_or(MIN_TS_MS);
+    let to = instant(params.to.as_ref(), "to")?.unwrap_or_else(|| now_ms() + MAX_FUTURE_MS);
     let Range {
         from_ms: from,
         to_ms: to,
     } = Range::bounded(from, to, now_ms());
-    let limit = match params.get("limit") {
+    let limit = match &params.limit {
         None => DEFAULT_LIMIT,
         Some(v) => match v.parse::<usize>() {
             Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
@@ -209,7 +343,8 @@ pub async fn events(
         },
     };
     let before = params
-        .get("cursor")
+        .cursor
+        .as_deref()
         .map(|c| decode_cursor(c).ok_or_else(|| ApiError::field("cursor", "is not a valid cursor")))
         .transpose()?;
     let mut page = state
@@ -220,7 +355,7 @@ pub async fn events(
             from_ms: from,
             to_ms: to,
             before,
-            kind: kind(&params)?,
+            kind: kind(params.kind.as_ref())?,
             limit: limit + 1,
         })
         .await?;
@@ -230,38 +365,57 @@ pub async fn events(
     } else {
         None
     };
-    let events: Vec<Value> = page.iter().map(event_json).collect();
-    Ok(Json(
-        json!({ "events": events, "next_cursor": next_cursor }),
-    ))
+    let events = page.iter().map(EventOut::from).collect();
+    Ok(Json(EventsPage {
+        events,
+        next_cursor,
+    }))
 }
 
 /// `GET /v1/devices/{id}/aggregates`
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{id}/aggregates",
+    operation_id = "deviceAggregates",
+    tag = "queries",
+    security(("userKey" = [])),
+    params(DeviceIdParam, DeviceAggregatesQuery),
+    responses(
+        (status = 200, description = "The device's windows, in ascending order", body = DeviceAggregateOut),
+        (status = 400, description = "A bad parameter, named in `field`", body = ErrorBody),
+        (status = 404, description = "No such device of the caller's", body = ErrorBody),
+    )
+)]
 pub async fn device_aggregates(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    params: Params,
+    ApiQuery(params): ApiQuery<DeviceAggregatesQuery>,
 ) -> Result<Json<DeviceAggregateOut>, ApiError> {
     let user = caller.user()?;
     let device = owned_device(&state, user, &id).await?;
-    let (window_ms, grid, range) = grid(&params)?;
-    let metric = match params.get("metric") {
+    let (window_ms, grid, range) = grid(
+        params.from.as_ref(),
+        params.to.as_ref(),
+        params.window.as_ref(),
+        params.tz.as_ref(),
+    )?;
+    let metric = match &params.metric {
         None => None,
         Some(m) if crate::model::is_valid_name(m) => Some(m.clone()),
         Some(_) => return Err(ApiError::field("metric", "is not a valid metric name")),
     };
-    let mode = match params.get("fill") {
+    let mode = match &params.fill {
         None => Fill::None,
         Some(f) => Fill::parse(f).ok_or_else(|| {
             ApiError::field("fill", "must be one of none, null, zero, previous, linear")
         })?,
     };
     let with_stats = metric.is_some();
-    let percentiles = percentiles(&params, with_stats)?;
+    let percentiles = percentiles(params.percentiles.as_ref(), with_stats)?;
     let filter = AggregateFilter {
         metric,
-        kind: kind(&params)?,
+        kind: kind(params.kind.as_ref())?,
         sketches: !percentiles.is_empty(),
     };
     let carry_in = if mode.carries_in() && with_stats {
@@ -306,15 +460,19 @@ pub async fn device_aggregates(
 // Typed answers: a day of 1-minute windows is 1,440 buckets, and building them as
 // `serde_json::Value` maps cost more than reading the rollups.
 
-#[derive(Serialize)]
+/// `GET /v1/devices/{id}/aggregates`.
+#[derive(Serialize, ToSchema)]
 pub struct DeviceAggregateOut {
     device_id: Uuid,
     window_ms: i64,
     buckets: Vec<WindowOut>,
 }
 
-#[derive(Serialize)]
+/// One window. `min`, `max`, `avg` and `sum` only with a `metric`; `p50`, ... only
+/// as `percentiles` asks.
+#[derive(Serialize, ToSchema)]
 struct WindowOut {
+    #[schema(format = DateTime)]
     start: String,
     start_ms: i64,
     count: u64,
@@ -322,6 +480,7 @@ struct WindowOut {
     stats: Option<StatsOut>,
     /// Only on windows that `fill` added.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
     filled: bool,
     /// `p50`, `p99.9`, ...: as asked, null where the window has no values.
     #[serde(flatten)]
@@ -330,6 +489,30 @@ struct WindowOut {
 
 /// Named values in the order asked, serialized as fields of the window.
 struct Percentiles(Vec<(String, Option<f64>)>);
+
+// Its schema by hand, as its `Serialize` is: fields named `p` and the percentile, each a
+// number or null.
+impl utoipa::PartialSchema for Percentiles {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, SchemaType, Type};
+        let value = ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::Number, Type::Null]))
+            .build();
+        let name = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^p[0-9]+(\\.[0-9]+)?$"))
+            .build();
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some("`p50`, `p99.9`, ...: the percentiles asked for"))
+            .property_names(Some(name))
+            .additional_properties(Some(AdditionalProperties::RefOr(value.into())))
+            .build()
+            .into()
+    }
+}
+
+impl ToSchema for Percentiles {}
 
 impl Serialize for Percentiles {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -343,7 +526,7 @@ impl Serialize for Percentiles {
 }
 
 /// Null where unknown: in windows that `fill` added.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct StatsOut {
     min: Option<f64>,
     max: Option<f64>,
@@ -351,7 +534,8 @@ struct StatsOut {
     sum: Option<f64>,
 }
 
-#[derive(Serialize)]
+/// `GET /v1/aggregates`.
+#[derive(Serialize, ToSchema)]
 pub struct GroupedAggregateOut {
     window_ms: i64,
     buckets: Vec<GroupOut>,
@@ -361,8 +545,10 @@ pub struct GroupedAggregateOut {
     next_after_device: Option<Uuid>,
 }
 
-#[derive(Serialize)]
+/// One window's count for one group (a device type, or a device id).
+#[derive(Serialize, ToSchema)]
 struct GroupOut {
+    #[schema(format = DateTime)]
     start: String,
     start_ms: i64,
     group: String,
@@ -370,19 +556,36 @@ struct GroupOut {
 }
 
 /// `GET /v1/aggregates`
+#[utoipa::path(
+    get,
+    path = "/v1/aggregates",
+    operation_id = "groupedAggregates",
+    tag = "queries",
+    security(("userKey" = [])),
+    params(GroupedAggregatesQuery),
+    responses(
+        (status = 200, description = "Counts per window and group, sorted by `start_ms` then `group`", body = GroupedAggregateOut),
+        (status = 400, description = "A bad parameter, named in `field`", body = ErrorBody),
+    )
+)]
 pub async fn grouped_aggregates(
     State(state): State<AppState>,
     caller: Caller,
-    params: Params,
+    ApiQuery(params): ApiQuery<GroupedAggregatesQuery>,
 ) -> Result<Json<GroupedAggregateOut>, ApiError> {
     let user = caller.user()?;
-    let (window_ms, grid, range) = grid(&params)?;
-    let group_by = match params.get("group_by").map(String::as_str) {
+    let (window_ms, grid, range) = grid(
+        params.from.as_ref(),
+        params.to.as_ref(),
+        params.window.as_ref(),
+        params.tz.as_ref(),
+    )?;
+    let group_by = match params.group_by.as_deref() {
         None | Some("type") => GroupBy::Type,
         Some("device") => GroupBy::Device,
         Some(_) => return Err(ApiError::field("group_by", "must be type or device")),
     };
-    let kind = kind(&params)?;
+    let kind = kind(params.kind.as_ref())?;
     // Only the user's current devices: a deleted device's events are never served.
     let mut devices: Vec<Uuid> = state
         .auth
@@ -396,7 +599,7 @@ pub async fn grouped_aggregates(
     // devices (in id order) so that an answer stays bounded.
     let mut next_after_device = None;
     if group_by == GroupBy::Device {
-        let limit = match params.get("device_limit") {
+        let limit = match &params.device_limit {
             None if devices.len() > MAX_GROUP_DEVICES => {
                 return Err(ApiError::field(
                     "group_by",
@@ -418,7 +621,8 @@ pub async fn grouped_aggregates(
             },
         };
         let after = params
-            .get("after_device")
+            .after_device
+            .as_deref()
             .map(|v| {
                 Uuid::parse_str(v)
                     .map_err(|_| ApiError::field("after_device", "is not a device id"))
@@ -457,25 +661,43 @@ pub async fn grouped_aggregates(
 }
 
 /// `GET /v1/devices/{id}/live`
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{id}/live",
+    operation_id = "deviceLive",
+    tag = "queries",
+    security(("userKey" = [])),
+    params(DeviceIdParam),
+    responses(
+        (status = 200, description = "The device's live figures (time of receipt)", body = DeviceLive),
+        (status = 404, description = "No such device of the caller's", body = ErrorBody),
+    )
+)]
 pub async fn device_live(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeviceLive>, ApiError> {
     let user = caller.user()?;
     let device = owned_device(&state, user, &id).await?;
-    let live = state.live.device(device, now_ms()).await;
-    Ok(Json(json!(live)))
+    Ok(Json(state.live.device(device, now_ms()).await))
 }
 
 /// `GET /v1/live`
+#[utoipa::path(
+    get,
+    path = "/v1/live",
+    operation_id = "userLive",
+    tag = "queries",
+    security(("userKey" = [])),
+    responses((status = 200, description = "The caller's live figures", body = UserLive))
+)]
 pub async fn user_live(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UserLive>, ApiError> {
     let user = caller.user()?;
-    let live = state.live.user(user, now_ms()).await;
-    Ok(Json(json!(live)))
+    Ok(Json(state.live.user(user, now_ms()).await))
 }
 
 #[cfg(test)]
