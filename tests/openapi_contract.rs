@@ -266,3 +266,113 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_contract()
     );
     s.stop().await;
 }
+
+// What the contract checks found, kept as plain HTTP cases.
+
+/// A malformed paging parameter was ignored (200) unless `group_by=device`:
+/// schemathesis sent `device_limit=false` with the default grouping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_parameters_are_checked_whatever_the_grouping() {
+    let mut s = TestServer::start().await;
+    let (_, key) = s.user("pager").await;
+    let range = "from=0&to=86400000&window=1h";
+    for (query, field) in [
+        ("device_limit=false", "device_limit"),
+        ("device_limit=0", "device_limit"),
+        ("group_by=type&device_limit=1001", "device_limit"),
+        ("after_device=nope", "after_device"),
+    ] {
+        let (status, body) = s
+            .get(&format!("/v1/aggregates?{range}&{query}"), &key)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert_eq!(body["field"], field, "{query}");
+    }
+    let (status, body) = s
+        .get(&format!("/v1/aggregates?{range}&device_limit=5"), &key)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    s.stop().await;
+}
+
+/// The percentile fields sit beside a window's own: the document had constrained every
+/// field of the window to the `p50` form, so a window's `start` broke its own schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percentile_fields_are_described_beside_the_windows_own() {
+    let mut s = TestServer::start().await;
+    let (_, key) = s.user("ranks").await;
+    let (device, token) = s.device(&key, "ranked").await;
+    let ts = common::now_ms() - 60_000;
+    let (status, _) = s
+        .ingest(
+            &token,
+            json!({"type": "r", "ts": ts, "metrics": {"v": 2.0}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = s
+        .get(
+            &format!(
+                "/v1/devices/{device}/aggregates?from={}&to={}&window=1h&metric=v&percentiles=50,99.9",
+                ts - 3_600_000,
+                ts + 60_000
+            ),
+            &key,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let window = &body["buckets"][0];
+    // Within the sketch's 1% relative error.
+    let p50 = window["p50"].as_f64().unwrap();
+    assert!((p50 - 2.0).abs() <= 0.02, "{body}");
+    assert!(window["start"].is_string());
+
+    let doc = document(&s).await;
+    let schema = &doc["components"]["schemas"]["Percentiles"];
+    assert!(schema.get("propertyNames").is_none(), "{schema}");
+    assert!(schema.get("additionalProperties").is_none(), "{schema}");
+    let by_name = schema["patternProperties"].as_object().unwrap();
+    let pattern = by_name.keys().next().unwrap();
+    for name in window.as_object().unwrap().keys() {
+        let is_percentile = name.starts_with('p') && name[1..].parse::<f64>().is_ok();
+        // The pattern's form, checked by hand: `p`, digits, optionally `.` and digits.
+        assert_eq!(pattern, "^p[0-9]+(\\.[0-9]+)?$");
+        assert_eq!(is_percentile, name == "p50" || name == "p99.9", "{name}");
+    }
+    s.stop().await;
+}
+
+/// Input outside the documented patterns is refused, though a laxer parser would
+/// have read it (`5e1` as 50).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percentiles_are_plain_decimals_and_a_parameter_is_given_once() {
+    let mut s = TestServer::start().await;
+    let (_, key) = s.user("strict").await;
+    let (device, _) = s.device(&key, "strict-dev").await;
+    let base = format!("/v1/devices/{device}/aggregates?from=0&to=86400000&window=1h&metric=v");
+    // `%2B` is a `+` (a bare one is a space in a query string).
+    for bad in ["5e1", "%2B50", "inf", "50,", ".5"] {
+        let (status, body) = s.get(&format!("{base}&percentiles={bad}"), &key).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(body["field"], "percentiles");
+    }
+    let (status, body) = s.get(&format!("{base}&percentiles=50,%2099.5"), &key).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = s.get(&format!("{base}&window=1d"), &key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "window");
+    s.stop().await;
+}
+
+/// A known path with another method was a 405 with an empty body; now it is the
+/// documented error shape, and `Allow` still names the methods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_method_gets_the_error_shape_and_allow() {
+    let mut s = TestServer::start().await;
+    let (status, headers, body) = s.call(Method::PUT, "/v1/devices", None, None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(body["error"].is_string(), "{body}");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["allow"], "POST,GET,HEAD");
+    s.stop().await;
+}

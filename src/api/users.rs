@@ -117,7 +117,7 @@ pub(super) async fn create(
     path = "/v1/users/{id}/rotate-key",
     operation_id = "rotateUserKey",
     tag = "registry",
-    security(("userKey" = []), ("adminToken" = [])),
+    security(("adminToken" = []), ("userKey" = [])),
     params(("id" = i64, Path, description = "The user's id")),
     responses(
         (status = 200, description = "The new key", body = RotatedKey),

@@ -491,22 +491,22 @@ struct WindowOut {
 struct Percentiles(Vec<(String, Option<f64>)>);
 
 // Its schema by hand, as its `Serialize` is: fields named `p` and the percentile, each a
-// number or null.
+// number or null. These fields sit beside the window's own (flattened), so only the
+// names of that form are constrained: `patternProperties`, a JSON Schema keyword that
+// utoipa has no builder for, goes in through the extension map (which it serializes
+// as given).
 impl utoipa::PartialSchema for Percentiles {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, SchemaType, Type};
-        let value = ObjectBuilder::new()
-            .schema_type(SchemaType::from_iter([Type::Number, Type::Null]))
-            .build();
-        let name = ObjectBuilder::new()
-            .schema_type(Type::String)
-            .pattern(Some("^p[0-9]+(\\.[0-9]+)?$"))
-            .build();
+        use utoipa::openapi::extensions::Extensions;
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let by_name = Extensions::from_iter([(
+            "patternProperties",
+            serde_json::json!({ "^p[0-9]+(\\.[0-9]+)?$": { "type": ["number", "null"] } }),
+        )]);
         ObjectBuilder::new()
             .schema_type(Type::Object)
             .description(Some("`p50`, `p99.9`, ...: the percentiles asked for"))
-            .property_names(Some(name))
-            .additional_properties(Some(AdditionalProperties::RefOr(value.into())))
+            .extensions(Some(by_name))
             .build()
             .into()
     }
@@ -586,6 +586,26 @@ pub async fn grouped_aggregates(
         Some(_) => return Err(ApiError::field("group_by", "must be type or device")),
     };
     let kind = kind(params.kind.as_ref())?;
+    // Checked whatever `group_by` says: a malformed value is refused, never ignored.
+    let device_limit = match &params.device_limit {
+        None => None,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_GROUP_DEVICES).contains(&n) => Some(n),
+            _ => {
+                return Err(ApiError::field(
+                    "device_limit",
+                    format!("must be an integer from 1 to {MAX_GROUP_DEVICES}"),
+                ))
+            }
+        },
+    };
+    let after = params
+        .after_device
+        .as_deref()
+        .map(|v| {
+            Uuid::parse_str(v).map_err(|_| ApiError::field("after_device", "is not a device id"))
+        })
+        .transpose()?;
     // Only the user's current devices: a deleted device's events are never served.
     let mut devices: Vec<Uuid> = state
         .auth
@@ -599,35 +619,16 @@ pub async fn grouped_aggregates(
     // devices (in id order) so that an answer stays bounded.
     let mut next_after_device = None;
     if group_by == GroupBy::Device {
-        let limit = match &params.device_limit {
-            None if devices.len() > MAX_GROUP_DEVICES => {
-                return Err(ApiError::field(
-                    "group_by",
-                    format!(
-                        "device groups {} devices, more than {MAX_GROUP_DEVICES}: page with device_limit and after_device",
-                        devices.len()
-                    ),
-                ))
-            }
-            None => MAX_GROUP_DEVICES,
-            Some(v) => match v.parse::<usize>() {
-                Ok(n) if (1..=MAX_GROUP_DEVICES).contains(&n) => n,
-                _ => {
-                    return Err(ApiError::field(
-                        "device_limit",
-                        format!("must be an integer from 1 to {MAX_GROUP_DEVICES}"),
-                    ))
-                }
-            },
-        };
-        let after = params
-            .after_device
-            .as_deref()
-            .map(|v| {
-                Uuid::parse_str(v)
-                    .map_err(|_| ApiError::field("after_device", "is not a device id"))
-            })
-            .transpose()?;
+        if device_limit.is_none() && devices.len() > MAX_GROUP_DEVICES {
+            return Err(ApiError::field(
+                "group_by",
+                format!(
+                    "device groups {} devices, more than {MAX_GROUP_DEVICES}: page with device_limit and after_device",
+                    devices.len()
+                ),
+            ));
+        }
+        let limit = device_limit.unwrap_or(MAX_GROUP_DEVICES);
         devices.sort_unstable();
         devices.retain(|d| after.is_none_or(|a| *d > a));
         if devices.len() > limit {
