@@ -216,7 +216,10 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_contract()
         .await;
     assert_eq!(status, StatusCode::OK);
 
+    // Reports, and the caches schemathesis and hypothesis keep in their working
+    // directory (which replay earlier failures first), stay under the target dir.
     let reports = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("schemathesis");
+    std::fs::create_dir_all(&reports).unwrap();
     let config = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/openapi_contract/schemathesis.toml"
@@ -241,6 +244,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_contract()
         .env("IOTPIPE_DEVICE_ID", &device)
         .env("IOTPIPE_DEVICE_TOKEN", &token)
         .env("IOTPIPE_SPARE_DEVICE_ID", &spare)
+        .current_dir(&reports)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(150), run)
