@@ -203,17 +203,11 @@ fn percentiles(raw: Option<&String>, with_metric: bool) -> Result<Vec<(String, f
     }
     let mut out = Vec::new();
     for part in raw.split(',') {
-        // Plain decimals only, as the contract's pattern says: f64's parser would also
+        // Plain decimals only, as the document's pattern says: f64's parser would also
         // take `5e1`, `inf` or `+50`, which the document calls malformed.
         let part = part.trim_matches(' ');
-        let decimal = part
-            .split_once('.')
-            .map_or((part, "0"), |(int, frac)| (int, frac));
-        let plain = [decimal.0, decimal.1]
-            .iter()
-            .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
         let p: f64 = Some(part)
-            .filter(|_| plain)
+            .filter(|p| is_plain_decimal(p))
             .and_then(|p| p.parse().ok())
             .filter(|p: &f64| *p > 0.0 && *p < 100.0)
             .ok_or_else(|| {
@@ -231,6 +225,15 @@ fn percentiles(raw: Option<&String>, with_metric: bool) -> Result<Vec<(String, f
         ));
     }
     Ok(out)
+}
+
+/// `12` or `99.9`: digits, and optionally a point and more digits.
+fn is_plain_decimal(s: &str) -> bool {
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    match s.split_once('.') {
+        None => digits(s),
+        Some((int, frac)) => digits(int) && digits(frac),
+    }
 }
 
 fn kind(kind: Option<&String>) -> Result<Option<String>, ApiError> {
@@ -476,7 +479,9 @@ struct WindowOut {
     start: String,
     start_ms: i64,
     count: u64,
+    // Absent, never null: flattened, `None` adds no field.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = StatsOut)]
     stats: Option<StatsOut>,
     /// Only on windows that `fill` added.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
