@@ -233,74 +233,17 @@ pub(crate) struct RawEvent {
     #[schema(value_type = Option<Uuid>)]
     id: Option<String>,
     /// The event's time. Default: the time of receipt. At most 5 minutes ahead.
-    #[schema(schema_with = ts_schema)]
+    #[schema(schema_with = super::schema::ts)]
     ts: Option<RawTs>,
     /// At most 64 entries, name → finite number.
-    #[schema(schema_with = metrics_schema)]
+    #[schema(schema_with = super::schema::metrics)]
     metrics: Option<Entries<Metric>>,
     /// At most 64 entries, name → string of at most 1 KiB (UTF-8 bytes).
-    #[schema(schema_with = attrs_schema)]
+    #[schema(schema_with = super::schema::attrs)]
     attrs: Option<Entries<String>>,
     /// Gateway mode (a user key) only: the event's device, one of the user's.
     #[schema(value_type = Option<Uuid>)]
     device_id: Option<String>,
-}
-
-/// RFC 3339 as `DateTime::parse_from_rfc3339` takes it.
-pub const RFC3339_PATTERN: &str = "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$";
-
-fn ts_schema() -> utoipa::openapi::schema::Schema {
-    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
-    OneOfBuilder::new()
-        .item(
-            ObjectBuilder::new()
-                .schema_type(Type::Integer)
-                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
-                    utoipa::openapi::KnownFormat::Int64,
-                )))
-                .minimum(Some(model::MIN_TS_MS as f64))
-                .description(Some("ms since the Unix epoch")),
-        )
-        .item(
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .pattern(Some(RFC3339_PATTERN))
-                .description(Some("RFC 3339; sub-millisecond digits are truncated")),
-        )
-        .item(ObjectBuilder::new().schema_type(Type::Null))
-        .into()
-}
-
-/// A name → value map of at most [`MAX_MAP_ENTRIES`], or null.
-fn entries_schema(value: utoipa::openapi::schema::Object) -> utoipa::openapi::schema::Schema {
-    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, SchemaType, Type};
-    let name = ObjectBuilder::new()
-        .schema_type(Type::String)
-        .pattern(Some(model::NAME_PATTERN))
-        .build();
-    ObjectBuilder::new()
-        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
-        .property_names(Some(name))
-        .max_properties(Some(MAX_MAP_ENTRIES))
-        .additional_properties(Some(AdditionalProperties::RefOr(value.into())))
-        .into()
-}
-
-fn metrics_schema() -> utoipa::openapi::schema::Schema {
-    use utoipa::openapi::schema::{ObjectBuilder, Type};
-    entries_schema(ObjectBuilder::new().schema_type(Type::Number).build())
-}
-
-fn attrs_schema() -> utoipa::openapi::schema::Schema {
-    use utoipa::openapi::schema::{ObjectBuilder, Type};
-    // maxLength counts characters; the limit is in bytes, so a string within it may
-    // still be refused, but none beyond it is taken.
-    entries_schema(
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .max_length(Some(MAX_ATTR_BYTES))
-            .build(),
-    )
 }
 
 impl RawEvent {

@@ -15,6 +15,7 @@
 pub mod aggregate;
 pub mod fill;
 pub mod latest;
+pub mod params;
 pub mod plan;
 pub mod routes;
 pub mod windows;
