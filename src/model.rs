@@ -114,6 +114,9 @@ pub fn parse_instant(s: &str) -> Option<i64> {
     parse_rfc3339_ms(s)
 }
 
+/// [`is_valid_name`] as a regular expression, for the OpenAPI document.
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,64}$";
+
 /// True if `name` is 1 to 64 characters from `A-Z a-z 0-9 _ . : -`.
 ///
 /// Event types, metric names and attr names all follow this rule.

@@ -13,12 +13,10 @@ use std::sync::LazyLock;
 use axum::extract::{Path, RawQuery};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 
 /// Only this origin, for everything: no inline script or style, no frames, and no form
 /// submission (the sign-in form is handled by the script; should the script not run,
@@ -99,18 +97,47 @@ fn by_name(name: &str) -> Option<&'static Asset> {
     }
 }
 
-/// The dashboard's routes; they need no state.
-pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    Router::new()
-        .route("/", get(index))
-        .route("/assets/{file}", get(asset))
-}
-
-async fn index(headers: HeaderMap) -> Response {
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "dashboard",
+    tag = "dashboard",
+    params(("If-None-Match" = Option<String>, Header, description = "A previous answer's ETag")),
+    responses(
+        (status = 200, description = "The dashboard page", body = String, content_type = "text/html; charset=utf-8",
+            headers(("ETag" = String), ("Cache-Control" = String), ("Content-Security-Policy" = String))),
+        (status = 304, description = "Unchanged since the ETag sent", headers(("ETag" = String))),
+    )
+)]
+pub(super) async fn index(headers: HeaderMap) -> Response {
     respond(&INDEX, REVALIDATE, &headers)
 }
 
-async fn asset(
+#[utoipa::path(
+    get,
+    path = "/assets/{file}",
+    operation_id = "dashboardAsset",
+    tag = "dashboard",
+    params(
+        ("file" = String, Path, pattern = "^(app\\.js|app\\.css|icon\\.svg)$",
+            description = "`app.js`, `app.css` or `icon.svg`; any other name is a 404"),
+        ("v" = Option<String>, Query,
+            description = "The content hash the page names: under the current one the answer may be cached for good"),
+        ("If-None-Match" = Option<String>, Header, description = "A previous answer's ETag"),
+    ),
+    responses(
+        (status = 200, description = "The script, stylesheet or icon",
+            content(
+                (String = "text/javascript; charset=utf-8"),
+                (String = "text/css; charset=utf-8"),
+                (String = "image/svg+xml"),
+            ),
+            headers(("ETag" = String), ("Cache-Control" = String), ("Content-Security-Policy" = String))),
+        (status = 304, description = "Unchanged since the ETag sent", headers(("ETag" = String))),
+        (status = 404, description = "No such asset", body = ErrorBody),
+    )
+)]
+pub(super) async fn asset(
     Path(file): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -169,15 +196,25 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
+    use axum::routing;
+    use axum::Router;
     use http_body_util::BodyExt;
     use tower::ServiceExt;
+
+    // The two routes as `api::routes()` declares them, without the state the rest of
+    // the API needs.
+    fn routes() -> Router {
+        Router::new()
+            .route("/", routing::get(index))
+            .route("/assets/{file}", routing::get(asset))
+    }
 
     async fn get(uri: &str, if_none_match: Option<&str>) -> (StatusCode, HeaderMap, Bytes) {
         let mut req = Request::get(uri);
         if let Some(tag) = if_none_match {
             req = req.header(header::IF_NONE_MATCH, tag);
         }
-        let resp = routes::<()>()
+        let resp = routes()
             .oneshot(req.body(Body::empty()).unwrap())
             .await
             .unwrap();

@@ -1,38 +1,84 @@
 //! `/v1/devices`: a user's devices.
 
 use axum::extract::rejection::BytesRejection;
-use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::ApiQuery;
 use super::{json_body, AppState};
 use crate::model::{format_ms, is_valid_name, now_ms, UserId};
 use crate::registry::secrets::{self, SecretKind};
 use crate::registry::Device;
 
-#[derive(Deserialize)]
+/// The body of `POST /v1/devices`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewDevice {
+pub(super) struct NewDevice {
+    /// 1 to 128 bytes, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
+    )]
     name: String,
     #[serde(rename = "type")]
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
     kind: String,
 }
 
-fn device_json(d: &Device) -> Value {
-    json!({
-        "id": d.id,
-        "name": d.name,
-        "type": d.kind,
-        "created_at": format_ms(d.created_at_ms),
-    })
+/// A device as listed.
+#[derive(Serialize, ToSchema)]
+pub(super) struct DeviceOut {
+    id: Uuid,
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[schema(format = DateTime)]
+    created_at: String,
+}
+
+impl From<&Device> for DeviceOut {
+    fn from(d: &Device) -> Self {
+        Self {
+            id: d.id,
+            name: d.name.clone(),
+            kind: d.kind.clone(),
+            created_at: format_ms(d.created_at_ms),
+        }
+    }
+}
+
+/// A new device, with its token: shown this once.
+#[derive(Serialize, ToSchema)]
+pub(super) struct CreatedDevice {
+    #[serde(flatten)]
+    device: DeviceOut,
+    #[schema(pattern = "^ipd_")]
+    token: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct DeviceList {
+    devices: Vec<DeviceOut>,
+}
+
+/// `{id}` in the device routes. Any string is routed; one that is not a UUID, or not
+/// one of the caller's devices, is a 404.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+// Only described: the handlers take the raw string, so that a malformed id is a 404.
+#[allow(dead_code)]
+pub struct DeviceIdParam {
+    /// The device's id.
+    id: Uuid,
 }
 
 /// Resolves `{id}` to a device of `user`. Anything else, a malformed id included, is
@@ -49,11 +95,24 @@ pub async fn owned_device(state: &AppState, user: UserId, id: &str) -> Result<Uu
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/devices",
+    operation_id = "createDevice",
+    tag = "registry",
+    security(("userKey" = [])),
+    request_body = NewDevice,
+    responses(
+        (status = 201, description = "Created", body = CreatedDevice),
+        (status = 400, description = "A bad or unknown field, named in `field`", body = ErrorBody),
+        (status = 413, description = "The body is larger than the limit", body = ErrorBody),
+    )
+)]
 pub(super) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedDevice>), ApiError> {
     let user = caller.user()?;
     let new: NewDevice = json_body(body)?;
     if new.name.is_empty() || new.name.len() > 128 || new.name.chars().any(char::is_control) {
@@ -81,39 +140,75 @@ pub(super) async fn create(
         )
         .await?;
     state.auth.remember_device(device.id, user);
-    let mut body = device_json(&device);
-    body["token"] = json!(token);
-    Ok((StatusCode::CREATED, Json(body)))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedDevice {
+            device: DeviceOut::from(&device),
+            token,
+        }),
+    ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/devices",
+    operation_id = "listDevices",
+    tag = "registry",
+    security(("userKey" = [])),
+    responses((status = 200, description = "The caller's devices", body = DeviceList))
+)]
 pub(super) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeviceList>, ApiError> {
     let user = caller.user()?;
     let devices = state.auth.registry().devices(user).await?;
-    let devices: Vec<Value> = devices.iter().map(device_json).collect();
-    Ok(Json(json!({ "devices": devices })))
+    let devices = devices.iter().map(DeviceOut::from).collect();
+    Ok(Json(DeviceList { devices }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{id}",
+    operation_id = "getDevice",
+    tag = "registry",
+    security(("userKey" = [])),
+    params(DeviceIdParam),
+    responses(
+        (status = 200, description = "The device", body = DeviceOut),
+        (status = 404, description = "No such device of the caller's", body = ErrorBody),
+    )
+)]
 pub(super) async fn show(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeviceOut>, ApiError> {
     let user = caller.user()?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     match state.auth.registry().device(id).await? {
-        Some(d) if d.user_id == user => Ok(Json(device_json(&d))),
+        Some(d) if d.user_id == user => Ok(Json(DeviceOut::from(&d))),
         _ => Err(ApiError::NotFound),
     }
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/devices/{id}",
+    operation_id = "deleteDevice",
+    tag = "registry",
+    security(("userKey" = [])),
+    params(DeviceIdParam, super::purge::DeleteQuery),
+    responses(
+        (status = 204, description = "Deleted: its token is refused and its events are no longer served (with `purge=true`, removed)"),
+        (status = 404, description = "No such device of the caller's", body = ErrorBody),
+    )
+)]
 pub(super) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    ApiQuery(params): ApiQuery<super::purge::DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     let user = caller.user()?;
     let purge = super::purge::requested(&params)?;

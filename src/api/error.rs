@@ -4,7 +4,8 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::live::{LimitKind, Limited};
 use crate::pipeline::{AckError, SubmitError};
@@ -30,6 +31,41 @@ pub enum ApiError {
     Unavailable(String),
     /// The request body did not arrive in time.
     Timeout(String),
+    /// A known path asked with a method it does not serve.
+    MethodNotAllowed,
+}
+
+/// The body of every error answer. `IntoResponse` below builds only this, and the
+/// OpenAPI document's `Error` schema is derived from it, so the two cannot differ.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    /// What went wrong, for a person to read.
+    pub error: String,
+    /// Ingest only: the 0-based index of the first bad event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = u64)]
+    pub index: Option<usize>,
+    /// The bad query parameter, body field or event field (`metrics.temp`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
+    pub field: Option<String>,
+    /// 429 only: the budget in debt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = LimitKind)]
+    pub limit: Option<LimitKind>,
+}
+
+impl ErrorBody {
+    fn new(error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            index: None,
+            field: None,
+            limit: None,
+        }
+    }
 }
 
 impl ApiError {
@@ -52,6 +88,7 @@ impl ApiError {
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 }
@@ -66,24 +103,20 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let mut retry_after = None;
         let body = match self {
-            ApiError::Unauthorized => json!({"error": "missing or invalid bearer secret"}),
-            ApiError::NotFound => json!({"error": "not found"}),
+            ApiError::Unauthorized => ErrorBody::new("missing or invalid bearer secret"),
+            ApiError::NotFound => ErrorBody::new("not found"),
+            ApiError::MethodNotAllowed => ErrorBody::new("method not allowed on this path"),
             ApiError::Invalid {
                 message,
                 index,
                 field,
-            } => {
-                let mut body = json!({ "error": message });
-                if let Some(i) = index {
-                    body["index"] = json!(i);
-                }
-                if let Some(f) = field {
-                    body["field"] = json!(f);
-                }
-                body
-            }
+            } => ErrorBody {
+                index,
+                field,
+                ..ErrorBody::new(message)
+            },
             ApiError::Conflict(m) | ApiError::TooLarge(m) | ApiError::Timeout(m) => {
-                json!({ "error": m })
+                ErrorBody::new(m)
             }
             ApiError::RateLimited(Limited {
                 limit,
@@ -95,11 +128,14 @@ impl IntoResponse for ApiError {
                     LimitKind::User => "rate limit exceeded: the user's events per second",
                     LimitKind::Login => "too many failed logins from this address; retry later",
                 };
-                json!({ "error": error, "limit": limit.as_str() })
+                ErrorBody {
+                    limit: Some(limit),
+                    ..ErrorBody::new(error)
+                }
             }
             ApiError::Unavailable(m) => {
                 retry_after = Some(1);
-                json!({ "error": m })
+                ErrorBody::new(m)
             }
         };
         let mut response = (status, Json(body)).into_response();

@@ -11,19 +11,30 @@
 //! caller's user id, so it is run for the caller's own data even once the registry
 //! row is gone, and it answers 404 only when nothing was left to remove.
 
-use std::collections::HashMap;
+use serde::Deserialize;
+use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::AppState;
 use crate::model::{DeviceId, UserId};
+
+/// The query of `DELETE /v1/devices/{id}`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct DeleteQuery {
+    /// `true` also removes the device's events, rollups, latest values and live
+    /// figures, in every backend. Default `false`: they are kept, no longer served.
+    #[param(pattern = "^(true|false)$")]
+    purge: Option<String>,
+}
 
 /// `purge=true|false`; absent is false.
 ///
 /// # Errors
 ///
 /// 400 naming `purge` for any other value.
-pub(super) fn requested(params: &HashMap<String, String>) -> Result<bool, ApiError> {
-    match params.get("purge").map(String::as_str) {
+pub(super) fn requested(params: &DeleteQuery) -> Result<bool, ApiError> {
+    match params.purge.as_deref() {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
         Some(_) => Err(ApiError::field("purge", "must be true or false")),

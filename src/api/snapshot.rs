@@ -16,18 +16,34 @@ use axum::Json;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::{json_body, AppState};
 use crate::store::StoreError;
 
-#[derive(Deserialize)]
+/// Where the server writes the copy.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SnapshotRequest {
+pub(super) struct SnapshotRequest {
+    /// An absolute path on the server's host, new or empty.
+    #[schema(value_type = String)]
     dir: PathBuf,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/admin/snapshot",
+    operation_id = "snapshotStore",
+    tag = "operations",
+    security(("adminToken" = [])),
+    request_body = SnapshotRequest,
+    responses(
+        (status = 200, description = "The copy is synced: keys copied per keyspace", body = Object),
+        (status = 400, description = "A bad body, or a directory that is relative or not empty, or a store that cannot (Cassandra)", body = ErrorBody),
+    )
+)]
 pub(super) async fn snapshot(
     State(state): State<AppState>,
     caller: Caller,

@@ -222,16 +222,31 @@ fn reason_of(e: &serde_json::Error) -> String {
     }
 }
 
-/// An event as parsed, before the rules that serde cannot express are checked.
-#[derive(Debug, Deserialize)]
+/// An event as parsed, before the rules that serde cannot express are checked. Its
+/// schema is the OpenAPI document's `IngestEvent`; what the schema states, `validate`
+/// enforces (a null is the same as an absent field).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = IngestEvent)]
 #[serde(deny_unknown_fields)]
-struct RawEvent {
+pub(crate) struct RawEvent {
     #[serde(rename = "type")]
+    #[schema(value_type = String, required = true, pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
     kind: Option<String>,
+    /// A UUID; the same id again for the same device is a duplicate, stored once.
+    /// Assigned by the server if absent.
+    #[schema(value_type = Option<Uuid>)]
     id: Option<String>,
+    /// The event's time. Default: the time of receipt. At most 5 minutes ahead.
+    #[schema(schema_with = super::schema::ts)]
     ts: Option<RawTs>,
+    /// At most 64 entries, name → finite number.
+    #[schema(schema_with = super::schema::metrics)]
     metrics: Option<Entries<Metric>>,
+    /// At most 64 entries, name → string of at most 1 KiB (UTF-8 bytes).
+    #[schema(schema_with = super::schema::attrs)]
     attrs: Option<Entries<String>>,
+    /// Gateway mode (a user key) only: the event's device, one of the user's.
+    #[schema(value_type = Option<Uuid>)]
     device_id: Option<String>,
 }
 

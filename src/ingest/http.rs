@@ -13,12 +13,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::decode::{self, DecodeError, DecodeOptions, Format};
+use super::decode::{self, DecodeError, DecodeOptions, Format, RawEvent};
 use super::{count_rejected, Rejection};
 use crate::api::auth::{authenticate, Peer};
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, ErrorBody};
 use crate::api::{body_error, AppState};
 use crate::model::{now_ms, DeviceId, Record, UserId};
 use crate::registry::auth::Principal;
@@ -98,12 +99,50 @@ impl Rejector<'_> {
     }
 }
 
+/// The answer to a stored request.
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    /// Events now durable, duplicates included.
+    accepted: usize,
+}
+
+/// A JSON ingest body: one event, or an array of up to 10,000 (configurable). Only
+/// described: [`decode`] reads the body itself, to name the bad event and field.
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub(crate) enum IngestBody {
+    One(RawEvent),
+    Many(Vec<RawEvent>),
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/ingest",
+    operation_id = "ingest",
+    tag = "ingest",
+    security(("deviceToken" = []), ("userKey" = [])),
+    request_body(
+        description = "One event, a JSON array of events, or NDJSON (one event per line; blank lines are skipped). A missing Content-Type is read as JSON.",
+        content(
+            (IngestBody = "application/json"),
+            (String = "application/x-ndjson"),
+        ),
+    ),
+    responses(
+        (status = 200, description = "Every event is durable", body = Accepted),
+        (status = 400, description = "The first bad event: its 0-based `index` and the `field`; nothing of the request is stored", body = ErrorBody),
+        (status = 404, description = "Gateway mode: a `device_id` that is not one of the user's", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "More than 10,000 events, or a body over 1 MiB (both configurable)", body = ErrorBody),
+    )
+)]
 pub async fn ingest(
     State(state): State<AppState>,
     Peer(peer): Peer,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Accepted>, ApiError> {
     let received_ms = now_ms();
     let mut rejector = Rejector {
         state: &state,
@@ -179,7 +218,7 @@ pub async fn ingest(
     };
     let accepted = decoded.len();
     if accepted == 0 {
-        return Ok(Json(json!({ "accepted": 0 })));
+        return Ok(Json(Accepted { accepted: 0 }));
     }
 
     // Resolve the owner of every event.
@@ -258,5 +297,5 @@ pub async fn ingest(
     };
     ack.durable().await?;
     state.telemetry.ingested(Source::Http, accepted as u64);
-    Ok(Json(json!({ "accepted": accepted })))
+    Ok(Json(Accepted { accepted }))
 }

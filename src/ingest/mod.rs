@@ -9,6 +9,7 @@ use crate::telemetry::{Reason, Source, Telemetry};
 pub mod decode;
 pub mod http;
 pub mod mqtt;
+mod schema;
 
 /// A refusal, for the counters.
 #[derive(Debug)]

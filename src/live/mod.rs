@@ -14,7 +14,8 @@ use async_trait::async_trait;
 use crate::model::{DeviceId, UserId};
 
 /// Which budget a refused request exceeded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum LimitKind {
     Device,
     User,
@@ -65,7 +66,7 @@ pub struct LiveTotal {
 }
 
 /// `GET /v1/devices/{id}/live`.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct DeviceLive {
     pub events_total: u64,
     pub rejected_total: u64,
@@ -75,7 +76,7 @@ pub struct DeviceLive {
 }
 
 /// `GET /v1/live`.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct UserLive {
     pub events_total: u64,
     pub events_last_minute: u64,

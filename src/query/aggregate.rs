@@ -257,7 +257,8 @@ pub async fn last_value_before(
 }
 
 /// What grouped aggregates group by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum GroupBy {
     Type,
     Device,

@@ -6,7 +6,6 @@
 //! memory stays at one page whatever the range: a month of a 1 Hz device is 2.6
 //! million events, far more than any answer should hold.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -16,6 +15,7 @@ use bytes::Bytes;
 use futures::{Stream, TryStreamExt};
 use serde_json::{json, Value};
 
+use super::params::EventsQuery;
 use crate::api::error::ApiError;
 use crate::model::{format_ms, DeviceId, Event, UserId};
 use crate::store::{EventStore, ListQuery, Position, SharedStore, StoreError};
@@ -205,10 +205,10 @@ pub fn pages<S: EventStore + ?Sized>(
 /// come with a streaming format (a stream holds the whole range; silently ignoring
 /// them would hand back more than was asked for).
 pub fn export_format(
-    params: &HashMap<String, String>,
+    params: &EventsQuery,
     headers: &HeaderMap,
 ) -> Result<Option<Format>, ApiError> {
-    let format = match params.get("format") {
+    let format = match params.format.as_deref() {
         Some(f) if f.eq_ignore_ascii_case("json") => None,
         Some(f) => Some(
             Format::parse(f)
@@ -220,8 +220,11 @@ pub fn export_format(
             .and_then(Format::from_accept),
     };
     if format.is_some() {
-        for name in ["cursor", "limit"] {
-            if params.contains_key(name) {
+        for (name, given) in [
+            ("cursor", params.cursor.is_some()),
+            ("limit", params.limit.is_some()),
+        ] {
+            if given {
                 return Err(ApiError::field(
                     name,
                     "does not apply to an NDJSON or CSV export, which streams the whole range",

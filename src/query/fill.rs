@@ -19,7 +19,8 @@ use super::windows::{Grid, Window};
 use crate::store::Sketch;
 
 /// How empty windows are answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum Fill {
     None,
     Null,

@@ -3,40 +3,59 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::Json;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::api::auth::Caller;
 use crate::api::devices::owned_device;
-use crate::api::error::ApiError;
-use crate::api::AppState;
+use crate::api::devices::DeviceIdParam;
+use crate::api::error::{ApiError, ErrorBody};
+use crate::api::{ApiQuery, AppState};
 use crate::model::{format_ms, DeviceId};
 use crate::store::latest::Latest;
 
 /// One metric's newest value.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = LatestValue)]
 pub struct Value {
     pub value: f64,
+    #[schema(format = DateTime)]
     pub ts: String,
     pub ts_ms: i64,
 }
 
-#[derive(Debug, Serialize)]
+/// A device's newest values.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeviceLatest {
+    #[schema(value_type = uuid::Uuid)]
     pub device_id: DeviceId,
     /// Only in the fleet form.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub name: Option<String>,
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub kind: Option<String>,
     /// By metric name, sorted.
     pub metrics: BTreeMap<String, Value>,
 }
 
-#[derive(Debug, Serialize)]
+/// Every current device of the caller.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct FleetLatest {
     pub devices: Vec<DeviceLatest>,
+}
+
+/// The query of `GET /v1/latest`.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FleetQuery {
+    /// Only devices of this type.
+    #[serde(rename = "type")]
+    #[param(min_length = 1, max_length = 64)]
+    kind: Option<String>,
 }
 
 fn by_device(rows: Vec<Latest>) -> HashMap<DeviceId, BTreeMap<String, Value>> {
@@ -55,6 +74,18 @@ fn by_device(rows: Vec<Latest>) -> HashMap<DeviceId, BTreeMap<String, Value>> {
 }
 
 /// `GET /v1/devices/{id}/latest`
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{id}/latest",
+    operation_id = "deviceLatest",
+    tag = "queries",
+    security(("userKey" = [])),
+    params(DeviceIdParam),
+    responses(
+        (status = 200, description = "The newest value of each metric the device sent", body = DeviceLatest),
+        (status = 404, description = "No such device of the caller's", body = ErrorBody),
+    )
+)]
 pub async fn device(
     State(state): State<AppState>,
     caller: Caller,
@@ -73,13 +104,25 @@ pub async fn device(
 
 /// `GET /v1/latest?type=`: every current device of the caller (of that device type),
 /// in the registry's order, with the newest value of each of its metrics.
+#[utoipa::path(
+    get,
+    path = "/v1/latest",
+    operation_id = "fleetLatest",
+    tag = "queries",
+    security(("userKey" = [])),
+    params(FleetQuery),
+    responses(
+        (status = 200, description = "Every current device of the caller, with its newest values", body = FleetLatest),
+        (status = 400, description = "A bad parameter, named in `field`", body = ErrorBody),
+    )
+)]
 pub async fn fleet(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<HashMap<String, String>>,
+    ApiQuery(params): ApiQuery<FleetQuery>,
 ) -> Result<Json<FleetLatest>, ApiError> {
     let user = caller.user()?;
-    let kind = params.get("type");
+    let kind = params.kind.as_ref();
     if kind.is_some_and(|k| k.is_empty() || k.len() > 64) {
         return Err(ApiError::field("type", "must be 1 to 64 characters"));
     }

@@ -16,6 +16,7 @@ pub mod aggregate;
 pub mod export;
 pub mod fill;
 pub mod latest;
+pub mod params;
 pub mod plan;
 pub mod routes;
 pub mod totals;

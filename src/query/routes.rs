@@ -1,25 +1,29 @@
 //! The read endpoints (user key): events, aggregates, and live figures.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use serde::Serialize;
-use serde_json::{json, Value};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::export::{event_json, export_format, export_response, Export};
+use super::export::{export_format, export_response, Export};
 use super::fill::{fill, Fill};
-use super::{AggregateFilter, Grid, GroupBy, Range, MAX_WINDOWS};
+use super::params::{
+    grid, instant, kind, percentiles, DeviceAggregatesQuery, EventsQuery, GroupedAggregatesQuery,
+};
+use super::{AggregateFilter, GroupBy, Range};
 use crate::api::auth::Caller;
 use crate::api::devices::owned_device;
-use crate::api::error::ApiError;
-use crate::api::AppState;
-use crate::config::parse_duration_ms;
-use crate::model::{format_ms, now_ms, parse_instant, MAX_FUTURE_MS, MIN_TS_MS};
+use crate::api::devices::DeviceIdParam;
+use crate::api::error::{ApiError, ErrorBody};
+use crate::api::{ApiQuery, AppState};
+use crate::live::{DeviceLive, UserLive};
+use crate::model::{format_ms, now_ms, Event, MAX_FUTURE_MS, MIN_TS_MS};
 use crate::store::{ListQuery, Position};
 
 /// The largest page of events.
@@ -29,113 +33,36 @@ const DEFAULT_LIMIT: usize = 100;
 /// The most devices one grouped-by-device answer covers.
 pub const MAX_GROUP_DEVICES: usize = 1_000;
 
-type Params = Query<HashMap<String, String>>;
-
-fn instant(params: &Params, name: &str) -> Result<Option<i64>, ApiError> {
-    params
-        .get(name)
-        .map(|v| {
-            parse_instant(v)
-                .ok_or_else(|| ApiError::field(name, "must be an RFC 3339 instant or integer ms"))
-        })
-        .transpose()
+/// A page of `GET /v1/devices/{id}/events`, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct EventsPage {
+    events: Vec<EventOut>,
+    /// Pass back as `cursor` for the next page; null on the last page.
+    #[schema(required = true)]
+    next_cursor: Option<String>,
 }
 
-fn required_range(params: &Params) -> Result<Range, ApiError> {
-    let from = instant(params, "from")?.ok_or_else(|| ApiError::field("from", "is required"))?;
-    let to = instant(params, "to")?.ok_or_else(|| ApiError::field("to", "is required"))?;
-    if to <= from {
-        return Err(ApiError::field("to", "must be after from"));
-    }
-    Ok(Range {
-        from_ms: from,
-        to_ms: to,
-    })
+/// A stored event.
+#[derive(Serialize, ToSchema)]
+pub struct EventOut {
+    id: Uuid,
+    #[schema(format = DateTime)]
+    ts: String,
+    #[serde(rename = "type")]
+    kind: String,
+    metrics: BTreeMap<String, f64>,
+    attrs: BTreeMap<String, String>,
 }
 
-fn window(params: &Params, range: Range) -> Result<i64, ApiError> {
-    let raw = params
-        .get("window")
-        .ok_or_else(|| ApiError::field("window", "is required"))?;
-    let window = parse_duration_ms(raw).ok_or_else(|| {
-        ApiError::field(
-            "window",
-            "must be an integer followed by s, m, h or d, at least 1s",
-        )
-    })?;
-    if range.window_count(window) > MAX_WINDOWS {
-        return Err(ApiError::field(
-            "window",
-            format!("the range spans more than {MAX_WINDOWS} windows"),
-        ));
-    }
-    Ok(window)
-}
-
-/// The windows of an aggregate: `from`, `to`, `window` and `tz`. The contract counts
-/// windows over the range as asked (saturating, so that no range wraps the count);
-/// what is read is clamped to when events can exist.
-fn grid(params: &Params) -> Result<(i64, Grid, Range), ApiError> {
-    let asked = required_range(params)?;
-    let window_ms = window(params, asked)?;
-    let range = Range::bounded(asked.from_ms, asked.to_ms, now_ms());
-    let grid = match params.get("tz") {
-        None => Grid::utc(range, window_ms),
-        Some(name) => {
-            let tz: chrono_tz::Tz = name.parse().map_err(|_| {
-                ApiError::field(
-                    "tz",
-                    "is not a known time zone: use an IANA name such as Europe/Berlin",
-                )
-            })?;
-            Grid::zoned(range, window_ms, tz)
-                .map_err(|e| ApiError::field("window", e.to_string()))?
+impl From<&Event> for EventOut {
+    fn from(e: &Event) -> Self {
+        Self {
+            id: e.id,
+            ts: format_ms(e.ts_ms),
+            kind: e.kind.clone(),
+            metrics: e.metrics.iter().cloned().collect(),
+            attrs: e.attrs.iter().cloned().collect(),
         }
-    };
-    Ok((window_ms, grid, range))
-}
-
-/// The most percentiles one query may ask for.
-const MAX_PERCENTILES: usize = 10;
-
-/// `percentiles=50,90,99.9`: each in (0, 100), with a metric. Returns the answer's
-/// field names (`p50`, `p99.9`) and quantiles.
-fn percentiles(params: &Params, with_metric: bool) -> Result<Vec<(String, f64)>, ApiError> {
-    let Some(raw) = params.get("percentiles") else {
-        return Ok(Vec::new());
-    };
-    if !with_metric {
-        return Err(ApiError::field("percentiles", "needs a metric"));
-    }
-    let mut out = Vec::new();
-    for part in raw.split(',') {
-        let p: f64 = part
-            .trim()
-            .parse()
-            .ok()
-            .filter(|p: &f64| *p > 0.0 && *p < 100.0)
-            .ok_or_else(|| {
-                ApiError::field(
-                    "percentiles",
-                    "must be a comma-separated list of numbers strictly between 0 and 100",
-                )
-            })?;
-        out.push((format!("p{p}"), p / 100.0));
-    }
-    if out.len() > MAX_PERCENTILES {
-        return Err(ApiError::field(
-            "percentiles",
-            format!("at most {MAX_PERCENTILES} may be asked for"),
-        ));
-    }
-    Ok(out)
-}
-
-fn kind(params: &Params) -> Result<Option<String>, ApiError> {
-    match params.get("type") {
-        None => Ok(None),
-        Some(t) if crate::model::is_valid_name(t) => Ok(Some(t.clone())),
-        Some(_) => Err(ApiError::field("type", "is not a valid event type")),
     }
 }
 
@@ -167,19 +94,40 @@ fn scope(state: &AppState, user_id: crate::model::UserId) -> super::Scope<'_> {
     }
 }
 
-/// `GET /v1/devices/{id}/events`: a page of JSON, or the whole range streamed as
-/// NDJSON or CSV (`format=` or `Accept`, see `export.rs`).
+/// `GET /v1/devices/{id}/events`
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{id}/events",
+    operation_id = "listEvents",
+    tag = "queries",
+    security(("userKey" = [])),
+    params(DeviceIdParam, EventsQuery),
+    responses(
+        (status = 200, description = "A page of events, newest first (JSON); or, with \
+            `format=ndjson|csv` or such an `Accept`, the whole range streamed oldest first: \
+            one event per line, or CSV with a header row (`id,ts,type,metrics,attrs`, the \
+            maps as JSON)",
+            content(
+                (EventsPage = "application/json"),
+                (String = "application/x-ndjson"),
+                (String = "text/csv"),
+            )
+        ),
+        (status = 400, description = "A bad parameter, named in `field`", body = ErrorBody),
+        (status = 404, description = "No such device of the caller's", body = ErrorBody),
+    )
+)]
 pub async fn events(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
-    params: Params,
+    ApiQuery(params): ApiQuery<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let user = caller.user()?;
     let device = owned_device(&state, user, &id).await?;
-    let from = instant(&params, "from")?.unwrap_or(MIN_TS_MS);
-    let to = instant(&params, "to")?.unwrap_or_else(|| now_ms() + MAX_FUTURE_MS);
+    let from = instant(params.from.as_ref(), "from")?.unwrap_or(MIN_TS_MS);
+    let to = instant(params.to.as_ref(), "to")?.unwrap_or_else(|| now_ms() + MAX_FUTURE_MS);
     let Range {
         from_ms: from,
         to_ms: to,
@@ -190,11 +138,11 @@ pub async fn events(
             device_id: device,
             from_ms: from,
             to_ms: to,
-            kind: kind(&params)?,
+            kind: kind(params.kind.as_ref())?,
         };
         return Ok(export_response(state.store.clone(), export, format));
     }
-    let limit = match params.get("limit") {
+    let limit = match &params.limit {
         None => DEFAULT_LIMIT,
         Some(v) => match v.parse::<usize>() {
             Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
@@ -207,7 +155,8 @@ pub async fn events(
         },
     };
     let before = params
-        .get("cursor")
+        .cursor
+        .as_deref()
         .map(|c| decode_cursor(c).ok_or_else(|| ApiError::field("cursor", "is not a valid cursor")))
         .transpose()?;
     let mut page = state
@@ -218,7 +167,7 @@ pub async fn events(
             from_ms: from,
             to_ms: to,
             before,
-            kind: kind(&params)?,
+            kind: kind(params.kind.as_ref())?,
             limit: limit + 1,
         })
         .await?;
@@ -228,36 +177,58 @@ pub async fn events(
     } else {
         None
     };
-    let events: Vec<Value> = page.iter().map(event_json).collect();
-    Ok(Json(json!({ "events": events, "next_cursor": next_cursor })).into_response())
+    let events = page.iter().map(EventOut::from).collect();
+    Ok(Json(EventsPage {
+        events,
+        next_cursor,
+    })
+    .into_response())
 }
 
 /// `GET /v1/devices/{id}/aggregates`
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{id}/aggregates",
+    operation_id = "deviceAggregates",
+    tag = "queries",
+    security(("userKey" = [])),
+    params(DeviceIdParam, DeviceAggregatesQuery),
+    responses(
+        (status = 200, description = "The device's windows, in ascending order", body = DeviceAggregateOut),
+        (status = 400, description = "A bad parameter, named in `field`", body = ErrorBody),
+        (status = 404, description = "No such device of the caller's", body = ErrorBody),
+    )
+)]
 pub async fn device_aggregates(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    params: Params,
+    ApiQuery(params): ApiQuery<DeviceAggregatesQuery>,
 ) -> Result<Json<DeviceAggregateOut>, ApiError> {
     let user = caller.user()?;
     let device = owned_device(&state, user, &id).await?;
-    let (window_ms, grid, range) = grid(&params)?;
-    let metric = match params.get("metric") {
+    let (window_ms, grid, range) = grid(
+        params.from.as_ref(),
+        params.to.as_ref(),
+        params.window.as_ref(),
+        params.tz.as_ref(),
+    )?;
+    let metric = match &params.metric {
         None => None,
         Some(m) if crate::model::is_valid_name(m) => Some(m.clone()),
         Some(_) => return Err(ApiError::field("metric", "is not a valid metric name")),
     };
-    let mode = match params.get("fill") {
+    let mode = match &params.fill {
         None => Fill::None,
         Some(f) => Fill::parse(f).ok_or_else(|| {
             ApiError::field("fill", "must be one of none, null, zero, previous, linear")
         })?,
     };
     let with_stats = metric.is_some();
-    let percentiles = percentiles(&params, with_stats)?;
+    let percentiles = percentiles(params.percentiles.as_ref(), with_stats)?;
     let filter = AggregateFilter {
         metric,
-        kind: kind(&params)?,
+        kind: kind(params.kind.as_ref())?,
         sketches: !percentiles.is_empty(),
     };
     let carry_in = if mode.carries_in() && with_stats {
@@ -302,22 +273,29 @@ pub async fn device_aggregates(
 // Typed answers: a day of 1-minute windows is 1,440 buckets, and building them as
 // `serde_json::Value` maps cost more than reading the rollups.
 
-#[derive(Serialize)]
+/// `GET /v1/devices/{id}/aggregates`.
+#[derive(Serialize, ToSchema)]
 pub struct DeviceAggregateOut {
     device_id: Uuid,
     window_ms: i64,
     buckets: Vec<WindowOut>,
 }
 
-#[derive(Serialize)]
+/// One window. `min`, `max`, `avg` and `sum` only with a `metric`; `p50`, ... only
+/// as `percentiles` asks.
+#[derive(Serialize, ToSchema)]
 struct WindowOut {
+    #[schema(format = DateTime)]
     start: String,
     start_ms: i64,
     count: u64,
+    // Absent, never null: flattened, `None` adds no field.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = StatsOut)]
     stats: Option<StatsOut>,
     /// Only on windows that `fill` added.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
     filled: bool,
     /// `p50`, `p99.9`, ...: as asked, null where the window has no values.
     #[serde(flatten)]
@@ -326,6 +304,30 @@ struct WindowOut {
 
 /// Named values in the order asked, serialized as fields of the window.
 struct Percentiles(Vec<(String, Option<f64>)>);
+
+// Its schema by hand, as its `Serialize` is: fields named `p` and the percentile, each a
+// number or null. These fields sit beside the window's own (flattened), so only the
+// names of that form are constrained: `patternProperties`, a JSON Schema keyword that
+// utoipa has no builder for, goes in through the extension map (which it serializes
+// as given).
+impl utoipa::PartialSchema for Percentiles {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::extensions::Extensions;
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let by_name = Extensions::from_iter([(
+            "patternProperties",
+            serde_json::json!({ "^p[0-9]+(\\.[0-9]+)?$": { "type": ["number", "null"] } }),
+        )]);
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some("`p50`, `p99.9`, ...: the percentiles asked for"))
+            .extensions(Some(by_name))
+            .build()
+            .into()
+    }
+}
+
+impl ToSchema for Percentiles {}
 
 impl Serialize for Percentiles {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -339,7 +341,7 @@ impl Serialize for Percentiles {
 }
 
 /// Null where unknown: in windows that `fill` added.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct StatsOut {
     min: Option<f64>,
     max: Option<f64>,
@@ -347,7 +349,8 @@ struct StatsOut {
     sum: Option<f64>,
 }
 
-#[derive(Serialize)]
+/// `GET /v1/aggregates`.
+#[derive(Serialize, ToSchema)]
 pub struct GroupedAggregateOut {
     window_ms: i64,
     buckets: Vec<GroupOut>,
@@ -357,8 +360,10 @@ pub struct GroupedAggregateOut {
     next_after_device: Option<Uuid>,
 }
 
-#[derive(Serialize)]
+/// One window's count for one group (a device type, or a device id).
+#[derive(Serialize, ToSchema)]
 struct GroupOut {
+    #[schema(format = DateTime)]
     start: String,
     start_ms: i64,
     group: String,
@@ -366,19 +371,56 @@ struct GroupOut {
 }
 
 /// `GET /v1/aggregates`
+#[utoipa::path(
+    get,
+    path = "/v1/aggregates",
+    operation_id = "groupedAggregates",
+    tag = "queries",
+    security(("userKey" = [])),
+    params(GroupedAggregatesQuery),
+    responses(
+        (status = 200, description = "Counts per window and group, sorted by `start_ms` then `group`", body = GroupedAggregateOut),
+        (status = 400, description = "A bad parameter, named in `field`", body = ErrorBody),
+    )
+)]
 pub async fn grouped_aggregates(
     State(state): State<AppState>,
     caller: Caller,
-    params: Params,
+    ApiQuery(params): ApiQuery<GroupedAggregatesQuery>,
 ) -> Result<Json<GroupedAggregateOut>, ApiError> {
     let user = caller.user()?;
-    let (window_ms, grid, range) = grid(&params)?;
-    let group_by = match params.get("group_by").map(String::as_str) {
+    let (window_ms, grid, range) = grid(
+        params.from.as_ref(),
+        params.to.as_ref(),
+        params.window.as_ref(),
+        params.tz.as_ref(),
+    )?;
+    let group_by = match params.group_by.as_deref() {
         None | Some("type") => GroupBy::Type,
         Some("device") => GroupBy::Device,
         Some(_) => return Err(ApiError::field("group_by", "must be type or device")),
     };
-    let kind = kind(&params)?;
+    let kind = kind(params.kind.as_ref())?;
+    // Checked whatever `group_by` says: a malformed value is refused, never ignored.
+    let device_limit = match &params.device_limit {
+        None => None,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_GROUP_DEVICES).contains(&n) => Some(n),
+            _ => {
+                return Err(ApiError::field(
+                    "device_limit",
+                    format!("must be an integer from 1 to {MAX_GROUP_DEVICES}"),
+                ))
+            }
+        },
+    };
+    let after = params
+        .after_device
+        .as_deref()
+        .map(|v| {
+            Uuid::parse_str(v).map_err(|_| ApiError::field("after_device", "is not a device id"))
+        })
+        .transpose()?;
     // Only the user's current devices: a deleted device's events are never served.
     let mut devices: Vec<Uuid> = state
         .auth
@@ -392,34 +434,16 @@ pub async fn grouped_aggregates(
     // devices (in id order) so that an answer stays bounded.
     let mut next_after_device = None;
     if group_by == GroupBy::Device {
-        let limit = match params.get("device_limit") {
-            None if devices.len() > MAX_GROUP_DEVICES => {
-                return Err(ApiError::field(
-                    "group_by",
-                    format!(
-                        "device groups {} devices, more than {MAX_GROUP_DEVICES}: page with device_limit and after_device",
-                        devices.len()
-                    ),
-                ))
-            }
-            None => MAX_GROUP_DEVICES,
-            Some(v) => match v.parse::<usize>() {
-                Ok(n) if (1..=MAX_GROUP_DEVICES).contains(&n) => n,
-                _ => {
-                    return Err(ApiError::field(
-                        "device_limit",
-                        format!("must be an integer from 1 to {MAX_GROUP_DEVICES}"),
-                    ))
-                }
-            },
-        };
-        let after = params
-            .get("after_device")
-            .map(|v| {
-                Uuid::parse_str(v)
-                    .map_err(|_| ApiError::field("after_device", "is not a device id"))
-            })
-            .transpose()?;
+        if device_limit.is_none() && devices.len() > MAX_GROUP_DEVICES {
+            return Err(ApiError::field(
+                "group_by",
+                format!(
+                    "device groups {} devices, more than {MAX_GROUP_DEVICES}: page with device_limit and after_device",
+                    devices.len()
+                ),
+            ));
+        }
+        let limit = device_limit.unwrap_or(MAX_GROUP_DEVICES);
         devices.sort_unstable();
         devices.retain(|d| after.is_none_or(|a| *d > a));
         if devices.len() > limit {
@@ -453,25 +477,43 @@ pub async fn grouped_aggregates(
 }
 
 /// `GET /v1/devices/{id}/live`
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{id}/live",
+    operation_id = "deviceLive",
+    tag = "queries",
+    security(("userKey" = [])),
+    params(DeviceIdParam),
+    responses(
+        (status = 200, description = "The device's live figures (time of receipt)", body = DeviceLive),
+        (status = 404, description = "No such device of the caller's", body = ErrorBody),
+    )
+)]
 pub async fn device_live(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeviceLive>, ApiError> {
     let user = caller.user()?;
     let device = owned_device(&state, user, &id).await?;
-    let live = state.live.device(device, now_ms()).await;
-    Ok(Json(json!(live)))
+    Ok(Json(state.live.device(device, now_ms()).await))
 }
 
 /// `GET /v1/live`
+#[utoipa::path(
+    get,
+    path = "/v1/live",
+    operation_id = "userLive",
+    tag = "queries",
+    security(("userKey" = [])),
+    responses((status = 200, description = "The caller's live figures", body = UserLive))
+)]
 pub async fn user_live(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UserLive>, ApiError> {
     let user = caller.user()?;
-    let live = state.live.user(user, now_ms()).await;
-    Ok(Json(json!(live)))
+    Ok(Json(state.live.user(user, now_ms()).await))
 }
 
 #[cfg(test)]
