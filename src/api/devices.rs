@@ -201,6 +201,7 @@ pub(super) async fn show(
     params(DeviceIdParam, super::purge::DeleteQuery),
     responses(
         (status = 204, description = "Deleted: its token is refused and its events are no longer served (with `purge=true`, removed)"),
+        (status = 400, description = "`purge` is neither true nor false", body = ErrorBody),
         (status = 404, description = "No such device of the caller's", body = ErrorBody),
     )
 )]

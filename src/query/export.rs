@@ -208,12 +208,17 @@ pub fn export_format(
     params: &EventsQuery,
     headers: &HeaderMap,
 ) -> Result<Option<Format>, ApiError> {
+    // Exactly as documented (lower case), so that the schema's pattern and the
+    // server agree on what is malformed.
     let format = match params.format.as_deref() {
-        Some(f) if f.eq_ignore_ascii_case("json") => None,
-        Some(f) => Some(
-            Format::parse(f)
-                .ok_or_else(|| ApiError::field("format", "must be one of json, ndjson, csv"))?,
-        ),
+        Some("json") => None,
+        Some(f @ ("ndjson" | "jsonl" | "csv")) => Format::parse(f),
+        Some(_) => {
+            return Err(ApiError::field(
+                "format",
+                "must be one of json, ndjson, jsonl, csv",
+            ))
+        }
         None => headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())

@@ -42,9 +42,9 @@ pub struct EventsQuery {
     pub(super) limit: Option<String>,
     /// `next_cursor` of the previous page.
     pub(super) cursor: Option<String>,
-    /// `json` (paged, the default), or `ndjson` or `csv`: the whole range streamed,
+    /// `json` (paged, the default), or `ndjson` (`jsonl`) or `csv`: the whole range streamed,
     /// without `limit` or `cursor`. Wins over the `Accept` header.
-    #[param(pattern = "^(?i)(json|ndjson|csv)$")]
+    #[param(pattern = "^(json|ndjson|jsonl|csv)$")]
     pub(super) format: Option<String>,
 }
 
