@@ -17,6 +17,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "iotpipe", version, about)]
 struct Cli {
+    /// A TOML settings file; environment variables win over it. Every command reads
+    /// the same settings as `serve`.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,21 +28,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start everything: HTTP API, ingest pipeline and store.
-    Serve {
-        /// A TOML settings file; environment variables win over it.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    Serve,
     /// Apply the registry migrations and the schema of the configured backends.
-    Migrate {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    Migrate,
     /// Write one device's events in a range as NDJSON or CSV (newest first). With the
     /// embedded store the server must be stopped; use the HTTP export while it runs.
     Export {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// The device's id.
         #[arg(long)]
         device: String,
@@ -61,8 +56,6 @@ enum Command {
     /// Copy a running (or stopped) embedded deployment into a new directory: a
     /// consistent snapshot of the events, the registry and the admin token.
     Backup {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// A new or empty directory on this host.
         dir: PathBuf,
         /// The running server's base URL (default: from IOTPIPE_HTTP_ADDR).
@@ -72,8 +65,6 @@ enum Command {
     /// Check that the registry, the event store and the live figures agree; exit
     /// non-zero when they do not.
     Check {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// Fix what can be fixed (see docs/operations.md).
         #[arg(long)]
         repair: bool,
@@ -83,15 +74,10 @@ enum Command {
     },
     /// Recompute live totals (per device and user) and last seen from the event store
     /// into Redis, after Redis lost them.
-    RebuildLive {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    RebuildLive,
     /// Copy the registry and every event to the backends of another settings file
     /// (e.g. embedded to MySQL + Cassandra); resumable, verified per device.
     Transfer {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// The target's settings (TOML); its environment is not read.
         #[arg(long)]
         to: PathBuf,
@@ -102,8 +88,6 @@ enum Command {
     },
     /// Restore a complete backup into an empty data directory (IOTPIPE_DATA_DIR).
     Restore {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// The backup's directory.
         dir: PathBuf,
     },
@@ -152,9 +136,10 @@ async fn run() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Serve { config } => {
-            let config = Config::from_process(config.as_deref()).context("configuration")?;
+    let cli = Cli::parse();
+    let config = Config::from_process(cli.config.as_deref()).context("configuration")?;
+    match cli.command {
+        Command::Serve => {
             let server = topology::start(config).await?;
             // One stable line on stdout, for scripts and tests that start on port 0.
             let mqtt = server
@@ -169,13 +154,11 @@ async fn run() -> anyhow::Result<()> {
             });
             server.wait().await;
         }
-        Command::Migrate { config } => {
-            let config = Config::from_process(config.as_deref()).context("configuration")?;
+        Command::Migrate => {
             topology::migrate(&config).await?;
             println!("migrations applied");
         }
         Command::Export {
-            config,
             device,
             from,
             to,
@@ -183,7 +166,6 @@ async fn run() -> anyhow::Result<()> {
             format,
             out,
         } => {
-            let config = Config::from_process(config.as_deref()).context("configuration")?;
             let args = ops::export::ExportArgs {
                 device,
                 from,
@@ -194,44 +176,33 @@ async fn run() -> anyhow::Result<()> {
             };
             ops::export::run(&config, &args).await?;
         }
-        Command::Backup {
-            config,
-            dir,
-            server,
-        } => {
-            let config = Config::from_process(config.as_deref()).context("configuration")?;
+        Command::Backup { dir, server } => {
             ops::backup::run(&config, &ops::backup::BackupArgs { dir, server }).await?;
         }
         Command::Check {
-            config,
             repair,
             sample_days,
         } => {
-            let config = Config::from_process(config.as_deref()).context("configuration")?;
             let args = ops::check::CheckArgs {
                 repair,
                 sample_days,
             };
             ops::check::run(&config, &args).await?;
         }
-        Command::RebuildLive { config } => {
-            let config = Config::from_process(config.as_deref()).context("configuration")?;
+        Command::RebuildLive => {
             ops::rebuild_live::run(&config).await?;
         }
         Command::Transfer {
-            config,
             to,
             max_events_per_sec,
         } => {
-            let config = Config::from_process(config.as_deref()).context("configuration")?;
             let args = ops::transfer::TransferArgs {
                 to,
                 max_events_per_sec,
             };
             ops::transfer::run(&config, &args).await?;
         }
-        Command::Restore { config, dir } => {
-            let config = Config::from_process(config.as_deref()).context("configuration")?;
+        Command::Restore { dir } => {
             ops::restore::run(&config, &dir).await?;
         }
     }

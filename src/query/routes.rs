@@ -104,9 +104,8 @@ fn scope(state: &AppState, user_id: crate::model::UserId) -> super::Scope<'_> {
     params(DeviceIdParam, EventsQuery),
     responses(
         (status = 200, description = "A page of events, newest first (JSON); or, with \
-            `format=ndjson|csv` or such an `Accept`, the whole range streamed oldest first: \
-            one event per line, or CSV with a header row (`id,ts,type,metrics,attrs`, the \
-            maps as JSON)",
+            `format=ndjson|csv` or such an `Accept`, the whole range streamed newest first: \
+            one event per line, or CSV with a header row",
             content(
                 (EventsPage = "application/json"),
                 (String = "application/x-ndjson"),
