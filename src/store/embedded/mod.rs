@@ -137,14 +137,12 @@ impl EmbeddedStore {
         // off the (slower to iterate) skiplist.
         let db = Database::builder(dir)
             .cache_size(CACHE_BYTES)
-            // One background worker. fjall's first worker hands compaction requests
-            // back to the queue to stay free for flushes, and with two workers it
-            // takes its own request again at once while the other compacts: a spin
-            // that cost 10-15% of the server's CPU under fleet ingest (perf), and one
-            // worker doubled ingest on two cores. Flushes then wait behind a running
-            // compaction; memory stays bounded because fjall holds writes once a
-            // keyspace has four sealed memtables.
-            .worker_threads(1)
+            // fjall's default two workers. With two, worker 0 hands compaction
+            // requests back to the queue to stay free for flushes and spins doing so
+            // while the other compacts (10-15% of the CPU in a profile under load);
+            // one worker made no difference to ingest on an idle machine but let
+            // sealed memtables wait behind compactions: 387 MB peak RSS against 292
+            // (docs/performance.md).
             .open()
             .map_err(engine)?;
         let memtable = || {
