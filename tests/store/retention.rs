@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use iotpipe::model::{bucket_start, now_ms};
+use iotpipe::model::{bucket_start, now_ms, Event};
 use iotpipe::store::embedded::EmbeddedStore;
 use iotpipe::store::retention::Retention;
 use iotpipe::store::{EventStore, FleetQuery, Level, ListQuery, RollupQuery};
@@ -103,7 +103,12 @@ impl Kept {
 #[tokio::test]
 async fn embedded_hides_expired_tiers_at_once_and_the_sweep_deletes_them() {
     let dir = tempfile::tempdir().unwrap();
-    let device = Uuid::new_v4();
+    // Two devices whose ids share their first bytes: the sweep must not skip the
+    // second's expired hours when it passes the first's kept days.
+    let devices = [
+        Uuid::from_u128(0x42 << 120 | 1),
+        Uuid::from_u128(0x42 << 120 | 2),
+    ];
     let now = now_ms();
     // One event per age, on a whole minute: older than every finite tier, than all
     // but hours, than raw only, and fresh.
@@ -122,12 +127,20 @@ async fn embedded_hides_expired_tiers_at_once_and_the_sweep_deletes_them() {
     let hour_starts: Vec<i64> = ts.iter().map(|&t| bucket_start(t, HOUR)).collect();
 
     let store = EmbeddedStore::open_with(dir.path(), HOUR, tiers()).unwrap();
+    let second: Vec<_> = events
+        .iter()
+        .map(|e| Event {
+            id: Uuid::new_v4(),
+            ..e.clone()
+        })
+        .collect();
     store
-        .write(flush(USER, device, events.clone()))
+        .write(flush(USER, devices[0], events.clone()))
         .await
         .unwrap();
+    store.write(flush(USER, devices[1], second)).await.unwrap();
     // Hidden at once, before any sweep.
-    let kept = Kept {
+    let kept = devices.map(|device| Kept {
         device,
         from,
         to,
@@ -135,18 +148,25 @@ async fn embedded_hides_expired_tiers_at_once_and_the_sweep_deletes_them() {
         minutes: ts[2..].to_vec(),
         hours: hour_starts[1..].to_vec(),
         days: day_starts.clone(),
-    };
-    kept.check(&store).await;
+    });
+    for k in &kept {
+        k.check(&store).await;
+    }
+    let twice = |starts: &[i64]| -> Vec<i64> { starts.iter().flat_map(|&s| [s, s]).collect() };
     assert_eq!(
         fleet_starts(&store, Level::Hour, from, to).await,
-        hour_starts[1..]
+        twice(&hour_starts[1..])
     );
-    assert_eq!(fleet_starts(&store, Level::Day, from, to).await, day_starts);
+    assert_eq!(
+        fleet_starts(&store, Level::Day, from, to).await,
+        twice(&day_starts)
+    );
 
     let deleted = store.expire(now_ms()).await.unwrap();
-    // Three events (their index rows are not counted); the packed minutes of two
-    // hours, for "" and temp; one hour row for each of those, and its fleet row.
-    assert_eq!(deleted, 3 + 2 * 2 + 2 + 1, "rows deleted");
+    // Per device: three events (their index rows are not counted); the packed minutes
+    // of two hours, for "" and temp; one hour row for each of those, and its fleet
+    // row.
+    assert_eq!(deleted, 2 * (3 + 2 * 2 + 2 + 1), "rows deleted");
     assert_eq!(
         store.expire(now_ms()).await.unwrap(),
         0,
@@ -156,10 +176,12 @@ async fn embedded_hides_expired_tiers_at_once_and_the_sweep_deletes_them() {
 
     // Opened again keeping everything: what the sweep deleted is gone from disk.
     let store = EmbeddedStore::open(dir.path(), HOUR).unwrap();
-    kept.check(&store).await;
+    for k in &kept {
+        k.check(&store).await;
+    }
     // The swept events' duplicate-index rows went with them (ingest refuses such old
     // events before they reach the store, so an orphan row would only waste space).
-    let again = store.write(flush(USER, device, vec![events[2].clone()]));
+    let again = store.write(flush(USER, devices[0], vec![events[2].clone()]));
     assert_eq!(again.await.unwrap(), vec![1]);
 }
 

@@ -24,7 +24,7 @@ const CHUNK: usize = 4_096;
 
 /// Where a group's key prefix ends, and below which bytes after it rows are expired
 /// (`None`: the group is kept).
-type Bound = Option<(usize, Vec<u8>)>;
+type Bound = (usize, Option<Vec<u8>>);
 
 impl Inner {
     /// Deletes every row expired at `now_ms`; returns how many went.
@@ -37,7 +37,7 @@ impl Inner {
             // of the first visible instant lies exactly what expired.
             let mut bound = ordered(bucket_start(first_raw, self.bucket_len_ms)).to_vec();
             bound.extend_from_slice(&ordered(first_raw));
-            deleted += self.sweep(&self.events, |_| Ok(Some((24, bound.clone()))), true)?;
+            deleted += self.sweep(&self.events, |_| Ok((24, Some(bound.clone()))), true)?;
         }
         if let Some(first_minute) = first(Tier::Rollup(Level::Minute)) {
             // A row packs an hour of minutes: it goes once its last minute has.
@@ -47,7 +47,7 @@ impl Inner {
                 &self.rollups.minute,
                 |key| {
                     let metric_len = usize::from(*key.get(24).ok_or_else(|| short(key))?);
-                    Ok(Some((25 + metric_len, bound.clone())))
+                    Ok((25 + metric_len, Some(bound.clone())))
                 },
                 false,
             )?;
@@ -67,7 +67,7 @@ impl Inner {
                         Some(&[tag, len]) => (tag, usize::from(len)),
                         _ => return Err(short(key)),
                     };
-                    Ok(level_bound(tag).map(|b| (26 + metric_len, b)))
+                    Ok((26 + metric_len, level_bound(tag)))
                 },
                 false,
             )?;
@@ -76,7 +76,7 @@ impl Inner {
                 &self.rollups.fleet,
                 |key| {
                     let tag = *key.get(8).ok_or_else(|| short(key))?;
-                    Ok(level_bound(tag).map(|b| (9, b)))
+                    Ok((9, level_bound(tag)))
                 },
                 false,
             )?;
@@ -103,17 +103,11 @@ impl Inner {
                 break;
             };
             let key = item.key().map_err(engine)?;
-            let (group, hi) = match bound_of(&key)? {
-                Some((len, bound)) => {
-                    let group = key.get(..len).ok_or_else(|| short(&key))?.to_vec();
-                    let mut hi = group.clone();
-                    hi.extend_from_slice(&bound);
-                    (group, Some(hi))
-                }
-                // A kept group: skip past it. Its prefix is at least its tag.
-                None => (key.get(..9).ok_or_else(|| short(&key))?.to_vec(), None),
-            };
-            if let Some(hi) = hi {
+            // A kept group is skipped whole, and only it: its neighbours may not be.
+            let (len, bound) = bound_of(&key)?;
+            let group = key.get(..len).ok_or_else(|| short(&key))?.to_vec();
+            if let Some(bound) = bound {
+                let hi = [group.as_slice(), &bound].concat();
                 for item in ks.range(group.as_slice()..hi.as_slice()) {
                     doomed.push(item.key().map_err(engine)?);
                     if doomed.len() == CHUNK {
