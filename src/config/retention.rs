@@ -46,7 +46,8 @@ pub const MAX_KEEP_MS: i64 = 7_300 * 86_400_000;
 pub type Tiers = [Option<i64>; 4];
 
 impl RetentionConfig {
-    pub(super) const NAMES: [&'static str; 4] = [
+    /// The settings' names, finest first.
+    pub const NAMES: [&'static str; 4] = [
         "retention.raw",
         "retention.minutes",
         "retention.hours",

@@ -6,7 +6,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 
 use super::{device_aggregate, AggregateFilter, Grid, Range, Scope};
 use crate::live::LiveTotal;
-use crate::model::{now_ms, MIN_TS_MS};
+use crate::model::{now_ms, DeviceId, UserId, MIN_TS_MS};
 use crate::store::{EventStore, ListQuery, StoreError};
 
 /// Windows of a year: a device's whole history is a few dozen of them, each read
@@ -27,24 +27,12 @@ pub async fn live_totals(
     progress: impl Fn() + Send + Sync,
 ) -> Result<Vec<LiveTotal>, StoreError> {
     let devices = store.stored_devices().await?;
-    let now = now_ms();
-    let range = Range::bounded(MIN_TS_MS, i64::MAX, now);
+    let range = Range::bounded(MIN_TS_MS, i64::MAX, now_ms());
     let progress = &progress;
     stream::iter(devices)
         .map(|(user_id, device_id)| async move {
-            let scope = Scope {
-                store,
-                user_id,
-                bucket_len_ms,
-            };
-            let filter = AggregateFilter {
-                metric: None,
-                kind: None,
-                sketches: false,
-            };
-            let windows =
-                device_aggregate(scope, device_id, Grid::utc(range, WINDOW_MS), range, filter)
-                    .await?;
+            let counts =
+                counts_per_window(store, bucket_len_ms, (user_id, device_id), WINDOW_MS).await?;
             let newest = store
                 .list(ListQuery {
                     user_id,
@@ -60,7 +48,7 @@ pub async fn live_totals(
             Ok::<_, StoreError>(LiveTotal {
                 user_id,
                 device_id,
-                events: windows.iter().map(|w| w.stats.count).sum(),
+                events: counts.iter().map(|&(_, n)| n).sum(),
                 last_seen_ms: newest.first().map(|e| e.ts_ms),
             })
         })
@@ -79,9 +67,25 @@ pub async fn live_totals(
 pub async fn day_counts(
     store: &dyn EventStore,
     bucket_len_ms: i64,
-    user_id: crate::model::UserId,
-    device_id: crate::model::DeviceId,
+    user_id: UserId,
+    device_id: DeviceId,
 ) -> Result<std::collections::BTreeMap<i64, u64>, StoreError> {
+    Ok(
+        counts_per_window(store, bucket_len_ms, (user_id, device_id), 86_400_000)
+            .await?
+            .into_iter()
+            .collect(),
+    )
+}
+
+/// A device's event counts per UTC window of `window_ms` over its whole history,
+/// windows without events left out, through the aggregate path.
+async fn counts_per_window(
+    store: &dyn EventStore,
+    bucket_len_ms: i64,
+    (user_id, device_id): (UserId, DeviceId),
+    window_ms: i64,
+) -> Result<Vec<(i64, u64)>, StoreError> {
     let range = Range::bounded(MIN_TS_MS, i64::MAX, now_ms());
     let scope = Scope {
         store,
@@ -93,14 +97,8 @@ pub async fn day_counts(
         kind: None,
         sketches: false,
     };
-    let windows = device_aggregate(
-        scope,
-        device_id,
-        Grid::utc(range, 86_400_000),
-        range,
-        filter,
-    )
-    .await?;
+    let grid = Grid::utc(range, window_ms);
+    let windows = device_aggregate(scope, device_id, grid, range, filter).await?;
     Ok(windows
         .into_iter()
         .filter(|w| w.stats.count > 0)

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Tiers};
+use crate::config::{Config, RetentionConfig, Tiers};
 use crate::model::now_ms;
 use crate::store::{Level, SharedStore};
 
@@ -47,12 +47,7 @@ impl Tier {
 
     /// The setting that configures it, for messages.
     pub fn setting(self) -> &'static str {
-        [
-            "retention.raw",
-            "retention.minutes",
-            "retention.hours",
-            "retention.days",
-        ][self.index()]
+        RetentionConfig::NAMES[self.index()]
     }
 }
 

@@ -137,7 +137,12 @@ impl ScyllaStore {
     /// written with another bucket length.
     pub async fn migrate(settings: &ScyllaSettings) -> Result<(), StoreError> {
         let session = session(settings).await?;
-        for statement in schema_statements(settings) {
+        // The tiers' default TTLs are set again on every migrate: `CREATE TABLE IF NOT
+        // EXISTS` leaves an existing table's as it was.
+        let statements = schema_statements(settings)
+            .into_iter()
+            .chain(schema::tier_ttl_statements(settings));
+        for statement in statements {
             // DDL is not prepared (it has no values); everything else is.
             session
                 .query_unpaged(statement, ())
@@ -149,12 +154,6 @@ impl ScyllaStore {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         add_missing_columns(&session, settings).await?;
-        for statement in schema::tier_ttl_statements(settings) {
-            session
-                .query_unpaged(statement, ())
-                .await
-                .map_err(exec_error)?;
-        }
         session
             .await_schema_agreement()
             .await

@@ -50,8 +50,7 @@ fn table_ttl(settings: &ScyllaSettings, tier: Tier) -> String {
     secs.to_string()
 }
 
-/// The tables whose default TTL is a tier: `CREATE TABLE IF NOT EXISTS` leaves an
-/// existing table's as it was, so `migrate` sets them again when the tiers change.
+/// The tables whose default TTL is a tier, set to the current tiers.
 pub(super) fn tier_ttl_statements(settings: &ScyllaSettings) -> Vec<String> {
     let ks = &settings.keyspace;
     [
