@@ -32,6 +32,7 @@
 
 pub mod api;
 pub mod config;
+pub mod http;
 pub mod ingest;
 pub mod live;
 pub mod model;

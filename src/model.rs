@@ -15,6 +15,11 @@ pub const MIN_TS_MS: i64 = 946_684_800_000;
 /// How far in the future an event's `ts` may be.
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
 
+/// How far past now a read looks. Wider than [`MAX_FUTURE_MS`], so that no accepted
+/// event is missed by a range that ends at "now": the queries, the purge of a device
+/// and the transfer between stores all read up to now plus this.
+pub const QUERY_AHEAD_MS: i64 = 86_400_000;
+
 /// One validated event, as a device sent it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -59,6 +64,14 @@ impl PartitionKey {
             bucket_ms: bucket_start(record.event.ts_ms, bucket_len_ms),
         }
     }
+}
+
+/// The events of one partition in a flush, in arrival order: what the batcher hands
+/// the store, so both sides share it from here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionBatch {
+    pub key: PartitionKey,
+    pub records: Vec<Record>,
 }
 
 /// The start of the bucket (or window) of length `len_ms` that holds `ts_ms`.

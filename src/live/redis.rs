@@ -47,7 +47,8 @@ use super::{
     gcra, DeviceCount, DeviceLive, LimitKind, Limited, Live, LiveError, RateLimits, UserLive,
 };
 use crate::model::{format_ms, DeviceId, UserId};
-use crate::registry::auth::{DeletionBroadcast, SharedAuth};
+use crate::registry::auth::SharedAuth;
+use crate::registry::invalidation::DeletionBroadcast;
 
 /// How often a down Redis is probed.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
