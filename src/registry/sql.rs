@@ -151,3 +151,86 @@ macro_rules! shared_queries {
 }
 
 pub(super) use shared_queries;
+
+/// The `Registry` impl of a SQL registry: `backend()`, the methods given (those whose
+/// SQL differs between engines), and a forwarder for every other method to the
+/// queries that [`shared_queries`] and `dump_queries` write. One place, so that a
+/// method added to the trait is forwarded for both engines at once.
+macro_rules! sql_registry {
+    ($registry:ty, $backend:literal, { $($own:tt)* }) => {
+        #[async_trait::async_trait]
+        impl $crate::registry::Registry for $registry {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            $($own)*
+
+            async fn user_by_key(
+                &self,
+                key_hash: &str,
+            ) -> Result<Option<$crate::model::UserId>, $crate::registry::RegistryError> {
+                self.find_user_by_key(key_hash).await
+            }
+
+            async fn rotate_user_key(
+                &self,
+                user: $crate::model::UserId,
+                key_hash: &str,
+            ) -> Result<Option<String>, $crate::registry::RegistryError> {
+                self.replace_user_key(user, key_hash).await
+            }
+
+            async fn create_device(
+                &self,
+                user: $crate::model::UserId,
+                name: &str,
+                kind: &str,
+                token_hash: &str,
+                now_ms: i64,
+            ) -> Result<$crate::registry::Device, $crate::registry::RegistryError> {
+                self.insert_device(user, name, kind, token_hash, now_ms).await
+            }
+
+            async fn device_by_token(
+                &self,
+                token_hash: &str,
+            ) -> Result<Option<$crate::registry::Device>, $crate::registry::RegistryError> {
+                self.find_device_by("token_hash", token_hash.to_owned()).await
+            }
+
+            async fn device(
+                &self,
+                id: $crate::model::DeviceId,
+            ) -> Result<Option<$crate::registry::Device>, $crate::registry::RegistryError> {
+                self.find_device_by("id", id.to_string()).await
+            }
+
+            async fn devices(
+                &self,
+                user: $crate::model::UserId,
+            ) -> Result<Vec<$crate::registry::Device>, $crate::registry::RegistryError> {
+                self.list_devices(user).await
+            }
+
+            async fn dump(
+                &self,
+            ) -> Result<$crate::registry::dump::RegistryDump, $crate::registry::RegistryError> {
+                self.dump_rows().await
+            }
+
+            async fn load(
+                &self,
+                dump: &$crate::registry::dump::RegistryDump,
+            ) -> Result<(), $crate::registry::RegistryError> {
+                self.load_rows(dump).await
+            }
+
+            async fn ping(&self) -> Result<(), $crate::registry::RegistryError> {
+                self.ping_pool().await
+            }
+        }
+    };
+}
+
+pub(super) use sql_registry;
