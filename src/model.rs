@@ -127,6 +127,11 @@ pub fn parse_instant(s: &str) -> Option<i64> {
     parse_rfc3339_ms(s)
 }
 
+/// How many entries an event's `metrics` and `attrs` may each hold.
+pub const MAX_MAP_ENTRIES: usize = 64;
+/// The largest attr value, in UTF-8 bytes.
+pub const MAX_ATTR_BYTES: usize = 1024;
+
 /// [`is_valid_name`] as a regular expression, for the OpenAPI document.
 pub const NAME_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,64}$";
 
