@@ -20,7 +20,7 @@ use crate::http::auth::{authenticate, Peer};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::{body_error, AppState};
 use crate::ingest::decode::{DecodeError, Format, RawEvent};
-use crate::ingest::{Rejection, Unowned};
+use crate::ingest::{Intake, Rejection, Unowned};
 use crate::model::{now_ms, DeviceId, UserId};
 use crate::registry::auth::Principal;
 use crate::telemetry::{Reason, Source};
@@ -87,7 +87,7 @@ pub async fn limit_inflight(
 
 /// Who the events are charged to once known, for rejection accounting.
 struct Rejector<'a> {
-    state: &'a AppState,
+    intake: &'a Intake,
     device: Option<(UserId, DeviceId)>,
 }
 
@@ -98,8 +98,7 @@ impl Rejector<'_> {
             other => format!("{} ({})", reason.as_str(), other.status()),
         };
         let r = Rejection::new(reason, events as u64, message);
-        let intake = &self.state.intake;
-        intake.reject(Source::Http, self.device, &r).await;
+        self.intake.reject(Source::Http, self.device, &r).await;
         error
     }
 }
@@ -181,8 +180,9 @@ pub async fn ingest(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
     let received_ms = now_ms();
+    let intake = &state.intake;
     let mut rejector = Rejector {
-        state: &state,
+        intake,
         device: None,
     };
     let principal = match authenticate(&state, &headers, peer).await {
@@ -217,7 +217,6 @@ pub async fn ingest(
         Some(ct) if ct.trim_start().starts_with("application/x-ndjson") => Format::NdJson,
         _ => Format::Json,
     };
-    let intake = &state.intake;
     let decoded = match intake.decode(&body, format, received_ms) {
         Ok(d) => d,
         Err(e) => {
@@ -240,7 +239,7 @@ pub async fn ingest(
     };
     if let Err((device, limited)) = intake.admit(&records, received_ms).await {
         let r = Rejector {
-            state: &state,
+            intake,
             device: Some(device),
         };
         return Err(r

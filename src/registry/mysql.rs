@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 
 use super::dump::dump_queries;
-use super::sql::{self, shared_queries, sql_registry};
+use super::sql::{self, sql_registry};
 use super::{Registry, RegistryError, User};
 use crate::model::{DeviceId, UserId};
 
@@ -71,11 +71,10 @@ impl MySqlRegistry {
     }
 }
 
-shared_queries!(MySqlRegistry);
 dump_queries!(MySqlRegistry, "INSERT IGNORE");
 
-// Only what differs between the engines is written here; the rest of the trait
-// forwards to the shared queries.
+// Only what differs between the engines is written here; the rest of the trait is
+// the same SQL on both, written once by the macro.
 sql_registry!(MySqlRegistry, "mysql", {
     async fn create_user(
         &self,

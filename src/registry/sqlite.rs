@@ -8,7 +8,7 @@ use sqlx::sqlite::{
 };
 
 use super::dump::dump_queries;
-use super::sql::{self, shared_queries, sql_registry};
+use super::sql::{self, sql_registry};
 use super::{RegistryError, User};
 use crate::model::{DeviceId, UserId};
 
@@ -54,11 +54,10 @@ impl SqliteRegistry {
     }
 }
 
-shared_queries!(SqliteRegistry);
 dump_queries!(SqliteRegistry, "INSERT OR IGNORE");
 
-// Only what differs between the engines is written here; the rest of the trait
-// forwards to the shared queries.
+// Only what differs between the engines is written here; the rest of the trait is
+// the same SQL on both, written once by the macro.
 sql_registry!(SqliteRegistry, "sqlite", {
     async fn create_user(
         &self,
