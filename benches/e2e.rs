@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use iotpipe::model::PartitionBatch;
 use iotpipe::model::{Event, PartitionKey, Record};
-use iotpipe::pipeline::batcher::PartitionBatch;
 use iotpipe::store::embedded::EmbeddedStore;
 use iotpipe::store::EventStore;
 use serde_json::{json, Value};

@@ -15,6 +15,11 @@ pub const MIN_TS_MS: i64 = 946_684_800_000;
 /// How far in the future an event's `ts` may be.
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
 
+/// How far past now a read looks. Wider than [`MAX_FUTURE_MS`], so that no accepted
+/// event is missed by a range that ends at "now": the queries, the purge of a device
+/// and the transfer between stores all read up to now plus this.
+pub const QUERY_AHEAD_MS: i64 = 86_400_000;
+
 /// One validated event, as a device sent it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -59,6 +64,14 @@ impl PartitionKey {
             bucket_ms: bucket_start(record.event.ts_ms, bucket_len_ms),
         }
     }
+}
+
+/// The events of one partition in a flush, in arrival order: what the batcher hands
+/// the store, so both sides share it from here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionBatch {
+    pub key: PartitionKey,
+    pub records: Vec<Record>,
 }
 
 /// The start of the bucket (or window) of length `len_ms` that holds `ts_ms`.
@@ -113,6 +126,11 @@ pub fn parse_instant(s: &str) -> Option<i64> {
     }
     parse_rfc3339_ms(s)
 }
+
+/// How many entries an event's `metrics` and `attrs` may each hold.
+pub const MAX_MAP_ENTRIES: usize = 64;
+/// The largest attr value, in UTF-8 bytes.
+pub const MAX_ATTR_BYTES: usize = 1024;
 
 /// [`is_valid_name`] as a regular expression, for the OpenAPI document.
 pub const NAME_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,64}$";

@@ -17,10 +17,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState, MqttStatus, RequestLimits};
+use crate::api;
 use crate::config::Config;
+use crate::http::{self, AppState, RequestLimits};
 use crate::ingest::mqtt::external::ExternalSettings;
-use crate::ingest::mqtt::{self, MqttContext, MqttError, MqttLimits};
+use crate::ingest::mqtt::{self, MqttContext, MqttError, MqttLimits, MqttStatus};
+use crate::ingest::Intake;
 use crate::live::local::LocalLive;
 use crate::live::redis::RedisLive;
 use crate::live::{LiveError, RateLimits, SharedLive};
@@ -349,7 +351,7 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
             source,
         })?),
     };
-    let broker = ExternalSettings::from_config(&config)?;
+    let broker = ExternalSettings::from_config(&config.mqtt, &config.data_dir)?;
     // The external component is ok only while connected; the built-in one while it
     // listens, which is as long as the server runs.
     let mqtt = match (&mqtt_listener, &broker) {
@@ -369,21 +371,25 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
         live.clone(),
         telemetry.clone(),
     );
+    // Both sources share one intake: the same limits, the same counters.
+    let intake = Intake {
+        auth,
+        live,
+        pipeline,
+        telemetry,
+        max_events: config.http.max_events_per_request,
+        retention,
+    };
     let mqtt_ctx = MqttContext {
-        auth: auth.clone(),
-        live: live.clone(),
-        pipeline: pipeline.clone(),
-        telemetry: telemetry.clone(),
+        intake: intake.clone(),
         limits: MqttLimits {
             max_payload_bytes: config.http.max_body_bytes,
-            max_events: config.http.max_events_per_request,
             max_inflight: config.mqtt.max_inflight,
             max_connections: config.mqtt.max_connections,
             connect_timeout: Duration::from_secs(config.mqtt.connect_timeout_secs),
             max_keep_alive_secs: config.mqtt.max_keep_alive_secs.max(1),
             max_per_device: config.mqtt.max_connections_per_device.max(1),
             max_per_ip: config.mqtt.max_connections_per_ip.max(1),
-            retention,
         },
         shutdown: shutdown.clone(),
         sessions: Default::default(),
@@ -401,16 +407,11 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
         )));
     }
     let state = AppState {
-        auth,
+        intake,
         store: store.clone(),
-        live,
-        pipeline,
-        telemetry,
         limits: RequestLimits {
             max_body_bytes: config.http.max_body_bytes,
-            max_events: config.http.max_events_per_request,
             body_timeout: Duration::from_secs(config.http.body_timeout_secs.max(1)),
-            retention,
         },
         ingest_slots: Arc::new(Semaphore::new(config.http.max_inflight_requests)),
         bucket_len_ms: config.pipeline.bucket_len_ms,
@@ -419,12 +420,12 @@ pub async fn start_with_store(config: Config, store: SharedStore) -> Result<Serv
     let stop = shutdown.clone();
     let app = api::router(state);
     tracing::info!(%http_addr, "HTTP API listening");
-    let http_limits = api::serve::HttpLimits {
+    let http_limits = http::serve::HttpLimits {
         max_connections: config.http.max_connections,
         header_timeout: Duration::from_secs(config.http.header_timeout_secs.max(1)),
     };
     let task = tokio::spawn(async move {
-        api::serve::serve(http, app, http_limits, stop.clone()).await;
+        http::serve::serve(http, app, http_limits, stop.clone()).await;
         // The MQTT sources stop reading and send the acks still due while the
         // pipeline still runs; only then is the pipeline drained.
         stop.cancel();

@@ -297,8 +297,8 @@ fn rss(pid: u32) -> u64 {
 /// is printed; `docs/operations.md` gives the figures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_month_of_a_1hz_device_exports_in_constant_memory() {
+    use iotpipe::model::PartitionBatch;
     use iotpipe::model::{assigned_id, Event, PartitionKey, Record};
-    use iotpipe::pipeline::batcher::PartitionBatch;
     use iotpipe::store::EventStore;
     use std::io::{BufRead, BufReader};
     use std::sync::atomic::{AtomicU64, Ordering};

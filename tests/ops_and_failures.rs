@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{sample, TestServer};
 use iotpipe::model::Event;
-use iotpipe::pipeline::batcher::PartitionBatch;
+use iotpipe::model::PartitionBatch;
 use iotpipe::store::embedded::EmbeddedStore;
 use iotpipe::store::latest::Latest;
 use iotpipe::store::{

@@ -15,8 +15,9 @@ mod retention;
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use iotpipe::model::PartitionBatch;
 use iotpipe::model::{assigned_id, Event, Record, MIN_TS_MS};
-use iotpipe::pipeline::batcher::{Batcher, PartitionBatch};
+use iotpipe::pipeline::batcher::Batcher;
 use iotpipe::query::{device_aggregate, AggregateFilter, Grid, Range, Scope};
 use iotpipe::store::embedded::EmbeddedStore;
 use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};

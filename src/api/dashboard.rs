@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::error::{ApiError, ErrorBody};
+use crate::http::error::{ApiError, ErrorBody};
 
 /// Only this origin, for everything: no inline script or style, no frames, and no form
 /// submission (the sign-in form is handled by the script; should the script not run,

@@ -10,11 +10,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::auth::Caller;
-use super::error::{ApiError, ErrorBody};
-use super::ApiQuery;
-use super::{json_body, AppState};
-use crate::model::{format_ms, is_valid_name, now_ms, UserId};
+use crate::http::auth::{Caller, DeviceIdParam};
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::{json_body, ApiQuery, AppState};
+use crate::model::{format_ms, is_valid_name, now_ms};
 use crate::registry::secrets::{self, SecretKind};
 use crate::registry::Device;
 
@@ -70,31 +69,6 @@ pub(super) struct DeviceList {
     devices: Vec<DeviceOut>,
 }
 
-/// `{id}` in the device routes. Any string is routed; one that is not a UUID, or not
-/// one of the caller's devices, is a 404.
-#[derive(utoipa::IntoParams)]
-#[into_params(parameter_in = Path)]
-// Only described: the handlers take the raw string, so that a malformed id is a 404.
-#[allow(dead_code)]
-pub struct DeviceIdParam {
-    /// The device's id.
-    id: Uuid,
-}
-
-/// Resolves `{id}` to a device of `user`. Anything else, a malformed id included, is
-/// the same 404, so that nobody can probe for other users' devices.
-///
-/// # Errors
-///
-/// 404, or 503 if the registry is down.
-pub async fn owned_device(state: &AppState, user: UserId, id: &str) -> Result<Uuid, ApiError> {
-    let id = Uuid::parse_str(id).map_err(|_| ApiError::NotFound)?;
-    match state.auth.device_owner(id).await? {
-        Some(owner) if owner == user => Ok(id),
-        _ => Err(ApiError::NotFound),
-    }
-}
-
 #[utoipa::path(
     post,
     path = "/v1/devices",
@@ -129,6 +103,7 @@ pub(super) async fn create(
     }
     let token = secrets::generate(SecretKind::DeviceToken);
     let device = state
+        .intake
         .auth
         .registry()
         .create_device(
@@ -139,7 +114,7 @@ pub(super) async fn create(
             now_ms(),
         )
         .await?;
-    state.auth.remember_device(device.id, user);
+    state.intake.auth.remember_device(device.id, user);
     Ok((
         StatusCode::CREATED,
         Json(CreatedDevice {
@@ -162,7 +137,7 @@ pub(super) async fn list(
     caller: Caller,
 ) -> Result<Json<DeviceList>, ApiError> {
     let user = caller.user()?;
-    let devices = state.auth.registry().devices(user).await?;
+    let devices = state.intake.auth.registry().devices(user).await?;
     let devices = devices.iter().map(DeviceOut::from).collect();
     Ok(Json(DeviceList { devices }))
 }
@@ -186,7 +161,7 @@ pub(super) async fn show(
 ) -> Result<Json<DeviceOut>, ApiError> {
     let user = caller.user()?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
-    match state.auth.registry().device(id).await? {
+    match state.intake.auth.registry().device(id).await? {
         Some(d) if d.user_id == user => Ok(Json(DeviceOut::from(&d))),
         _ => Err(ApiError::NotFound),
     }
@@ -214,9 +189,9 @@ pub(super) async fn delete(
     let user = caller.user()?;
     let purge = super::purge::requested(&params)?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
-    let deleted = match state.auth.registry().delete_device(user, id).await? {
+    let deleted = match state.intake.auth.registry().delete_device(user, id).await? {
         Some(token_hash) => {
-            state.auth.device_deleted(id, &token_hash).await;
+            state.intake.auth.device_deleted(id, &token_hash).await;
             true
         }
         None => false,

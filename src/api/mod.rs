@@ -1,89 +1,27 @@
-//! The HTTP API: router, shared state, authentication and error mapping.
+//! The HTTP API: the route table and its handlers. The plumbing they share (state,
+//! authentication, error mapping, the accept loop) is one floor down, in
+//! [`crate::http`].
 //!
-//! Routes live next to what they serve: ingest in [`crate::ingest::http`], reads in
-//! [`crate::query::routes`], the registry in [`users`] and [`devices`], and the
-//! unauthenticated operations endpoints in [`ops`].
+//! Handlers live here or next to what they serve: reads in [`crate::query::routes`]
+//! and [`crate::query::latest`], ingest in [`ingest`], the registry in [`users`] and
+//! [`devices`], and the unauthenticated operations endpoints in [`ops`].
 
-pub mod auth;
 pub mod dashboard;
 pub mod devices;
-pub mod error;
+pub mod ingest;
 pub mod openapi;
 pub mod ops;
 mod purge;
-pub mod serve;
 mod snapshot;
 pub mod users;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Query};
-use axum::http::request::Parts;
-use axum::http::{Method, StatusCode};
+use axum::extract::DefaultBodyLimit;
+use axum::http::Method;
 use axum::routing::{delete, get, post, MethodRouter};
 use axum::Router;
-use bytes::Bytes;
-use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
 
-use crate::live::SharedLive;
-use crate::pipeline::Pipeline;
-use crate::registry::auth::SharedAuth;
-use crate::store::SharedStore;
-use crate::telemetry::Telemetry;
-use error::ApiError;
-
-/// Whether an MQTT source is running, for `/health`.
-#[derive(Clone)]
-pub struct MqttStatus {
-    pub backend: &'static str,
-    ok: Arc<AtomicBool>,
-}
-
-impl MqttStatus {
-    pub fn new(backend: &'static str, ok: bool) -> Self {
-        Self {
-            backend,
-            ok: Arc::new(AtomicBool::new(ok)),
-        }
-    }
-
-    pub fn set_ok(&self, ok: bool) {
-        self.ok.store(ok, Ordering::Relaxed);
-    }
-
-    pub fn is_ok(&self) -> bool {
-        self.ok.load(Ordering::Relaxed)
-    }
-}
-
-/// Limits applied to incoming requests.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestLimits {
-    pub max_body_bytes: usize,
-    pub max_events: usize,
-    /// How long an ingest body may take to arrive.
-    pub body_timeout: std::time::Duration,
-    /// Events the raw tier has already expired are refused.
-    pub retention: crate::store::retention::Retention,
-}
-
-/// Everything a handler may need. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub auth: SharedAuth,
-    pub store: SharedStore,
-    pub live: SharedLive,
-    pub pipeline: Pipeline,
-    pub telemetry: Telemetry,
-    pub limits: RequestLimits,
-    /// Ingest requests being read or processed; bounds the memory held by bodies.
-    pub ingest_slots: Arc<Semaphore>,
-    pub bucket_len_ms: i64,
-    pub mqtt: MqttStatus,
-}
+use crate::http::error::ApiError;
+use crate::http::AppState;
 
 /// One route: a method and a path, and what serves them.
 pub struct Route {
@@ -111,7 +49,6 @@ impl Route {
 /// route added here without its `#[utoipa::path]` fails the suite. Each entry's
 /// `MethodRouter` must serve its one method only; the same test asks each over HTTP.
 pub fn routes() -> Vec<Route> {
-    use crate::ingest::http as ingest;
     use crate::query::{latest, routes as queries};
     vec![
         Route::new(Method::POST, "/v1/users", |_| post(users::create)),
@@ -174,71 +111,4 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
-}
-
-/// A query string parsed into `T`, refusing with the contract's 400 (naming the field)
-/// where axum's `Query` would answer in plain text. The parameter structs keep every
-/// value as a string, so this fails only on a repeated parameter.
-pub struct ApiQuery<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        Query::try_from_uri(&parts.uri)
-            .map(|Query(q)| ApiQuery(q))
-            .map_err(|e| {
-                let reason = e.body_text();
-                // serde names the field in backquotes ("duplicate field `from`").
-                let field = reason
-                    .split('`')
-                    .nth(1)
-                    .filter(|f| !f.is_empty())
-                    .unwrap_or("query")
-                    .to_owned();
-                let reason = reason
-                    .strip_prefix("Failed to deserialize query string: ")
-                    .unwrap_or(&reason)
-                    .to_owned();
-                ApiError::field(&field, reason)
-            })
-    }
-}
-
-/// Turns a body-reading failure into the contract's answer.
-pub fn body_error(rejection: BytesRejection) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::TooLarge("the request body is larger than the limit".to_owned())
-    } else {
-        ApiError::field("body", rejection.body_text())
-    }
-}
-
-/// Parses a small JSON body (registry endpoints), naming the bad field.
-///
-/// # Errors
-///
-/// 400 naming the field, or 413 if the body was too large.
-pub fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body.map_err(body_error)?;
-    let de = &mut serde_json::Deserializer::from_slice(&body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let reason = e.inner().to_string();
-        let reason = reason
-            .split(" at line ")
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let path = e.path().to_string();
-        // serde reports a missing field at its parent; name the field itself.
-        let missing = reason
-            .strip_prefix("missing field `")
-            .and_then(|r| r.strip_suffix('`'));
-        let field = match (missing, path.as_str()) {
-            (Some(name), _) => name.to_owned(),
-            (None, ".") => "body".to_owned(),
-            (None, _) => path,
-        };
-        ApiError::field(&field, reason)
-    })
 }

@@ -20,9 +20,8 @@ use utoipa::openapi::{
 };
 use utoipa::{Modify, OpenApi};
 
-use super::error::ErrorBody;
-use super::{dashboard, devices, ops, snapshot, users};
-use crate::ingest::http as ingest;
+use super::{dashboard, devices, ingest, ops, snapshot, users};
+use crate::http::error::ErrorBody;
 use crate::query::{latest, routes as queries};
 
 #[derive(OpenApi)]

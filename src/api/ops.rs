@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use utoipa::ToSchema;
 
-use super::AppState;
+use crate::http::AppState;
 
 /// A health probe that takes longer than this counts as failed.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -73,11 +73,11 @@ async fn probe<E>(backend: &str, check: impl Future<Output = Result<(), E>>) -> 
     )
 )]
 pub(super) async fn health(State(state): State<AppState>) -> impl IntoResponse {
-    let registry = state.auth.registry();
+    let registry = state.intake.auth.registry();
     let ((store_ok, store), (registry_ok, registry), (live_ok, live)) = tokio::join!(
         probe(state.store.backend(), state.store.ping()),
         probe(registry.backend(), registry.ping()),
-        probe(state.live.backend(), state.live.ping()),
+        probe(state.intake.live.backend(), state.intake.live.ping()),
     );
     let mqtt_ok = state.mqtt.is_ok();
     let mqtt = Component {
@@ -119,6 +119,6 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.telemetry.render(state.pipeline.depth()),
+        state.intake.telemetry.render(state.intake.pipeline.depth()),
     )
 }

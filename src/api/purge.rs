@@ -14,8 +14,8 @@
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::error::ApiError;
-use super::AppState;
+use crate::http::error::ApiError;
+use crate::http::AppState;
 use crate::model::{DeviceId, UserId};
 
 /// The query of `DELETE /v1/devices/{id}`.
@@ -53,7 +53,7 @@ pub(super) async fn purge(
     device: DeviceId,
 ) -> Result<u64, ApiError> {
     let events = state.store.purge_device(user, device).await?;
-    if let Err(e) = state.live.forget_device(user, device).await {
+    if let Err(e) = state.intake.live.forget_device(user, device).await {
         // The events are gone and the device is not served any more; what remains is
         // its share of the user's live total, which `iotpipe rebuild-live` recomputes.
         tracing::warn!(error = %e, %device, "purged a device but could not forget its live figures");

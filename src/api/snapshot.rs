@@ -18,9 +18,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
-use super::auth::Caller;
-use super::error::{ApiError, ErrorBody};
-use super::{json_body, AppState};
+use crate::http::auth::Caller;
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::{json_body, AppState};
 use crate::store::StoreError;
 
 /// Where the server writes the copy.

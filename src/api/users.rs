@@ -8,9 +8,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::Caller;
-use super::error::{ApiError, ErrorBody};
-use super::{json_body, AppState};
+use crate::http::auth::Caller;
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::{json_body, AppState};
 use crate::model::{format_ms, now_ms};
 use crate::registry::auth::Principal;
 use crate::registry::secrets::{self, SecretKind};
@@ -89,6 +89,7 @@ pub(super) async fn create(
     }
     let api_key = secrets::generate(SecretKind::UserKey);
     let user = state
+        .intake
         .auth
         .registry()
         .create_user(
@@ -139,11 +140,12 @@ pub(super) async fn rotate_key(
     }
     let api_key = secrets::generate(SecretKind::UserKey);
     let old = state
+        .intake
         .auth
         .registry()
         .rotate_user_key(user, &secrets::hash_hex(&api_key))
         .await?
         .ok_or(ApiError::NotFound)?;
-    state.auth.secret_revoked(&old).await;
+    state.intake.auth.secret_revoked(&old).await;
     Ok(Json(RotatedKey { id: user, api_key }))
 }

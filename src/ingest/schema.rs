@@ -7,8 +7,7 @@ use utoipa::openapi::schema::{
 };
 use utoipa::openapi::{KnownFormat, SchemaFormat};
 
-use super::decode::{MAX_ATTR_BYTES, MAX_MAP_ENTRIES};
-use crate::model;
+use crate::model::{self, MAX_ATTR_BYTES, MAX_MAP_ENTRIES};
 
 /// RFC 3339 as `DateTime::parse_from_rfc3339` takes it.
 const RFC3339_PATTERN: &str = "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$";

@@ -14,7 +14,8 @@
 //! | `P device-deleted` | pub/sub channel | `{device} {token hash}`, or `- {hash}` for a replaced user key |
 //!
 //! Maintenance (forgetting a purged device, totals recomputed from the store) is in
-//! `redis/maintenance.rs`.
+//! `redis/maintenance.rs`; the deletion channel, which carries the registry's cache
+//! invalidation between instances, is in `redis/invalidation.rs`.
 //!
 //! Round trips: one pipeline per [`Live::record_ingested`] call (one per flush, not per
 //! event), one script call per admitted request, one pipeline per read.
@@ -33,13 +34,11 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Pipeline, Script};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
+mod invalidation;
 mod maintenance;
 
 use super::local::LocalLive;
@@ -47,7 +46,6 @@ use super::{
     gcra, DeviceCount, DeviceLive, LimitKind, Limited, Live, LiveError, RateLimits, UserLive,
 };
 use crate::model::{format_ms, DeviceId, UserId};
-use crate::registry::auth::{DeletionBroadcast, SharedAuth};
 
 /// How often a down Redis is probed.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -416,75 +414,6 @@ impl RedisLive {
             devices_active_5m: active,
         })
     }
-
-    /// Listens for device deletions announced by any instance (this one included)
-    /// and makes `auth` forget them. Reconnects by itself; after a disconnection it
-    /// forgets the whole auth cache, since announcements may have been missed.
-    pub fn spawn_deletion_listener(
-        &self,
-        auth: SharedAuth,
-        shutdown: CancellationToken,
-    ) -> JoinHandle<()> {
-        let client = self.client.clone();
-        let channel = self.keys.deletions();
-        tokio::spawn(async move {
-            let mut was_connected = false;
-            loop {
-                let subscribed = async {
-                    let mut pubsub = client.get_async_pubsub().await?;
-                    pubsub.subscribe(&channel).await?;
-                    Ok::<_, redis::RedisError>(pubsub)
-                };
-                let pubsub = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = tokio::time::timeout(RESPONSE_TIMEOUT * 4, subscribed) => r,
-                };
-                match pubsub {
-                    Ok(Ok(pubsub)) => {
-                        if was_connected {
-                            tracing::info!("deletion channel back; forgetting the auth cache");
-                            auth.forget_all();
-                        }
-                        was_connected = true;
-                        let mut messages = pubsub.into_on_message();
-                        loop {
-                            let msg = tokio::select! {
-                                _ = shutdown.cancelled() => return,
-                                m = messages.next() => m,
-                            };
-                            let Some(msg) = msg else { break };
-                            let payload: String = msg.get_payload().unwrap_or_default();
-                            match parse_deletion(&payload) {
-                                Some((Some(device), hash)) => auth.forget_device(device, hash),
-                                Some((None, hash)) => auth.forget_secret(hash),
-                                None => {
-                                    tracing::warn!(payload, "ignoring a malformed deletion notice")
-                                }
-                            }
-                        }
-                        tracing::warn!("deletion channel lost; reconnecting");
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "cannot subscribe to the deletion channel")
-                    }
-                    Err(_) => tracing::debug!("subscribing to the deletion channel timed out"),
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(PROBE_EVERY) => {}
-                }
-            }
-        })
-    }
-}
-
-/// `{device} {hash}` (a deleted device), or `- {hash}` (a replaced secret).
-fn parse_deletion(payload: &str) -> Option<(Option<DeviceId>, &str)> {
-    let (device, hash) = payload.split_once(' ')?;
-    if device == "-" {
-        return Some((None, hash));
-    }
-    Some((Some(device.parse().ok()?), hash))
 }
 
 /// Probes a down Redis and switches back once it answers and the backlog is pushed.
@@ -629,45 +558,9 @@ impl Live for RedisLive {
     }
 }
 
-#[async_trait]
-impl DeletionBroadcast for RedisLive {
-    async fn device_deleted(&self, device: DeviceId, token_hash: &str) {
-        let published: Result<i64, _> = redis::cmd("PUBLISH")
-            .arg(self.keys.deletions())
-            .arg(format!("{device} {token_hash}"))
-            .query_async(&mut self.conn())
-            .await;
-        if let Err(e) = published {
-            // The other instances forget the whole cache when their subscription comes
-            // back, and their cache entries expire after `registry.cache_ttl_secs`.
-            tracing::warn!(error = %e, %device, "cannot announce a device deletion");
-        }
-    }
-
-    async fn secret_revoked(&self, token_hash: &str) {
-        let published: Result<i64, _> = redis::cmd("PUBLISH")
-            .arg(self.keys.deletions())
-            .arg(format!("- {token_hash}"))
-            .query_async(&mut self.conn())
-            .await;
-        if let Err(e) = published {
-            tracing::warn!(error = %e, "cannot announce a replaced key");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn deletion_notices_round_trip() {
-        let d = DeviceId::from_u128(7);
-        let payload = format!("{d} abc123");
-        assert_eq!(parse_deletion(&payload), Some((Some(d), "abc123")));
-        assert_eq!(parse_deletion("- abc123"), Some((None, "abc123")));
-        assert_eq!(parse_deletion("garbage"), None);
-    }
 
     #[test]
     fn the_backlog_keeps_totals_and_recent_seconds() {

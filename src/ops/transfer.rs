@@ -29,10 +29,8 @@ use std::time::{Duration, Instant};
 use super::transfer_target::{check_target, Sides};
 use super::{progress, OpsError};
 use crate::config::Config;
-use crate::model::{now_ms, DeviceId, Record, UserId, MIN_TS_MS};
-use crate::pipeline::batcher::PartitionBatch;
+use crate::model::{now_ms, DeviceId, PartitionBatch, Record, UserId, MIN_TS_MS, QUERY_AHEAD_MS};
 use crate::query::totals::{day_counts, live_totals};
-use crate::query::QUERY_AHEAD_MS;
 use crate::store::retention::{Retention, Tier};
 use crate::store::{ListQuery, Position, SharedStore};
 

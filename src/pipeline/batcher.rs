@@ -14,14 +14,7 @@ use std::collections::HashMap;
 
 use tokio::time::{Duration, Instant};
 
-use crate::model::{PartitionKey, Record};
-
-/// The events of one partition in a flush, in arrival order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PartitionBatch {
-    pub key: PartitionKey,
-    pub records: Vec<Record>,
-}
+use crate::model::{PartitionBatch, PartitionKey, Record};
 
 /// A closed batch: what one store write receives, plus one token per submission
 /// (the acknowledgement handles, in the pipeline).

@@ -16,7 +16,7 @@ use futures::{Stream, TryStreamExt};
 use serde_json::{json, Value};
 
 use super::params::EventsQuery;
-use crate::api::error::ApiError;
+use crate::http::error::ApiError;
 use crate::model::{format_ms, DeviceId, Event, UserId};
 use crate::store::{EventStore, ListQuery, Position, SharedStore, StoreError};
 

@@ -8,11 +8,9 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::api::auth::Caller;
-use crate::api::devices::owned_device;
-use crate::api::devices::DeviceIdParam;
-use crate::api::error::{ApiError, ErrorBody};
-use crate::api::{ApiQuery, AppState};
+use crate::http::auth::{owned_device, Caller, DeviceIdParam};
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::{ApiQuery, AppState};
 use crate::model::{format_ms, DeviceId};
 use crate::store::latest::Latest;
 
@@ -128,7 +126,7 @@ pub async fn fleet(
     }
     // The registry decides which devices exist: a deleted device's values are never
     // served, though the store may still hold them.
-    let devices = state.auth.registry().devices(user).await?;
+    let devices = state.intake.auth.registry().devices(user).await?;
     let mut values = by_device(state.store.latest(user, None).await?);
     let devices = devices
         .into_iter()

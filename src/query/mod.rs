@@ -25,7 +25,7 @@ pub mod windows;
 pub use aggregate::{device_aggregate, grouped_counts, AggregateFilter, GroupBy, GroupCount};
 pub use windows::{Grid, Window, Windows};
 
-use crate::model::{bucket_start, UserId, MIN_TS_MS};
+use crate::model::{bucket_start, UserId, MIN_TS_MS, QUERY_AHEAD_MS};
 use crate::store::EventStore;
 
 /// Most windows one query may span.
@@ -37,9 +37,6 @@ pub struct Range {
     pub from_ms: i64,
     pub to_ms: i64,
 }
-
-/// How far past now a query reads: no event is newer than now + 5 minutes.
-pub const QUERY_AHEAD_MS: i64 = 86_400_000;
 
 impl Range {
     /// `[from, to)` from a client, clamped to the instants events can have (2000-01-01

@@ -8,8 +8,8 @@ use utoipa::IntoParams;
 // `Fill` and `GroupBy` are named only in `#[param(value_type)]`.
 use super::fill::Fill;
 use super::{Grid, GroupBy, Range, MAX_WINDOWS};
-use crate::api::error::ApiError;
 use crate::config::parse_duration_ms;
+use crate::http::error::ApiError;
 use crate::model::{now_ms, parse_instant};
 
 // The parameters' patterns (`#[param(pattern)]` takes literals only) state what the

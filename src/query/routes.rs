@@ -17,11 +17,9 @@ use super::params::{
     grid, instant, kind, percentiles, DeviceAggregatesQuery, EventsQuery, GroupedAggregatesQuery,
 };
 use super::{AggregateFilter, GroupBy, Range};
-use crate::api::auth::Caller;
-use crate::api::devices::owned_device;
-use crate::api::devices::DeviceIdParam;
-use crate::api::error::{ApiError, ErrorBody};
-use crate::api::{ApiQuery, AppState};
+use crate::http::auth::{owned_device, Caller, DeviceIdParam};
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::{ApiQuery, AppState};
 use crate::live::{DeviceLive, UserLive};
 use crate::model::{format_ms, now_ms, Event, MAX_FUTURE_MS, MIN_TS_MS};
 use crate::store::{ListQuery, Position};
@@ -422,6 +420,7 @@ pub async fn grouped_aggregates(
         .transpose()?;
     // Only the user's current devices: a deleted device's events are never served.
     let mut devices: Vec<Uuid> = state
+        .intake
         .auth
         .registry()
         .devices(user)
@@ -495,7 +494,7 @@ pub async fn device_live(
 ) -> Result<Json<DeviceLive>, ApiError> {
     let user = caller.user()?;
     let device = owned_device(&state, user, &id).await?;
-    Ok(Json(state.live.device(device, now_ms()).await))
+    Ok(Json(state.intake.live.device(device, now_ms()).await))
 }
 
 /// `GET /v1/live`
@@ -512,7 +511,7 @@ pub async fn user_live(
     caller: Caller,
 ) -> Result<Json<UserLive>, ApiError> {
     let user = caller.user()?;
-    Ok(Json(state.live.user(user, now_ms()).await))
+    Ok(Json(state.intake.live.user(user, now_ms()).await))
 }
 
 #[cfg(test)]

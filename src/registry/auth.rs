@@ -3,7 +3,7 @@
 //! Every ingest request authenticates, so this is the hot path: a warm cache answers
 //! with one SHA-256 and one map lookup. Deleting a device evicts its token and its
 //! ownership entry here at once; other instances (production mode) are told through
-//! a [`DeletionBroadcast`] (Redis pub/sub), whose listener calls
+//! a [`DeletionBroadcast`] (`registry::invalidation`; Redis pub/sub implements it), whose listener calls
 //! [`Auth::forget_device`] on each of them.
 //!
 //! Design: an answer is fresh for `ttl`; after that the registry is asked again, but if
@@ -16,9 +16,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use moka::sync::Cache;
 
+use super::invalidation::DeletionBroadcast;
 use super::login_guard::LoginGuard;
 use super::secrets::{self, SecretKind};
 use super::{RegistryError, SharedRegistry};
@@ -40,17 +40,6 @@ const UNKNOWN_FOR: Duration = Duration::from_secs(10);
 
 /// Deletions waiting for the MQTT endpoint to close their connections, at most.
 const REVOCATIONS: usize = 1024;
-
-/// Tells the other instances that a device was deleted, so that they forget it too.
-#[async_trait]
-pub trait DeletionBroadcast: Send + Sync + 'static {
-    /// Best effort: a failure is logged by the implementation, and the other instances
-    /// then fall back on their own recovery (see `docs/production.md`).
-    async fn device_deleted(&self, device: DeviceId, token_hash: &str);
-
-    /// The same for a secret replaced (a rotated user key).
-    async fn secret_revoked(&self, token_hash: &str);
-}
 
 /// A cached answer and when the registry gave it.
 #[derive(Debug, Clone, Copy)]

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod dump;
+pub mod invalidation;
 pub mod login_guard;
 pub mod mysql;
 pub mod secrets;

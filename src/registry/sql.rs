@@ -1,10 +1,10 @@
 //! What the two SQL registries (SQLite and MySQL) share: the device row, its decoding,
 //! the embedded migrations, and the queries whose text is the same on both engines.
 //!
-//! The queries come as a macro because sqlx's executor traits are per driver: the
-//! macro writes the same bodies once against each registry's own pool. Only what
-//! differs (how an insert returns its id, how a delete returns the deleted hash) is
-//! written in `sqlite.rs` and `mysql.rs`.
+//! The queries come as a macro ([`sql_registry`]) because sqlx's executor traits are
+//! per driver: the macro writes the same bodies once against each registry's own
+//! pool. Only what differs (how an insert returns its id, how a delete returns the
+//! deleted hash) is written in `sqlite.rs` and `mysql.rs`.
 
 use std::borrow::Cow;
 
@@ -41,12 +41,38 @@ pub(super) fn migrator(registry_sql: &'static str) -> Migrator {
     )])
 }
 
-/// Inherent methods, on a registry type with a `pool` field, for the queries that
-/// are the same on every SQL engine. The trait impls call them.
-macro_rules! shared_queries {
-    ($registry:ty) => {
+/// The `Registry` impl of a SQL registry, on a type with a `pool` field: `backend()`,
+/// the methods given (those whose SQL differs between engines), and every other
+/// method written once here. One place, so that a method added to the trait is
+/// written for both engines at once.
+macro_rules! sql_registry {
+    ($registry:ty, $backend:literal, { $($own:tt)* }) => {
         impl $registry {
-            async fn find_user_by_key(
+            /// One device by a column (`token_hash` or `id`).
+            async fn find_device_by(
+                &self,
+                column: &'static str,
+                value: String,
+            ) -> Result<Option<$crate::registry::Device>, $crate::registry::RegistryError> {
+                use $crate::registry::sql::{device_of, DeviceRow, DEVICE_COLUMNS};
+                let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE {column} = ?");
+                let row: Option<DeviceRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(value)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(device_of).transpose()
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::registry::Registry for $registry {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            $($own)*
+
+            async fn user_by_key(
                 &self,
                 key_hash: &str,
             ) -> Result<Option<$crate::model::UserId>, $crate::registry::RegistryError> {
@@ -58,7 +84,7 @@ macro_rules! shared_queries {
                 Ok(row.map(|r| r.0))
             }
 
-            async fn replace_user_key(
+            async fn rotate_user_key(
                 &self,
                 user: $crate::model::UserId,
                 key_hash: &str,
@@ -81,7 +107,7 @@ macro_rules! shared_queries {
                 Ok(old.map(|o| o.0))
             }
 
-            async fn insert_device(
+            async fn create_device(
                 &self,
                 user: $crate::model::UserId,
                 name: &str,
@@ -111,22 +137,21 @@ macro_rules! shared_queries {
                 })
             }
 
-            /// One device by a column (`token_hash` or `id`).
-            async fn find_device_by(
+            async fn device_by_token(
                 &self,
-                column: &'static str,
-                value: String,
+                token_hash: &str,
             ) -> Result<Option<$crate::registry::Device>, $crate::registry::RegistryError> {
-                use $crate::registry::sql::{device_of, DeviceRow, DEVICE_COLUMNS};
-                let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE {column} = ?");
-                let row: Option<DeviceRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                    .bind(value)
-                    .fetch_optional(&self.pool)
-                    .await?;
-                row.map(device_of).transpose()
+                self.find_device_by("token_hash", token_hash.to_owned()).await
             }
 
-            async fn list_devices(
+            async fn device(
+                &self,
+                id: $crate::model::DeviceId,
+            ) -> Result<Option<$crate::registry::Device>, $crate::registry::RegistryError> {
+                self.find_device_by("id", id.to_string()).await
+            }
+
+            async fn devices(
                 &self,
                 user: $crate::model::UserId,
             ) -> Result<Vec<$crate::registry::Device>, $crate::registry::RegistryError> {
@@ -142,7 +167,20 @@ macro_rules! shared_queries {
                 rows.into_iter().map(device_of).collect()
             }
 
-            async fn ping_pool(&self) -> Result<(), $crate::registry::RegistryError> {
+            async fn dump(
+                &self,
+            ) -> Result<$crate::registry::dump::RegistryDump, $crate::registry::RegistryError> {
+                self.dump_rows().await
+            }
+
+            async fn load(
+                &self,
+                dump: &$crate::registry::dump::RegistryDump,
+            ) -> Result<(), $crate::registry::RegistryError> {
+                self.load_rows(dump).await
+            }
+
+            async fn ping(&self) -> Result<(), $crate::registry::RegistryError> {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
             }
@@ -150,4 +188,4 @@ macro_rules! shared_queries {
     };
 }
 
-pub(super) use shared_queries;
+pub(super) use sql_registry;

@@ -3,14 +3,13 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::dump::{dump_queries, RegistryDump};
-use super::sql::{self, shared_queries};
-use super::{Device, Registry, RegistryError, User};
+use super::dump::dump_queries;
+use super::sql::{self, sql_registry};
+use super::{RegistryError, User};
 use crate::model::{DeviceId, UserId};
 
 pub struct SqliteRegistry {
@@ -55,15 +54,11 @@ impl SqliteRegistry {
     }
 }
 
-shared_queries!(SqliteRegistry);
 dump_queries!(SqliteRegistry, "INSERT OR IGNORE");
 
-#[async_trait]
-impl Registry for SqliteRegistry {
-    fn backend(&self) -> &'static str {
-        "sqlite"
-    }
-
+// Only what differs between the engines is written here; the rest of the trait is
+// the same SQL on both, written once by the macro.
+sql_registry!(SqliteRegistry, "sqlite", {
     async fn create_user(
         &self,
         username: &str,
@@ -89,43 +84,6 @@ impl Registry for SqliteRegistry {
         })
     }
 
-    async fn user_by_key(&self, key_hash: &str) -> Result<Option<UserId>, RegistryError> {
-        self.find_user_by_key(key_hash).await
-    }
-
-    async fn rotate_user_key(
-        &self,
-        user: UserId,
-        key_hash: &str,
-    ) -> Result<Option<String>, RegistryError> {
-        self.replace_user_key(user, key_hash).await
-    }
-
-    async fn create_device(
-        &self,
-        user: UserId,
-        name: &str,
-        kind: &str,
-        token_hash: &str,
-        now_ms: i64,
-    ) -> Result<Device, RegistryError> {
-        self.insert_device(user, name, kind, token_hash, now_ms)
-            .await
-    }
-
-    async fn device_by_token(&self, token_hash: &str) -> Result<Option<Device>, RegistryError> {
-        self.find_device_by("token_hash", token_hash.to_owned())
-            .await
-    }
-
-    async fn device(&self, id: DeviceId) -> Result<Option<Device>, RegistryError> {
-        self.find_device_by("id", id.to_string()).await
-    }
-
-    async fn devices(&self, user: UserId) -> Result<Vec<Device>, RegistryError> {
-        self.list_devices(user).await
-    }
-
     async fn delete_device(
         &self,
         user: UserId,
@@ -139,16 +97,4 @@ impl Registry for SqliteRegistry {
                 .await?;
         Ok(row.map(|r| r.0))
     }
-
-    async fn dump(&self) -> Result<RegistryDump, RegistryError> {
-        self.dump_rows().await
-    }
-
-    async fn load(&self, dump: &RegistryDump) -> Result<(), RegistryError> {
-        self.load_rows(dump).await
-    }
-
-    async fn ping(&self) -> Result<(), RegistryError> {
-        self.ping_pool().await
-    }
-}
+});

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use uuid::Uuid;
 
+use crate::model::PartitionBatch;
 use crate::model::{DeviceId, Event, UserId};
-use crate::pipeline::batcher::PartitionBatch;
 pub use rollup::{
     FleetCount, FleetQuery, Level, Rollup, RollupQuery, Sketch, Summary, ROLLUP_MS,
     SKETCH_RELATIVE_ERROR,

@@ -72,7 +72,7 @@ pub(crate) async fn run(
     else {
         return;
     };
-    ctx.telemetry.mqtt_connected();
+    ctx.intake.telemetry.mqtt_connected();
     let claim = ctx.sessions.claim(device, &client_id);
     let session = Session {
         claim,
@@ -108,18 +108,21 @@ async fn login(wire: &mut Wire, ctx: &MqttContext, peer: SocketAddr) -> Option<L
         Ok(Some(Ok(Inbound::Connect(c)))) => c,
         Ok(Some(Ok(Inbound::Publish { .. }))) => {
             tracing::debug!(%peer, "MQTT PUBLISH before CONNECT; closing");
-            ctx.telemetry
+            ctx.intake
+                .telemetry
                 .rejected(Source::Mqtt, Reason::Unauthorized, 1);
             return None;
         }
         Ok(Some(Ok(other))) => {
             tracing::debug!(%peer, packet = ?other, "MQTT packet before CONNECT; closing");
-            ctx.telemetry.rejected(Source::Mqtt, Reason::Invalid, 1);
+            ctx.intake
+                .telemetry
+                .rejected(Source::Mqtt, Reason::Invalid, 1);
             return None;
         }
         Ok(Some(Err(e))) => {
             tracing::debug!(%peer, error = %e.message, "malformed MQTT packet before CONNECT; closing");
-            ctx.telemetry.rejected(Source::Mqtt, e.reason, 1);
+            ctx.intake.telemetry.rejected(Source::Mqtt, e.reason, 1);
             return None;
         }
         Ok(None) => return None,
@@ -144,28 +147,33 @@ async fn login(wire: &mut Wire, ctx: &MqttContext, peer: SocketAddr) -> Option<L
         }
     }
     let Some((username, password)) = connect.login else {
-        ctx.telemetry
+        ctx.intake
+            .telemetry
             .rejected(Source::Mqtt, Reason::Unauthorized, 1);
         return refuse(wire, Refusal::NotAuthorized).await;
     };
     let Ok(device) = Uuid::parse_str(&username) else {
-        ctx.telemetry
+        ctx.intake
+            .telemetry
             .rejected(Source::Mqtt, Reason::Unauthorized, 1);
         return refuse(wire, Refusal::BadLogin).await;
     };
     let identity = device.to_string();
-    if let Some(wait) = ctx.auth.login_wait(peer.ip(), Some(&identity)) {
+    if let Some(wait) = ctx.intake.auth.login_wait(peer.ip(), Some(&identity)) {
         // Too many failures: answer slowly, and without looking at the password.
         tokio::time::sleep(wait.min(LOGIN_PENALTY)).await;
-        ctx.telemetry.login_throttled(Source::Mqtt);
+        ctx.intake.telemetry.login_throttled(Source::Mqtt);
         return refuse(wire, Refusal::NotAuthorized).await;
     }
-    let user = match ctx.auth.authenticate_device(device, &password).await {
+    let user = match ctx.intake.auth.authenticate_device(device, &password).await {
         Ok(Some(user)) => user,
         Ok(None) => {
-            ctx.auth.login_failed(peer.ip(), Some(&identity), "mqtt");
-            ctx.telemetry.login_failed(Source::Mqtt);
-            ctx.telemetry
+            ctx.intake
+                .auth
+                .login_failed(peer.ip(), Some(&identity), "mqtt");
+            ctx.intake.telemetry.login_failed(Source::Mqtt);
+            ctx.intake
+                .telemetry
                 .rejected(Source::Mqtt, Reason::Unauthorized, 1);
             return refuse(wire, Refusal::BadLogin).await;
         }
@@ -176,7 +184,9 @@ async fn login(wire: &mut Wire, ctx: &MqttContext, peer: SocketAddr) -> Option<L
     };
     if ctx.sessions.connections_of(device) >= ctx.limits.max_per_device {
         tracing::warn!(%peer, %device, "MQTT device over its connection limit; refused");
-        ctx.telemetry.rejected(Source::Mqtt, Reason::RateLimited, 1);
+        ctx.intake
+            .telemetry
+            .rejected(Source::Mqtt, Reason::RateLimited, 1);
         return refuse(wire, Refusal::TooMany).await;
     }
     // Every connection has a keep-alive, at most the server's: a device asking for
@@ -308,7 +318,7 @@ impl Session {
         }
         self.cancel.cancel();
         tracing::debug!(device = %self.device, "MQTT device disconnected");
-        self.ctx.telemetry.mqtt_disconnected();
+        self.ctx.intake.telemetry.mqtt_disconnected();
     }
 
     fn stop_reading(&mut self) {
@@ -352,6 +362,7 @@ impl Session {
                 Ok(Ok(())) => {
                     for received in acked {
                         self.ctx
+                            .intake
                             .telemetry
                             .mqtt_acked(received.elapsed().as_secs_f64());
                     }
@@ -398,7 +409,7 @@ impl Session {
     async fn publish(&mut self, topic: Bytes, qos: QoS, pkid: u16, payload: Bytes) -> Next {
         let received = Instant::now();
         let owner = Some((self.user, self.device));
-        self.ctx.telemetry.mqtt_received(1);
+        self.ctx.intake.telemetry.mqtt_received(1);
         if qos == QoS::ExactlyOnce {
             let r = Rejection::new(Reason::Invalid, 1, "QoS 2 is not supported; use QoS 0 or 1");
             self.ctx.reject(owner, &r).await;
@@ -417,7 +428,7 @@ impl Session {
             self.ctx.reject(owner, &r).await;
             return Next::Close;
         }
-        let records = match self.ctx.decode(&payload, self.user, self.device) {
+        let records = match self.ctx.decode(&payload, self.user, self.device).await {
             Ok(records) => records,
             Err(r) => {
                 self.ctx.reject(owner, &r).await;

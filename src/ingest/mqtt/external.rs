@@ -26,9 +26,9 @@ use tokio::time::{sleep, timeout_at, Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::MqttStatus;
 use super::{topic, MqttContext, MqttError, Outcome, Rejection};
-use crate::api::MqttStatus;
-use crate::config::Config;
+use crate::config::MqttConfig;
 use crate::telemetry::Reason;
 
 /// More than the packet ids MQTT 3.1.1 can have in flight, so `try_ack` never finds
@@ -60,30 +60,31 @@ pub struct ExternalSettings {
 }
 
 impl ExternalSettings {
-    /// Reads `mqtt.url` and the client id. `Ok(None)` when no broker is configured.
+    /// Reads `mqtt.url` and the client id, kept in `data_dir` unless configured.
+    /// `Ok(None)` when no broker is configured.
     ///
     /// # Errors
     ///
     /// An unparsable URL, or a client id that cannot be kept in the data dir.
-    pub fn from_config(config: &Config) -> Result<Option<Self>, MqttError> {
-        let Some(url) = &config.mqtt.url else {
+    pub fn from_config(mqtt: &MqttConfig, data_dir: &Path) -> Result<Option<Self>, MqttError> {
+        let Some(url) = &mqtt.url else {
             return Ok(None);
         };
         let (host, port, credentials) = parse_url(url).map_err(|reason| MqttError::Url {
             url: url.clone(),
             reason,
         })?;
-        let client_id = match &config.mqtt.client_id {
+        let client_id = match &mqtt.client_id {
             Some(id) => id.clone(),
-            None => persistent_client_id(&config.data_dir)?,
+            None => persistent_client_id(data_dir)?,
         };
         Ok(Some(Self {
             host,
             port,
             credentials,
             client_id,
-            subscription: topic::shared_subscription(&config.mqtt.share_group),
-            max_inflight: config.mqtt.broker_max_inflight,
+            subscription: topic::shared_subscription(&mqtt.share_group),
+            max_inflight: mqtt.broker_max_inflight,
         }))
     }
 }
@@ -256,7 +257,7 @@ async fn ack_loop(
                     let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
                     ack.pkid = pkid;
                     match client.try_ack(&ack) {
-                        Ok(()) => ctx.telemetry.mqtt_acked(received.elapsed().as_secs_f64()),
+                        Ok(()) => ctx.intake.telemetry.mqtt_acked(received.elapsed().as_secs_f64()),
                         Err(e) => tracing::warn!(error = %e, pkid, "cannot queue an MQTT ack"),
                     }
                 }
@@ -288,7 +289,7 @@ async fn ack_loop(
 fn deliver(ctx: MqttContext, publish: Publish, cancel: CancellationToken) -> super::Pending {
     Box::pin(async move {
         let received = Instant::now();
-        ctx.telemetry.mqtt_received(1);
+        ctx.intake.telemetry.mqtt_received(1);
         let settled = if publish.qos == QoS::AtMostOnce {
             Outcome::Done
         } else {
@@ -304,7 +305,7 @@ fn deliver(ctx: MqttContext, publish: Publish, cancel: CancellationToken) -> sup
             return settled;
         };
         let owner = loop {
-            match ctx.auth.device_owner(device).await {
+            match ctx.intake.auth.device_owner(device).await {
                 Ok(owner) => break owner,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot look up the device of an MQTT message; retrying");
@@ -320,7 +321,7 @@ fn deliver(ctx: MqttContext, publish: Publish, cancel: CancellationToken) -> sup
             ctx.reject(None, &r).await;
             return settled;
         };
-        let records = match ctx.decode(&publish.payload, user, device) {
+        let records = match ctx.decode(&publish.payload, user, device).await {
             Ok(records) => records,
             Err(r) => {
                 ctx.reject(Some((user, device)), &r).await;

@@ -28,8 +28,11 @@ pub mod connection;
 pub mod external;
 pub mod server;
 pub mod sessions;
+mod status;
 pub mod topic;
 mod wire;
+
+pub use status::MqttStatus;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -37,13 +40,13 @@ use std::pin::Pin;
 use tokio::time::{sleep, Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::decode::{self, DecodeError, DecodeOptions, Format};
+use super::decode::Format;
 pub(crate) use super::Rejection;
-use crate::live::SharedLive;
+use super::{Intake, Unowned};
 use crate::model::{now_ms, DeviceId, Record, UserId};
-use crate::pipeline::{AckError, Pipeline, SubmitError};
-use crate::registry::auth::SharedAuth;
-use crate::telemetry::{Reason, Source, Telemetry};
+use crate::pipeline::{AckError, SubmitError};
+use crate::registry::auth::Principal;
+use crate::telemetry::{Reason, Source};
 
 /// Why the MQTT source could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +65,6 @@ pub enum MqttError {
 pub struct MqttLimits {
     /// Largest payload accepted, in bytes (the HTTP body limit).
     pub max_payload_bytes: usize,
-    /// Most events in one message.
-    pub max_events: usize,
     /// Messages read and not yet acknowledged, per connection.
     pub max_inflight: usize,
     pub max_connections: usize,
@@ -72,17 +73,12 @@ pub struct MqttLimits {
     pub max_keep_alive_secs: u16,
     pub max_per_device: usize,
     pub max_per_ip: usize,
-    /// Events the raw tier has already expired are refused.
-    pub retention: crate::store::retention::Retention,
 }
 
 /// What an MQTT source needs from the rest of iotpipe. Cheap to clone.
 #[derive(Clone)]
 pub struct MqttContext {
-    pub auth: SharedAuth,
-    pub live: SharedLive,
-    pub pipeline: Pipeline,
-    pub telemetry: Telemetry,
+    pub intake: Intake,
     pub limits: MqttLimits,
     /// Cancelled when iotpipe stops: sources stop reading, and messages still waiting
     /// for the rate limiter are given up (not acknowledged).
@@ -110,14 +106,14 @@ pub(crate) enum Outcome {
 pub(crate) type Pending = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 impl MqttContext {
-    /// Counts a refusal; see [`super::count_rejected`].
+    /// Counts a refusal; see [`Intake::reject`].
     pub(crate) async fn reject(&self, device: Option<(UserId, DeviceId)>, r: &Rejection) {
-        super::count_rejected(&self.telemetry, self.live.as_ref(), Source::Mqtt, device, r).await;
+        self.intake.reject(Source::Mqtt, device, r).await;
     }
 
     /// Decodes a payload into the device's records, with the same rules as HTTP with
     /// a device token.
-    pub(crate) fn decode(
+    pub(crate) async fn decode(
         &self,
         payload: &[u8],
         user: UserId,
@@ -134,34 +130,28 @@ impl MqttContext {
                 ),
             ));
         }
-        let opts = DecodeOptions {
-            max_events: self.limits.max_events,
-            now_ms: received_ms,
-            retention: self.limits.retention,
+        let decoded = self
+            .intake
+            .decode(payload, Format::Json, received_ms)
+            .map_err(|e| Rejection::new(e.reason(), e.events() as u64, e.to_string()))?;
+        let events = decoded.len() as u64;
+        let principal = Principal::Device {
+            id: device,
+            user_id: user,
         };
-        let decoded = decode::decode(payload, Format::Json, opts).map_err(|e| {
-            let reason = match e {
-                DecodeError::TooMany { .. } => Reason::TooLarge,
-                DecodeError::Invalid { .. } => Reason::Invalid,
-            };
-            Rejection::new(reason, e.events() as u64, e.to_string())
-        })?;
-        if let Some(index) = decoded.iter().position(|d| d.device_id.is_some()) {
-            return Err(Rejection::new(
-                Reason::Invalid,
-                decoded.len() as u64,
-                format!("event {index}: device_id: is not allowed over MQTT; the topic names the device"),
-            ));
-        }
-        Ok(decoded
-            .into_iter()
-            .map(|d| Record {
-                user_id: user,
-                device_id: device,
-                received_ms,
-                event: d.event,
+        self.intake
+            .records(principal, decoded, received_ms)
+            .await
+            .map_err(|e| match e {
+                Unowned::DeviceIdNotAllowed { index } => Rejection::new(
+                    Reason::Invalid,
+                    events,
+                    format!("event {index}: device_id: is not allowed over MQTT; the topic names the device"),
+                ),
+                // A device's own records need no registry look-up, so nothing else
+                // can refuse them; counted as unknown should that ever change.
+                _ => Rejection::new(Reason::UnknownDevice, events, "unknown device"),
             })
-            .collect())
     }
 
     /// QoS 1: waits until the rate limiter admits the events, submits them (waiting
@@ -182,7 +172,7 @@ impl MqttContext {
             }
             let ack = tokio::select! {
                 biased;
-                ack = self.pipeline.submit(records) => match ack {
+                ack = self.intake.pipeline.submit(records) => match ack {
                     Ok(ack) => ack,
                     Err(SubmitError::Closed | SubmitError::Full) => {
                         return Outcome::Retry("the pipeline is shutting down")
@@ -192,11 +182,10 @@ impl MqttContext {
                     return Outcome::Retry("stopping before the pipeline had room");
                 }
             };
-            if let Err(e) = ack.durable().await {
+            if let Err(e) = self.intake.stored(Source::Mqtt, ack, events).await {
                 log_store_failure(&e);
                 return Outcome::Retry("the store write failed");
             }
-            self.telemetry.ingested(Source::Mqtt, events);
         }
         Outcome::Ack {
             pkid,
@@ -215,7 +204,7 @@ impl MqttContext {
         cancel: &CancellationToken,
     ) -> bool {
         loop {
-            match self.live.admit(user, device, events, now_ms()).await {
+            match self.intake.live.admit(user, device, events, now_ms()).await {
                 Ok(()) => return true,
                 Err(limited) => {
                     let wait = Duration::from_secs_f64(
@@ -235,7 +224,7 @@ impl MqttContext {
     pub(crate) async fn deliver_qos0(&self, records: Vec<Record>) -> Option<Pending> {
         let events = records.len() as u64;
         let (user, device) = (records.first()?.user_id, records[0].device_id);
-        if let Err(limited) = self.live.admit(user, device, events, now_ms()).await {
+        if let Err((_, limited)) = self.intake.admit(&records, now_ms()).await {
             let message = format!(
                 "rate_limited ({} limit): QoS 0 message dropped",
                 limited.limit.as_str()
@@ -244,12 +233,12 @@ impl MqttContext {
             self.reject(Some((user, device)), &r).await;
             return None;
         }
-        match self.pipeline.try_submit(records) {
+        match self.intake.pipeline.try_submit(records) {
             Ok(ack) => {
                 let this = self.clone();
                 Some(Box::pin(async move {
-                    match ack.durable().await {
-                        Ok(()) => this.telemetry.ingested(Source::Mqtt, events),
+                    match this.intake.stored(Source::Mqtt, ack, events).await {
+                        Ok(()) => {}
                         Err(e) => {
                             log_store_failure(&e);
                             let r = Rejection::new(

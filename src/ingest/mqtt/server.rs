@@ -68,7 +68,7 @@ pub async fn run(listener: TcpListener, ctx: MqttContext) {
 /// deletion broadcast, on another one.
 async fn close_deleted_devices(ctx: MqttContext) {
     use tokio::sync::broadcast::error::RecvError;
-    let mut revoked = ctx.auth.revocations();
+    let mut revoked = ctx.intake.auth.revocations();
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,

@@ -45,8 +45,8 @@ use super::{
     EventStore, FleetCount, FleetQuery, IndexReport, ListQuery, Point, PointQuery, Position,
     Rollup, RollupQuery, StoreError,
 };
+use crate::model::PartitionBatch;
 use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, Event, Record, UserId};
-use crate::pipeline::batcher::PartitionBatch;
 pub use backup::KeyCounts;
 use rollups::{Caches, MinuteSums, RollupKeyspaces, LEVELS_META_KEY};
 

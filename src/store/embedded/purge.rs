@@ -137,8 +137,8 @@ mod tests {
     use uuid::Uuid;
 
     use super::super::EmbeddedStore;
+    use crate::model::PartitionBatch;
     use crate::model::{assigned_id, Event, PartitionKey, Record};
-    use crate::pipeline::batcher::PartitionBatch;
 
     fn flush(device: Uuid, ids: &[(Uuid, i64)]) -> Vec<PartitionBatch> {
         ids.iter()

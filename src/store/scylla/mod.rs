@@ -70,8 +70,8 @@ use super::{
     EventStore, FleetCount, FleetQuery, ListQuery, Point, PointQuery, Rollup, RollupQuery,
     StoreError,
 };
+use crate::model::PartitionBatch;
 use crate::model::{DeviceId, Event, UserId};
-use crate::pipeline::batcher::PartitionBatch;
 use errors::{exec_error, session_error};
 use rollup::Recomputer;
 use schema::{add_missing_columns, check_bucket_len, check_levels};

@@ -29,8 +29,7 @@ use super::levels::slab_ms;
 use super::pending::DAY_MS;
 use super::rows::ms;
 use super::Inner;
-use crate::model::{bucket_start, now_ms, DeviceId, UserId, MIN_TS_MS};
-use crate::query::QUERY_AHEAD_MS;
+use crate::model::{bucket_start, now_ms, DeviceId, UserId, MIN_TS_MS, QUERY_AHEAD_MS};
 use crate::store::{Level, StoreError};
 
 /// Id rows deleted at once.

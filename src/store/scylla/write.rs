@@ -11,8 +11,8 @@ use super::rows::{
     PendingRow,
 };
 use super::Inner;
+use crate::model::PartitionBatch;
 use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, Record, UserId};
-use crate::pipeline::batcher::PartitionBatch;
 use crate::store::latest::newest;
 use crate::store::retention::Tier;
 use crate::store::{StoreError, ROLLUP_MS};

@@ -1,10 +1,10 @@
-//! `POST /v1/ingest`: the HTTP source.
+//! `POST /v1/ingest`: the HTTP source. It maps HTTP to the shared
+//! [`crate::ingest::Intake`] and back: the body and its content type in, the status
+//! code out.
 //!
 //! The answer is sent only once the pipeline reports the events durable, so a 200
 //! means stored. Every refusal is counted in `/metrics` and, where the device is
 //! known, in its live `rejected_total` and `last_error`.
-
-use std::collections::HashMap;
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
@@ -16,12 +16,12 @@ use bytes::Bytes;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::decode::{self, DecodeError, DecodeOptions, Format, RawEvent};
-use super::{count_rejected, Rejection};
-use crate::api::auth::{authenticate, Peer};
-use crate::api::error::{ApiError, ErrorBody};
-use crate::api::{body_error, AppState};
-use crate::model::{now_ms, DeviceId, Record, UserId};
+use crate::http::auth::{authenticate, Peer};
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::{body_error, AppState};
+use crate::ingest::decode::{DecodeError, Format, RawEvent};
+use crate::ingest::{Intake, Rejection, Unowned};
+use crate::model::{now_ms, DeviceId, UserId};
 use crate::registry::auth::Principal;
 use crate::telemetry::{Reason, Source};
 
@@ -35,16 +35,15 @@ pub async fn limit_inflight(
 ) -> Response {
     // Authenticated before a slot is taken: strangers cannot hold the slots.
     if let Err(e) = authenticate(&state, req.headers(), peer).await {
-        let reason = match e {
-            ApiError::Unauthorized => Reason::Unauthorized,
-            ApiError::RateLimited(_) => Reason::RateLimited,
-            _ => Reason::Overloaded,
-        };
-        state.telemetry.rejected(Source::Http, reason, 1);
+        state
+            .intake
+            .telemetry
+            .rejected(Source::Http, auth_reason(&e), 1);
         return e.into_response();
     }
     let Ok(_slot) = state.ingest_slots.clone().try_acquire_owned() else {
         state
+            .intake
             .telemetry
             .rejected(Source::Http, Reason::Overloaded, 1);
         return ApiError::Unavailable("too many ingest requests in flight; try again".into())
@@ -66,12 +65,18 @@ pub async fn limit_inflight(
                     // The client went away mid-body; nobody is left to answer.
                     return ApiError::field("body", "could not be read").into_response();
                 }
-                state.telemetry.rejected(Source::Http, Reason::TooLarge, 1);
+                state
+                    .intake
+                    .telemetry
+                    .rejected(Source::Http, Reason::TooLarge, 1);
                 return ApiError::TooLarge("the request body is larger than the limit".into())
                     .into_response();
             }
             Err(_) => {
-                state.telemetry.rejected(Source::Http, Reason::Invalid, 1);
+                state
+                    .intake
+                    .telemetry
+                    .rejected(Source::Http, Reason::Invalid, 1);
                 return ApiError::Timeout("the request body did not arrive in time".into())
                     .into_response();
             }
@@ -82,7 +87,7 @@ pub async fn limit_inflight(
 
 /// Who the events are charged to once known, for rejection accounting.
 struct Rejector<'a> {
-    state: &'a AppState,
+    intake: &'a Intake,
     device: Option<(UserId, DeviceId)>,
 }
 
@@ -93,9 +98,40 @@ impl Rejector<'_> {
             other => format!("{} ({})", reason.as_str(), other.status()),
         };
         let r = Rejection::new(reason, events as u64, message);
-        let live = self.state.live.as_ref();
-        count_rejected(&self.state.telemetry, live, Source::Http, self.device, &r).await;
+        self.intake.reject(Source::Http, self.device, &r).await;
         error
+    }
+}
+
+/// A failed authentication, as counted.
+fn auth_reason(e: &ApiError) -> Reason {
+    match e {
+        ApiError::Unauthorized => Reason::Unauthorized,
+        ApiError::RateLimited(_) => Reason::RateLimited,
+        _ => Reason::Overloaded,
+    }
+}
+
+/// Events that cannot be charged to the caller, in the words of a bearer secret.
+/// No reason: not the caller's fault, so answered but not counted as a refusal.
+fn unowned(e: Unowned, events: usize) -> (ApiError, Option<Reason>) {
+    let gateway = |index, reason: &str| DecodeError::Invalid {
+        index,
+        field: "device_id".into(),
+        reason: reason.into(),
+        events,
+    };
+    match e {
+        Unowned::DeviceIdNotAllowed { index } => (
+            gateway(index, "is only allowed with a user key (gateway mode)").into(),
+            Some(Reason::Invalid),
+        ),
+        Unowned::DeviceIdRequired { index } => (
+            gateway(index, "is required with a user key (gateway mode)").into(),
+            Some(Reason::Invalid),
+        ),
+        Unowned::NotOwned => (ApiError::NotFound, Some(Reason::UnknownDevice)),
+        Unowned::Registry(e) => (e.into(), None),
     }
 }
 
@@ -144,23 +180,19 @@ pub async fn ingest(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
     let received_ms = now_ms();
+    let intake = &state.intake;
     let mut rejector = Rejector {
-        state: &state,
+        intake,
         device: None,
     };
     let principal = match authenticate(&state, &headers, peer).await {
-        Ok(p @ (Principal::Device { .. } | Principal::User(_))) => p,
-        Ok(Principal::Admin) => {
-            return Err(rejector
-                .reject(ApiError::Unauthorized, Reason::Unauthorized, 1)
-                .await)
-        }
+        Ok(Principal::Admin) => Err(ApiError::Unauthorized),
+        other => other,
+    };
+    let principal = match principal {
+        Ok(p) => p,
         Err(e) => {
-            let reason = match e {
-                ApiError::Unauthorized => Reason::Unauthorized,
-                ApiError::RateLimited(_) => Reason::RateLimited,
-                _ => Reason::Overloaded,
-            };
+            let reason = auth_reason(&e);
             return Err(rejector.reject(e, reason, 1).await);
         }
     };
@@ -185,109 +217,36 @@ pub async fn ingest(
         Some(ct) if ct.trim_start().starts_with("application/x-ndjson") => Format::NdJson,
         _ => Format::Json,
     };
-    let opts = DecodeOptions {
-        max_events: state.limits.max_events,
-        now_ms: received_ms,
-        retention: state.limits.retention,
-    };
-    let decoded = match decode::decode(&body, format, opts) {
+    let decoded = match intake.decode(&body, format, received_ms) {
         Ok(d) => d,
         Err(e) => {
-            let events = e.events();
-            let (err, reason) = match e {
-                DecodeError::TooMany { limit } => (
-                    ApiError::TooLarge(format!("too many events: at most {limit} per request")),
-                    Reason::TooLarge,
-                ),
-                DecodeError::Invalid {
-                    index,
-                    field,
-                    reason,
-                    ..
-                } => (
-                    ApiError::Invalid {
-                        message: format!("event {index}: {field}: {reason}"),
-                        index: Some(index),
-                        field: Some(field),
-                    },
-                    Reason::Invalid,
-                ),
-            };
-            return Err(rejector.reject(err, reason, events).await);
+            let (events, reason) = (e.events(), e.reason());
+            return Err(rejector.reject(e.into(), reason, events).await);
         }
     };
     let accepted = decoded.len();
     if accepted == 0 {
         return Ok(Json(Accepted { accepted: 0 }));
     }
-
-    // Resolve the owner of every event.
-    let mut records = Vec::with_capacity(accepted);
-    let mut per_device: HashMap<DeviceId, (UserId, u64)> = HashMap::new();
-    match principal {
-        Principal::Device { id, user_id } => {
-            if let Some(index) = decoded.iter().position(|d| d.device_id.is_some()) {
-                let err = ApiError::Invalid {
-                    message: format!(
-                        "event {index}: device_id: is only allowed with a user key (gateway mode)"
-                    ),
-                    index: Some(index),
-                    field: Some("device_id".into()),
-                };
-                return Err(rejector.reject(err, Reason::Invalid, accepted).await);
-            }
-            per_device.insert(id, (user_id, accepted as u64));
-            records.extend(decoded.into_iter().map(|d| Record {
-                user_id,
-                device_id: id,
-                received_ms,
-                event: d.event,
-            }));
+    let records = match intake.records(principal, decoded, received_ms).await {
+        Ok(records) => records,
+        Err(e) => {
+            return Err(match unowned(e, accepted) {
+                (err, Some(reason)) => rejector.reject(err, reason, accepted).await,
+                (err, None) => err,
+            })
         }
-        Principal::User(user_id) => {
-            for (index, d) in decoded.iter().enumerate() {
-                let Some(device) = d.device_id else {
-                    let err = ApiError::Invalid {
-                        message: format!(
-                            "event {index}: device_id: is required with a user key (gateway mode)"
-                        ),
-                        index: Some(index),
-                        field: Some("device_id".into()),
-                    };
-                    return Err(rejector.reject(err, Reason::Invalid, accepted).await);
-                };
-                per_device.entry(device).or_insert((user_id, 0)).1 += 1;
-            }
-            for device in per_device.keys() {
-                if state.auth.device_owner(*device).await? != Some(user_id) {
-                    return Err(rejector
-                        .reject(ApiError::NotFound, Reason::UnknownDevice, accepted)
-                        .await);
-                }
-            }
-            records.extend(decoded.into_iter().map(|d| Record {
-                user_id,
-                device_id: d.device_id.unwrap_or_default(),
-                received_ms,
-                event: d.event,
-            }));
-        }
-        Principal::Admin => unreachable!("refused above"),
+    };
+    if let Err((device, limited)) = intake.admit(&records, received_ms).await {
+        let r = Rejector {
+            intake,
+            device: Some(device),
+        };
+        return Err(r
+            .reject(limited.into(), Reason::RateLimited, accepted)
+            .await);
     }
-
-    for (device, (user, n)) in &per_device {
-        if let Err(limited) = state.live.admit(*user, *device, *n, received_ms).await {
-            let r = Rejector {
-                state: &state,
-                device: Some((*user, *device)),
-            };
-            return Err(r
-                .reject(limited.into(), Reason::RateLimited, accepted)
-                .await);
-        }
-    }
-
-    let ack = match state.pipeline.try_submit(records) {
+    let ack = match intake.pipeline.try_submit(records) {
         Ok(ack) => ack,
         Err(e) => {
             return Err(rejector
@@ -295,7 +254,6 @@ pub async fn ingest(
                 .await)
         }
     };
-    ack.durable().await?;
-    state.telemetry.ingested(Source::Http, accepted as u64);
+    intake.stored(Source::Http, ack, accepted as u64).await?;
     Ok(Json(Accepted { accepted }))
 }

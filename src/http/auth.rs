@@ -1,4 +1,5 @@
-//! The bearer-secret extractor.
+//! Who is asking: the bearer-secret extractor, and the check that a device in a path
+//! is the caller's.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -12,6 +13,7 @@ use crate::live::{LimitKind, Limited};
 use crate::model::UserId;
 use crate::registry::auth::Principal;
 use crate::telemetry::Source;
+use uuid::Uuid;
 
 /// The authenticated caller of a request.
 #[derive(Debug, Clone, Copy)]
@@ -52,8 +54,8 @@ pub async fn authenticate(
     headers: &HeaderMap,
     peer: IpAddr,
 ) -> Result<Principal, ApiError> {
-    if let Some(wait) = state.auth.login_wait(peer, None) {
-        state.telemetry.login_throttled(Source::Http);
+    if let Some(wait) = state.intake.auth.login_wait(peer, None) {
+        state.intake.telemetry.login_throttled(Source::Http);
         return Err(ApiError::RateLimited(Limited {
             limit: LimitKind::Login,
             retry_after_ms: wait.as_secs_f64() * 1000.0,
@@ -61,8 +63,8 @@ pub async fn authenticate(
     }
     let found = resolve(state, headers).await;
     if matches!(found, Err(ApiError::Unauthorized)) {
-        state.auth.login_failed(peer, None, "http");
-        state.telemetry.login_failed(Source::Http);
+        state.intake.auth.login_failed(peer, None, "http");
+        state.intake.telemetry.login_failed(Source::Http);
     }
     found
 }
@@ -79,6 +81,7 @@ async fn resolve(state: &AppState, headers: &HeaderMap) -> Result<Principal, Api
         .filter(|s| !s.is_empty() && s.len() <= 256)
         .ok_or(ApiError::Unauthorized)?;
     state
+        .intake
         .auth
         .authenticate(secret)
         .await?
@@ -112,4 +115,29 @@ pub fn peer(parts: &Parts) -> IpAddr {
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
+}
+
+/// `{id}` in the device routes. Any string is routed; one that is not a UUID, or not
+/// one of the caller's devices, is a 404.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+// Only described: the handlers take the raw string, so that a malformed id is a 404.
+#[allow(dead_code)]
+pub struct DeviceIdParam {
+    /// The device's id.
+    id: Uuid,
+}
+
+/// Resolves `{id}` to a device of `user`. Anything else, a malformed id included, is
+/// the same 404, so that nobody can probe for other users' devices.
+///
+/// # Errors
+///
+/// 404, or 503 if the registry is down.
+pub async fn owned_device(state: &AppState, user: UserId, id: &str) -> Result<Uuid, ApiError> {
+    let id = Uuid::parse_str(id).map_err(|_| ApiError::NotFound)?;
+    match state.intake.auth.device_owner(id).await? {
+        Some(owner) if owner == user => Ok(id),
+        _ => Err(ApiError::NotFound),
+    }
 }

@@ -7,6 +7,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::ingest::decode::DecodeError;
 use crate::live::{LimitKind, Limited};
 use crate::pipeline::{AckError, SubmitError};
 use crate::registry::RegistryError;
@@ -182,6 +183,22 @@ impl From<AckError> for ApiError {
         ApiError::Unavailable(
             "the events could not be stored; nothing was kept, try again".to_owned(),
         )
+    }
+}
+
+/// The one mapping of a refused payload: the same words `/metrics` and the live
+/// `last_error` get.
+impl From<DecodeError> for ApiError {
+    fn from(e: DecodeError) -> Self {
+        let message = e.to_string();
+        match e {
+            DecodeError::TooMany { .. } => ApiError::TooLarge(message),
+            DecodeError::Invalid { index, field, .. } => ApiError::Invalid {
+                message,
+                index: Some(index),
+                field: Some(field),
+            },
+        }
     }
 }
 
