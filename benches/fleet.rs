@@ -57,8 +57,11 @@ fn phase_peak(peak: &AtomicU64) -> f64 {
     peak.swap(0, Ordering::Relaxed) as f64 / 1024.0
 }
 
-/// Posts request bodies built by `body(i)` for `i in 0..n`, `CONCURRENCY` at a time;
-/// returns events per second.
+/// Posts the request bodies built by `body(i)` for `i in 0..n`, `CONCURRENCY` at a
+/// time; returns events per second. The bodies are built before the clock starts: on
+/// 2 cores the client shares the server's CPU, and building a fleet's bodies (a device
+/// id in every event) costs more than a dense stream's, which would count against the
+/// fleet a cost that is not the server's.
 async fn ingest(
     http: &reqwest::Client,
     url: &str,
@@ -67,21 +70,19 @@ async fn ingest(
     events_per_request: usize,
     body: impl Fn(usize) -> Vec<u8>,
 ) -> Result<f64> {
+    let bodies: Vec<Vec<u8>> = (0..n).map(body).collect();
     let started = Instant::now();
-    stream::iter(0..n)
-        .map(|i| {
-            let b = body(i);
-            async move {
-                let r = http
-                    .post(url)
-                    .bearer_auth(secret)
-                    .header("content-type", "application/json")
-                    .body(b)
-                    .send()
-                    .await?;
-                anyhow::ensure!(r.status().is_success(), "ingest answered {}", r.status());
-                Ok(())
-            }
+    stream::iter(bodies)
+        .map(|b| async move {
+            let r = http
+                .post(url)
+                .bearer_auth(secret)
+                .header("content-type", "application/json")
+                .body(b)
+                .send()
+                .await?;
+            anyhow::ensure!(r.status().is_success(), "ingest answered {}", r.status());
+            Ok(())
         })
         .buffer_unordered(CONCURRENCY)
         .try_collect::<()>()
@@ -215,6 +216,47 @@ async fn drop_keyspace(env: &[(&str, String)]) -> Result<()> {
     Ok(())
 }
 
+/// The server's CPU time so far (user + system), in seconds.
+fn cpu_s(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime and stime are
+    // the 12th and 13th, in clock ticks (100 a second on Linux).
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .context("stat")?
+        .split_whitespace()
+        .collect();
+    Ok((f[11].parse::<f64>()? + f[12].parse::<f64>()?) / 100.0)
+}
+
+/// Waits until the server is idle (under a tenth of a core for half a second): the
+/// engine keeps flushing and merging after the last answer, and that work belongs to
+/// the phase that caused it, not to the next one.
+async fn settle(pid: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let before = cpu_s(pid)?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if cpu_s(pid)? - before < 0.05 || Instant::now() > deadline {
+            return Ok(());
+        }
+    }
+}
+
+/// One ingest phase: its acknowledged rate (events per second), and the server's CPU
+/// seconds for it, including the background work it left, once settled.
+async fn run_phase(
+    pid: u32,
+    ingest: impl std::future::Future<Output = Result<f64>>,
+) -> Result<(f64, f64)> {
+    settle(pid).await?;
+    let before = cpu_s(pid)?;
+    let rate = ingest.await?;
+    settle(pid).await?;
+    Ok((rate, cpu_s(pid)? - before))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     if !std::env::args().any(|a| a == "--bench") {
@@ -302,7 +344,8 @@ async fn main() -> Result<()> {
     let url = format!("{base}/v1/ingest");
     let per_request = 5;
     let setup_rss = phase_peak(&phase);
-    let fleet_rate = ingest(&http, &url, &key, devices / per_request, per_request * minutes, |r| {
+    let pid = server.child.id();
+    let (fleet_rate, fleet_cpu) = run_phase(pid, ingest(&http, &url, &key, devices / per_request, per_request * minutes, |r| {
         let mut events = Vec::with_capacity(per_request * minutes);
         for d in &ids[r * per_request..(r + 1) * per_request] {
             for m in 0..minutes {
@@ -311,7 +354,7 @@ async fn main() -> Result<()> {
             }
         }
         serde_json::to_vec(&events).unwrap()
-    })
+    }))
     .await?;
     let total = devices / per_request * per_request * minutes;
     let dense_per_request = 10_000;
@@ -319,7 +362,7 @@ async fn main() -> Result<()> {
     let dense_total = total / dense_per_request * dense_per_request;
     let dense_start = end - (dense_total as i64) * 1000;
     let fleet_rss = phase_peak(&phase);
-    let dense_rate = ingest(&http, &url, &dense_token, dense_total / dense_per_request, dense_per_request, |r| {
+    let (dense_rate, dense_cpu) = run_phase(pid, ingest(&http, &url, &dense_token, dense_total / dense_per_request, dense_per_request, |r| {
         let events: Vec<Value> = (0..dense_per_request)
             .map(|i| {
                 let n = (r * dense_per_request + i) as i64;
@@ -327,17 +370,24 @@ async fn main() -> Result<()> {
             })
             .collect();
         serde_json::to_vec(&events).unwrap()
-    })
+    }))
     .await?;
     println!(
         "fleet ingest: {fleet_rate:.0} ev/s; dense ingest: {dense_rate:.0} ev/s ({:.0}%)",
         100.0 * fleet_rate / dense_rate
+    );
+    println!(
+        "server CPU per phase, background work included: fleet {fleet_cpu:.2} s, dense {dense_cpu:.2} s (dense/fleet {:.0}%)",
+        100.0 * dense_cpu / fleet_cpu
     );
     let dense_rss = phase_peak(&phase);
     println!(
         "peak RSS by phase: set-up {setup_rss:.0} MB, fleet ingest {fleet_rss:.0} MB, dense ingest {dense_rss:.0} MB"
     );
 
+    if std::env::var("FLEET_QUERIES").as_deref() == Ok("0") {
+        return drop_keyspace(&env).await;
+    }
     // 2. Queries, each beside a baseline.
     let runs = 21;
     let fleet_events = total as u64;
