@@ -1,7 +1,7 @@
 //! Acknowledged means durable: the real binary is killed with SIGKILL mid-stream, or
 //! stopped with SIGTERM, and everything it acknowledged is there after a restart.
 
-mod common;
+mod support;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};

@@ -1,13 +1,13 @@
 //! Reads over a real socket: aggregates checked against figures computed here,
 //! independently, from what the test sent; listings, cursors, and query refusals.
 
-mod common;
+mod support;
 
 use std::collections::BTreeMap;
 
-use common::{now_ms, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::{now_ms, TestServer};
 
 const MIN: i64 = 60_000;
 
@@ -475,7 +475,7 @@ async fn extreme_ranges_answer_at_once_without_harm() {
         assert_eq!(v["field"], "window", "{v}");
     }
     // From 1970 in 30-day windows is fine, and read only where events can exist.
-    let to = common::now_ms() + 86_400_000;
+    let to = support::now_ms() + 86_400_000;
     let (s, v) = t
         .get(
             &format!("/v1/devices/{dev}/aggregates?from=0&to={to}&window=30d"),

@@ -6,8 +6,8 @@
 //! again. Then every fleet must verify: nothing acknowledged lost, nothing stored
 //! twice, aggregates equal to what was acknowledged.
 
-#[path = "../../tests/mqtt_support/mod.rs"]
-mod mqtt_support;
+#[path = "../../tests/support/mod.rs"]
+mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -22,7 +22,7 @@ use iotpipe_sim::provision::Fleet;
 use iotpipe_sim::rate::Rate;
 use iotpipe_sim::run::{run, Finished, Limit, Protocol, RunOptions};
 use iotpipe_sim::verify::{verify, Verification};
-use mqtt_support::{Broker, Process, ADMIN};
+use support::{Broker, Process, ADMIN};
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -175,7 +175,7 @@ async fn two_instances_lose_nothing_acknowledged_when_one_is_killed() {
     let (addr_a, addr_b) = (free_addr(), free_addr());
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // Schema through the binary, as an operator would create it.
-    let mut migrate = Command::new(mqtt_support::iotpipe_bin());
+    let mut migrate = Command::new(support::iotpipe_bin());
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
         migrate.env_remove(k);
     }
@@ -217,7 +217,7 @@ async fn two_instances_lose_nothing_acknowledged_when_one_is_killed() {
     };
     let chaos = async {
         sleep(KILL_AFTER).await;
-        a.kill9().await;
+        a.kill9();
         sleep(Duration::from_secs(1)).await;
         Process::spawn(dir_a.path(), &backends.env(addr_a)).await
     };
