@@ -171,14 +171,8 @@ async fn a_paused_node_gets_503s_and_no_acks_then_ingest_resumes_with_nothing_lo
 /// contract allows is stored whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_the_node_would_refuse_get_a_clear_400_and_the_largest_event_is_stored() {
-    let keyspace = format!("iotpipe_limits_{}", support::random_name());
-    let store = StoreConfig {
-        scylla_nodes: Some("127.0.0.1:9042".into()),
-        keyspace: keyspace.clone(),
-        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
-        consistency: "ONE".into(),
-        ..StoreConfig::default()
-    };
+    let store = support::cassandra_store("limits");
+    let keyspace = store.keyspace.clone();
     ScyllaStore::migrate(&ScyllaSettings::from_config(&store, 3_600_000).unwrap())
         .await
         .expect("the node of scripts/cassandra answers");
@@ -229,9 +223,5 @@ async fn values_the_node_would_refuse_get_a_clear_400_and_the_largest_event_is_s
     assert_eq!(v["events"][0]["attrs"], big["attrs"]);
     assert_eq!(v["events"][0]["metrics"], big["metrics"]);
     server.stop().await;
-    let _ = std::process::Command::new(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cassandra"),
-    )
-    .args(["cqlsh", "-e", &format!("DROP KEYSPACE {keyspace}")])
-    .status();
+    support::drop_keyspace(&keyspace).await;
 }

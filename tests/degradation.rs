@@ -87,15 +87,7 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
     assert!(subscribed);
     let _ = &mut conn;
 
-    let (s, _, _) = api_a
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/v1/devices/{id}"),
-            Some(&key),
-            None,
-        )
-        .await;
-    assert_eq!(s, 204);
+    api_a.delete_device(&key, &id).await;
     let deleted_at = Instant::now();
     let refused = wait_until(Duration::from_secs(1), || async {
         api_b.ingest(&token, telemetry(1)).await.0 == 401

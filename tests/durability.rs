@@ -18,7 +18,18 @@ use support::{iotpipe, Api, Owner, Process};
 /// The stored event ids of a device.
 async fn stored_ids(api: &Api, key: &str, dev: &str) -> Vec<String> {
     let events = api.all_events(key, dev).await;
-    events.iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect()
+    events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The binary on `dir`, and a user with a device on it.
+async fn spawn_with_device(dir: &Path) -> (Process, Api, Owner) {
+    let p = Process::start(dir, &[]).expect("iotpipe serve starts");
+    let api = p.api();
+    let owner = api.owner().await;
+    (p, api, owner)
 }
 
 fn spawn(dir: &Path) -> Process {
@@ -28,14 +39,8 @@ fn spawn(dir: &Path) -> Process {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let p = spawn(dir.path());
-    let api = p.api();
-    let http = api.http.clone();
-    let Owner {
-        key,
-        device: dev,
-        token,
-    } = api.owner().await;
+    let (p, api, owner) = spawn_with_device(dir.path()).await;
+    let (http, key, dev, token) = (api.http.clone(), owner.key, owner.device, owner.token);
 
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
     let sent = Arc::new(Mutex::new(HashSet::<String>::new()));
@@ -93,14 +98,8 @@ async fn acknowledged_events_survive_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_everything_acknowledged_is_there_after_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let p = spawn(dir.path());
-    let api = p.api();
-    let http = api.http.clone();
-    let Owner {
-        key,
-        device: dev,
-        token,
-    } = api.owner().await;
+    let (p, api, owner) = spawn_with_device(dir.path()).await;
+    let (http, key, dev, token) = (api.http.clone(), owner.key, owner.device, owner.token);
     let body: Vec<Value> = (0..500)
         .map(|i| json!({"type": "t", "metrics": {"i": i}}))
         .collect();
@@ -271,5 +270,8 @@ async fn a_spawned_server_ignores_the_callers_iotpipe_settings() {
     let p = started.expect("the server starts on its test settings");
     assert_ne!(p.http.port(), 1);
     let health = p.api().health().await;
-    assert_eq!(health["components"]["registry"]["backend"], "sqlite", "{health}");
+    assert_eq!(
+        health["components"]["registry"]["backend"], "sqlite",
+        "{health}"
+    );
 }

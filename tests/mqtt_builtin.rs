@@ -275,6 +275,41 @@ async fn an_invalid_payload_at_qos1_is_acked_counted_and_the_connection_stays_op
     inst.stop().await;
 }
 
+/// `rejected_total` counts a device's refusals from every source, and `/metrics`
+/// splits the same refusals by source: the two add up.
+#[tokio::test]
+async fn rejected_total_adds_up_http_and_mqtt_refusals() {
+    let mut inst = TestServer::with_mqtt(|_| {}).await;
+    let o = inst.api.owner().await;
+    let mut d = connected(&inst, &o).await;
+    for _ in 0..3 {
+        d.publish(topic(&o.device), QoS::AtLeastOnce, "not json")
+            .await;
+    }
+    d.pubacks(3).await;
+    for _ in 0..2 {
+        let (s, v) = inst
+            .api
+            .ingest(&o.token, json!({"type": "bad type!"}))
+            .await;
+        assert_eq!(s, 400, "{v}");
+    }
+    assert_refused(&inst, &o, 5, "type").await;
+    let page = inst.api.metrics().await;
+    let http = metric(
+        &page,
+        r#"iotpipe_events_rejected_total{source="http",reason="invalid"}"#,
+    );
+    assert_eq!((http, mqtt_rejected(&page, "invalid")), (2.0, 3.0));
+    let all: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("iotpipe_events_rejected_total{"))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(all, 5.0, "{page}");
+    inst.stop().await;
+}
+
 #[tokio::test]
 async fn qos2_closes_the_connection() {
     let mut inst = TestServer::with_mqtt(|_| {}).await;
@@ -382,16 +417,23 @@ async fn a_silent_connection_is_closed_after_its_keepalive_and_pings_keep_it_ope
     // ...and silence closes it, 1.5 keepalives after the server last heard from it
     // (which is after the last ping was written).
     expect_closed(&mut s).await;
+    let silent = last_ping.elapsed();
     assert!(
-        last_ping.elapsed() >= Duration::from_millis(1400),
-        "{:?}",
-        last_ping.elapsed()
+        silent >= Duration::from_millis(1400) && silent < Duration::from_secs(3),
+        "closed {silent:?} after the last ping, not 1.5 keepalives"
     );
 
-    // No CONNECT at all is closed too (connect timeout, shortened here).
+    // No CONNECT at all is closed too, at the connect timeout (shortened here): a
+    // setting that were ignored would keep it open for the default 10 s.
     let mut inst2 = TestServer::with_mqtt(|c| c.mqtt.connect_timeout_secs = 1).await;
+    let opened = Instant::now();
     let mut s = TcpStream::connect(inst2.mqtt()).await.unwrap();
     expect_closed(&mut s).await;
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "a silent connection closed after {waited:?}, not at the 1 s connect timeout"
+    );
     inst.stop().await;
     inst2.stop().await;
 }
@@ -408,11 +450,12 @@ async fn qos1_over_the_rate_limit_is_held_back_not_dropped_and_qos0_is_dropped()
             .await;
     }
     d.pubacks(15).await;
-    // A burst of 5, then 10 more at 5/s: the device was slowed down, not refused.
+    // A burst of 5, then 10 more at 5/s (2 s): the device was slowed down to the
+    // limit, not refused, nor stalled beyond it.
+    let took = started.elapsed();
     assert!(
-        started.elapsed() >= Duration::from_millis(1500),
-        "{:?}",
-        started.elapsed()
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "{took:?}"
     );
     assert_eq!(inst.api.events(&o).await.len(), 15);
     assert_eq!(inst.api.live(&o).await["rejected_total"], 0);
@@ -518,7 +561,8 @@ async fn shutdown_acknowledges_what_is_durable_and_waits_for_connections() {
 #[tokio::test]
 async fn every_acknowledged_event_survives_kill_9_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let first = Process::spawn(dir.path(), &[]).await;
+    let mqtt_on = [("IOTPIPE_MQTT_ADDR", "127.0.0.1:0".to_owned())];
+    let first = Process::spawn(dir.path(), &mqtt_on).await;
     let api = first.api();
     let o = api.owner().await;
     let t = topic(&o.device);
@@ -551,7 +595,7 @@ async fn every_acknowledged_event_survives_kill_9_exactly_once() {
     );
 
     // Restart on the same data dir; the device resends everything not acknowledged.
-    let second = Process::spawn(dir.path(), &[]).await;
+    let second = Process::spawn(dir.path(), &mqtt_on).await;
     let api = second.api();
     let acked_set: std::collections::HashSet<Uuid> = acked.iter().copied().collect();
     let stored = api.events(&o).await;
@@ -657,7 +701,11 @@ async fn an_mqtt5_device_logs_in_hears_the_window_and_its_events_are_stored() {
     use rumqttc::v5::mqttbytes::QoS as QoS5;
     use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 
-    let mut inst = TestServer::with_mqtt(|c| c.mqtt.max_inflight = 7).await;
+    let mut inst = TestServer::with_mqtt(|c| {
+        c.mqtt.max_inflight = 7;
+        c.http.max_body_bytes = 50_000;
+    })
+    .await;
     let o = inst.api.owner().await;
     let addr = inst.mqtt();
     let options = |pass: &str| {
@@ -693,6 +741,11 @@ async fn an_mqtt5_device_logs_in_hears_the_window_and_its_events_are_stored() {
     assert_eq!(connack.code, Code::Success);
     let props = connack.properties.expect("CONNACK properties");
     assert_eq!(props.receive_max, Some(7), "the window, as Receive Maximum");
+    assert_eq!(
+        props.max_packet_size,
+        Some(50_000 + 1024),
+        "the largest payload plus 1 KiB of packet, as Maximum Packet Size"
+    );
     assert_eq!(props.max_qos, Some(1));
 
     let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();

@@ -156,15 +156,7 @@ async fn the_http_api_works_on_a_mysql_registry() {
     assert_eq!(s, 200);
     assert_eq!(v["devices"][0]["id"], id.as_str());
 
-    let (s, _, _) = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/v1/devices/{id}"),
-            Some(&key),
-            None,
-        )
-        .await;
-    assert_eq!(s, 204);
+    api.delete_device(&key, &id).await;
     let (s, _) = api.ingest(&token, telemetry(1)).await;
     assert_eq!(s, 401);
     let (s, _) = api.get(&format!("/v1/devices/{id}"), &key).await;

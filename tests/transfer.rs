@@ -13,7 +13,7 @@ use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
 use iotpipe::Config;
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::{telemetry, Api, TestDb};
+use support::{telemetry, Api, Production, TestDb};
 use uuid::Uuid;
 
 const DAY: i64 = 86_400_000;
@@ -143,18 +143,16 @@ async fn embedded_to_mariadb_and_cassandra_interrupted_resumed_and_back() {
     server.stop().await;
 
     // The target: MariaDB, Cassandra (with another bucket length) and Redis.
-    let db = TestDb::create(support::MARIADB).await;
-    let keyspace = format!("iotpipe_transfer_{}", support::random_name());
-    let prefix = support::redis_prefix();
+    let backends = Production::new("transfer").await;
     let target_file = write(
         work.path(),
         "target.toml",
         &production_toml(
             &work.path().join("dst"),
-            &db.url,
-            "127.0.0.1:9042",
-            &keyspace,
-            &prefix,
+            &backends.db.url,
+            support::CASSANDRA,
+            &backends.store.keyspace,
+            &backends.prefix,
         ),
     );
 
@@ -216,16 +214,7 @@ async fn embedded_to_mariadb_and_cassandra_interrupted_resumed_and_back() {
     let settings =
         ScyllaSettings::from_config(&target.store, target.pipeline.bucket_len_ms).unwrap();
     drop(ScyllaStore::connect(settings).await.unwrap());
-    let session = scylla::client::session_builder::SessionBuilder::new()
-        .known_node("127.0.0.1:9042")
-        .build()
-        .await
-        .unwrap();
-    session
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
-        .await
-        .unwrap();
-    support::clear_redis(support::REDIS, &prefix).await;
+    backends.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,7 +152,7 @@ pub fn topic(device: &str) -> String {
 }
 
 /// One event with an id and a fixed `ts`, as JSON text.
-pub fn event_at(id: &uuid::Uuid, ts_ms: i64) -> String {
+fn event_at(id: &uuid::Uuid, ts_ms: i64) -> String {
     json!({"id": id.to_string(), "ts": ts_ms, "type": "telemetry", "metrics": {"seq": 1.0}})
         .to_string()
 }
@@ -217,7 +217,7 @@ pub struct Broker {
 
 /// The broker settings the delivery guarantee needs, as every broker of the project
 /// uses them.
-pub const MOSQUITTO_CONF: &str = include_str!("../../deploy/mosquitto.conf");
+const MOSQUITTO_CONF: &str = include_str!("../../deploy/mosquitto.conf");
 
 impl Broker {
     /// Tuned as `deploy/mosquitto.conf` says the guarantee needs: a large in-flight

@@ -104,7 +104,7 @@ impl TestServer {
 /// The `iotpipe` binary: cargo names it to the main crate's tests and benches; the
 /// simulator's tests find it beside their own executable, in the same target
 /// directory.
-pub fn iotpipe_bin() -> PathBuf {
+fn iotpipe_bin() -> PathBuf {
     if let Some(path) = option_env!("CARGO_BIN_EXE_iotpipe") {
         return path.into();
     }
