@@ -26,7 +26,7 @@ async fn stored_ids(api: &Api, key: &str, dev: &str) -> Vec<String> {
 
 /// The binary on `dir`, and a user with a device on it.
 async fn spawn_with_device(dir: &Path) -> (Process, Api, Owner) {
-    let p = Process::start(dir, &[]).expect("iotpipe serve starts");
+    let p = spawn(dir);
     let api = p.api();
     let owner = api.owner().await;
     (p, api, owner)

@@ -138,10 +138,11 @@ async fn repeated_failed_logins_are_answered_slowly_and_refused() {
         Seen::Refused(code) => assert_eq!(code, ConnectReturnCode::NotAuthorized),
         other => panic!("a blocked login went through: {other:?}"),
     }
+    // The penalty is at most 2 s: refused after it, not held beyond it.
+    let waited = started.elapsed();
     assert!(
-        started.elapsed() >= Duration::from_millis(1_500),
-        "{:?}",
-        started.elapsed()
+        waited >= Duration::from_millis(1_500) && waited < Duration::from_secs(4),
+        "{waited:?}"
     );
     let metrics = inst.api.metrics().await;
     assert_eq!(
