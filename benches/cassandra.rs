@@ -16,8 +16,8 @@
 //! Run: `cargo bench --bench cassandra` (`CASSANDRA_BENCH_ROUNDS=n` to change the
 //! number of ingest rounds, 5 by default).
 
-#[path = "../tests/prod_support/mod.rs"]
-mod prod_support;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use iotpipe::config::StoreConfig;
 use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
-use prod_support::Api;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::CqlTimestamp;
 use serde_json::{json, Value};
+use support::Api;
 use uuid::Uuid;
 
 const HOUR: i64 = 3_600_000;
@@ -62,16 +62,15 @@ struct Server {
 
 async fn server(keyspace: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = prod_support::config(dir.path());
+    let mut config = support::config(dir.path());
     config.store.scylla_nodes = Some(node());
     config.store.keyspace = keyspace.to_owned();
     config.store.consistency = "ONE".into();
     config.limits.device_per_sec = 0;
     config.limits.user_per_sec = 0;
-    let admin = config.admin_token.clone().unwrap();
-    let server = prod_support::start(config).await;
+    let server = support::start(config).await;
     let api = Api::new(&server);
-    let key = api.user(&admin).await;
+    let key = api.user_key().await;
     Server {
         api,
         key,
@@ -240,7 +239,7 @@ async fn time_ms<F: std::future::Future>(f: impl Fn() -> F, n: usize) -> f64 {
 }
 
 async fn run() {
-    let keyspace = format!("iotpipe_bench_{}", prod_support::random_name());
+    let keyspace = format!("iotpipe_bench_{}", support::random_name());
     let config = StoreConfig {
         scylla_nodes: Some(node()),
         keyspace: keyspace.clone(),
@@ -261,7 +260,7 @@ async fn run() {
     // Ingest, alternating rounds.
     let mut tokens = Vec::new();
     for _ in 0..CLIENTS {
-        tokens.push(api.device(&s.key).await.1);
+        tokens.push(api.device(&s.key, "d").await.1);
     }
     http_round(api, &tokens).await; // warm-up: connections, prepared statements
     raw_round(&session, &keyspace).await;
@@ -291,7 +290,7 @@ async fn run() {
         let now = iotpipe::model::now_ms();
         now - now.rem_euclid(DAY) - 2 * DAY
     };
-    let (device, token) = api.device(&s.key).await;
+    let (device, token) = api.device(&s.key, "d").await;
     for chunk in 0..9 {
         let body = events_json(9_600, Some(from + chunk * 9_600_000), 1_000);
         let (st, v) = api.post("/v1/ingest", &token, body).await;
@@ -300,7 +299,7 @@ async fn run() {
     // 100 devices, one event a minute each for the same day.
     let mut fleet = Vec::new();
     for _ in 0..100 {
-        let (id, token) = api.device(&s.key).await;
+        let (id, token) = api.device(&s.key, "d").await;
         let body = events_json(1_440, Some(from + 7_000), 60_000);
         let (st, v) = api.post("/v1/ingest", &token, body).await;
         assert_eq!(st, 200, "{v}");

@@ -20,10 +20,10 @@ use iotpipe::store::embedded::EmbeddedStore;
 use iotpipe::store::EventStore;
 use serde_json::{json, Value};
 use sqlx::sqlite::SqlitePoolOptions;
-use support::{median, post_json, rss_mb, start_server, Server, ADMIN};
+use support::{median, post_json, rss_mb, Process as Server, ADMIN};
 use uuid::Uuid;
 
-#[path = "support/mod.rs"]
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 const BATCH: usize = 1_000;
@@ -241,7 +241,7 @@ async fn main() -> Result<()> {
     println!("raw store bulk write: {raw:.0} events/s");
 
     let dir = tempfile::tempdir()?;
-    let server = start_server(dir.path(), &[])?;
+    let server = Server::start(dir.path(), &[])?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(16)
         .build()?;

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde_json::{json, Value};
-use support::{median, post_json, rss_mb, start_server, Server, ADMIN};
+use support::{median, post_json, rss_mb, Process as Server, ADMIN};
 
-#[path = "support/mod.rs"]
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 const MIN: i64 = 60_000;
@@ -280,7 +280,7 @@ async fn main() -> Result<()> {
     println!("machine: {cpu} cores; store: {store}; fleet: {devices} devices x {hours} h");
 
     let dir = tempfile::tempdir()?;
-    let server: Server = start_server(dir.path(), &env)?;
+    let server = Server::start(dir.path(), &env)?;
     let stop = Arc::new(AtomicBool::new(false));
     let phase = Arc::new(AtomicU64::new(0));
     let peak = watch_rss(server.child.id(), stop.clone(), phase.clone());

@@ -10,12 +10,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use iotpipe::topology;
-use iotpipe::Config;
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS};
-use serde_json::{json, Value};
+use serde_json::json;
+use support::{Api, Broker, Process};
 
-const ADMIN: &str = "ipa_mqtt-bench-admin-token-0123456789";
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 /// Messages in flight per publisher: the same for both paths.
 const INFLIGHT: u16 = 1000;
 
@@ -30,32 +31,25 @@ async fn main() -> anyhow::Result<()> {
     let builtin_only = std::env::var("MQTT_BENCH_ONLY").is_ok_and(|v| v == "builtin");
     let (mut baseline, mut baseline_ten, mut external) = (f64::NAN, f64::NAN, f64::NAN);
     if !builtin_only {
-        let broker = Mosquitto::start()?;
-        wait_port(broker.port).await?;
+        let broker = Broker::start().await;
         baseline = mosquitto_pass_through(broker.port, publishers, per, 1).await?;
         baseline_ten = mosquitto_pass_through(broker.port, publishers, per / 10, 10).await?;
         drop(broker);
 
-        let broker = Mosquitto::start()?;
-        wait_port(broker.port).await?;
+        let broker = Broker::start().await;
         external = self::external(broker.port, publishers, per).await?;
         drop(broker);
     }
 
     let dir = tempfile::tempdir()?;
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        admin_token: Some(ADMIN.into()),
-        ..Config::default()
-    };
-    config.http.addr = "127.0.0.1:0".into();
+    let mut config = support::config(dir.path());
     config.mqtt.addr = "127.0.0.1:0".into();
     config.mqtt.max_inflight = usize::from(INFLIGHT);
     config.limits.device_per_sec = 0;
     config.limits.user_per_sec = 0;
-    let server = topology::start(config).await?;
+    let server = support::start(config).await;
     let mqtt = server.mqtt_addr.context("MQTT endpoint")?;
-    let devices = devices(server.http_addr, publishers).await?;
+    let devices = devices(&Api::new(&server), publishers).await;
 
     let single = builtin(mqtt, &devices, per, 1, Ids::V4).await?;
     let ten = builtin(mqtt, &devices, per / 10, 10, Ids::V4).await?;
@@ -118,30 +112,13 @@ async fn main() -> anyhow::Result<()> {
 /// Opens `n` idle, logged-in connections to the real binary and returns its RSS
 /// growth per connection, in bytes.
 async fn idle_memory(n: usize) -> anyhow::Result<f64> {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir()?;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_iotpipe"))
-        .arg("serve")
-        .env("IOTPIPE_DATA_DIR", dir.path())
-        .env("IOTPIPE_HTTP_ADDR", "127.0.0.1:0")
-        .env("IOTPIPE_MQTT_ADDR", "127.0.0.1:0")
-        .env("IOTPIPE_ADMIN_TOKEN", ADMIN)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().context("pid")?;
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let line = lines.next_line().await?.context("no stdout line")?;
-    let field = |name: &str| -> anyhow::Result<SocketAddr> {
-        Ok(line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .context("address")?
-            .parse()?)
-    };
-    let (http, mqtt) = (field("http=")?, field("mqtt=")?);
-    let (id, token) = devices(http, 1).await?.remove(0);
+    let mqtt_on = [("IOTPIPE_MQTT_ADDR", "127.0.0.1:0".to_owned())];
+    let process = Process::spawn(dir.path(), &mqtt_on).await;
+    let pid = process.child.id();
+    let mqtt = process.mqtt.context("MQTT endpoint")?;
+    let (id, token) = devices(&process.api(), 1).await.remove(0);
     // One client id per connection: a second login under the same one would take over
     // (close) the first.
     let connect = |i: usize| -> anyhow::Result<Vec<u8>> {
@@ -154,7 +131,7 @@ async fn idle_memory(n: usize) -> anyhow::Result<f64> {
     };
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss(pid)?;
+    let before = support::rss_mb(pid);
     let mut streams = Vec::with_capacity(n);
     for i in 0..n {
         let mut s = tokio::net::TcpStream::connect(mqtt).await?;
@@ -167,24 +144,10 @@ async fn idle_memory(n: usize) -> anyhow::Result<f64> {
         streams.push(s);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss(pid)?;
+    let after = support::rss_mb(pid);
     drop(streams);
-    child.kill().await?;
-    Ok((after.saturating_sub(before)) as f64 / n as f64)
-}
-
-/// Resident set size of a process, in bytes.
-fn rss(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .context("VmRSS")?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()?;
-    Ok(kb * 1024)
+    process.kill9();
+    Ok((after - before).max(0.0) * 1024.0 * 1024.0 / n as f64)
 }
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -335,32 +298,15 @@ async fn mosquitto_pass_through(
 /// clock stops when iotpipe has every event durable.
 async fn external(port: u16, publishers: usize, per: usize) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        admin_token: Some(ADMIN.into()),
-        ..Config::default()
-    };
-    config.http.addr = "127.0.0.1:0".into();
-    config.mqtt.addr = "off".into();
+    let mut config = support::config(dir.path());
     config.mqtt.url = Some(format!("mqtt://127.0.0.1:{port}"));
     config.mqtt.client_id = Some("bench-iotpipe".into());
     config.limits.device_per_sec = 0;
     config.limits.user_per_sec = 0;
-    let server = topology::start(config).await?;
-    let http = server.http_addr;
-    let api = reqwest::Client::new();
-    let health = format!("http://{http}/health");
-    for attempt in 0.. {
-        let h: Value = api.get(&health).send().await?.json().await?;
-        if h["components"]["mqtt"]["ok"] == true {
-            break;
-        }
-        if attempt > 400 {
-            bail!("iotpipe never subscribed: {h}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let devices = devices(http, publishers).await?;
+    let server = support::start(config).await;
+    let api = Api::new(&server);
+    support::wait_mqtt_ok(&api).await;
+    let devices = devices(&api, publishers).await;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let total = per * publishers;
     let jobs = devices
@@ -375,21 +321,12 @@ async fn external(port: u16, publishers: usize, per: usize) -> anyhow::Result<f6
             )
         })
         .collect();
-    let metrics = format!("http://{http}/metrics");
     let stored = async move {
-        loop {
-            let page = api.get(&metrics).send().await?.text().await?;
-            let ingested = page
-                .lines()
-                .find_map(|l| l.strip_prefix(r#"iotpipe_events_ingested_total{source="mqtt"} "#))
-                .context("ingested series")?
-                .trim()
-                .parse::<f64>()?;
-            if ingested >= total as f64 {
-                return anyhow::Ok(());
-            }
+        let series = r#"iotpipe_events_ingested_total{source="mqtt"}"#;
+        while support::metric(&api.metrics().await, series) < total as f64 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        anyhow::Ok(())
     };
     let rate = run_publishers(jobs, stored, total).await?;
     server.stop().await;
@@ -415,91 +352,12 @@ async fn builtin(
     run_publishers(jobs, async { Ok(()) }, per * devices.len()).await
 }
 
-async fn devices(http: SocketAddr, n: usize) -> anyhow::Result<Vec<(String, String)>> {
-    let api = reqwest::Client::new();
-    let base = format!("http://{http}");
-    let user: Value = api
-        .post(format!("{base}/v1/users"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"username": "bench", "email": "bench@example.com"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let key = user["api_key"].as_str().context("api_key")?.to_owned();
+/// `n` devices of one user: (id, token) each.
+async fn devices(api: &Api, n: usize) -> Vec<(String, String)> {
+    let key = api.user_key().await;
     let mut out = Vec::new();
     for _ in 0..n {
-        let d: Value = api
-            .post(format!("{base}/v1/devices"))
-            .bearer_auth(&key)
-            .json(&json!({"name": "bench", "type": "bench"}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        out.push((
-            d["id"].as_str().context("id")?.to_owned(),
-            d["token"].as_str().context("token")?.to_owned(),
-        ));
+        out.push(api.device(&key, "bench").await);
     }
-    Ok(out)
-}
-
-/// A private, tuned Mosquitto (as docs/mqtt.md requires), killed on drop.
-struct Mosquitto {
-    port: u16,
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            // The same settings as every broker of the project, persistence included.
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
-                 persistence_location {}/\nlog_dest none\n{}",
-                dir.path().display(),
-                include_str!("../deploy/mosquitto.conf")
-            ),
-        )?;
-        let child = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting mosquitto")?;
-        Ok(Self {
-            port,
-            child,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_port(port: u16) -> anyhow::Result<()> {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    bail!("mosquitto did not start")
+    out
 }

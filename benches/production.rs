@@ -6,16 +6,16 @@
 //! fresh database and a random key prefix. Run:
 //! `cargo bench --bench production` (or `--profile dev` for a quick look).
 
-#[path = "../tests/prod_support/mod.rs"]
-mod prod_support;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::stream::{self, StreamExt};
 use iotpipe::Config;
-use prod_support::{Api, TestDb, MARIADB, REDIS};
 use serde_json::{json, Value};
+use support::{Api, TestDb, MARIADB, REDIS};
 
 const EVENTS_PER_REQUEST: usize = 100;
 const REQUESTS_PER_ROUND: usize = 64;
@@ -32,16 +32,15 @@ struct Target {
 
 async fn target(configure: impl FnOnce(&mut Config)) -> Target {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = prod_support::config(dir.path());
+    let mut config = support::config(dir.path());
     // Limits enabled, but high enough never to refuse: the cost is what is measured.
     config.limits.device_per_sec = 100_000_000;
     config.limits.user_per_sec = 100_000_000;
     configure(&mut config);
-    let admin = config.admin_token.clone().unwrap();
-    let server = prod_support::start(config).await;
+    let server = support::start(config).await;
     let api = Api::new(&server);
-    let key = api.user(&admin).await;
-    let (_, token) = api.device(&key).await;
+    let key = api.user_key().await;
+    let (_, token) = api.device(&key, "d").await;
     let body = json!((0..EVENTS_PER_REQUEST)
         .map(|i| json!({"type": "telemetry", "metrics": {"temp": i as f64, "battery": 0.5}}))
         .collect::<Vec<_>>());
@@ -80,7 +79,7 @@ fn production(c: &mut Criterion) {
         .build()
         .unwrap();
     let db = rt.block_on(TestDb::create(MARIADB));
-    let prefix = prod_support::redis_prefix();
+    let prefix = support::redis_prefix();
     let targets = rt.block_on(async {
         vec![
             ("embedded", target(|_| {}).await),
@@ -144,7 +143,7 @@ fn production(c: &mut Criterion) {
         );
     }
     drop(targets);
-    rt.block_on(prod_support::clear_redis(REDIS, &prefix));
+    rt.block_on(support::clear_redis(REDIS, &prefix));
     drop(db);
 }
 

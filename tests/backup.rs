@@ -3,7 +3,7 @@
 //! started is in it, and the restored server serves the same events, aggregates and
 //! registry (the same user key and admin token work).
 
-mod common;
+mod support;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -11,16 +11,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{now_ms, test_config, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::{now_ms, TestServer};
 use uuid::Uuid;
 
 /// The ids of one acknowledged request, and when its answer arrived.
 type Acked = (Instant, Vec<String>);
 
 fn iotpipe(data_dir: &Path) -> tokio::process::Command {
-    common::iotpipe_command(data_dir).into()
+    let mut cmd = support::iotpipe();
+    cmd.env("IOTPIPE_DATA_DIR", data_dir);
+    cmd.into()
 }
 
 async fn run(cmd: &mut tokio::process::Command) -> (bool, String) {
@@ -33,7 +35,9 @@ async fn run(cmd: &mut tokio::process::Command) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_taken_while_ingesting_restores_every_acknowledged_event() {
+    // No configured admin token: the generated one is part of what is restored.
     let mut t = TestServer::start_with(|c| {
+        c.admin_token = None;
         c.limits.device_per_sec = 0;
         c.limits.user_per_sec = 0;
     })
@@ -140,19 +144,11 @@ async fn a_backup_taken_while_ingesting_restores_every_acknowledged_event() {
     let (ok, err) = run(iotpipe(&data).arg("restore").arg(&backup)).await;
     assert!(!ok && err.contains("not empty"), "{err}");
 
-    let mut config = test_config(&root);
-    config.data_dir = data.clone();
-    let server = iotpipe::topology::start(config)
-        .await
-        .expect("the restored server starts");
+    let mut config = support::config(&data);
+    config.admin_token = None;
+    let server = support::start(config).await;
     assert_eq!(server.admin_token, admin, "the admin token is restored");
-    let r = TestServer {
-        base: format!("http://{}", server.http_addr),
-        admin: server.admin_token.clone(),
-        server: Some(server),
-        http: reqwest::Client::new(),
-        dir: root,
-    };
+    let r = support::Api::new(&server);
     // The same user key works (the registry, hashed secrets included, is restored).
     assert_eq!(r.all_events(&key, &history).await, history_events);
     assert_eq!(r.get(&aggregates, &key).await.1, history_aggregates);

@@ -2,18 +2,17 @@
 //! node (never the shared one) is paused with SIGSTOP for 30 s during ingest over HTTP
 //! and MQTT, then resumed.
 
-mod mqtt_support;
-mod prod_support;
+mod support;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use iotpipe::config::StoreConfig;
 use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
-use mqtt_support::{event, topic, Device, Seen};
-use prod_support::CassandraNode;
 use rumqttc::QoS;
 use serde_json::json;
+use support::CassandraNode;
+use support::{event, topic, Device, Seen};
 use tokio::time::{timeout, Instant};
 use uuid::Uuid;
 
@@ -21,20 +20,20 @@ use uuid::Uuid;
 const PAUSE: Duration = Duration::from_secs(30);
 
 /// Ingests one event with a fresh id; returns the status, the id, and Retry-After.
-async fn ingest_one(api: &prod_support::Api, token: &str) -> (u16, Uuid, Option<String>) {
+async fn ingest_one(api: &support::Api, token: &str) -> (u16, Uuid, Option<String>) {
     let id = Uuid::new_v4();
-    let (s, _, headers) = api
+    let (s, headers, _) = api
         .call(
             reqwest::Method::POST,
             "/v1/ingest",
-            token,
+            Some(token),
             Some(json!({"id": id, "type": "t", "metrics": {"v": 1}})),
         )
         .await;
     let retry = headers
         .get("retry-after")
         .map(|v| v.to_str().unwrap().to_owned());
-    (s, id, retry)
+    (s.as_u16(), id, retry)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,15 +53,14 @@ async fn a_paused_node_gets_503s_and_no_acks_then_ingest_resumes_with_nothing_lo
         .await
         .expect("schema on the private node");
     let dir = tempfile::tempdir().unwrap();
-    let mut config = prod_support::config(dir.path());
+    let mut config = support::config(dir.path());
     config.store = store;
     config.mqtt.addr = "127.0.0.1:0".into();
-    let admin = config.admin_token.clone().unwrap();
-    let server = prod_support::start(config).await;
-    let api = prod_support::Api::new(&server);
+    let server = support::start(config).await;
+    let api = support::Api::new(&server);
     let mqtt_addr = server.mqtt_addr.unwrap();
-    let key = api.user(&admin).await;
-    let (device, token) = api.device(&key).await;
+    let key = api.user_key().await;
+    let (device, token) = api.device(&key, "d").await;
 
     let mut acked: Vec<Uuid> = Vec::new();
     for _ in 0..5 {
@@ -173,25 +171,18 @@ async fn a_paused_node_gets_503s_and_no_acks_then_ingest_resumes_with_nothing_lo
 /// contract allows is stored whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_the_node_would_refuse_get_a_clear_400_and_the_largest_event_is_stored() {
-    let keyspace = format!("iotpipe_limits_{}", prod_support::random_name());
-    let store = StoreConfig {
-        scylla_nodes: Some("127.0.0.1:9042".into()),
-        keyspace: keyspace.clone(),
-        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
-        consistency: "ONE".into(),
-        ..StoreConfig::default()
-    };
+    let store = support::cassandra_store("limits");
+    let keyspace = store.keyspace.clone();
     ScyllaStore::migrate(&ScyllaSettings::from_config(&store, 3_600_000).unwrap())
         .await
         .expect("the node of scripts/cassandra answers");
     let dir = tempfile::tempdir().unwrap();
-    let mut config = prod_support::config(dir.path());
+    let mut config = support::config(dir.path());
     config.store = store;
-    let admin = config.admin_token.clone().unwrap();
-    let server = prod_support::start(config).await;
-    let api = prod_support::Api::new(&server);
-    let key = api.user(&admin).await;
-    let (device, token) = api.device(&key).await;
+    let server = support::start(config).await;
+    let api = support::Api::new(&server);
+    let key = api.user_key().await;
+    let (device, token) = api.device(&key, "d").await;
 
     let good = json!({"type": "t", "metrics": {"v": 1}});
     let cases = [
@@ -232,9 +223,5 @@ async fn values_the_node_would_refuse_get_a_clear_400_and_the_largest_event_is_s
     assert_eq!(v["events"][0]["attrs"], big["attrs"]);
     assert_eq!(v["events"][0]["metrics"], big["metrics"]);
     server.stop().await;
-    let _ = std::process::Command::new(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cassandra"),
-    )
-    .args(["cqlsh", "-e", &format!("DROP KEYSPACE {keyspace}")])
-    .status();
+    support::drop_keyspace(&keyspace).await;
 }

@@ -5,22 +5,19 @@
 //! (non-zero exit, counted), the repairable ones are repaired, and a second run is
 //! clean.
 
-mod prod_support;
+mod support;
 
 use std::process::Output;
 
 use fjall::{KeyspaceCreateOptions, PersistMode};
-use iotpipe::config::StoreConfig;
 use iotpipe::model::now_ms;
-use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
+use iotpipe::store::scylla::ScyllaStore;
 use iotpipe::Config;
-use prod_support::{Api, TestDb};
-use reqwest::Method;
-use serde_json::{json, Value};
+use support::{events, Api, Production};
 use uuid::Uuid;
 
 fn check(config: &Config, repair: bool) -> (bool, String) {
-    let mut cmd = prod_support::command(config);
+    let mut cmd = support::ops_command(config);
     cmd.arg("check");
     if repair {
         cmd.arg("--repair");
@@ -43,36 +40,18 @@ fn line<'a>(report: &'a str, what: &str) -> &'a str {
 /// A user with two devices with events two days old (their days' rollups are
 /// complete), and a third device, with events, deleted without a purge. Returns
 /// (user key, kept device ids, deleted device id).
-async fn populate(api: &Api, admin: &str) -> (String, Vec<String>, String) {
-    let key = api.user(admin).await;
+async fn populate(api: &Api) -> (String, Vec<String>, String) {
     let from = now_ms() - 2 * 86_400_000;
-    let mut devices = Vec::new();
-    for n in [40i64, 25, 10] {
-        let (id, token) = api.device(&key).await;
-        let body: Vec<Value> = (0..n)
-            .map(|i| json!({"id": Uuid::new_v4(), "ts": from + i * 60_000, "type": "t", "metrics": {"v": i}}))
-            .collect();
-        let (s, v, _) = api
-            .call(Method::POST, "/v1/ingest", &token, Some(json!(body)))
-            .await;
-        assert_eq!(s, 200, "{v}");
-        devices.push(id);
-    }
-    let deleted = devices.pop().unwrap();
-    let (s, _, _) = api
-        .call(
-            Method::DELETE,
-            &format!("/v1/devices/{deleted}"),
-            &key,
-            None,
-        )
+    let (key, mut devices) = api
+        .fleet(&[40, 25, 10], false, |n| events(n, from, 60_000))
         .await;
-    assert_eq!(s, 204);
+    let deleted = devices.pop().unwrap();
+    api.delete_device(&key, &deleted).await;
     (key, devices, deleted)
 }
 
 async fn set_live_total(prefix: &str, device: &str, events: u64) {
-    let client = redis::Client::open(prod_support::REDIS).unwrap();
+    let client = redis::Client::open(support::REDIS).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("HSET")
         .arg(format!("{prefix}d:{device}"))
@@ -84,22 +63,22 @@ async fn set_live_total(prefix: &str, device: &str, events: u64) {
 }
 
 fn base_config(dir: &std::path::Path, prefix: &str) -> Config {
-    let mut config = prod_support::config(dir);
+    let mut config = support::config(dir);
     config.limits.device_per_sec = 0;
     config.limits.user_per_sec = 0;
-    config.live.redis_url = Some(prod_support::REDIS.into());
+    config.live.redis_url = Some(support::REDIS.into());
     config.live.key_prefix = prefix.to_owned();
     config
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_finds_and_repairs_each_disagreement_on_the_embedded_store() {
-    let prefix = prod_support::redis_prefix();
+    let prefix = support::redis_prefix();
     let dir = tempfile::tempdir().unwrap();
     let config = base_config(dir.path(), &prefix);
-    let server = prod_support::start(config.clone()).await;
+    let server = support::start(config.clone()).await;
     let api = Api::new(&server);
-    let (_, kept, deleted) = populate(&api, &server.admin_token).await;
+    let (_, kept, deleted) = populate(&api).await;
     server.stop().await;
 
     // Only the deleted device's events disagree so far (a plain delete keeps them).
@@ -178,42 +157,25 @@ async fn check_finds_and_repairs_each_disagreement_on_the_embedded_store() {
         rollups.contains(&kept[0]) || rollups.contains(&kept[1]),
         "{report}"
     );
-    prod_support::clear_redis(prod_support::REDIS, &prefix).await;
+    support::clear_redis(support::REDIS, &prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_finds_and_repairs_on_cassandra_mariadb_and_redis() {
-    let db = TestDb::create(prod_support::MARIADB).await;
-    let prefix = prod_support::redis_prefix();
+    let backends = Production::new("check").await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = base_config(dir.path(), &prefix);
-    config.store = StoreConfig {
-        scylla_nodes: Some("127.0.0.1:9042".into()),
-        keyspace: format!("iotpipe_check_{}", prod_support::random_name()),
-        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
-        consistency: "ONE".into(),
-        ..StoreConfig::default()
-    };
-    config.registry.url = Some(db.url.clone());
-    let settings =
-        ScyllaSettings::from_config(&config.store, config.pipeline.bucket_len_ms).unwrap();
-    ScyllaStore::migrate(&settings)
-        .await
-        .expect("the Cassandra node of scripts/deps answers at 127.0.0.1:9042");
-    let server = prod_support::start(config.clone()).await;
+    let mut config = base_config(dir.path(), &backends.prefix);
+    let settings = backends.apply(&mut config).await;
+    let server = support::start(config.clone()).await;
     let api = Api::new(&server);
-    let (_, kept, deleted) = populate(&api, &server.admin_token).await;
+    let (_, kept, deleted) = populate(&api).await;
     // Wait for the background rollups, then stop: the check runs beside a cluster.
     let store = ScyllaStore::connect(settings.clone()).await.unwrap();
     store.settle().await;
     server.stop().await;
     store.sweep().await.unwrap();
 
-    let session = scylla::client::session_builder::SessionBuilder::new()
-        .known_node("127.0.0.1:9042")
-        .build()
-        .await
-        .unwrap();
+    let session = support::cassandra_session().await;
     let ks = &settings.keyspace;
     let orphan = Uuid::new_v4();
     session
@@ -227,7 +189,7 @@ async fn check_finds_and_repairs_on_cassandra_mariadb_and_redis() {
         )
         .await
         .unwrap();
-    set_live_total(&prefix, &kept[1], 999).await;
+    set_live_total(&backends.prefix, &kept[1], 999).await;
 
     let (ok, report) = check(&config, false);
     assert!(!ok);
@@ -249,10 +211,5 @@ async fn check_finds_and_repairs_on_cassandra_mariadb_and_redis() {
     assert!(!ok);
     let (ok, report) = check(&config, false);
     assert!(ok, "clean after the repair: {report}");
-
-    session
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
-        .await
-        .unwrap();
-    prod_support::clear_redis(prod_support::REDIS, &prefix).await;
+    backends.cleanup().await;
 }

@@ -7,8 +7,7 @@
 //!
 //! Without Chromium the test is skipped, except with `CI=true`, where it fails.
 
-mod common;
-mod mqtt_support;
+mod support;
 
 use std::net::TcpListener;
 use std::panic::AssertUnwindSafe;
@@ -16,11 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{now_ms, TestServer};
 use futures::FutureExt;
 use reqwest::Method;
 use rumqttc::QoS;
 use serde_json::{json, Value};
+use support::{now_ms, TestServer};
 use thirtyfour::components::SelectElement;
 use thirtyfour::prelude::*;
 use thirtyfour::LoggingPrefsLogLevel;
@@ -272,13 +271,13 @@ struct Fleet {
     sensor_token: String,
     meter: String,
     boiler: String,
-    mqtt: mqtt_support::Device,
+    mqtt: support::Device,
 }
 
 impl Fleet {
     async fn start() -> Self {
-        let server = TestServer::start_with(|c| c.mqtt.addr = "127.0.0.1:0".into()).await;
-        let mqtt_addr = server.server.as_ref().unwrap().mqtt_addr.unwrap();
+        let server = TestServer::with_mqtt(|_| {}).await;
+        let mqtt_addr = server.mqtt();
         let (_, alice) = server.user("alice").await;
         let (_, bob) = server.user("bob").await;
         let (sensor, sensor_token) = server.device(&alice, "greenhouse sensor").await;
@@ -296,7 +295,7 @@ impl Fleet {
             .ingest(&boiler_token, json!([reading(2, 70.0), reading(1, 71.0)]))
             .await;
         assert_eq!(status, 200);
-        let mut mqtt = mqtt_support::Device::connect(mqtt_addr, &sensor, &sensor_token);
+        let mut mqtt = support::Device::connect(mqtt_addr, &sensor, &sensor_token);
         mqtt.connected().await;
         let mut fleet = Self {
             meter: meter["id"].as_str().unwrap().to_owned(),
@@ -334,7 +333,7 @@ impl Fleet {
 
     /// Publishes at QoS 1 and waits for the PUBACKs, so the events are stored.
     async fn send_mqtt(&mut self, events: Vec<Value>) {
-        let topic = mqtt_support::topic(&self.sensor);
+        let topic = support::topic(&self.sensor);
         for e in &events {
             self.mqtt
                 .publish(&topic, QoS::AtLeastOnce, e.to_string())

@@ -5,16 +5,15 @@
 //! MariaDB outages cut a TCP proxy owned by the test; event store outages wrap the
 //! embedded store in-process. The shared servers are never stopped.
 
-mod mqtt_support;
-mod prod_support;
+mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use prod_support::{free_port, start_redis, Api, TestDb, MARIADB, REDIS};
 use serde_json::json;
+use support::{free_port, start_redis, telemetry, Api, TestDb, MARIADB, REDIS};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -36,9 +35,9 @@ where
 #[tokio::test]
 async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second() {
     let db = TestDb::create(MARIADB).await;
-    let prefix = prod_support::redis_prefix();
+    let prefix = support::redis_prefix();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = prod_support::config(dir_a.path());
+    let mut a = support::config(dir_a.path());
     a.registry.url = Some(db.url.clone());
     a.live.redis_url = Some(REDIS.into());
     a.live.key_prefix = prefix.clone();
@@ -49,19 +48,19 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
     // Instance b also holds the device's MQTT connection.
     b.mqtt.addr = "127.0.0.1:0".into();
     let admin = a.admin_token.clone().unwrap();
-    let (a, b) = (prod_support::start(a).await, prod_support::start(b).await);
+    let (a, b) = (support::start(a).await, support::start(b).await);
     let (api_a, api_b) = (Api::new(&a), Api::new(&b));
 
-    let key = api_a.user(&admin).await;
-    let (id, token) = api_a.device(&key).await;
+    let key = api_a.user_key().await;
+    let (id, token) = api_a.device(&key, "d").await;
     // Warm instance b's cache for the token and the device's owner.
-    let (s, v, _) = api_b.ingest(&token, 2).await;
+    let (s, v) = api_b.ingest(&token, telemetry(2)).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(
         api_b.get(&format!("/v1/devices/{id}/live"), &key).await.0,
         200
     );
-    let mut device = mqtt_support::Device::connect(b.mqtt_addr.unwrap(), &id, &token);
+    let mut device = support::Device::connect(b.mqtt_addr.unwrap(), &id, &token);
     device.connected().await;
     let health = api_b.health().await;
     assert_eq!(health["components"]["live"]["backend"], "redis");
@@ -88,18 +87,10 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
     assert!(subscribed);
     let _ = &mut conn;
 
-    let (s, _, _) = api_a
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/v1/devices/{id}"),
-            &key,
-            None,
-        )
-        .await;
-    assert_eq!(s, 204);
+    api_a.delete_device(&key, &id).await;
     let deleted_at = Instant::now();
     let refused = wait_until(Duration::from_secs(1), || async {
-        api_b.ingest(&token, 1).await.0 == 401
+        api_b.ingest(&token, telemetry(1)).await.0 == 401
     })
     .await;
     assert!(
@@ -153,7 +144,7 @@ async fn a_device_deleted_on_one_instance_is_refused_on_another_within_a_second(
     );
     a.stop().await;
     b.stop().await;
-    prod_support::clear_redis(REDIS, &prefix).await;
+    support::clear_redis(REDIS, &prefix).await;
 }
 
 #[tokio::test]
@@ -161,23 +152,22 @@ async fn with_redis_down_ingest_continues_locally_and_counts_catch_up_when_it_re
     let port = free_port();
     let redis_proc = start_redis(port).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = prod_support::config(dir.path());
+    let mut config = support::config(dir.path());
     config.live.redis_url = Some(format!("redis://127.0.0.1:{port}/0"));
-    config.live.key_prefix = prod_support::redis_prefix();
-    let admin = config.admin_token.clone().unwrap();
-    let server = prod_support::start(config).await;
+    config.live.key_prefix = support::redis_prefix();
+    let server = support::start(config).await;
     let api = Api::new(&server);
-    let key = api.user(&admin).await;
-    let (id, token) = api.device(&key).await;
+    let key = api.user_key().await;
+    let (id, token) = api.device(&key, "d").await;
     let live_path = format!("/v1/devices/{id}/live");
 
-    assert_eq!(api.ingest(&token, 5).await.0, 200);
+    assert_eq!(api.ingest(&token, telemetry(5)).await.0, 200);
     assert_eq!(api.get(&live_path, &key).await.1["events_total"], 5);
     assert_eq!(api.health().await["status"], "ok");
 
     drop(redis_proc);
     let started = Instant::now();
-    let (s, v, _) = api.ingest(&token, 7).await;
+    let (s, v) = api.ingest(&token, telemetry(7)).await;
     assert_eq!(s, 200, "ingest goes on without Redis: {v}");
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -193,8 +183,10 @@ async fn with_redis_down_ingest_continues_locally_and_counts_catch_up_when_it_re
     assert_eq!(s, 200);
     assert_eq!(live["events_total"], 7, "{live}");
     // Local limits still apply: a 2000-event request puts the device (1000/s) in debt.
-    assert_eq!(api.ingest(&token, 2000).await.0, 200);
-    let (s, v, headers) = api.ingest(&token, 1).await;
+    assert_eq!(api.ingest(&token, telemetry(2000)).await.0, 200);
+    let (s, headers, v) = api
+        .ingest_raw(&token, Some("application/json"), telemetry(1).to_string())
+        .await;
     assert_eq!(s, 429, "{v}");
     assert_eq!(v["limit"], "device");
     assert!(headers.contains_key("retry-after"));
@@ -215,7 +207,7 @@ async fn with_redis_down_ingest_continues_locally_and_counts_catch_up_when_it_re
     assert_eq!(live["events_last_minute"], 2007, "{live}");
     assert!(live["last_seen"].is_string());
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(api.ingest(&token, 1).await.0, 200);
+    assert_eq!(api.ingest(&token, telemetry(1)).await.0, 200);
     assert_eq!(api.get(&live_path, &key).await.1["events_total"], 2008);
     server.stop().await;
 }
@@ -288,18 +280,18 @@ async fn with_mysql_down_known_devices_keep_ingesting_and_registry_writes_answer
     let db = TestDb::create(MARIADB).await;
     let proxy = CuttableProxy::start(3306).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = prod_support::config(dir.path());
+    let mut config = support::config(dir.path());
     config.registry.url = Some(format!("mysql://root@127.0.0.1:{}/{}", proxy.port, db.name));
     // Short, so that the outage outlasts the freshness of every cached answer, and
     // then how long stale answers may be served.
     config.registry.cache_ttl_secs = 1;
     config.registry.stale_limit_secs = 4;
     let admin = config.admin_token.clone().unwrap();
-    let server = prod_support::start(config).await;
+    let server = support::start(config).await;
     let api = Api::new(&server);
-    let key = api.user(&admin).await;
-    let (id, token) = api.device(&key).await;
-    assert_eq!(api.ingest(&token, 3).await.0, 200);
+    let key = api.user_key().await;
+    let (id, token) = api.device(&key, "d").await;
+    assert_eq!(api.ingest(&token, telemetry(3)).await.0, 200);
     assert_eq!(
         api.get(&format!("/v1/devices/{id}/events"), &key).await.0,
         200
@@ -308,7 +300,7 @@ async fn with_mysql_down_known_devices_keep_ingesting_and_registry_writes_answer
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // Known device, stale cache: still ingesting.
-    let (s, v, _) = api.ingest(&token, 4).await;
+    let (s, v) = api.ingest(&token, telemetry(4)).await;
     assert_eq!(s, 200, "{v}");
     let (s, v) = api
         .get(&format!("/v1/devices/{id}/events?limit=100"), &key)
@@ -316,11 +308,11 @@ async fn with_mysql_down_known_devices_keep_ingesting_and_registry_writes_answer
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["events"].as_array().unwrap().len(), 7);
     // Registry writes cannot be served.
-    let (s, v, headers) = api
+    let (s, headers, v) = api
         .call(
             reqwest::Method::POST,
             "/v1/devices",
-            &key,
+            Some(&key),
             Some(json!({"name": "n", "type": "t"})),
         )
         .await;
@@ -331,14 +323,17 @@ async fn with_mysql_down_known_devices_keep_ingesting_and_registry_writes_answer
         .call(
             reqwest::Method::POST,
             "/v1/users",
-            &admin,
+            Some(&admin),
             Some(json!({"username": "x", "email": "a@b.c"})),
         )
         .await;
     assert_eq!(s, 503);
     // An unknown secret cannot be checked either: 503, not 401.
-    let (s, _, _) = api
-        .ingest("ipd_unknownunknownunknownunknownunknownunknow", 1)
+    let (s, _) = api
+        .ingest(
+            "ipd_unknownunknownunknownunknownunknownunknow",
+            telemetry(1),
+        )
         .await;
     assert_eq!(s, 503);
     let health = api.health().await;
@@ -346,7 +341,7 @@ async fn with_mysql_down_known_devices_keep_ingesting_and_registry_writes_answer
     assert_eq!(health["components"]["registry"]["ok"], false);
     // Past the stale limit, even a known device cannot be vouched for: 503.
     let expired = wait_until(Duration::from_secs(8), || async {
-        api.ingest(&token, 1).await.0 == 503
+        api.ingest(&token, telemetry(1)).await.0 == 503
     })
     .await;
     assert!(

@@ -1,130 +1,46 @@
-//! Acknowledged means durable: the real binary is killed with SIGKILL mid-stream, or
-//! stopped with SIGTERM, and everything it acknowledged is there after a restart.
+//! The real binary: acknowledged means durable (killed with SIGKILL mid-stream, or
+//! stopped with SIGTERM, everything it acknowledged is there after a restart), and
+//! its command line: start-up refusals, `--help`, `serve --config FILE`, and a
+//! spawned server that sees none of the caller's `IOTPIPE_*` settings.
 
-mod common;
+mod support;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::{iotpipe, Api, Owner, Process};
 
-const ADMIN: &str = "ipa_durability-test-admin-token-0123456789";
-
-struct Proc {
-    child: Child,
-    base: String,
+/// The stored event ids of a device.
+async fn stored_ids(api: &Api, key: &str, dev: &str) -> Vec<String> {
+    let events = api.all_events(key, dev).await;
+    events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
-/// The binary, with none of the caller's `IOTPIPE_*` settings: a developer's exported
-/// production settings must not redirect a test.
-fn iotpipe() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_iotpipe"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
-        cmd.env_remove(k);
-    }
-    cmd
+/// The binary on `dir`, and a user with a device on it.
+async fn spawn_with_device(dir: &Path) -> (Process, Api, Owner) {
+    let p = spawn(dir);
+    let api = p.api();
+    let owner = api.owner().await;
+    (p, api, owner)
 }
 
-fn spawn(dir: &Path) -> Proc {
-    let mut cmd = iotpipe();
-    let mut child = cmd
-        .arg("serve")
-        .env("IOTPIPE_DATA_DIR", dir)
-        .env("IOTPIPE_HTTP_ADDR", "127.0.0.1:0")
-        .env("IOTPIPE_MQTT_ADDR", "off")
-        .env("IOTPIPE_RATE_DEVICE", "0")
-        .env("IOTPIPE_RATE_USER", "0")
-        .env("IOTPIPE_ADMIN_TOKEN", ADMIN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("iotpipe starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("http="))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    Proc {
-        child,
-        base: format!("http://{addr}"),
-    }
-}
-
-async fn setup(http: &reqwest::Client, base: &str) -> (String, String, String) {
-    let u: Value = http
-        .post(format!("{base}/v1/users"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"username": "ann", "email": "ann@example.com"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key = u["api_key"].as_str().unwrap().to_owned();
-    let d: Value = http
-        .post(format!("{base}/v1/devices"))
-        .bearer_auth(&key)
-        .json(&json!({"name": "d", "type": "t"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (
-        key,
-        d["id"].as_str().unwrap().to_owned(),
-        d["token"].as_str().unwrap().to_owned(),
-    )
-}
-
-async fn stored_ids(http: &reqwest::Client, base: &str, key: &str, dev: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cursor = String::new();
-    loop {
-        let v: Value = http
-            .get(format!(
-                "{base}/v1/devices/{dev}/events?limit=10000&from=0{cursor}"
-            ))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        out.extend(
-            v["events"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["id"].as_str().unwrap().to_owned()),
-        );
-        match v["next_cursor"].as_str() {
-            Some(c) => cursor = format!("&cursor={c}"),
-            None => return out,
-        }
-    }
+fn spawn(dir: &Path) -> Process {
+    Process::start(dir, &[]).expect("iotpipe serve starts")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let mut p = spawn(dir.path());
-    let http = reqwest::Client::new();
-    let (key, dev, token) = setup(&http, &p.base).await;
+    let (p, api, owner) = spawn_with_device(dir.path()).await;
+    let (http, key, dev, token) = (api.http.clone(), owner.key, owner.device, owner.token);
 
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
     let sent = Arc::new(Mutex::new(HashSet::<String>::new()));
@@ -153,8 +69,7 @@ async fn acknowledged_events_survive_kill_9() {
     while acked.lock().len() < 5_000 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    p.child.kill().unwrap();
-    p.child.wait().unwrap();
+    p.kill9();
     for w in writers {
         w.await.unwrap();
     }
@@ -165,8 +80,8 @@ async fn acknowledged_events_survive_kill_9() {
         acked.len()
     );
 
-    let mut p = spawn(dir.path());
-    let stored = stored_ids(&http, &p.base, &key, &dev).await;
+    let p = spawn(dir.path());
+    let stored = stored_ids(&p.api(), &key, &dev).await;
     let stored_set: HashSet<&String> = stored.iter().collect();
     assert_eq!(stored_set.len(), stored.len(), "an event is stored twice");
     let missing = acked.iter().filter(|id| !stored_set.contains(id)).count();
@@ -178,16 +93,13 @@ async fn acknowledged_events_survive_kill_9() {
     );
     let sent = sent.lock();
     assert!(stored.iter().all(|id| sent.contains(id)));
-    p.child.kill().unwrap();
-    p.child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_everything_acknowledged_is_there_after_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut p = spawn(dir.path());
-    let http = reqwest::Client::new();
-    let (key, dev, token) = setup(&http, &p.base).await;
+    let (p, api, owner) = spawn_with_device(dir.path()).await;
+    let (http, key, dev, token) = (api.http.clone(), owner.key, owner.device, owner.token);
     let body: Vec<Value> = (0..500)
         .map(|i| json!({"type": "t", "metrics": {"i": i}}))
         .collect();
@@ -201,18 +113,11 @@ async fn sigterm_drains_and_everything_acknowledged_is_there_after_restart() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = p.child.wait().unwrap();
+    let exit = p.terminate();
     assert!(exit.success(), "graceful stop exits 0: {exit}");
 
-    let mut p = spawn(dir.path());
-    assert_eq!(stored_ids(&http, &p.base, &key, &dev).await.len(), 2_000);
-    p.child.kill().unwrap();
-    p.child.wait().unwrap();
+    let p = spawn(dir.path());
+    assert_eq!(stored_ids(&p.api(), &key, &dev).await.len(), 2_000);
 }
 
 #[test]
@@ -277,38 +182,96 @@ fn the_admin_token_is_generated_once_with_mode_0600() {
         "the data dir is the owner's only"
     );
     assert_eq!(mode_of(&dir.path().join("registry.db")), 0o600);
-    let mut p = spawn_without_admin(dir.path());
+    let p = spawn_without_admin(dir.path());
     let path = dir.path().join("admin.token");
     let token = std::fs::read_to_string(&path).unwrap();
     assert!(token.trim().starts_with("ipa_") && token.trim().len() > 40);
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    p.kill().unwrap();
-    p.wait().unwrap();
-    let mut p = spawn_without_admin(dir.path());
+    p.kill9();
+    let p = spawn_without_admin(dir.path());
     assert_eq!(
         std::fs::read_to_string(&path).unwrap(),
         token,
         "kept across restarts"
     );
-    p.kill().unwrap();
-    p.wait().unwrap();
+    p.kill9();
 }
 
-fn spawn_without_admin(dir: &Path) -> Child {
-    let mut child = iotpipe()
-        .arg("serve")
-        .env_remove("IOTPIPE_ADMIN_TOKEN")
-        .env("IOTPIPE_DATA_DIR", dir)
-        .env("IOTPIPE_HTTP_ADDR", "127.0.0.1:0")
-        .env("IOTPIPE_MQTT_ADDR", "off")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("http="), "{line}");
-    child
+fn spawn_without_admin(dir: &Path) -> Process {
+    let mut cmd = Process::command(dir);
+    cmd.env_remove("IOTPIPE_ADMIN_TOKEN");
+    Process::launch(cmd).expect("iotpipe serve starts")
+}
+
+#[test]
+fn help_names_every_command_and_the_config_option() {
+    let out = support::iotpipe().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "serve",
+        "migrate",
+        "export",
+        "backup",
+        "restore",
+        "rebuild-live",
+        "check",
+        "transfer",
+        "--config",
+    ] {
+        assert!(help.contains(word), "--help does not name {word}:\n{help}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reads_its_settings_from_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let file = dir.path().join("iotpipe.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = {:?}\nadmin_token = {:?}\n[http]\naddr = \"127.0.0.1:{port}\"\n\
+             [mqtt]\naddr = \"off\"\n[limits]\ndevice_per_sec = 3\n",
+            dir.path().join("data").display().to_string(),
+            support::ADMIN,
+        ),
+    )
+    .unwrap();
+    let mut cmd = support::iotpipe();
+    cmd.arg("serve").arg("--config").arg(&file);
+    let p = Process::launch(cmd).expect("iotpipe serve --config starts");
+    assert_eq!(p.http.port(), port, "the file's HTTP address is honoured");
+    assert!(dir.path().join("data").join("registry.db").exists());
+    // So is its rate limit, three events a second per device: ten put the device in
+    // debt (the default allows far more), so the next request is refused.
+    let api = p.api();
+    let o = api.owner().await;
+    api.ingest_ok(&o.token, support::telemetry(10)).await;
+    let (s, v) = api.ingest(&o.token, support::telemetry(1)).await;
+    assert_eq!(s, 429, "{v}");
+    assert_eq!(v["limit"], "device", "{v}");
+}
+
+/// A developer's shell may export production settings: a spawned server must ignore
+/// them. The bogus registry below would stop start-up, or show in `/health`, if it
+/// reached the child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawned_server_ignores_the_callers_iotpipe_settings() {
+    // Only this test of the binary reads or writes this variable; std serialises
+    // environment access, and every spawn in this binary goes through the harness.
+    std::env::set_var("IOTPIPE_REGISTRY_URL", "mysql://root@127.0.0.1:1/not_here");
+    std::env::set_var("IOTPIPE_HTTP_ADDR", "127.0.0.1:1");
+    let dir = tempfile::tempdir().unwrap();
+    let started = Process::start(dir.path(), &[]);
+    std::env::remove_var("IOTPIPE_REGISTRY_URL");
+    std::env::remove_var("IOTPIPE_HTTP_ADDR");
+    let p = started.expect("the server starts on its test settings");
+    assert_ne!(p.http.port(), 1);
+    let health = p.api().health().await;
+    assert_eq!(
+        health["components"]["registry"]["backend"], "sqlite",
+        "{health}"
+    );
 }

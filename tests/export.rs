@@ -1,13 +1,13 @@
 //! Exports: `GET /v1/devices/{id}/events` as NDJSON or CSV over a real socket, and
 //! `iotpipe export` (the binary) against the same data directory.
 
-mod common;
+mod support;
 
 use std::collections::BTreeSet;
 
-use common::{iotpipe_command, now_ms, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::{iotpipe, now_ms, TestServer};
 
 /// More than two store pages, so that paging is crossed twice and ends short.
 const EVENTS: i64 = 2_345;
@@ -222,7 +222,8 @@ async fn the_export_command_writes_what_the_api_streams() {
     let out = t.dir.path().join("export.csv");
 
     // While the server holds the data directory, the command says so and fails.
-    let busy = iotpipe_command(t.dir.path())
+    let busy = iotpipe()
+        .env("IOTPIPE_DATA_DIR", t.dir.path())
         .args(["export", "--device", &dev, "--format", "csv", "--out"])
         .arg(&out)
         .output()
@@ -233,7 +234,8 @@ async fn the_export_command_writes_what_the_api_streams() {
     assert!(!out.exists());
 
     t.stop().await;
-    let done = iotpipe_command(t.dir.path())
+    let done = iotpipe()
+        .env("IOTPIPE_DATA_DIR", t.dir.path())
         .args([
             "export", "--device", &dev, "--format", "csv", "--from", "0", "--out",
         ])
@@ -246,7 +248,8 @@ async fn the_export_command_writes_what_the_api_streams() {
     assert_eq!(std::fs::read_to_string(&out).unwrap(), http_csv);
 
     // To stdout as NDJSON.
-    let ndjson = iotpipe_command(t.dir.path())
+    let ndjson = iotpipe()
+        .env("IOTPIPE_DATA_DIR", t.dir.path())
         .args(["export", "--device", &dev])
         .output()
         .unwrap();
@@ -266,7 +269,8 @@ async fn the_export_command_writes_what_the_api_streams() {
             "no device",
         ),
     ] {
-        let o = iotpipe_command(t.dir.path())
+        let o = iotpipe()
+            .env("IOTPIPE_DATA_DIR", t.dir.path())
             .arg("export")
             .args(&args)
             .output()
@@ -344,7 +348,8 @@ async fn a_month_of_a_1hz_device_exports_in_constant_memory() {
         store.close().await.unwrap();
     }
 
-    let mut child = iotpipe_command(t.dir.path())
+    let mut child = iotpipe()
+        .env("IOTPIPE_DATA_DIR", t.dir.path())
         .arg("serve")
         .env("IOTPIPE_HTTP_ADDR", "127.0.0.1:0")
         .env("IOTPIPE_MQTT_ADDR", "off")

@@ -4,15 +4,15 @@
 //! loopback: the attacker from 127.0.0.2, the devices from 127.0.0.1, so that the
 //! per-address limits fall on the attacker alone. Everything stops by itself.
 
-mod mqtt_support;
+mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mqtt_support::{event, topic, Device, Instance};
 use rumqttc::QoS;
 use serde_json::json;
+use support::{event, topic, Device, TestServer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
@@ -91,14 +91,14 @@ async fn flood_logins(to: SocketAddr, until: Instant) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legitimate_devices_keep_ingesting_while_an_attacker_holds_its_slots() {
-    let inst = Instance::start_with(|c| {
+    let inst = TestServer::with_mqtt(|c| {
         c.http.header_timeout_secs = 2;
         c.mqtt.connect_timeout_secs = 2;
         c.limits.device_per_sec = 0;
         c.limits.user_per_sec = 0;
     })
     .await;
-    let http = inst.server.http_addr;
+    let http = inst.http_addr();
     let mqtt = inst.mqtt();
     let until = Instant::now() + SOAK;
     let attack = async {

@@ -1,14 +1,14 @@
 //! One live-backend suite (counters and rate limits), run against the in-process
 //! backend and against the real Redis of this machine under a random key prefix.
 
-mod prod_support;
+mod support;
 
 use std::sync::Arc;
 
 use iotpipe::live::local::LocalLive;
 use iotpipe::live::redis::RedisLive;
 use iotpipe::live::{DeviceCount, LimitKind, Live, RateLimits};
-use prod_support::{clear_redis, REDIS};
+use support::{clear_redis, REDIS};
 use uuid::Uuid;
 
 fn no_limits() -> RateLimits {
@@ -23,7 +23,7 @@ fn redis(limits: RateLimits, prefix: &str) -> Arc<RedisLive> {
 }
 
 fn prefix() -> String {
-    prod_support::redis_prefix()
+    support::redis_prefix()
 }
 
 /// Counters: totals, receipt-time windows, rejections, per-user figures.
@@ -255,7 +255,7 @@ async fn a_flush_costs_one_redis_round_trip_whatever_its_size() {
 
 #[tokio::test]
 async fn a_redis_down_at_start_degrades_to_local_state_then_takes_over() {
-    let port = prod_support::free_port();
+    let port = support::free_port();
     let limits = RateLimits {
         device_per_sec: 10,
         user_per_sec: 0,
@@ -279,7 +279,7 @@ async fn a_redis_down_at_start_degrades_to_local_state_then_takes_over() {
     .await;
     assert_eq!(live.device(d, 1_000).await.events_total, 4);
 
-    let _redis = prod_support::start_redis(port).await;
+    let _redis = support::start_redis(port).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !live.is_up() && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -1,13 +1,13 @@
 //! External broker mode, against the machine's Mosquitto on 127.0.0.1:1883 and
 //! against private Mosquitto instances for the tests that kill or share.
 
-mod mqtt_support;
+mod support;
 
 use std::collections::HashSet;
 
-use mqtt_support::*;
 use rumqttc::QoS;
 use serde_json::json;
+use support::*;
 use uuid::Uuid;
 
 /// Drops a persistent session from the shared broker, so that a finished test leaves
@@ -35,7 +35,7 @@ async fn messages_through_the_shared_broker_are_stored_and_bad_ones_counted() {
     // A group of its own: a subscriber left in the `iotpipe` group on the shared
     // broker (another test run, another engineer) cannot take this test's messages.
     let group = format!("g{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let inst = Instance::start_with(|c| {
+    let mut inst = TestServer::with_mqtt(|c| {
         c.mqtt.addr = "off".into();
         c.mqtt.url = Some("mqtt://127.0.0.1:1883".into());
         c.mqtt.client_id = Some(client_id.clone());
@@ -99,7 +99,7 @@ async fn messages_through_the_shared_broker_are_stored_and_bad_ones_counted() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    inst.server.stop().await;
+    inst.stop().await;
 }
 
 #[tokio::test]
@@ -110,15 +110,15 @@ async fn two_instances_split_a_shared_subscription_with_no_double_count() {
     let start = |id: &'static str| {
         let registry = registry.clone();
         let url = broker.url();
-        Instance::start_with(move |c| {
+        TestServer::with_mqtt(move |c| {
             c.mqtt.addr = "off".into();
             c.mqtt.url = Some(url);
             c.mqtt.client_id = Some(id.into());
             c.registry.url = Some(registry);
         })
     };
-    let a = start("iotpipe-a").await;
-    let b = start("iotpipe-b").await;
+    let mut a = start("iotpipe-a").await;
+    let mut b = start("iotpipe-b").await;
     wait_mqtt_ok(&a.api).await;
     wait_mqtt_ok(&b.api).await;
     let o = a.api.owner().await;
@@ -156,8 +156,8 @@ async fn two_instances_split_a_shared_subscription_with_no_double_count() {
     let total = a.api.live(&o).await["events_total"].as_u64().unwrap()
         + b.api.live(&o).await["events_total"].as_u64().unwrap();
     assert_eq!(total, ids.len() as u64, "counted once");
-    a.server.stop().await;
-    b.server.stop().await;
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]
@@ -169,7 +169,7 @@ async fn nothing_the_broker_acknowledged_is_lost_when_iotpipe_is_killed() {
         ("IOTPIPE_MQTT_URL", broker.url()),
     ];
     let first = Process::spawn(dir.path(), &env).await;
-    let api = Api::new(first.http);
+    let api = first.api();
     wait_mqtt_ok(&api).await;
     let o = api.owner().await;
 
@@ -181,7 +181,7 @@ async fn nothing_the_broker_acknowledged_is_lost_when_iotpipe_is_killed() {
     let mut kill_tx = Some(kill_tx);
     let killer = tokio::spawn(async move {
         if kill_rx.await.is_ok() {
-            first.kill9().await;
+            first.kill9();
         }
     });
     // iotpipe dies a third of the way through; the device goes on publishing.
@@ -202,10 +202,10 @@ async fn nothing_the_broker_acknowledged_is_lost_when_iotpipe_is_killed() {
 
     // Same data dir, so the same client id and persistent session.
     let second = Process::spawn(dir.path(), &env).await;
-    let api = Api::new(second.http);
+    let api = second.api();
     let stored = api.wait_events(&o, ids.len()).await;
     let counts = id_counts(&stored);
     assert_eq!(stored.len(), ids.len(), "every message stored, none twice");
     assert!(ids.iter().all(|id| counts.get(&id.to_string()) == Some(&1)));
-    second.kill9().await;
+    second.kill9();
 }

@@ -1,19 +1,19 @@
 //! The built-in endpoint's limits against hostile or careless clients, over real
 //! sockets: CONNECT size, keep-alive, connections per device and per address.
 
-mod mqtt_support;
+mod support;
 
 use std::time::Duration;
 
-use mqtt_support::*;
 use rumqttc::ConnectReturnCode;
+use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 #[tokio::test]
 async fn a_connect_of_more_than_a_few_kib_is_refused_before_login() {
-    let inst = Instance::start().await;
+    let inst = TestServer::with_mqtt(|_| {}).await;
     let o = inst.api.owner().await;
     // A valid device with an 8 KiB password: refused for its size, not its login.
     let mut s = TcpStream::connect(inst.mqtt()).await.unwrap();
@@ -40,10 +40,10 @@ async fn a_connect_of_more_than_a_few_kib_is_refused_before_login() {
 
 #[tokio::test]
 async fn a_device_asking_for_no_keep_alive_still_gets_the_servers() {
-    let inst = Instance::start_with(|c| c.mqtt.max_keep_alive_secs = 1).await;
+    let inst = TestServer::with_mqtt(|c| c.mqtt.max_keep_alive_secs = 1).await;
     let o = inst.api.owner().await;
     for asked in [0, 600] {
-        let mut s = raw_login(&inst, &o, asked).await;
+        let mut s = raw_login(inst.mqtt(), &o, asked).await;
         let started = Instant::now();
         // Silent: closed after one and a half of the server's keep-alive.
         expect_closed(&mut s).await;
@@ -57,7 +57,7 @@ async fn a_device_asking_for_no_keep_alive_still_gets_the_servers() {
 
 #[tokio::test]
 async fn one_device_cannot_hold_more_than_its_connections() {
-    let inst = Instance::start_with(|c| c.mqtt.max_connections_per_device = 2).await;
+    let inst = TestServer::with_mqtt(|c| c.mqtt.max_connections_per_device = 2).await;
     let o = inst.api.owner().await;
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -91,7 +91,7 @@ async fn one_device_cannot_hold_more_than_its_connections() {
 
 #[tokio::test]
 async fn one_address_cannot_hold_every_slot() {
-    let inst = Instance::start_with(|c| c.mqtt.max_connections_per_ip = 3).await;
+    let inst = TestServer::with_mqtt(|c| c.mqtt.max_connections_per_ip = 3).await;
     let mut idle = Vec::new();
     for _ in 0..3 {
         idle.push(TcpStream::connect(inst.mqtt()).await.unwrap());
@@ -120,7 +120,7 @@ async fn one_address_cannot_hold_every_slot() {
 
 #[tokio::test]
 async fn repeated_failed_logins_are_answered_slowly_and_refused() {
-    let inst = Instance::start_with(|c| c.limits.failed_logins_per_minute = 3).await;
+    let inst = TestServer::with_mqtt(|c| c.limits.failed_logins_per_minute = 3).await;
     let o = inst.api.owner().await;
     for i in 0..4 {
         let mut d = Device::connect(inst.mqtt(), &o.device, "ipd_wrong");
@@ -138,10 +138,11 @@ async fn repeated_failed_logins_are_answered_slowly_and_refused() {
         Seen::Refused(code) => assert_eq!(code, ConnectReturnCode::NotAuthorized),
         other => panic!("a blocked login went through: {other:?}"),
     }
+    // The penalty is at most 2 s: refused after it, not held beyond it.
+    let waited = started.elapsed();
     assert!(
-        started.elapsed() >= Duration::from_millis(1_500),
-        "{:?}",
-        started.elapsed()
+        waited >= Duration::from_millis(1_500) && waited < Duration::from_secs(4),
+        "{waited:?}"
     );
     let metrics = inst.api.metrics().await;
     assert_eq!(
@@ -167,7 +168,7 @@ fn cpu_time() -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_waiting_for_the_rest_of_a_connect_cost_no_cpu() {
-    let inst = Instance::start().await;
+    let inst = TestServer::with_mqtt(|_| {}).await;
     // Each sends the first two bytes of a CONNECT and waits: once, every such
     // connection was peeked at every 10 ms until its CONNECT timeout (measured on that
     // code: 660 ms of CPU in these 3 s).

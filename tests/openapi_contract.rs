@@ -10,15 +10,15 @@
 //! schemathesis comes from `scripts/deps` (a venv under `~/.cache/iotpipe`). Without
 //! it the fuzzing test is skipped, except with `CI=true`, where it fails.
 
-mod common;
+mod support;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::TestServer;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use support::TestServer;
 
 async fn document(s: &TestServer) -> Value {
     let resp = s
@@ -306,7 +306,7 @@ async fn percentile_fields_are_described_beside_the_windows_own() {
     let mut s = TestServer::start().await;
     let (_, key) = s.user("ranks").await;
     let (device, token) = s.device(&key, "ranked").await;
-    let ts = common::now_ms() - 60_000;
+    let ts = support::now_ms() - 60_000;
     let (status, _) = s
         .ingest(
             &token,

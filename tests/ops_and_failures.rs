@@ -1,13 +1,12 @@
 //! /health, /metrics, a full pipeline, and an unreachable store, over real sockets.
 
-mod common;
+mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{sample, TestServer};
 use iotpipe::model::Event;
 use iotpipe::model::PartitionBatch;
 use iotpipe::store::embedded::EmbeddedStore;
@@ -18,6 +17,7 @@ use iotpipe::store::{
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::{metric, TestServer};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -130,11 +130,11 @@ async fn every_listed_series_exists_at_zero_from_start_up() {
     let m = t.metrics().await;
     for source in ["http", "mqtt"] {
         assert_eq!(
-            sample(
+            metric(
                 &m,
                 &format!(r#"iotpipe_events_ingested_total{{source="{source}"}}"#)
             ),
-            Some(0.0),
+            0.0,
             "{m}"
         );
         for reason in [
@@ -147,11 +147,11 @@ async fn every_listed_series_exists_at_zero_from_start_up() {
         ] {
             let series =
                 format!(r#"iotpipe_events_rejected_total{{source="{source}",reason="{reason}"}}"#);
-            assert_eq!(sample(&m, &series), Some(0.0), "{series}");
+            assert_eq!(metric(&m, &series), 0.0, "{series}");
         }
     }
-    assert_eq!(sample(&m, "iotpipe_batches_written_total"), Some(0.0));
-    assert_eq!(sample(&m, "iotpipe_pipeline_queue_depth"), Some(0.0));
+    assert_eq!(metric(&m, "iotpipe_batches_written_total"), 0.0);
+    assert_eq!(metric(&m, "iotpipe_pipeline_queue_depth"), 0.0);
     assert!(
         m.contains("# TYPE iotpipe_store_write_seconds histogram"),
         "{m}"
@@ -163,12 +163,12 @@ async fn every_listed_series_exists_at_zero_from_start_up() {
         .await;
     let m = t.metrics().await;
     assert_eq!(
-        sample(&m, r#"iotpipe_events_ingested_total{source="http"}"#),
-        Some(2.0)
+        metric(&m, r#"iotpipe_events_ingested_total{source="http"}"#),
+        2.0
     );
-    assert_eq!(sample(&m, "iotpipe_batches_written_total"), Some(1.0));
+    assert_eq!(metric(&m, "iotpipe_batches_written_total"), 1.0);
     assert!(m.contains("iotpipe_store_write_seconds_bucket{le="), "{m}");
-    assert_eq!(sample(&m, "iotpipe_store_write_seconds_count"), Some(1.0));
+    assert_eq!(metric(&m, "iotpipe_store_write_seconds_count"), 1.0);
 }
 
 #[tokio::test]
@@ -203,7 +203,7 @@ async fn a_full_pipeline_answers_503_with_retry_after_and_recovers() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let m = t.metrics().await;
-        if sample(&m, "iotpipe_pipeline_queue_depth") == Some(100.0) {
+        if metric(&m, "iotpipe_pipeline_queue_depth") == 100.0 {
             break;
         }
         assert!(
@@ -234,11 +234,11 @@ async fn a_full_pipeline_answers_503_with_retry_after_and_recovers() {
     assert_eq!(t.all_events(&key, &dev).await.len(), 101);
     let m = t.metrics().await;
     assert_eq!(
-        sample(
+        metric(
             &m,
             r#"iotpipe_events_rejected_total{source="http",reason="overloaded"}"#
         ),
-        Some(1.0)
+        1.0
     );
 }
 

@@ -5,20 +5,19 @@
 //! rows and latest values are gone from the store and its live figures from the live
 //! backend, while another device of the same user keeps all of its own.
 
-mod prod_support;
+mod support;
 
 use std::time::Duration;
 
-use iotpipe::config::StoreConfig;
 use iotpipe::model::now_ms;
 use iotpipe::store::embedded::EmbeddedStore;
-use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
+use iotpipe::store::scylla::ScyllaStore;
 use iotpipe::store::{EventStore, FleetQuery, Level, ListQuery, RollupQuery};
 use iotpipe::topology::Server;
 use iotpipe::Config;
-use prod_support::{Api, TestDb};
 use reqwest::Method;
 use serde_json::{json, Value};
+use support::{Api, Production};
 use uuid::Uuid;
 
 const HOUR: i64 = 3_600_000;
@@ -58,26 +57,12 @@ fn events(from: i64) -> Vec<Value> {
 
 async fn populate(server: &Server) -> Fixture {
     let api = Api::new(server);
-    let (s, v) = api
-        .post(
-            "/v1/users",
-            &server.admin_token,
-            json!({"username": format!("u{}", prod_support::random_name()), "email": "a@b.c"}),
-        )
-        .await;
-    assert_eq!(s, 201, "{v}");
-    let (user, key) = (
-        v["id"].as_i64().unwrap(),
-        v["api_key"].as_str().unwrap().to_owned(),
-    );
-    let (purged, purged_token) = api.device(&key).await;
-    let (kept, kept_token) = api.device(&key).await;
+    let (user, key) = api.user(&format!("u{}", support::random_name())).await;
+    let (purged, purged_token) = api.device(&key, "purged").await;
+    let (kept, kept_token) = api.device(&key, "kept").await;
     let from = (now_ms() - 4 * DAY).div_euclid(DAY) * DAY + 7 * HOUR;
     for token in [&purged_token, &kept_token] {
-        let (s, v, _) = api
-            .call(Method::POST, "/v1/ingest", token, Some(json!(events(from))))
-            .await;
-        assert_eq!(s, 200, "{v}");
+        api.ingest_ok(token, json!(events(from))).await;
     }
     Fixture {
         api,
@@ -101,18 +86,28 @@ async fn purge(f: &Fixture) {
     assert_eq!(user_total(f).await, 2 * f.events);
     let path = format!("/v1/devices/{}", f.purged);
     // A bad value is refused, naming the parameter, and deletes nothing.
-    let (s, v, _) = f
+    let (s, _, v) = f
         .api
-        .call(Method::DELETE, &format!("{path}?purge=yes"), &f.key, None)
+        .call(
+            Method::DELETE,
+            &format!("{path}?purge=yes"),
+            Some(&f.key),
+            None,
+        )
         .await;
     assert_eq!(s, 400, "{v}");
     assert!(v.to_string().contains("purge"), "{v}");
     let (s, _) = f.api.get(&path, &f.key).await;
     assert_eq!(s, 200, "the device survives a refused delete");
 
-    let (s, v, _) = f
+    let (s, _, v) = f
         .api
-        .call(Method::DELETE, &format!("{path}?purge=true"), &f.key, None)
+        .call(
+            Method::DELETE,
+            &format!("{path}?purge=true"),
+            Some(&f.key),
+            None,
+        )
         .await;
     assert_eq!(s, 204, "{v}");
     let (s, _) = f.api.get(&path, &f.key).await;
@@ -124,14 +119,19 @@ async fn purge(f: &Fixture) {
         .get(&format!("/v1/devices/{}/live", f.kept), &f.key)
         .await;
     assert_eq!(
-        (s, v["events_total"].as_u64()),
+        (s.as_u16(), v["events_total"].as_u64()),
         (200, Some(f.events)),
         "{v}"
     );
     // Nothing is left, so a second purge finds nothing.
     let (s, _, _) = f
         .api
-        .call(Method::DELETE, &format!("{path}?purge=true"), &f.key, None)
+        .call(
+            Method::DELETE,
+            &format!("{path}?purge=true"),
+            Some(&f.key),
+            None,
+        )
         .await;
     assert_eq!(s, 404);
 }
@@ -217,10 +217,10 @@ async fn assert_store(store: &dyn EventStore, f: &Fixture) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_on_the_embedded_backends() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = prod_support::config(dir.path());
+    let mut config = support::config(dir.path());
     config.limits.device_per_sec = 0;
     config.limits.user_per_sec = 0;
-    let server = prod_support::start(config.clone()).await;
+    let server = support::start(config.clone()).await;
     let f = populate(&server).await;
     purge(&f).await;
     server.stop().await;
@@ -234,19 +234,24 @@ async fn purge_on_the_embedded_backends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_delete_keeps_the_events_and_a_later_purge_removes_them() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = prod_support::config(dir.path());
+    let mut config = support::config(dir.path());
     config.limits.device_per_sec = 0;
     config.limits.user_per_sec = 0;
-    let server = prod_support::start(config.clone()).await;
+    let server = support::start(config.clone()).await;
     let f = populate(&server).await;
     let path = format!("/v1/devices/{}", f.purged);
-    let (s, _, _) = f.api.call(Method::DELETE, &path, &f.key, None).await;
+    let (s, _, _) = f.api.call(Method::DELETE, &path, Some(&f.key), None).await;
     assert_eq!(s, 204);
     // Another user cannot purge what is not theirs: nothing of theirs is there.
-    let other = f.api.user(&server.admin_token).await;
+    let other = f.api.user_key().await;
     let (s, _, _) = f
         .api
-        .call(Method::DELETE, &format!("{path}?purge=true"), &other, None)
+        .call(
+            Method::DELETE,
+            &format!("{path}?purge=true"),
+            Some(&other),
+            None,
+        )
         .await;
     assert_eq!(s, 404);
     server.stop().await;
@@ -260,14 +265,19 @@ async fn a_plain_delete_keeps_the_events_and_a_later_purge_removes_them() {
         );
         store.close().await.unwrap();
     }
-    let server = prod_support::start(config.clone()).await;
+    let server = support::start(config.clone()).await;
     let f = Fixture {
         api: Api::new(&server),
         ..f
     };
     let (s, _, _) = f
         .api
-        .call(Method::DELETE, &format!("{path}?purge=true"), &f.key, None)
+        .call(
+            Method::DELETE,
+            &format!("{path}?purge=true"),
+            Some(&f.key),
+            None,
+        )
         .await;
     assert_eq!(s, 204);
     server.stop().await;
@@ -276,34 +286,16 @@ async fn a_plain_delete_keeps_the_events_and_a_later_purge_removes_them() {
     assert_store(&store, &f).await;
 }
 
-fn cassandra_settings() -> StoreConfig {
-    StoreConfig {
-        scylla_nodes: Some("127.0.0.1:9042".into()),
-        keyspace: format!("iotpipe_purge_{}", prod_support::random_name()),
-        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
-        consistency: "ONE".into(),
-        ..StoreConfig::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_on_cassandra_mariadb_and_redis() {
-    let db = TestDb::create(prod_support::MARIADB).await;
-    let prefix = prod_support::redis_prefix();
+    let backends = Production::new("purge").await;
+    let prefix = backends.prefix.clone();
     let dir = tempfile::tempdir().unwrap();
-    let mut config: Config = prod_support::config(dir.path());
+    let mut config: Config = support::config(dir.path());
     config.limits.device_per_sec = 0;
     config.limits.user_per_sec = 0;
-    config.store = cassandra_settings();
-    config.registry.url = Some(db.url.clone());
-    config.live.redis_url = Some(prod_support::REDIS.into());
-    config.live.key_prefix = prefix.clone();
-    let settings =
-        ScyllaSettings::from_config(&config.store, config.pipeline.bucket_len_ms).unwrap();
-    ScyllaStore::migrate(&settings)
-        .await
-        .expect("the Cassandra node of scripts/deps answers at 127.0.0.1:9042");
-    let server = prod_support::start(config.clone()).await;
+    let settings = backends.apply(&mut config).await;
+    let server = support::start(config.clone()).await;
     let f = populate(&server).await;
 
     // The rollups are recomputed in the background: wait until both devices have
@@ -321,7 +313,7 @@ async fn purge_on_cassandra_mariadb_and_redis() {
             }
         }
     }
-    let redis = redis::Client::open(prod_support::REDIS).unwrap();
+    let redis = redis::Client::open(support::REDIS).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     let device_key = format!("{prefix}d:{}", f.purged);
     let exists: bool = redis::cmd("EXISTS")
@@ -349,11 +341,7 @@ async fn purge_on_cassandra_mariadb_and_redis() {
 
     assert_store(&store, &f).await;
     // The tables read by no trait method: the id index and the bucket index.
-    let session = scylla::client::session_builder::SessionBuilder::new()
-        .known_node("127.0.0.1:9042")
-        .build()
-        .await
-        .unwrap();
+    let session = support::cassandra_session().await;
     let ks = &settings.keyspace;
     for table in ["event_ids", "buckets", "pending_minutes"] {
         let rows = session
@@ -375,9 +363,5 @@ async fn purge_on_cassandra_mariadb_and_redis() {
             assert!(devices.contains(&f.kept), "{table} lost the kept device");
         }
     }
-    session
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
-        .await
-        .unwrap();
-    prod_support::clear_redis(prod_support::REDIS, &prefix).await;
+    backends.cleanup().await;
 }

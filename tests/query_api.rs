@@ -1,13 +1,13 @@
 //! Reads over a real socket: aggregates checked against figures computed here,
 //! independently, from what the test sent; listings, cursors, and query refusals.
 
-mod common;
+mod support;
 
 use std::collections::BTreeMap;
 
-use common::{now_ms, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::{now_ms, TestServer};
 
 const MIN: i64 = 60_000;
 
@@ -283,6 +283,37 @@ async fn events_page_newest_first_with_cursors() {
     );
 }
 
+/// Without parameters the events endpoint serves its documented defaults: 100 a page,
+/// newest first, from the whole past up to 5 minutes ahead.
+#[tokio::test]
+async fn the_events_page_defaults_to_100_newest_first_over_the_whole_past() {
+    let t = TestServer::start().await;
+    let o = t.owner().await;
+    let now = now_ms();
+    let mut sent: Vec<Value> = (0..149)
+        .map(|i| json!({"ts": now - 3_600_000 + i * 1000, "type": "t"}))
+        .collect();
+    let oldest = json!({"ts": "2000-01-02T00:00:00Z", "type": "old"});
+    let newest = json!({"ts": now + 4 * 60_000, "type": "ahead"});
+    sent.extend([oldest, newest]);
+    t.ingest_ok(&o.token, Value::Array(sent)).await;
+
+    let path = format!("/v1/devices/{}/events", o.device);
+    let first = t.ok(&path, &o.key).await;
+    let page = first["events"].as_array().unwrap();
+    assert_eq!(page.len(), 100, "the default limit");
+    assert_eq!(
+        page[0]["type"], "ahead",
+        "newest first, up to 5 minutes ahead"
+    );
+    let cursor = first["next_cursor"].as_str().expect("a next page");
+    let second = t.ok(&format!("{path}?cursor={cursor}"), &o.key).await;
+    let rest = second["events"].as_array().unwrap();
+    assert_eq!(rest.len(), 51);
+    assert_eq!(rest[50]["type"], "old", "the whole past");
+    assert_eq!(second["next_cursor"], Value::Null);
+}
+
 #[tokio::test]
 async fn bad_query_parameters_are_named() {
     let t = TestServer::start().await;
@@ -304,6 +335,21 @@ async fn bad_query_parameters_are_named() {
         (
             "/v1/aggregates?from=0&to=1000&window=1s&group_by=color".to_string(),
             "group_by",
+        ),
+        // The fleet's aggregates take the same range rules.
+        ("/v1/aggregates?to=1000&window=1s".to_string(), "from"),
+        ("/v1/aggregates?from=0&window=1s".to_string(), "to"),
+        (
+            "/v1/aggregates?from=1000&to=1000&window=1s".to_string(),
+            "to",
+        ),
+        (
+            "/v1/aggregates?from=2000&to=1000&window=1s".to_string(),
+            "to",
+        ),
+        (
+            "/v1/aggregates?from=0&to=10001000&window=1s".to_string(),
+            "window",
         ),
     ];
     for (path, field) in cases {
@@ -475,7 +521,7 @@ async fn extreme_ranges_answer_at_once_without_harm() {
         assert_eq!(v["field"], "window", "{v}");
     }
     // From 1970 in 30-day windows is fine, and read only where events can exist.
-    let to = common::now_ms() + 86_400_000;
+    let to = support::now_ms() + 86_400_000;
     let (s, v) = t
         .get(
             &format!("/v1/devices/{dev}/aggregates?from=0&to={to}&window=30d"),

@@ -3,7 +3,7 @@
 //! grouped counts over a fleet, each checked against figures computed here from what
 //! the test sent.
 
-mod common;
+mod support;
 
 use std::collections::BTreeMap;
 
@@ -11,9 +11,9 @@ use futures::StreamExt;
 
 use chrono::{TimeZone, Timelike};
 use chrono_tz::Tz;
-use common::TestServer;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::TestServer;
 
 const MIN: i64 = 60_000;
 const HOUR: i64 = 3_600_000;

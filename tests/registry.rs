@@ -1,13 +1,13 @@
 //! One registry behaviour suite, run against SQLite and against the real MariaDB of
 //! this machine (a fresh database per run), plus the MySQL-backed HTTP API.
 
-mod prod_support;
+mod support;
 
 use iotpipe::registry::mysql::MySqlRegistry;
 use iotpipe::registry::sqlite::SqliteRegistry;
 use iotpipe::registry::{Registry, RegistryError};
-use prod_support::{Api, TestDb, MARIADB};
 use serde_json::json;
+use support::{telemetry, Api, TestDb, MARIADB};
 use uuid::Uuid;
 
 /// What every registry backend must do.
@@ -102,7 +102,7 @@ async fn mysql_registry_passes_the_shared_suite() {
 
 #[tokio::test]
 async fn mysql_registry_reports_an_unreachable_server_as_unavailable() {
-    let port = prod_support::free_port();
+    let port = support::free_port();
     let reg = MySqlRegistry::connect_lazy(&format!("mysql://root@127.0.0.1:{port}/x")).unwrap();
     assert!(matches!(
         reg.ping().await,
@@ -118,17 +118,17 @@ async fn mysql_registry_reports_an_unreachable_server_as_unavailable() {
 async fn the_http_api_works_on_a_mysql_registry() {
     let db = TestDb::create(MARIADB).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = prod_support::config(dir.path());
+    let mut config = support::config(dir.path());
     config.registry.url = Some(db.url.clone());
     let admin = config.admin_token.clone().unwrap();
-    let server = prod_support::start(config).await;
+    let server = support::start(config).await;
     let api = Api::new(&server);
 
     let health = api.health().await;
     assert_eq!(health["components"]["registry"]["backend"], "mysql");
     assert_eq!(health["components"]["registry"]["ok"], true);
 
-    let key = api.user(&admin).await;
+    let key = api.user_key().await;
     let (s, v) = api
         .post(
             "/v1/users",
@@ -146,9 +146,9 @@ async fn the_http_api_works_on_a_mysql_registry() {
         .await;
     assert_eq!(s, 409);
 
-    let (id, token) = api.device(&key).await;
-    let (s, v, _) = api.ingest(&token, 3).await;
-    assert_eq!((s, v["accepted"].as_u64()), (200, Some(3)), "{v}");
+    let (id, token) = api.device(&key, "d").await;
+    let (s, v) = api.ingest(&token, telemetry(3)).await;
+    assert_eq!((s.as_u16(), v["accepted"].as_u64()), (200, Some(3)), "{v}");
     let (s, v) = api.get(&format!("/v1/devices/{id}/events"), &key).await;
     assert_eq!(s, 200);
     assert_eq!(v["events"].as_array().unwrap().len(), 3);
@@ -156,16 +156,8 @@ async fn the_http_api_works_on_a_mysql_registry() {
     assert_eq!(s, 200);
     assert_eq!(v["devices"][0]["id"], id.as_str());
 
-    let (s, _, _) = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/v1/devices/{id}"),
-            &key,
-            None,
-        )
-        .await;
-    assert_eq!(s, 204);
-    let (s, _, _) = api.ingest(&token, 1).await;
+    api.delete_device(&key, &id).await;
+    let (s, _) = api.ingest(&token, telemetry(1)).await;
     assert_eq!(s, 401);
     let (s, _) = api.get(&format!("/v1/devices/{id}"), &key).await;
     assert_eq!(s, 404);
@@ -176,7 +168,7 @@ async fn the_http_api_works_on_a_mysql_registry() {
 async fn iotpipe_migrate_creates_the_mysql_tables() {
     let db = TestDb::create(MARIADB).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = prod_support::config(dir.path());
+    let mut config = support::config(dir.path());
     config.registry.url = Some(db.url.clone());
     iotpipe::topology::migrate(&config).await.expect("migrate");
     let reg = MySqlRegistry::connect(&db.url).await.unwrap();

@@ -1,10 +1,10 @@
 //! The registry endpoints over a real socket: users, devices, auth, isolation.
 
-mod common;
+mod support;
 
-use common::TestServer;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
+use support::TestServer;
 
 #[tokio::test]
 async fn only_the_admin_creates_users_and_secrets_are_shown_once() {
@@ -217,7 +217,7 @@ async fn users_never_see_each_others_devices_either_way() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(v, json!({"error": "not found"}));
     // Bob's grouped aggregates do not include Ann's events.
-    let now = common::now_ms();
+    let now = support::now_ms();
     let (status, v) = t
         .get(
             &format!(
@@ -272,10 +272,10 @@ async fn repeated_failed_logins_are_slowed_down_with_429_and_retry_after() {
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
     // Failures are counted where operators look.
     let metrics = t.metrics().await;
-    let failed = common::sample(&metrics, "iotpipe_logins_failed_total{source=\"http\"}");
-    assert_eq!(failed, Some(6.0), "{metrics}");
-    let throttled = common::sample(&metrics, "iotpipe_logins_throttled_total{source=\"http\"}");
-    assert_eq!(throttled, Some(2.0));
+    let failed = support::metric(&metrics, "iotpipe_logins_failed_total{source=\"http\"}");
+    assert_eq!(failed, 6.0, "{metrics}");
+    let throttled = support::metric(&metrics, "iotpipe_logins_throttled_total{source=\"http\"}");
+    assert_eq!(throttled, 2.0);
 }
 
 #[tokio::test]

@@ -2,12 +2,11 @@
 //! listing an expired range answers only what is kept, and aggregates over it are
 //! still served from the rollups that remain.
 
-mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{now_ms, TestServer};
 use iotpipe::model::{bucket_start, Event, Record};
 use iotpipe::pipeline::batcher::Batcher;
 use iotpipe::store::embedded::EmbeddedStore;
@@ -15,6 +14,7 @@ use iotpipe::store::retention::Retention;
 use iotpipe::store::EventStore;
 use reqwest::StatusCode;
 use serde_json::json;
+use support::{now_ms, TestServer};
 use uuid::Uuid;
 
 const HOUR: i64 = 3_600_000;

@@ -8,9 +8,9 @@
 mod cassandra;
 #[path = "store/levels.rs"]
 mod levels;
-mod prod_support;
 #[path = "store/retention.rs"]
 mod retention;
+mod support;
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! directory; and the targets it refuses before writing (an unreachable one, one
 //! holding another deployment's data). Never skipped: a missing service fails.
 
-mod prod_support;
+mod support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
 use iotpipe::Config;
-use prod_support::{Api, TestDb};
 use reqwest::Method;
 use serde_json::{json, Value};
+use support::{telemetry, Api, Production, TestDb};
 use uuid::Uuid;
 
 const DAY: i64 = 86_400_000;
@@ -21,7 +21,7 @@ const DAY: i64 = 86_400_000;
 /// `iotpipe transfer` with only settings files: the source's as `--config`, the
 /// target's as `--to`, and none of the caller's `IOTPIPE_*` variables.
 fn transfer(from: &Path, to: &Path, rate: u64) -> Command {
-    let mut cmd = prod_support::bare_command();
+    let mut cmd = support::iotpipe();
     cmd.arg("transfer")
         .arg("--config")
         .arg(from)
@@ -47,7 +47,7 @@ fn production_toml(dir: &Path, db: &str, nodes: &str, keyspace: &str, prefix: &s
          replication = \"{{'class': 'SimpleStrategy', 'replication_factor': 1}}\"\n\
          consistency = \"ONE\"\n",
         embedded_toml(dir),
-        prod_support::REDIS
+        support::REDIS
     )
 }
 
@@ -113,14 +113,14 @@ async fn embedded_to_mariadb_and_cassandra_interrupted_resumed_and_back() {
         &embedded_toml(&work.path().join("src")),
     );
     let source = load(&source_file);
-    let server = prod_support::start(source.clone()).await;
+    let server = support::start(source.clone()).await;
     let api = Api::new(&server);
-    let key = api.user(&server.admin_token).await;
+    let key = api.user_key().await;
     let from = iotpipe::model::now_ms() - 3 * DAY;
     let mut devices = Vec::new();
     let mut tokens = Vec::new();
     for n in [2_000i64, 700] {
-        let (id, token) = api.device(&key).await;
+        let (id, token) = api.device(&key, "d").await;
         let body: Vec<Value> = (0..n)
             .map(|i| {
                 let mut e = json!({"ts": from + i * 97_000, "type": "t", "metrics": {"v": i % 13}});
@@ -131,8 +131,8 @@ async fn embedded_to_mariadb_and_cassandra_interrupted_resumed_and_back() {
             })
             .collect();
         for chunk in body.chunks(1_000) {
-            let (s, v, _) = api
-                .call(Method::POST, "/v1/ingest", &token, Some(json!(chunk)))
+            let (s, _, v) = api
+                .call(Method::POST, "/v1/ingest", Some(&token), Some(json!(chunk)))
                 .await;
             assert_eq!(s, 200, "{v}");
         }
@@ -143,18 +143,16 @@ async fn embedded_to_mariadb_and_cassandra_interrupted_resumed_and_back() {
     server.stop().await;
 
     // The target: MariaDB, Cassandra (with another bucket length) and Redis.
-    let db = TestDb::create(prod_support::MARIADB).await;
-    let keyspace = format!("iotpipe_transfer_{}", prod_support::random_name());
-    let prefix = prod_support::redis_prefix();
+    let backends = Production::new("transfer").await;
     let target_file = write(
         work.path(),
         "target.toml",
         &production_toml(
             &work.path().join("dst"),
-            &db.url,
-            "127.0.0.1:9042",
-            &keyspace,
-            &prefix,
+            &backends.db.url,
+            support::CASSANDRA,
+            &backends.store.keyspace,
+            &backends.prefix,
         ),
     );
 
@@ -168,7 +166,7 @@ async fn embedded_to_mariadb_and_cassandra_interrupted_resumed_and_back() {
     child.kill().unwrap();
     child.wait().unwrap();
     let target = load(&target_file);
-    let server = prod_support::start(target.clone()).await;
+    let server = support::start(target.clone()).await;
     let (s, _) = Api::new(&server).get("/v1/devices", &key).await;
     assert_eq!(s, 401, "the user is not on an interrupted target");
     server.stop().await;
@@ -179,16 +177,20 @@ async fn embedded_to_mariadb_and_cassandra_interrupted_resumed_and_back() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("transfer complete: 1 users"), "{err}");
     assert!(err.contains("2700 verified"), "{err}");
-    let server = prod_support::start(target.clone()).await;
+    let server = support::start(target.clone()).await;
     let api = Api::new(&server);
     assert_eq!(served(&api, &key, &devices).await, before);
     // Hashed secrets came along: the device token still ingests, with no re-provisioning.
-    let (s, _, _) = api.ingest(&tokens[1], 1).await;
+    let (s, _) = api.ingest(&tokens[1], telemetry(1)).await;
     assert_eq!(s, 200);
     let (s, v) = api
         .get(&format!("/v1/devices/{}/live", devices[0]), &key)
         .await;
-    assert_eq!((s, v["events_total"].as_u64()), (200, Some(2_000)), "{v}");
+    assert_eq!(
+        (s.as_u16(), v["events_total"].as_u64()),
+        (200, Some(2_000)),
+        "{v}"
+    );
     server.stop().await;
 
     // And back, into a new embedded directory.
@@ -200,7 +202,7 @@ async fn embedded_to_mariadb_and_cassandra_interrupted_resumed_and_back() {
     let out = transfer(&target_file, &back_file, 0).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    let server = prod_support::start(load(&back_file)).await;
+    let server = support::start(load(&back_file)).await;
     let back = served(&Api::new(&server), &key, &devices).await;
     server.stop().await;
     // The same, but for the event ingested on the target meanwhile.
@@ -212,16 +214,7 @@ async fn embedded_to_mariadb_and_cassandra_interrupted_resumed_and_back() {
     let settings =
         ScyllaSettings::from_config(&target.store, target.pipeline.bucket_len_ms).unwrap();
     drop(ScyllaStore::connect(settings).await.unwrap());
-    let session = scylla::client::session_builder::SessionBuilder::new()
-        .known_node("127.0.0.1:9042")
-        .build()
-        .await
-        .unwrap();
-    session
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
-        .await
-        .unwrap();
-    prod_support::clear_redis(prod_support::REDIS, &prefix).await;
+    backends.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,16 +225,16 @@ async fn targets_that_are_unreachable_or_foreign_are_refused_before_writing() {
         "source.toml",
         &embedded_toml(&work.path().join("src")),
     );
-    let server = prod_support::start(load(&source_file)).await;
+    let server = support::start(load(&source_file)).await;
     let api = Api::new(&server);
-    let key = api.user(&server.admin_token).await;
-    let (_, token) = api.device(&key).await;
-    assert_eq!(api.ingest(&token, 5).await.0, 200);
+    let key = api.user_key().await;
+    let (_, token) = api.device(&key, "d").await;
+    assert_eq!(api.ingest(&token, telemetry(5)).await.0, 200);
     server.stop().await;
 
     // Nothing listens at the target's Cassandra address.
-    let db = TestDb::create(prod_support::MARIADB).await;
-    let nowhere = format!("127.0.0.1:{}", prod_support::free_port());
+    let db = TestDb::create(support::MARIADB).await;
+    let nowhere = format!("127.0.0.1:{}", support::free_port());
     let unreachable = write(
         work.path(),
         "unreachable.toml",
@@ -267,17 +260,17 @@ async fn targets_that_are_unreachable_or_foreign_are_refused_before_writing() {
         "other.toml",
         &embedded_toml(&work.path().join("other")),
     );
-    let other = prod_support::start(load(&other_file)).await;
+    let other = support::start(load(&other_file)).await;
     let other_api = Api::new(&other);
-    let other_key = other_api.user(&other.admin_token).await;
-    let (_, other_token) = other_api.device(&other_key).await;
-    assert_eq!(other_api.ingest(&other_token, 3).await.0, 200);
+    let other_key = other_api.user_key().await;
+    let (_, other_token) = other_api.device(&other_key, "d").await;
+    assert_eq!(other_api.ingest(&other_token, telemetry(3)).await.0, 200);
     other.stop().await;
     let out = transfer(&source_file, &other_file, 0).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("another deployment"), "{err}");
-    let other = prod_support::start(load(&other_file)).await;
+    let other = support::start(load(&other_file)).await;
     let (s, v) = Api::new(&other).get("/v1/devices", &key).await;
     assert_eq!(s, 401, "the source's user was not written: {v}");
     other.stop().await;

@@ -2,10 +2,11 @@
 //! and the verification verdict, both when the store is faithful and when it holds
 //! something it should not.
 
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
 use std::time::Duration;
 
-use iotpipe::topology::{self, Server};
-use iotpipe::Config;
 use iotpipe_sim::api::Api;
 use iotpipe_sim::chaos::{format_ts, Chaos};
 use iotpipe_sim::profile::Profile;
@@ -15,26 +16,14 @@ use iotpipe_sim::rate::Rate;
 use iotpipe_sim::run::{run, Finished, Limit, Protocol, RunOptions};
 use iotpipe_sim::tally::Expect;
 use iotpipe_sim::verify::{verify, Problem};
-use tempfile::TempDir;
+use support::TestServer;
 use tokio_util::sync::CancellationToken;
 
-/// A free port for the built-in MQTT endpoint.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("an ephemeral port")
-}
-
-async fn start() -> (Server, TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::load(None, |_| None).expect("default config");
-    config.data_dir = dir.path().to_owned();
-    config.http.addr = "127.0.0.1:0".into();
-    let mqtt_addr = format!("127.0.0.1:{}", free_port());
-    config.mqtt.addr = mqtt_addr.clone();
-    let server = topology::start(config).await.expect("iotpipe starts");
-    (server, dir, mqtt_addr)
+/// A server with the built-in MQTT endpoint; its MQTT address.
+async fn start() -> (TestServer, String) {
+    let server = TestServer::with_mqtt(|_| {}).await;
+    let mqtt_addr = server.mqtt().to_string();
+    (server, mqtt_addr)
 }
 
 fn profiles() -> Vec<Profile> {
@@ -92,10 +81,10 @@ fn assert_chaos_happened(f: &Finished) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chaotic_fleet_verifies_over_http_and_mqtt() {
-    let (server, _dir, mqtt_addr) = start().await;
-    let api = Api::new(&format!("http://{}", server.http_addr), 16).unwrap();
+    let (mut server, mqtt_addr) = start().await;
+    let api = Api::new(&server.base, 16).unwrap();
 
-    let (http_fleet, key) = fleet(&api, &server.admin_token, 6).await;
+    let (http_fleet, key) = fleet(&api, &server.admin, 6).await;
     let finished = run(
         &api,
         &http_fleet,
@@ -122,7 +111,7 @@ async fn a_chaotic_fleet_verifies_over_http_and_mqtt() {
 
     // MQTT, through the built-in endpoint: a probe that fails is a failure of the
     // test, never a reason to skip this leg.
-    let (mqtt_fleet, key) = fleet(&api, &server.admin_token, 3).await;
+    let (mqtt_fleet, key) = fleet(&api, &server.admin, 3).await;
     let d = &mqtt_fleet.devices[0];
     mqtt::probe(&mqtt_addr, &d.id, &d.token)
         .await
@@ -148,9 +137,9 @@ async fn a_chaotic_fleet_verifies_over_http_and_mqtt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verification_fails_when_the_store_holds_what_it_should_not() {
-    let (server, _dir, _) = start().await;
-    let api = Api::new(&format!("http://{}", server.http_addr), 16).unwrap();
-    let (fleet, key) = fleet(&api, &server.admin_token, 3).await;
+    let (mut server, _) = start().await;
+    let api = Api::new(&server.base, 16).unwrap();
+    let (fleet, key) = fleet(&api, &server.admin, 3).await;
     let chaos = Chaos {
         invalid: 0.1,
         ..Chaos::NONE

@@ -6,12 +6,10 @@
 //! again. Then every fleet must verify: nothing acknowledged lost, nothing stored
 //! twice, aggregates equal to what was acknowledged.
 
-#[path = "../../tests/mqtt_support/mod.rs"]
-mod mqtt_support;
+#[path = "../../tests/support/mod.rs"]
+mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use iotpipe_sim::api::Api;
@@ -22,99 +20,45 @@ use iotpipe_sim::provision::Fleet;
 use iotpipe_sim::rate::Rate;
 use iotpipe_sim::run::{run, Finished, Limit, Protocol, RunOptions};
 use iotpipe_sim::verify::{verify, Verification};
-use mqtt_support::{Broker, Process, ADMIN};
+use support::{free_port, Broker, Process, Production, ADMIN, CASSANDRA, REDIS};
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
 const RUN: Duration = Duration::from_secs(20);
 const KILL_AFTER: Duration = Duration::from_secs(7);
 
-fn name() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
-}
-
-fn shell(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The shared backends of one run, removed again at the end.
+/// The shared backends of one run (a fresh database, keyspace and key prefix), and a
+/// private broker; removed again at the end.
 struct Backends {
-    keyspace: String,
-    database: String,
-    prefix: String,
+    production: Production,
     broker: Broker,
 }
 
 impl Backends {
     async fn new() -> Self {
-        let n = name();
-        let database = format!("iotpipe_e2e_{n}");
-        shell(
-            "mariadb",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-u",
-                "root",
-                "-e",
-                &format!("CREATE DATABASE {database}"),
-            ],
-        );
         Self {
-            keyspace: format!("iotpipe_e2e_{n}"),
-            database,
-            prefix: format!("iotpipe_e2e_{n}:"),
+            production: Production::new("e2e").await,
             broker: Broker::start().await,
         }
     }
 
     fn env(&self, http: SocketAddr) -> Vec<(&'static str, String)> {
+        let p = &self.production;
         vec![
-            ("IOTPIPE_SCYLLA_NODES", "127.0.0.1:9042".into()),
-            ("IOTPIPE_SCYLLA_KEYSPACE", self.keyspace.clone()),
-            (
-                "IOTPIPE_SCYLLA_REPLICATION",
-                "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
-            ),
-            (
-                "IOTPIPE_REGISTRY_URL",
-                format!("mysql://root@127.0.0.1:3306/{}", self.database),
-            ),
-            ("IOTPIPE_REDIS_URL", "redis://127.0.0.1:6379/0".into()),
-            ("IOTPIPE_REDIS_PREFIX", self.prefix.clone()),
+            ("IOTPIPE_SCYLLA_NODES", CASSANDRA.into()),
+            ("IOTPIPE_SCYLLA_KEYSPACE", p.store.keyspace.clone()),
+            ("IOTPIPE_SCYLLA_REPLICATION", p.store.replication.clone()),
+            ("IOTPIPE_REGISTRY_URL", p.db.url.clone()),
+            ("IOTPIPE_REDIS_URL", REDIS.into()),
+            ("IOTPIPE_REDIS_PREFIX", p.prefix.clone()),
             ("IOTPIPE_MQTT_URL", self.broker.url()),
-            ("IOTPIPE_MQTT_ADDR", "off".into()),
             ("IOTPIPE_HTTP_ADDR", http.to_string()),
         ]
-    }
-
-    fn clean(&self) {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let cqlsh = root.join("scripts/cassandra");
-        let drop_ks = format!("DROP KEYSPACE IF EXISTS {}", self.keyspace);
-        let _ = Command::new(cqlsh).args(["cqlsh", "-e", &drop_ks]).status();
-        let drop_db = format!("DROP DATABASE IF EXISTS {}", self.database);
-        let _ = Command::new("mariadb")
-            .args(["-h", "127.0.0.1", "-u", "root", "-e", &drop_db])
-            .status();
-        let del = format!(
-            "redis-cli --scan --pattern '{}*' | xargs -r redis-cli del >/dev/null",
-            self.prefix
-        );
-        let _ = Command::new("sh").args(["-c", &del]).status();
     }
 }
 
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 fn options(protocol: Protocol) -> RunOptions {
@@ -175,10 +119,7 @@ async fn two_instances_lose_nothing_acknowledged_when_one_is_killed() {
     let (addr_a, addr_b) = (free_addr(), free_addr());
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // Schema through the binary, as an operator would create it.
-    let mut migrate = Command::new(mqtt_support::iotpipe_bin());
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
-        migrate.env_remove(k);
-    }
+    let mut migrate = support::iotpipe();
     migrate
         .arg("migrate")
         .env("IOTPIPE_DATA_DIR", dir_a.path())
@@ -217,7 +158,7 @@ async fn two_instances_lose_nothing_acknowledged_when_one_is_killed() {
     };
     let chaos = async {
         sleep(KILL_AFTER).await;
-        a.kill9().await;
+        a.kill9();
         sleep(Duration::from_secs(1)).await;
         Process::spawn(dir_a.path(), &backends.env(addr_a)).await
     };
@@ -255,7 +196,7 @@ async fn two_instances_lose_nothing_acknowledged_when_one_is_killed() {
         );
     }
     drop((a, b));
-    backends.clean();
+    backends.production.cleanup().await;
 }
 
 /// Every event of the user's devices over the last hour, from `/v1/aggregates`.

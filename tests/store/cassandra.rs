@@ -37,7 +37,7 @@ impl Keyspace {
     pub async fn new(tweak: impl FnOnce(&mut StoreConfig)) -> Self {
         let mut config = StoreConfig {
             scylla_nodes: Some(node()),
-            keyspace: format!("iotpipe_test_{}", crate::prod_support::random_name()),
+            keyspace: format!("iotpipe_test_{}", crate::support::random_name()),
             replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
             consistency: "ONE".into(),
             ..StoreConfig::default()
@@ -319,7 +319,7 @@ fn ts(ms: i64) -> scylla::value::CqlTimestamp {
 #[tokio::test]
 async fn iotpipe_migrate_creates_the_schema_in_a_fresh_keyspace() {
     let dir = tempfile::tempdir().unwrap();
-    let keyspace = format!("iotpipe_migrate_{}", crate::prod_support::random_name());
+    let keyspace = format!("iotpipe_migrate_{}", crate::support::random_name());
     let config = dir.path().join("iotpipe.toml");
     std::fs::write(
         &config,

@@ -1,15 +1,11 @@
-//! Helpers for the MQTT tests: an in-process server on port 0, the HTTP API through
-//! reqwest, and rumqttc devices whose events arrive on a channel.
-#![allow(dead_code)]
+//! MQTT: rumqttc devices whose events arrive on a channel, raw packets for what a
+//! well-behaved client library will not send, and a private Mosquitto.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use iotpipe::topology::{self, Server};
-use iotpipe::Config;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
 };
@@ -20,202 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use uuid::Uuid;
 
-/// Generous: the machine is small and shared.
-pub const PATIENCE: Duration = Duration::from_secs(30);
-pub const ADMIN: &str = "ipa_mqtt-test-admin-token-0123456789";
-
-/// A test configuration: loopback port 0 for HTTP and MQTT, data in `dir`.
-pub fn config(dir: &Path) -> Config {
-    let mut c = Config {
-        data_dir: dir.to_owned(),
-        admin_token: Some(ADMIN.into()),
-        ..Config::default()
-    };
-    c.http.addr = "127.0.0.1:0".into();
-    c.mqtt.addr = "127.0.0.1:0".into();
-    c
-}
-
-pub struct Instance {
-    pub server: Server,
-    pub api: Api,
-    pub dir: tempfile::TempDir,
-}
-
-impl Instance {
-    pub async fn start() -> Self {
-        Self::start_with(|_| {}).await
-    }
-
-    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = config(dir.path());
-        tweak(&mut c);
-        let server = topology::start(c).await.expect("server starts");
-        let api = Api::new(server.http_addr);
-        Self { server, api, dir }
-    }
-
-    pub fn mqtt(&self) -> SocketAddr {
-        self.server.mqtt_addr.expect("the built-in endpoint is on")
-    }
-}
-
-/// The HTTP API.
-#[derive(Clone)]
-pub struct Api {
-    pub base: String,
-    http: reqwest::Client,
-}
-
-/// A user with one device.
-#[derive(Debug, Clone)]
-pub struct Owner {
-    pub key: String,
-    pub device: String,
-    pub token: String,
-}
-
-impl Api {
-    pub fn new(addr: SocketAddr) -> Self {
-        Self {
-            base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
-        }
-    }
-
-    pub async fn user(&self) -> String {
-        let name = format!("u{}", uuid::Uuid::new_v4().simple());
-        let r = self
-            .http
-            .post(format!("{}/v1/users", self.base))
-            .bearer_auth(ADMIN)
-            .json(&json!({"username": name, "email": format!("{name}@example.com")}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        r.json::<Value>().await.unwrap()["api_key"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    pub async fn device(&self, key: &str) -> (String, String) {
-        let r = self
-            .http
-            .post(format!("{}/v1/devices", self.base))
-            .bearer_auth(key)
-            .json(&json!({"name": "sensor", "type": "thermo"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        let v: Value = r.json().await.unwrap();
-        (
-            v["id"].as_str().unwrap().to_owned(),
-            v["token"].as_str().unwrap().to_owned(),
-        )
-    }
-
-    pub async fn owner(&self) -> Owner {
-        let key = self.user().await;
-        let (device, token) = self.device(&key).await;
-        Owner { key, device, token }
-    }
-
-    pub async fn get(&self, key: &str, path: &str) -> Value {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "GET {path}");
-        r.json().await.unwrap()
-    }
-
-    /// Every stored event of a device, newest first.
-    pub async fn events(&self, o: &Owner) -> Vec<Value> {
-        let v = self
-            .get(
-                &o.key,
-                &format!("/v1/devices/{}/events?limit=10000", o.device),
-            )
-            .await;
-        v["events"].as_array().unwrap().clone()
-    }
-
-    pub async fn live(&self, o: &Owner) -> Value {
-        self.get(&o.key, &format!("/v1/devices/{}/live", o.device))
-            .await
-    }
-
-    pub async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    pub async fn health(&self) -> Value {
-        self.http
-            .get(format!("{}/health", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    /// Waits until a device has stored at least `n` events; returns them.
-    pub async fn wait_events(&self, o: &Owner, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let events = self.events(o).await;
-            if events.len() >= n || Instant::now() > deadline {
-                return events;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-/// The value of one series in a Prometheus text page, e.g.
-/// `iotpipe_events_rejected_total{source="mqtt",reason="invalid"}`.
-pub fn metric(page: &str, series: &str) -> f64 {
-    let (name, labels) = match series.split_once('{') {
-        Some((n, l)) => (n, Some(l.trim_end_matches('}'))),
-        None => (series, None),
-    };
-    for line in page.lines() {
-        let Some((key, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (kname, klabels) = match key.split_once('{') {
-            Some((n, l)) => (n, Some(l.trim_end_matches('}'))),
-            None => (key, None),
-        };
-        if kname != name {
-            continue;
-        }
-        let matches = match (labels, klabels) {
-            (None, None) => true,
-            (Some(want), Some(have)) => want.split(',').all(|w| have.split(',').any(|h| h == w)),
-            _ => false,
-        };
-        if matches {
-            return value.parse().unwrap();
-        }
-    }
-    panic!("no series {series} in /metrics")
-}
+use super::{free_port, wait_for_port, Api, Owner, Proc, PATIENCE};
 
 /// What a device's event loop reported.
 #[derive(Debug)]
@@ -350,84 +151,8 @@ pub fn topic(device: &str) -> String {
     format!("devices/{device}/events")
 }
 
-/// The `iotpipe` binary: cargo names it to the main crate's tests; the simulator's
-/// tests find it beside their own executable, in the same target directory.
-pub fn iotpipe_bin() -> std::path::PathBuf {
-    if let Some(path) = option_env!("CARGO_BIN_EXE_iotpipe") {
-        return path.into();
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("iotpipe");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the workspace (cargo test --workspace)",
-        bin.display()
-    );
-    bin
-}
-
-/// The real `iotpipe` binary, started on port 0.
-pub struct Process {
-    pub child: tokio::process::Child,
-    pub http: SocketAddr,
-    pub mqtt: Option<SocketAddr>,
-}
-
-impl Process {
-    /// Starts `iotpipe serve` with `env` on top of a test environment, and reads the
-    /// addresses from its stdout line.
-    pub async fn spawn(data_dir: &Path, env: &[(&str, String)]) -> Self {
-        use tokio::io::AsyncBufReadExt;
-        let mut cmd = tokio::process::Command::new(iotpipe_bin());
-        // Only what the test sets: a developer's exported production settings must not
-        // redirect a test to other backends.
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("IOTPIPE_")) {
-            cmd.env_remove(k);
-        }
-        cmd.arg("serve")
-            .env("IOTPIPE_DATA_DIR", data_dir)
-            .env("IOTPIPE_HTTP_ADDR", "127.0.0.1:0")
-            .env("IOTPIPE_MQTT_ADDR", "127.0.0.1:0")
-            .env("IOTPIPE_ADMIN_TOKEN", ADMIN)
-            .env("IOTPIPE_RATE_DEVICE", "0")
-            .env("IOTPIPE_RATE_USER", "0")
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("the iotpipe binary starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = timeout(PATIENCE, lines.next_line())
-            .await
-            .expect("iotpipe prints its addresses in time")
-            .unwrap()
-            .expect("a line on stdout");
-        // iotpipe listening http=ADDR mqtt=ADDR|off
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
-        let http = field("http=").parse().unwrap();
-        let mqtt = field("mqtt=").parse().ok();
-        // Keep reading stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child, http, mqtt }
-    }
-
-    /// SIGKILL: no shutdown code runs.
-    pub async fn kill9(mut self) {
-        self.child.kill().await.unwrap();
-    }
-}
-
 /// One event with an id and a fixed `ts`, as JSON text.
-pub fn event_at(id: &uuid::Uuid, ts_ms: i64) -> String {
+fn event_at(id: &uuid::Uuid, ts_ms: i64) -> String {
     json!({"id": id.to_string(), "ts": ts_ms, "type": "telemetry", "metrics": {"seq": 1.0}})
         .to_string()
 }
@@ -486,24 +211,20 @@ pub async fn stream_ids(
 /// Killed when dropped.
 pub struct Broker {
     pub port: u16,
-    child: std::process::Child,
+    _child: Proc,
     pub dir: tempfile::TempDir,
 }
 
 /// The broker settings the delivery guarantee needs, as every broker of the project
 /// uses them.
-pub const MOSQUITTO_CONF: &str = include_str!("../../deploy/mosquitto.conf");
+const MOSQUITTO_CONF: &str = include_str!("../../deploy/mosquitto.conf");
 
 impl Broker {
     /// Tuned as `deploy/mosquitto.conf` says the guarantee needs: a large in-flight
     /// window, a queue that never drops QoS 1 messages, and persistence.
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
@@ -522,26 +243,20 @@ impl Broker {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("mosquitto is installed");
-        let deadline = Instant::now() + PATIENCE;
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let child = Proc(child);
+        assert!(
+            wait_for_port(port, PATIENCE).await,
+            "mosquitto did not start"
+        );
+        Self {
+            port,
+            _child: child,
+            dir,
         }
-        Self { port, child, dir }
     }
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -615,8 +330,8 @@ pub async fn expect_closed(stream: &mut TcpStream) -> Vec<u8> {
 }
 
 /// A raw connection that has logged in; the CONNACK is consumed.
-pub async fn raw_login(inst: &Instance, o: &Owner, keep_alive: u16) -> TcpStream {
-    let mut s = TcpStream::connect(inst.mqtt()).await.unwrap();
+pub async fn raw_login(addr: SocketAddr, o: &Owner, keep_alive: u16) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(&connect_bytes(&o.device, &o.token, keep_alive))
         .await
         .unwrap();
