@@ -4,7 +4,8 @@
 //!
 //! Needs the machine's MariaDB (127.0.0.1:3306) and Redis (127.0.0.1:6379); uses a
 //! fresh database and a random key prefix. Run:
-//! `cargo bench --bench production` (or `--profile dev` for a quick look).
+//! `cargo bench --bench production` (or `--profile dev` for a quick look;
+//! `PRODUCTION_BENCH_ROUNDS` sets the interleaved rounds, 30 by default).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -121,7 +122,12 @@ fn production(c: &mut Criterion) {
     // configurations round by round exposes them to the same drift; the ratios of the
     // medians are the figures to compare against the speed bars.
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-    for _ in 0..INTERLEAVED_ROUNDS {
+    // `PRODUCTION_BENCH_ROUNDS` shortens this for a check of the plumbing.
+    let rounds: usize = std::env::var("PRODUCTION_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(INTERLEAVED_ROUNDS);
+    for _ in 0..rounds {
         for (i, (_, t)) in targets.iter().enumerate() {
             let started = Instant::now();
             rt.block_on(round(t));
@@ -140,6 +146,23 @@ fn production(c: &mut Criterion) {
         println!(
             "interleaved median {name}: {m:.0} events/s ({:.1}% of embedded)",
             m / medians[0] * 100.0
+        );
+    }
+    // The interleaved medians as one markdown table, which `scripts/bench` copies into
+    // docs/performance.md as it is.
+    println!();
+    println!("| figure | iotpipe | baseline (same run) | ratio |");
+    println!("|---|---|---|---|");
+    for ((name, _), m) in targets.iter().zip(&medians).skip(1) {
+        let what = match *name {
+            "redis_live" => "Redis counters and limits",
+            "mysql_registry" => "MySQL registry, warm auth cache",
+            other => other,
+        };
+        println!(
+            "| HTTP ingest, {EVENTS_PER_REQUEST}-event requests, {what} (median of {rounds} interleaved rounds) | {m:.0} events/s | all-embedded: {:.0} events/s | {:.0}% |",
+            medians[0],
+            100.0 * m / medians[0]
         );
     }
     drop(targets);
