@@ -38,7 +38,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// The largest packet MQTT can frame. A smaller client limit would make an oversized
 /// message a poison pill: rumqttc would drop the connection on it, and the broker
 /// would deliver it again on every reconnect. Taken whole, it is refused as
-/// `too_large` and acknowledged. The broker's `message_size_limit` bounds it.
+/// `too_large` and acknowledged. The broker's `max_packet_size` bounds it.
 const MAX_INCOMING_PACKET: usize = 268_435_455;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
