@@ -136,31 +136,13 @@ impl Inner {
 mod tests {
     use uuid::Uuid;
 
+    use super::super::tests::batch;
     use super::super::EmbeddedStore;
-    use crate::model::PartitionBatch;
-    use crate::model::{assigned_id, Event, PartitionKey, Record};
+    use crate::model::{assigned_id, PartitionBatch};
 
     fn flush(device: Uuid, ids: &[(Uuid, i64)]) -> Vec<PartitionBatch> {
         ids.iter()
-            .map(|&(id, ts_ms)| {
-                let record = Record {
-                    user_id: 1,
-                    device_id: device,
-                    received_ms: ts_ms,
-                    event: Event {
-                        id,
-                        id_assigned: false,
-                        ts_ms,
-                        kind: "t".into(),
-                        metrics: vec![("x".into(), 1.0)],
-                        attrs: vec![],
-                    },
-                };
-                PartitionBatch {
-                    key: PartitionKey::of(&record, 3_600_000),
-                    records: vec![record],
-                }
-            })
+            .map(|&(id, ts_ms)| batch(device, id, ts_ms, &[("x", 1.0)]))
             .collect()
     }
 

@@ -11,7 +11,14 @@ fn key_order_is_numeric_order_across_the_sign() {
     assert_eq!(decode_key_tail(&c).unwrap(), (3, Uuid::from_u128(1)));
 }
 
-fn one(device: DeviceId, id: Uuid, ts_ms: i64) -> Vec<PartitionBatch> {
+/// One event of type "t" with `metrics`, as a flush of its own partition: the
+/// store's tests (here and in its submodules) build their writes from it.
+pub(super) fn batch(
+    device: DeviceId,
+    id: Uuid,
+    ts_ms: i64,
+    metrics: &[(&str, f64)],
+) -> PartitionBatch {
     let record = Record {
         user_id: 1,
         device_id: device,
@@ -21,14 +28,18 @@ fn one(device: DeviceId, id: Uuid, ts_ms: i64) -> Vec<PartitionBatch> {
             id_assigned: false,
             ts_ms,
             kind: "t".into(),
-            metrics: vec![],
+            metrics: metrics.iter().map(|(k, v)| ((*k).into(), *v)).collect(),
             attrs: vec![],
         },
     };
-    vec![PartitionBatch {
+    PartitionBatch {
         key: PartitionKey::of(&record, 3_600_000),
         records: vec![record],
-    }]
+    }
+}
+
+fn one(device: DeviceId, id: Uuid, ts_ms: i64) -> Vec<PartitionBatch> {
+    vec![batch(device, id, ts_ms, &[])]
 }
 
 #[test]
