@@ -10,7 +10,7 @@ use std::time::Duration;
 use iotpipe::config::StoreConfig;
 use iotpipe::model::{bucket_start, Event};
 use iotpipe::store::scylla::{ScyllaSettings, ScyllaStore};
-use iotpipe::store::{EventStore, Level, RollupQuery, Summary, ROLLUP_MS};
+use iotpipe::store::{EventStore, FleetQuery, Level, RollupQuery, Summary, ROLLUP_MS};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use scylla::client::session::Session;
@@ -146,6 +146,43 @@ async fn rollups_at(
         .collect()
 }
 
+/// A user's fleet counts at `level`, by (interval, device, type).
+async fn fleet_at(
+    level: Level,
+    store: &dyn EventStore,
+    user: i64,
+    from_ms: i64,
+    to_ms: i64,
+) -> BTreeMap<(i64, Uuid, String), u64> {
+    let q = FleetQuery {
+        user_id: user,
+        level,
+        from_ms,
+        to_ms,
+        kind: None,
+    };
+    let rows = store
+        .fleet_counts(q)
+        .await
+        .unwrap()
+        .expect("keeps fleet rows");
+    rows.into_iter()
+        .map(|r| ((r.start_ms, r.device_id, r.kind), r.count))
+        .collect()
+}
+
+/// What `fleet_at` must answer for one device's events.
+fn fleet_expected(
+    level: Level,
+    device: Uuid,
+    events: &[Event],
+) -> BTreeMap<(i64, Uuid, String), u64> {
+    expected_at(level, events, "")
+        .into_iter()
+        .map(|((start, kind), s)| ((start, device, kind), s.count))
+        .collect()
+}
+
 /// Sums may differ in the last bits with the order of addition.
 fn assert_same(got: &BTreeMap<(i64, String), Summary>, want: &BTreeMap<(i64, String), Summary>) {
     assert_eq!(
@@ -213,6 +250,14 @@ async fn two_writers_on_the_same_minutes_keep_the_rollups_exact() {
                 assert_same(&got, &expected_at(level, &truth, metric));
             }
         }
+        // The fleet rows too: the pending hours are read from the device's rows.
+        for level in [Level::Hour, Level::Day] {
+            assert_eq!(
+                fleet_at(level, &b, user, DAY0, DAY0 + 2 * DAY).await,
+                fleet_expected(level, device, &truth),
+                "{level:?}"
+            );
+        }
     }
     a.settle().await;
     b.settle().await;
@@ -221,7 +266,15 @@ async fn two_writers_on_the_same_minutes_keep_the_rollups_exact() {
         0,
         "every minute recomputed"
     );
+    assert_eq!(ks.count("pending_hours").await, 0, "every hour marker gone");
     let truth: Vec<Event> = sent.values().cloned().collect();
+    for level in [Level::Hour, Level::Day] {
+        assert_eq!(
+            fleet_at(level, &a, user, DAY0, DAY0 + 2 * DAY).await,
+            fleet_expected(level, device, &truth),
+            "{level:?}, from the fleet rows alone"
+        );
+    }
     for metric in ["", "temp"] {
         // Now from the rollup rows alone, through either instance, at every level.
         for level in [Level::Minute, Level::Hour, Level::Day] {
@@ -248,10 +301,26 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
         .unwrap();
     store.settle().await;
 
-    // What a writer that died mid-flush leaves: its minute marked pending, its events
-    // stored, its rollups never written.
+    // What a writer that died mid-flush leaves: its minute and hour marked pending,
+    // its events stored, its rollups never written.
     let name = &ks.settings.keyspace;
     let crashed = Uuid::now_v7();
+    ks.session
+        .query_unpaged(
+            format!(
+                "INSERT INTO {name}.pending_hours (user_id, slab, hour, device_id, flush) \
+                 VALUES (?, ?, ?, ?, ?)"
+            ),
+            (
+                user,
+                ts(T0 - T0.rem_euclid(28 * DAY)),
+                ts(T0 - T0.rem_euclid(HOUR)),
+                device,
+                Uuid::now_v7(),
+            ),
+        )
+        .await
+        .unwrap();
     let late = event(50, T0 + 30_000, "telemetry", &[("temp", 100.0)]);
     ks.session
         .query_unpaged(
@@ -285,12 +354,30 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
             );
         }
     }
+    for level in [Level::Hour, Level::Day] {
+        assert_eq!(
+            fleet_at(level, &store, user, DAY0, DAY0 + 2 * DAY).await,
+            fleet_expected(level, device, &truth),
+            "{level:?}"
+        );
+    }
     // ...and the rollup rows themselves still miss the event until the sweep.
     let stale = scalar_count(&ks, user, device).await;
     assert_eq!(stale, 3);
     tokio::time::sleep(Duration::from_millis(1_100)).await; // older than sweep_after
-    assert!(store.sweep().await.unwrap() >= 1);
+    assert!(
+        store.sweep().await.unwrap() >= 2,
+        "a minute and an hour marker"
+    );
     assert_eq!(ks.count("pending_minutes").await, 0);
+    assert_eq!(ks.count("pending_hours").await, 0);
+    for level in [Level::Hour, Level::Day] {
+        assert_eq!(
+            fleet_at(level, &store, user, DAY0, DAY0 + 2 * DAY).await,
+            fleet_expected(level, device, &truth),
+            "{level:?}, from the fleet rows once swept"
+        );
+    }
     assert_eq!(scalar_count(&ks, user, device).await, 4);
     for metric in ["", "temp"] {
         assert_same(
@@ -372,8 +459,10 @@ async fn iotpipe_migrate_creates_the_schema_in_a_fresh_keyspace() {
             "buckets",
             "event_ids",
             "events",
+            "fleet_counts",
             "latest",
             "meta",
+            "pending_hours",
             "pending_minutes",
             "rollups",
             "rollups_coarse"
@@ -438,4 +527,47 @@ async fn iotpipe_migrate_creates_the_schema_in_a_fresh_keyspace() {
         .query_unpaged(format!("DROP KEYSPACE {keyspace}"), ())
         .await
         .unwrap();
+}
+
+/// A keyspace written before the fleet rows: refused until `iotpipe migrate` has built
+/// them from its hour and day rows.
+#[tokio::test]
+async fn migrate_builds_the_fleet_rows_of_an_older_keyspace() {
+    let ks = Keyspace::new(|_| {}).await;
+    let store = ks.store().await;
+    let (user, device) = (11, Uuid::new_v4());
+    let events: Vec<Event> = (0..40u128)
+        .map(|i| {
+            let kind = if i % 4 == 0 { "alarm" } else { "telemetry" };
+            event(i + 1, T0 + i as i64 * 7 * ROLLUP_MS, kind, &[("temp", 1.0)])
+        })
+        .collect();
+    store
+        .write(flush(user, device, events.clone()))
+        .await
+        .unwrap();
+    store.settle().await;
+    drop(store);
+    let name = &ks.settings.keyspace;
+    for cql in [
+        format!("TRUNCATE {name}.fleet_counts"),
+        format!("DELETE FROM {name}.meta WHERE name = 'fleet_rows'"),
+    ] {
+        ks.session.query_unpaged(cql, ()).await.unwrap();
+    }
+    let refused = ScyllaStore::connect(ks.settings.clone())
+        .await
+        .err()
+        .unwrap();
+    assert!(refused.to_string().contains("iotpipe migrate"), "{refused}");
+    ScyllaStore::migrate(&ks.settings).await.unwrap();
+    let store = ks.store().await;
+    for level in [Level::Hour, Level::Day] {
+        assert_eq!(
+            fleet_at(level, &store, user, DAY0, DAY0 + 2 * DAY).await,
+            fleet_expected(level, device, &events),
+            "{level:?}"
+        );
+    }
+    ks.drop_it().await;
 }

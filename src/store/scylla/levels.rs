@@ -48,7 +48,7 @@ const FANOUT: usize = 16;
 const BATCH_ROWS: usize = 64;
 
 /// Summaries by type.
-type ByType = BTreeMap<String, Stats>;
+pub(super) type ByType = BTreeMap<String, Stats>;
 
 /// A rollup from a stored row's columns.
 pub(super) fn rollup_of(
@@ -166,7 +166,15 @@ impl Inner {
                 ttl,
             })
             .collect();
-        self.write_rows(&self.cql.insert_coarse, &rows).await
+        let coarse = self.write_rows(&self.cql.insert_coarse, &rows);
+        if metric.is_empty() {
+            // Counts also go to the user's fleet rows (`fleet.rs`).
+            let fleet = self.write_fleet((user, device), (level, start), &sums, ttl);
+            futures::future::try_join(coarse, fleet).await?;
+            Ok(())
+        } else {
+            coarse.await
+        }
     }
 
     /// Writes rows of one partition with one statement, in unlogged batches of at

@@ -4,8 +4,8 @@
 //! range chunking (query) stay above [`EventStore`] and are shared with, and tested
 //! on, the embedded store. This module only turns partitions into CQL writes and
 //! ranges into CQL reads. Its files: `settings`, `schema`, `statements` (every CQL
-//! text), `rows` (every bound or read row type), `write`, `read`, `rollup` and
-//! `pending` (exact rollups), `purge` (removing a device), `devices` (listing them) and `index_check`: rare,
+//! text), `rows` (every bound or read row type), `write`, `read`, `rollup`,
+//! `levels` and `pending` (exact rollups), `fleet` (a user's counts in one read), `purge` (removing a device), `devices` (listing them) and `index_check`: rare,
 //! so they prepare their own statements; `errors`.
 //!
 //! Writes, per flush:
@@ -39,6 +39,7 @@
 
 mod devices;
 mod errors;
+mod fleet;
 mod index_check;
 mod levels;
 mod pending;
@@ -74,7 +75,7 @@ use crate::model::PartitionBatch;
 use crate::model::{DeviceId, Event, UserId};
 use errors::{exec_error, session_error};
 use rollup::Recomputer;
-use schema::{add_missing_columns, check_bucket_len, check_levels};
+use schema::{add_missing_columns, check_bucket_len, check_fleet, check_levels};
 use statements::Prepared;
 
 /// The ScyllaDB store. Cheap to clone.
@@ -159,7 +160,8 @@ impl ScyllaStore {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         check_bucket_len(&session, settings, true).await?;
-        check_levels(&session, settings, true).await
+        check_levels(&session, settings, true).await?;
+        check_fleet(&session, settings, true).await
     }
 
     /// Connects and prepares every statement.
@@ -172,6 +174,7 @@ impl ScyllaStore {
         let session = session(&settings).await?;
         check_bucket_len(&session, &settings, false).await?;
         check_levels(&session, &settings, false).await?;
+        check_fleet(&session, &settings, false).await?;
         let cql = Prepared::new(&session, &settings.keyspace, settings.page_size).await?;
         let inner = Arc::new(Inner {
             session,
@@ -207,12 +210,8 @@ impl EventStore for ScyllaStore {
         self.inner.rollups(&query).await
     }
 
-    async fn fleet_counts(
-        &self,
-        _query: FleetQuery,
-    ) -> Result<Option<Vec<FleetCount>>, StoreError> {
-        // Grouped queries read each device's hour and day rows instead.
-        Ok(None)
+    async fn fleet_counts(&self, query: FleetQuery) -> Result<Option<Vec<FleetCount>>, StoreError> {
+        self.inner.fleet_counts(&query).await
     }
 
     async fn latest(

@@ -1,16 +1,25 @@
-//! The minutes this instance has marked pending in `pending_minutes` and not yet
-//! recomputed (see `rollup.rs` for why minutes are marked).
+//! The minutes this instance has marked pending in `pending_minutes`, and their hours
+//! in `pending_hours`, not yet recomputed (see `rollup.rs` for why minutes are marked,
+//! `fleet.rs` for the hours).
 //!
 //! One marker row per minute and recomputation, not per flush: a flush that writes
 //! into a minute this instance already marked joins that mark instead of writing its
 //! own. Every marker row becomes a tombstone once recomputed, and tombstones are what
 //! Cassandra reads slowly, then refuses to read (`READ_TOO_MANY_TOMBSTONES`); a busy
-//! device flushes a hundred times a minute.
+//! device flushes a hundred times a minute. Hours go one step further: every minute
+//! mark opened in an hour joins the instance's mark of that hour, so a fleet's flush
+//! of a day of one device writes 24 hour rows, not 1,440.
 //!
 //! A mark may be recomputed only once every flush that joined it has its events
 //! durable (`writers` is back to zero), and must then not be joined any more: a
 //! recomputation takes the mark out of the table under the lock, so the next flush
-//! into that minute opens (and writes) a new one.
+//! into that minute opens (and writes) a new one. An hour mark is deleted once the
+//! last minute mark that joined it has been recomputed at every level; if any of them
+//! failed, its row stays for the sweep.
+//!
+//! A flush that joins a mark whose row another flush is still writing writes the row
+//! too (the same key: no second tombstone): its own events must not become durable
+//! before the marker that covers them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -18,11 +27,16 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::rows::{ms, PendingRow};
-use crate::model::{DeviceId, UserId};
+use super::rows::{ms, PendingHourRow, PendingRow};
+use crate::model::{bucket_start, DeviceId, UserId};
 
 /// A partition of minute rollups holds one device's UTC day.
 pub(super) const DAY_MS: i64 = 86_400_000;
+
+pub(super) const HOUR_MS: i64 = 3_600_000;
+
+/// A partition of `pending_hours` holds one user's 28 days.
+pub(super) const HOUR_SLAB_MS: i64 = 28 * DAY_MS;
 
 /// A minute is recomputed once no flush has touched it for this long: a device's
 /// current minute keeps receiving events until it ends, and reading it again after
@@ -30,11 +44,19 @@ pub(super) const DAY_MS: i64 = 86_400_000;
 const QUIET: Duration = Duration::from_secs(1);
 
 /// A mark older than this is closed to new flushes (they open a new one), so that a
-/// minute written without pause is still recomputed every few seconds.
+/// minute written without pause is still recomputed every few seconds, and so that
+/// the sweep, which waits far longer, never deletes a mark that is still joined.
 const MAX_AGE: Duration = Duration::from_secs(30);
 
 /// (user, device, minute).
 pub(super) type MinuteKey = (UserId, DeviceId, i64);
+
+/// (user, device, hour).
+pub(super) type HourKey = (UserId, DeviceId, i64);
+
+fn hour_of((user, device, minute): MinuteKey) -> HourKey {
+    (user, device, bucket_start(minute, HOUR_MS))
+}
 
 /// The marker row of a mark.
 pub(super) fn marker_row(key: MinuteKey, marker: Uuid) -> PendingRow {
@@ -47,12 +69,37 @@ pub(super) fn marker_row(key: MinuteKey, marker: Uuid) -> PendingRow {
     }
 }
 
+/// The marker row of an hour mark.
+pub(super) fn hour_row(key: HourKey, marker: Uuid) -> PendingHourRow {
+    let (user_id, device_id, hour) = key;
+    PendingHourRow {
+        user_id,
+        slab: ms(bucket_start(hour, HOUR_SLAB_MS)),
+        hour: ms(hour),
+        device_id,
+        flush: marker,
+    }
+}
+
 struct Mark {
     marker: Uuid,
+    /// The hour mark this minute's mark joined.
+    hour: Uuid,
     /// Flushes that joined the mark and have not finished writing.
     writers: usize,
     opened: Instant,
     touched: Instant,
+    /// Its row is known written.
+    durable: bool,
+}
+
+struct HourMark {
+    /// Minute marks that joined it and are not yet recomputed.
+    minutes: usize,
+    opened: Instant,
+    durable: bool,
+    /// A minute under it failed: its row stays for the sweep.
+    kept: bool,
 }
 
 #[derive(Default)]
@@ -60,11 +107,37 @@ struct Marks {
     open: HashMap<MinuteKey, Mark>,
     /// Marks too old to join, waiting for their writers.
     closed: Vec<(MinuteKey, Mark)>,
+    /// Every hour mark with a minute mark under it, open or not.
+    hours: HashMap<(HourKey, Uuid), HourMark>,
+    /// The hour mark new minute marks join.
+    open_hours: HashMap<HourKey, Uuid>,
+    /// The hour mark of each minute mark taken for recomputation, until `finish`.
+    taken: HashMap<Uuid, Uuid>,
+}
+
+impl Marks {
+    fn mark_mut(&mut self, key: &MinuteKey, marker: Uuid) -> Option<&mut Mark> {
+        match self.open.get_mut(key) {
+            Some(m) if m.marker == marker => Some(m),
+            _ => self
+                .closed
+                .iter_mut()
+                .find(|(k, m)| k == key && m.marker == marker)
+                .map(|(_, m)| m),
+        }
+    }
 }
 
 #[derive(Default)]
 pub(super) struct Pending {
     marks: Mutex<Marks>,
+}
+
+/// Marker rows a flush must write before its events.
+#[derive(Debug, Default)]
+pub(super) struct Markers {
+    pub(super) minutes: Vec<PendingRow>,
+    pub(super) hours: Vec<PendingHourRow>,
 }
 
 /// A flush's hold on its minutes' marks; released (the flush's events are durable, or
@@ -79,59 +152,122 @@ impl Pending {
         self.marks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Joins this instance's mark of each minute, opening one where there is none.
-    /// Returns the claim, and the marker rows of the new marks: they must be written
-    /// before the flush's events.
-    pub(super) fn claim(
-        &self,
-        keys: impl IntoIterator<Item = MinuteKey>,
-    ) -> (Claim<'_>, Vec<PendingRow>) {
+    /// Joins this instance's mark of each minute, opening one where there is none,
+    /// and of its hour. Returns the claim, and the marker rows not yet known written:
+    /// they must be written (then [`Pending::confirm`]ed) before the flush's events.
+    pub(super) fn claim(&self, keys: impl IntoIterator<Item = MinuteKey>) -> (Claim<'_>, Markers) {
         let now = Instant::now();
         let mut marks = self.marks();
+        let Marks {
+            open,
+            hours,
+            open_hours,
+            ..
+        } = &mut *marks;
         let mut held = Vec::new();
-        let mut new_rows = Vec::new();
+        let mut rows = Markers::default();
         for key in keys {
-            let mark = marks.open.entry(key).or_insert_with(|| {
-                let marker = Uuid::now_v7();
-                new_rows.push(marker_row(key, marker));
+            let mark = open.entry(key).or_insert_with(|| {
+                let hk = hour_of(key);
+                let joinable = open_hours.get(&hk).copied().filter(|id| {
+                    hours
+                        .get(&(hk, *id))
+                        .is_some_and(|h| now.duration_since(h.opened) < MAX_AGE)
+                });
+                let hour = joinable.unwrap_or_else(|| {
+                    let id = Uuid::now_v7();
+                    open_hours.insert(hk, id);
+                    hours.insert(
+                        (hk, id),
+                        HourMark {
+                            minutes: 0,
+                            opened: now,
+                            durable: false,
+                            kept: false,
+                        },
+                    );
+                    id
+                });
+                if let Some(h) = hours.get_mut(&(hk, hour)) {
+                    h.minutes += 1;
+                }
                 Mark {
-                    marker,
+                    marker: Uuid::now_v7(),
+                    hour,
                     writers: 0,
                     opened: now,
                     touched: now,
+                    durable: false,
                 }
             });
+            if !mark.durable {
+                rows.minutes.push(marker_row(key, mark.marker));
+            }
+            let hk = hour_of(key);
+            if hours.get(&(hk, mark.hour)).is_some_and(|h| !h.durable) {
+                rows.hours.push(hour_row(hk, mark.hour));
+            }
             mark.writers += 1;
             held.push((key, mark.marker));
         }
+        rows.hours
+            .sort_unstable_by_key(|r| (r.user_id, r.slab.0, r.hour.0, r.device_id, r.flush));
+        rows.hours.dedup();
         (
             Claim {
                 pending: self,
                 held,
             },
-            new_rows,
+            rows,
         )
+    }
+
+    /// Records that `rows` are written: flushes that join their marks from now on
+    /// need not write them again.
+    pub(super) fn confirm(&self, rows: &Markers) {
+        let mut marks = self.marks();
+        for r in &rows.minutes {
+            if let Some(m) = marks.mark_mut(&(r.user_id, r.device_id, r.minute.0), r.flush) {
+                m.durable = true;
+            }
+        }
+        for r in &rows.hours {
+            if let Some(h) = marks
+                .hours
+                .get_mut(&((r.user_id, r.device_id, r.hour.0), r.flush))
+            {
+                h.durable = true;
+            }
+        }
     }
 
     /// Takes the marks due for recomputation at `now`: those no flush is writing into
     /// that are quiet, too old, or (with `all`) any. Each comes out of the table.
     pub(super) fn take_due(&self, now: Instant, all: bool) -> Vec<(MinuteKey, Uuid)> {
         let mut marks = self.marks();
-        let Marks { open, closed } = &mut *marks;
+        let Marks {
+            open,
+            closed,
+            taken,
+            ..
+        } = &mut *marks;
         let mut due = Vec::new();
         open.retain(|key, m| {
             let old = now.duration_since(m.opened) >= MAX_AGE;
             if m.writers == 0 && (all || old || now.duration_since(m.touched) >= QUIET) {
                 due.push((*key, m.marker));
+                taken.insert(m.marker, m.hour);
                 false
             } else if old {
                 closed.push((
                     *key,
                     Mark {
                         marker: m.marker,
+                        hour: m.hour,
                         writers: m.writers,
                         opened: m.opened,
                         touched: m.touched,
+                        durable: m.durable,
                     },
                 ));
                 false
@@ -142,6 +278,7 @@ impl Pending {
         closed.retain(|(key, m)| {
             if m.writers == 0 {
                 due.push((*key, m.marker));
+                taken.insert(m.marker, m.hour);
                 false
             } else {
                 true
@@ -150,14 +287,51 @@ impl Pending {
         due
     }
 
+    /// Ends taken marks: `ok` when the minute was recomputed at every level. Returns
+    /// the hour rows whose every minute is done, to delete. Marks this instance did not
+    /// take (the sweep's) are ignored.
+    pub(super) fn finish(
+        &self,
+        results: impl IntoIterator<Item = (MinuteKey, Uuid, bool)>,
+    ) -> Vec<PendingHourRow> {
+        let mut marks = self.marks();
+        let Marks {
+            hours,
+            open_hours,
+            taken,
+            ..
+        } = &mut *marks;
+        let mut done = Vec::new();
+        for (key, marker, ok) in results {
+            let Some(hour) = taken.remove(&marker) else {
+                continue;
+            };
+            let hk = hour_of(key);
+            let Some(h) = hours.get_mut(&(hk, hour)) else {
+                continue;
+            };
+            h.minutes -= 1;
+            h.kept |= !ok;
+            if h.minutes == 0 {
+                if open_hours.get(&hk) == Some(&hour) {
+                    open_hours.remove(&hk);
+                }
+                if hours.remove(&(hk, hour)).is_some_and(|h| !h.kept) {
+                    done.push(hour_row(hk, hour));
+                }
+            }
+        }
+        done
+    }
+
     /// Whether `marker` is one of this instance's marks still in the table.
     pub(super) fn holds(&self, key: MinuteKey, marker: Uuid) -> bool {
-        let marks = self.marks();
-        marks.open.get(&key).is_some_and(|m| m.marker == marker)
-            || marks
-                .closed
-                .iter()
-                .any(|(k, m)| *k == key && m.marker == marker)
+        self.marks().mark_mut(&key, marker).is_some()
+    }
+
+    /// Whether `marker` is one of this instance's hour marks still in use.
+    pub(super) fn holds_hour(&self, key: HourKey, marker: Uuid) -> bool {
+        self.marks().hours.contains_key(&(key, marker))
     }
 }
 
@@ -165,16 +339,8 @@ impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let now = Instant::now();
         let mut marks = self.pending.marks();
-        let Marks { open, closed } = &mut *marks;
         for (key, marker) in &self.held {
-            let mark = match open.get_mut(key) {
-                Some(m) if m.marker == *marker => Some(m),
-                _ => closed
-                    .iter_mut()
-                    .find(|(k, m)| k == key && m.marker == *marker)
-                    .map(|(_, m)| m),
-            };
-            if let Some(m) = mark {
+            if let Some(m) = marks.mark_mut(key, *marker) {
                 m.writers -= 1;
                 m.touched = now;
             }
@@ -194,9 +360,21 @@ mod tests {
     fn flushes_into_a_marked_minute_join_its_mark() {
         let p = Pending::default();
         let (a, rows) = p.claim([key(0), key(60_000)]);
-        assert_eq!(rows.len(), 2, "two new marks, two rows to write");
+        assert_eq!(rows.minutes.len(), 2, "two new marks, two rows to write");
+        assert_eq!(rows.hours.len(), 1, "one hour mark for both");
+        let (early, again) = p.claim([key(0)]);
+        assert_eq!(
+            (again.minutes.len(), again.hours.len()),
+            (1, 1),
+            "joined before the rows are known written: written again"
+        );
+        drop(early);
+        p.confirm(&rows);
         let (b, rows) = p.claim([key(0)]);
-        assert!(rows.is_empty(), "joined, nothing to write");
+        assert!(
+            rows.minutes.is_empty() && rows.hours.is_empty(),
+            "joined, nothing to write"
+        );
         drop(a);
         let first = p.take_due(Instant::now(), true);
         assert_eq!(
@@ -209,8 +387,11 @@ mod tests {
         assert_eq!(due.len(), 1);
         // Taken out: the next flush opens a new mark, with a row of its own.
         let (_c, rows) = p.claim([key(0)]);
-        assert_eq!(rows.len(), 1);
-        assert_ne!(rows[0].flush, due.iter().find(|d| d.0 == key(0)).unwrap().1);
+        assert_eq!(rows.minutes.len(), 1);
+        assert_ne!(
+            rows.minutes[0].flush,
+            due.iter().find(|d| d.0 == key(0)).unwrap().1
+        );
     }
 
     #[test]
@@ -225,10 +406,45 @@ mod tests {
         let later = Instant::now() + MAX_AGE;
         assert!(p.take_due(later, false).is_empty(), "still being written");
         let (_later, new_rows) = p.claim([key(0)]);
-        assert_eq!(new_rows.len(), 1, "an old mark is not joined");
-        assert!(p.holds(key(0), rows[0].flush));
+        assert_eq!(new_rows.minutes.len(), 1, "an old mark is not joined");
+        assert!(p.holds(key(0), rows.minutes[0].flush));
         drop(held);
         let due = p.take_due(later, false);
-        assert_eq!(due, vec![(key(0), rows[0].flush)]);
+        assert_eq!(due, vec![(key(0), rows.minutes[0].flush)]);
+    }
+
+    #[test]
+    fn an_hour_mark_ends_with_its_last_minute_and_stays_if_one_failed() {
+        let p = Pending::default();
+        let hour = |h: i64| (1, Uuid::nil(), h * HOUR_MS);
+        let (a, rows) = p.claim([key(0), key(60_000), key(HOUR_MS)]);
+        assert_eq!(rows.hours.len(), 2, "two hours: two rows, not three");
+        p.confirm(&rows);
+        drop(a);
+        let (b, more) = p.claim([key(120_000)]);
+        assert_eq!(more.minutes.len(), 1);
+        assert!(more.hours.is_empty(), "the minute joins the open hour mark");
+        let first_hour = rows.hours.iter().find(|r| r.hour.0 == 0).unwrap().flush;
+        assert!(p.holds_hour(hour(0), first_hour));
+
+        let due = p.take_due(Instant::now(), true);
+        assert_eq!(due.len(), 3, "the fourth minute is still being written");
+        let done = p.finish(due.iter().map(|(k, m)| (*k, *m, true)));
+        assert_eq!(
+            done.iter().map(|r| r.hour.0).collect::<Vec<_>>(),
+            [HOUR_MS],
+            "hour 0 still has a minute to recompute"
+        );
+        drop(b);
+        let due = p.take_due(Instant::now(), true);
+        let done = p.finish(due.iter().map(|(k, m)| (*k, *m, false)));
+        assert!(
+            done.is_empty(),
+            "a failed minute leaves its hour row for the sweep"
+        );
+        assert!(!p.holds_hour(hour(0), first_hour), "but not in memory");
+        let (_c, rows) = p.claim([key(0)]);
+        assert_eq!(rows.hours.len(), 1, "the next minute opens a new hour mark");
+        assert_ne!(rows.hours[0].flush, first_hour);
     }
 }

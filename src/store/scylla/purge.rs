@@ -6,7 +6,9 @@
 //! `event_ids` rows (keyed by device and id, so they cannot be found otherwise); the
 //! buckets' days and slabs name the `rollups` and `rollups_coarse` partitions;
 //! `pending_minutes` is one partition per device; `latest` rows are one clustering
-//! prefix of the user's partition. Everything is removed by partition or prefix
+//! prefix of the user's partition; its `fleet_counts` rows and `pending_hours` markers
+//! are a prefix (interval, device) of the user's partitions, for each hour and day of
+//! its buckets. Everything is removed by partition or prefix
 //! deletes (one tombstone each), except `event_ids` (one per event).
 //!
 //! Order: per bucket, the ids first, then the events partition; the `buckets` index
@@ -25,8 +27,9 @@ use scylla::statement::prepared::PreparedStatement;
 use uuid::Uuid;
 
 use super::errors::{corrupt, exec_error, pager_error, prepare_error, row_error};
+use super::fleet::fleet_slab_ms;
 use super::levels::slab_ms;
-use super::pending::DAY_MS;
+use super::pending::{DAY_MS, HOUR_MS, HOUR_SLAB_MS};
 use super::rows::ms;
 use super::Inner;
 use crate::model::{bucket_start, now_ms, DeviceId, UserId, MIN_TS_MS, QUERY_AHEAD_MS};
@@ -80,6 +83,18 @@ impl Inner {
                 "DELETE FROM {ks}.latest USING TIMESTAMP ? WHERE user_id = ? AND device_id = ?"
             ))
             .await?;
+        let delete_fleet = self
+            .prepare(format!(
+                "DELETE FROM {ks}.fleet_counts WHERE user_id = ? AND level = ? AND slab = ? \
+                 AND start = ? AND device_id = ?"
+            ))
+            .await?;
+        let delete_hour_markers = self
+            .prepare(format!(
+                "DELETE FROM {ks}.pending_hours WHERE user_id = ? AND slab = ? AND hour = ? \
+                 AND device_id = ?"
+            ))
+            .await?;
         let delete_device = |table: &str| {
             self.prepare(format!(
                 "DELETE FROM {ks}.{table} WHERE user_id = ? AND device_id = ?"
@@ -93,7 +108,7 @@ impl Inner {
             .buckets(user, device, MIN_TS_MS, now_ms() + QUERY_AHEAD_MS)
             .await?;
         let mut events = 0u64;
-        let (mut days, mut slabs) = (BTreeSet::new(), BTreeSet::new());
+        let (mut days, mut slabs, mut hours) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
         for bucket in buckets {
             let key = (user, device, ms(bucket));
             let ids: Vec<Uuid> = self
@@ -124,6 +139,11 @@ impl Inner {
                 .execute_unpaged(&delete_bucket, key)
                 .await
                 .map_err(exec_error)?;
+            let mut hour = bucket_start(bucket, HOUR_MS);
+            while hour < bucket + len {
+                hours.insert(hour);
+                hour += HOUR_MS;
+            }
             // Every day and slab the bucket's events may have rollups in.
             let mut day = bucket_start(bucket, DAY_MS);
             while day < bucket + len {
@@ -134,9 +154,9 @@ impl Inner {
                 day += DAY_MS;
             }
         }
-        for day in days {
+        for day in &days {
             self.session
-                .execute_unpaged(&delete_day, (user, device, ms(day)))
+                .execute_unpaged(&delete_day, (user, device, ms(*day)))
                 .await
                 .map_err(exec_error)?;
         }
@@ -147,6 +167,48 @@ impl Inner {
                 .await
                 .map_err(exec_error)?;
         }
+        // The device's rows in the user's fleet partitions, and its hour markers.
+        let fleet_keys: Vec<(Level, i64)> = hours
+            .iter()
+            .map(|h| (Level::Hour, *h))
+            .chain(days.iter().map(|d| (Level::Day, *d)))
+            .collect();
+        stream::iter(fleet_keys)
+            .map(|(level, start)| {
+                let values = (
+                    user,
+                    i32::from(level.tag()),
+                    ms(bucket_start(start, fleet_slab_ms(level))),
+                    ms(start),
+                    device,
+                );
+                let delete_fleet = &delete_fleet;
+                async move {
+                    let _p = self.permit().await;
+                    self.session
+                        .execute_unpaged(delete_fleet, values)
+                        .await
+                        .map_err(exec_error)
+                }
+            })
+            .buffer_unordered(DELETE_FANOUT)
+            .try_collect::<Vec<_>>()
+            .await?;
+        stream::iter(hours)
+            .map(|hour| {
+                let values = (user, ms(bucket_start(hour, HOUR_SLAB_MS)), ms(hour), device);
+                let delete_hour_markers = &delete_hour_markers;
+                async move {
+                    let _p = self.permit().await;
+                    self.session
+                        .execute_unpaged(delete_hour_markers, values)
+                        .await
+                        .map_err(exec_error)
+                }
+            })
+            .buffer_unordered(DELETE_FANOUT)
+            .try_collect::<Vec<_>>()
+            .await?;
         let ahead_us = (now_ms() + DAY_MS) * 1000;
         self.session
             .execute_unpaged(&delete_latest, (ahead_us, user, device))

@@ -32,7 +32,7 @@
 //! square of its events. Meanwhile queries read it from its events, at most a minute
 //! of one device.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -150,13 +150,18 @@ impl Inner {
             let _one_at_a_time = self.recomputer.round.lock().await;
             self.recompute(minutes.into_iter().collect()).await;
         }
-        Ok(n)
+        // After the minutes: an hour row goes once no minute inside is pending.
+        Ok(n + self.sweep_hours(cutoff).await?)
     }
 
     /// One round: each minute is read and written once, then its hour and day are
     /// summed again (`levels.rs`), then the pending rows it covers are deleted. A
     /// minute that failed at any level keeps its rows for the sweep.
     async fn recompute(&self, minutes: Vec<(MinuteKey, Vec<Uuid>)>) {
+        let markers: Vec<(MinuteKey, Uuid)> = minutes
+            .iter()
+            .flat_map(|(k, ms)| ms.iter().map(move |m| (*k, *m)))
+            .collect();
         let done: Vec<(MinuteKey, Vec<Uuid>, BTreeSet<String>)> = stream::iter(minutes)
             .map(|(key, flushes)| async move {
                 match self.recompute_minute(key).await {
@@ -174,7 +179,15 @@ impl Inner {
             .await;
         let levels: Vec<(MinuteKey, BTreeSet<String>)> =
             done.iter().map(|(k, _, m)| (*k, m.clone())).collect();
-        let failed = self.recompute_levels(&levels).await;
+        let mut failed = self.recompute_levels(&levels).await;
+        // Minutes that failed before their levels.
+        let recomputed: HashSet<MinuteKey> = done.iter().map(|(k, _, _)| *k).collect();
+        failed.extend(
+            markers
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|k| !recomputed.contains(k)),
+        );
         // Deleted per device in unlogged batches, like they were written.
         let mut deletes: Vec<PendingRow> = done
             .into_iter()
@@ -191,6 +204,13 @@ impl Inner {
                 }
             })
             .await;
+        // Hours whose every minute is now recomputed at every level (`fleet.rs`).
+        let hours = (self.recomputer.pending).finish(
+            markers
+                .into_iter()
+                .map(|(k, m)| (k, m, !failed.contains(&k))),
+        );
+        self.delete_hour_markers(hours).await;
     }
 
     /// Writes one minute's rows from its events; returns the metrics it carries

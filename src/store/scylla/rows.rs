@@ -303,6 +303,65 @@ pub(super) struct PendingOut {
     pub minute: CqlTimestamp,
 }
 
+/// A row of `fleet_counts`, as written; `writetime` is its count.
+#[derive(Debug, SerializeRow)]
+#[scylla(flavor = "enforce_order", skip_name_checks)]
+pub(super) struct FleetIn<'a> {
+    pub user_id: i64,
+    pub level: i32,
+    pub slab: CqlTimestamp,
+    pub start: CqlTimestamp,
+    pub device_id: Uuid,
+    pub kind: &'a str,
+    pub count: i64,
+    pub writetime: i64,
+    pub ttl: i32,
+}
+
+/// One partition of `fleet_counts` in `[from_start, to_start)`.
+#[derive(Debug, SerializeRow)]
+pub(super) struct FleetSliceIn {
+    pub user_id: i64,
+    pub level: i32,
+    pub slab: CqlTimestamp,
+    pub from_start: CqlTimestamp,
+    pub to_start: CqlTimestamp,
+}
+
+#[derive(Debug, DeserializeRow)]
+pub(super) struct FleetOut {
+    pub start: CqlTimestamp,
+    pub device_id: Uuid,
+    #[scylla(rename = "type")]
+    pub kind: String,
+    pub count: i64,
+}
+
+/// A marker row of `pending_hours`, written, deleted and scanned whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, SerializeRow, DeserializeRow)]
+pub(super) struct PendingHourRow {
+    pub user_id: i64,
+    pub slab: CqlTimestamp,
+    pub hour: CqlTimestamp,
+    pub device_id: Uuid,
+    pub flush: Uuid,
+}
+
+/// One partition of `pending_hours` in `[from_hour, to_hour)`.
+#[derive(Debug, SerializeRow)]
+pub(super) struct PendingHourRangeIn {
+    pub user_id: i64,
+    pub slab: CqlTimestamp,
+    pub from_hour: CqlTimestamp,
+    pub to_hour: CqlTimestamp,
+}
+
+#[derive(Debug, DeserializeRow)]
+pub(super) struct PendingHourOut {
+    pub hour: CqlTimestamp,
+    pub device_id: Uuid,
+}
+
 /// The whole primary key of one `events` row.
 #[derive(Debug, SerializeRow)]
 pub(super) struct EventKeyIn {

@@ -59,6 +59,7 @@ pub(super) fn tier_ttl_statements(settings: &ScyllaSettings) -> Vec<String> {
         ("buckets", Tier::Raw),
         ("rollups", Tier::Rollup(Level::Minute)),
         ("rollups_coarse", Tier::Rollup(Level::Hour)),
+        ("fleet_counts", Tier::Rollup(Level::Hour)),
     ]
     .into_iter()
     .map(|(table, tier)| {
@@ -149,6 +150,28 @@ pub(super) async fn check_levels(
         return refused("holds minute rollups without their hours and days");
     }
     set_meta(session, ks, LEVELS_META, 1).await
+}
+
+pub(super) const FLEET_META: &str = "fleet_rows";
+
+/// Refuses a keyspace whose fleet rows are not complete; `iotpipe migrate` (`record`)
+/// builds them first (`fleet::build`).
+pub(super) async fn check_fleet(
+    session: &Session,
+    settings: &ScyllaSettings,
+    record: bool,
+) -> Result<(), StoreError> {
+    let ks = &settings.keyspace;
+    if meta_value(session, ks, FLEET_META).await?.is_some() {
+        return Ok(());
+    }
+    if !record {
+        return Err(StoreError::Invalid(format!(
+            "keyspace {ks} has no fleet rows yet; run `iotpipe migrate`"
+        )));
+    }
+    super::fleet::build(session, settings).await?;
+    set_meta(session, ks, FLEET_META, 1).await
 }
 
 async fn set_meta(session: &Session, ks: &str, name: &str, value: i64) -> Result<(), StoreError> {

@@ -134,6 +134,43 @@ impl Cql {
              AND minute >= :from_minute AND minute < :to_minute"
         )
     }
+    /// Written beside each count row of `rollups_coarse`, with the same write time.
+    pub(super) fn insert_fleet(ks: &str) -> String {
+        format!(
+            "INSERT INTO {ks}.fleet_counts (user_id, level, slab, start, device_id, type, count) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?"
+        )
+    }
+    pub(super) fn select_fleet(ks: &str) -> String {
+        format!(
+            "SELECT start, device_id, type, count FROM {ks}.fleet_counts \
+             WHERE user_id = :user_id AND level = :level AND slab = :slab \
+             AND start >= :from_start AND start < :to_start"
+        )
+    }
+    pub(super) fn insert_pending_hour(ks: &str) -> String {
+        format!(
+            "INSERT INTO {ks}.pending_hours (user_id, slab, hour, device_id, flush) \
+             VALUES (?, ?, ?, ?, ?)"
+        )
+    }
+    pub(super) fn delete_pending_hour(ks: &str) -> String {
+        format!(
+            "DELETE FROM {ks}.pending_hours WHERE user_id = ? AND slab = ? AND hour = ? \
+             AND device_id = ? AND flush = ?"
+        )
+    }
+    pub(super) fn select_pending_hours(ks: &str) -> String {
+        format!(
+            "SELECT hour, device_id FROM {ks}.pending_hours \
+             WHERE user_id = :user_id AND slab = :slab \
+             AND hour >= :from_hour AND hour < :to_hour"
+        )
+    }
+    /// Every pending hour of the keyspace: the sweep after a crash.
+    pub(super) fn scan_pending_hours(ks: &str) -> String {
+        format!("SELECT user_id, slab, hour, device_id, flush FROM {ks}.pending_hours")
+    }
     /// Written `USING TIMESTAMP` the event's ts in microseconds: see `cql/schema.cql`.
     pub(super) fn insert_latest(ks: &str) -> String {
         format!(
@@ -176,6 +213,12 @@ pub(super) struct Prepared {
     pub(super) delete_pending: PreparedStatement,
     pub(super) select_pending: PreparedStatement,
     pub(super) scan_pending: PreparedStatement,
+    pub(super) insert_fleet: PreparedStatement,
+    pub(super) select_fleet: PreparedStatement,
+    pub(super) insert_pending_hour: PreparedStatement,
+    pub(super) delete_pending_hour: PreparedStatement,
+    pub(super) select_pending_hours: PreparedStatement,
+    pub(super) scan_pending_hours: PreparedStatement,
     pub(super) insert_latest: PreparedStatement,
     pub(super) select_latest: PreparedStatement,
     pub(super) select_device_latest: PreparedStatement,
@@ -212,6 +255,12 @@ impl Prepared {
             delete_pending: prepare(Cql::delete_pending(ks)).await?,
             select_pending: prepare(Cql::select_pending(ks)).await?,
             scan_pending: prepare(Cql::scan_pending(ks)).await?,
+            insert_fleet: prepare(Cql::insert_fleet(ks)).await?,
+            select_fleet: prepare(Cql::select_fleet(ks)).await?,
+            insert_pending_hour: prepare(Cql::insert_pending_hour(ks)).await?,
+            delete_pending_hour: prepare(Cql::delete_pending_hour(ks)).await?,
+            select_pending_hours: prepare(Cql::select_pending_hours(ks)).await?,
+            scan_pending_hours: prepare(Cql::scan_pending_hours(ks)).await?,
             insert_latest: prepare(Cql::insert_latest(ks)).await?,
             select_latest: prepare(Cql::select_latest(ks)).await?,
             select_device_latest: prepare(Cql::select_device_latest(ks)).await?,

@@ -5,10 +5,9 @@ use std::collections::HashSet;
 use scylla::statement::batch::{Batch, BatchType};
 
 use super::errors::{corrupt, exec_error};
-use super::pending::MinuteKey;
+use super::pending::{Markers, MinuteKey};
 use super::rows::{
     event_row, ms, split_by_bytes, BucketIn, EventIn, EventKeyIn, IdIn, IdKeyIn, IdOut, LatestIn,
-    PendingRow,
 };
 use super::Inner;
 use crate::model::PartitionBatch;
@@ -131,17 +130,29 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes marker rows, grouped by partition (a device) into unlogged batches: a
-    /// fleet flush of a few devices marks thousands of minutes, and one write each was
-    /// most of its cost. The partitions are written concurrently.
-    async fn write_markers(&self, mut markers: Vec<PendingRow>) -> Result<(), StoreError> {
-        markers.sort_unstable_by_key(|m| (m.user_id, m.device_id));
-        let per_device =
-            markers.chunk_by(|a, b| (a.user_id, a.device_id) == (b.user_id, b.device_id));
-        futures::future::try_join_all(
-            per_device.map(|rows| self.write_rows(&self.cql.insert_pending, rows)),
+    /// Writes marker rows, grouped by partition (a device's minutes, a user's 28 days
+    /// of hours) into unlogged batches: a fleet flush of a few devices marks thousands
+    /// of minutes, and one write each was most of its cost. The partitions are written
+    /// concurrently.
+    async fn write_markers(&self, markers: &mut Markers) -> Result<(), StoreError> {
+        markers
+            .minutes
+            .sort_unstable_by_key(|m| (m.user_id, m.device_id));
+        let per_device = markers
+            .minutes
+            .chunk_by(|a, b| (a.user_id, a.device_id) == (b.user_id, b.device_id))
+            .map(|rows| self.write_rows(&self.cql.insert_pending, rows));
+        // `claim` sorted these by partition.
+        let per_slab = markers
+            .hours
+            .chunk_by(|a, b| (a.user_id, a.slab) == (b.user_id, b.slab))
+            .map(|rows| self.write_rows(&self.cql.insert_pending_hour, rows));
+        futures::future::try_join(
+            futures::future::try_join_all(per_device),
+            futures::future::try_join_all(per_slab),
         )
         .await?;
+        self.recomputer.pending.confirm(markers);
         Ok(())
     }
 
@@ -217,11 +228,11 @@ impl Inner {
         //    recomputation has read its events (see rollup.rs and pending.rs). Marked
         //    first, so a crash after the events leaves them marked for the sweep. The
         //    claim is released when this function returns, failed or not.
-        let (claim, markers) = self
+        let (claim, mut markers) = self
             .recomputer
             .pending
             .claim(minutes(fresh.iter().flatten().copied()));
-        self.write_markers(markers).await?;
+        self.write_markers(&mut markers).await?;
 
         // 3. Events, and the bucket index, partition by partition.
         let max = self.settings.batch_max_bytes;

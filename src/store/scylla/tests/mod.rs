@@ -54,8 +54,10 @@ fn the_schema_parses_into_its_tables() {
             "buckets",
             "event_ids",
             "events",
+            "fleet_counts",
             "latest",
             "meta",
+            "pending_hours",
             "pending_minutes",
             "rollups",
             "rollups_coarse"
@@ -80,6 +82,13 @@ fn every_bound_row_type_serializes_against_the_schema() {
         user_id: 1,
         device_id: d,
         minute: t,
+        flush: e,
+    };
+    let hour = PendingHourRow {
+        user_id: 1,
+        slab: t,
+        hour: t,
+        device_id: d,
         flush: e,
     };
     let checks = [
@@ -254,6 +263,41 @@ fn every_bound_row_type_serializes_against_the_schema() {
             },
         ),
         check_bind(
+            &Cql::insert_fleet(KS),
+            &FleetIn {
+                user_id: 1,
+                level: 1,
+                slab: t,
+                start: t,
+                device_id: d,
+                kind: "telemetry",
+                count: 3,
+                writetime: 3,
+                ttl: 0,
+            },
+        ),
+        check_bind(
+            &Cql::select_fleet(KS),
+            &FleetSliceIn {
+                user_id: 1,
+                level: 2,
+                slab: t,
+                from_start: t,
+                to_start: t,
+            },
+        ),
+        check_bind(&Cql::insert_pending_hour(KS), &hour),
+        check_bind(&Cql::delete_pending_hour(KS), &hour),
+        check_bind(
+            &Cql::select_pending_hours(KS),
+            &PendingHourRangeIn {
+                user_id: 1,
+                slab: t,
+                from_hour: t,
+                to_hour: t,
+            },
+        ),
+        check_bind(
             &Cql::insert_meta(KS),
             &MetaIn {
                 name: BUCKET_META,
@@ -280,6 +324,9 @@ fn every_read_row_type_type_checks_against_the_schema() {
     check_read::<CoarseOut>(&Cql::select_coarse(KS)).unwrap();
     check_read::<PendingOut>(&Cql::select_pending(KS)).unwrap();
     check_read::<PendingRow>(&Cql::scan_pending(KS)).unwrap();
+    check_read::<FleetOut>(&Cql::select_fleet(KS)).unwrap();
+    check_read::<PendingHourOut>(&Cql::select_pending_hours(KS)).unwrap();
+    check_read::<PendingHourRow>(&Cql::scan_pending_hours(KS)).unwrap();
     check_read::<LatestOut>(&Cql::select_latest(KS)).unwrap();
     check_read::<LatestOut>(&Cql::select_device_latest(KS)).unwrap();
 }
@@ -407,7 +454,7 @@ fn the_schema_is_filled_from_the_settings() {
     let day = 86_400_000;
     settings.retention = Retention::new([Some(day), Some(7 * day), Some(365 * day), None]);
     let stmts = schema_statements(&settings);
-    assert_eq!(stmts.len(), 9);
+    assert_eq!(stmts.len(), 11);
     assert!(stmts[0].starts_with("CREATE KEYSPACE IF NOT EXISTS metrics_prod"));
     assert!(stmts[0].ends_with("replication = {'class': 'NetworkTopologyStrategy', 'dc1': 3}"));
     assert!(stmts.iter().skip(1).all(|s| s.contains("metrics_prod.")));
@@ -425,6 +472,7 @@ fn the_schema_is_filled_from_the_settings() {
     };
     assert_eq!(ttl_of("rollups"), "604800");
     assert_eq!(ttl_of("rollups_coarse"), "31536000");
+    assert_eq!(ttl_of("fleet_counts"), "31536000");
     let alters = super::schema::tier_ttl_statements(&settings);
     assert!(alters.contains(
         &"ALTER TABLE metrics_prod.event_ids WITH default_time_to_live = 86400".to_owned()

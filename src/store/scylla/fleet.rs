@@ -1,0 +1,387 @@
+//! Fleet reads in the wide-column store: the event counts of every device of a user
+//! per hour or day, in one slice of `fleet_counts`, for grouped aggregates
+//! (`group_by=device` or `type`) that would otherwise read each device's rows.
+//!
+//! - **Written beside the count rows.** Each time a device's hour or day is summed
+//!   again (`levels.rs`), its count rows (metric `""`) are also written here, keyed
+//!   time first, with the same count as write time: they are exact the same way.
+//! - **Pending hours say which rows may lag.** A device's fleet row misses an
+//!   acknowledged event while a minute of that hour is pending. Every minute marker has
+//!   an hour marker in `pending_hours` (`pending.rs`), written with it before the
+//!   events and deleted after every minute that joined it is recomputed at every level;
+//!   that table is partitioned by user, so one slice names every (device, hour) that
+//!   lags. A read takes those from the device's own rows instead (`coarse_rollups`,
+//!   down to the events of its pending minutes), and the rest from the fleet rows.
+//! - **Pending first.** As for one device: the markers are read before the rows, so an
+//!   interval without a marker then has rows that hold everything acknowledged before.
+//! - **The sweep** deletes hour markers older than `store.rollup_sweep_after_secs`
+//!   that no instance holds once no minute of their hour is pending (after it has
+//!   recomputed the minutes a crashed writer left).
+
+use std::collections::BTreeSet;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+
+use super::errors::{corrupt, pager_error, row_error};
+use super::levels::ByType;
+use super::pending::{DAY_MS, HOUR_MS, HOUR_SLAB_MS};
+use super::rows::{
+    ms, FleetIn, FleetOut, FleetSliceIn, PendingHourOut, PendingHourRangeIn, PendingHourRow,
+};
+use super::Inner;
+use crate::model::{assigned_id_ts, bucket_start, DeviceId, UserId};
+use crate::store::{FleetCount, FleetQuery, Level, RollupQuery, StoreError};
+
+/// Fleet rows of hours are partitioned by UTC day (24 rows per device and type), of
+/// days by 28 days.
+pub(super) fn fleet_slab_ms(level: Level) -> i64 {
+    match level {
+        Level::Day => 28 * DAY_MS,
+        _ => DAY_MS,
+    }
+}
+
+/// Partitions read at once.
+const SLICES: usize = 4;
+
+/// Lagging (device, interval) pairs read from the device's own rows at once.
+const STALE_FANOUT: usize = 16;
+
+/// The slabs of length `len` that `[from, to)` touches, each with its part of the range.
+fn slabs(from: i64, to: i64, len: i64) -> impl Iterator<Item = (i64, i64, i64)> {
+    let first = bucket_start(from, len);
+    (0..)
+        .map(move |i| first + i * len)
+        .take_while(move |s| *s < to)
+        .map(move |s| (s, from.max(s), to.min(s + len)))
+        .filter(|(_, lo, hi)| lo < hi)
+}
+
+impl Inner {
+    /// The fleet rows of one device's hour or day: its count rows, by type.
+    pub(super) async fn write_fleet(
+        &self,
+        (user, device): (UserId, DeviceId),
+        (level, start): (Level, i64),
+        sums: &ByType,
+        ttl: i32,
+    ) -> Result<(), StoreError> {
+        let slab = ms(bucket_start(start, fleet_slab_ms(level)));
+        let rows: Vec<FleetIn<'_>> = sums
+            .iter()
+            .map(|(kind, s)| FleetIn {
+                user_id: user,
+                level: i32::from(level.tag()),
+                slab,
+                start: ms(start),
+                device_id: device,
+                kind,
+                count: s.summary.count as i64,
+                writetime: s.summary.count as i64,
+                ttl,
+            })
+            .collect();
+        self.write_rows(&self.cql.insert_fleet, &rows).await
+    }
+
+    /// Deletes hour markers whose minutes are all recomputed, per partition.
+    pub(super) async fn delete_hour_markers(&self, mut rows: Vec<PendingHourRow>) {
+        rows.sort_unstable_by_key(|r| (r.user_id, r.slab.0));
+        let per_slab = rows.chunk_by(|a, b| (a.user_id, a.slab) == (b.user_id, b.slab));
+        stream::iter(per_slab)
+            .for_each_concurrent(SLICES, |rows| async move {
+                if let Err(e) = self.write_rows(&self.cql.delete_pending_hour, rows).await {
+                    tracing::warn!(error = %e, "pending hour markers not deleted; the sweep will");
+                }
+            })
+            .await;
+    }
+
+    /// Deletes the hour markers made before `cutoff` that this instance does not hold
+    /// and whose hour has no pending minute left; returns how many old ones it found.
+    pub(super) async fn sweep_hours(&self, cutoff: i64) -> Result<usize, StoreError> {
+        let old: Vec<PendingHourRow> = self
+            .session
+            .execute_iter(self.cql.scan_pending_hours.clone(), ())
+            .await
+            .map_err(pager_error)?
+            .rows_stream::<PendingHourRow>()
+            .map_err(corrupt)?
+            .map_err(row_error)
+            .try_filter(|r| {
+                // Markers are UUIDv7: their time is when the mark was made. A mark that
+                // old is closed to new minutes (`pending.rs`), so the minutes it covers
+                // are all marked by now.
+                let made = assigned_id_ts(r.flush).unwrap_or(i64::MIN);
+                let own = (self.recomputer.pending)
+                    .holds_hour((r.user_id, r.device_id, r.hour.0), r.flush);
+                futures::future::ready(made <= cutoff && !own)
+            })
+            .try_collect()
+            .await?;
+        let n = old.len();
+        let done: Vec<PendingHourRow> = stream::iter(old)
+            .map(|r| async move {
+                let hour = r.hour.0;
+                let pending = self
+                    .pending_minutes(r.user_id, r.device_id, hour, hour + HOUR_MS)
+                    .await?;
+                Ok::<_, StoreError>(pending.is_empty().then_some(r))
+            })
+            .buffer_unordered(STALE_FANOUT)
+            .try_filter_map(|r| futures::future::ready(Ok(r)))
+            .try_collect()
+            .await?;
+        if !done.is_empty() {
+            tracing::info!(
+                rows = done.len(),
+                "rollup sweep: deleting hour markers left behind"
+            );
+        }
+        self.delete_hour_markers(done).await;
+        Ok(n)
+    }
+
+    /// The (device, hour) pairs of a user with a pending minute in `[from, to)`.
+    async fn pending_hours(
+        &self,
+        user: UserId,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(DeviceId, i64)>, StoreError> {
+        let parts: Vec<Vec<(DeviceId, i64)>> = stream::iter(slabs(from, to, HOUR_SLAB_MS))
+            .map(|(slab, lo, hi)| async move {
+                let slice = PendingHourRangeIn {
+                    user_id: user,
+                    slab: ms(slab),
+                    from_hour: ms(bucket_start(lo, HOUR_MS)),
+                    to_hour: ms(hi),
+                };
+                self.session
+                    .execute_iter(self.cql.select_pending_hours.clone(), slice)
+                    .await
+                    .map_err(pager_error)?
+                    .rows_stream::<PendingHourOut>()
+                    .map_err(corrupt)?
+                    .map_ok(|r| (r.device_id, r.hour.0))
+                    .map_err(row_error)
+                    .try_collect()
+                    .await
+            })
+            .buffered(SLICES)
+            .try_collect()
+            .await?;
+        Ok(parts.into_iter().flatten().collect())
+    }
+
+    /// The fleet rows of a user at one level in `[from, to)`, as written.
+    async fn fleet_rows(&self, q: &FleetQuery) -> Result<Vec<FleetCount>, StoreError> {
+        let kind = q.kind.as_deref();
+        let parts: Vec<Vec<FleetCount>> =
+            stream::iter(slabs(q.from_ms, q.to_ms, fleet_slab_ms(q.level)))
+                .map(|(slab, lo, hi)| async move {
+                    let slice = FleetSliceIn {
+                        user_id: q.user_id,
+                        level: i32::from(q.level.tag()),
+                        slab: ms(slab),
+                        from_start: ms(lo),
+                        to_start: ms(hi),
+                    };
+                    self.session
+                        .execute_iter(self.cql.select_fleet.clone(), slice)
+                        .await
+                        .map_err(pager_error)?
+                        .rows_stream::<FleetOut>()
+                        .map_err(corrupt)?
+                        .map_err(row_error)
+                        .try_filter_map(|r| {
+                            let keep = kind.is_none_or(|k| k == r.kind);
+                            futures::future::ready(Ok(keep.then(|| FleetCount {
+                                start_ms: r.start.0,
+                                device_id: r.device_id,
+                                kind: r.kind,
+                                count: r.count.max(0) as u64,
+                            })))
+                        })
+                        .try_collect()
+                        .await
+                })
+                .buffered(SLICES)
+                .try_collect()
+                .await?;
+        Ok(parts.into_iter().flatten().collect())
+    }
+
+    /// Counts of every device of a user at one level: the fleet rows, except the
+    /// intervals with a pending minute, which come from the device's own rows.
+    pub(super) async fn fleet_counts(
+        &self,
+        q: &FleetQuery,
+    ) -> Result<Option<Vec<FleetCount>>, StoreError> {
+        if q.level == Level::Minute {
+            return Ok(None);
+        }
+        if q.from_ms >= q.to_ms {
+            return Ok(Some(Vec::new()));
+        }
+        let len = q.level.ms();
+        let stale: BTreeSet<(DeviceId, i64)> = self
+            .pending_hours(q.user_id, q.from_ms, q.to_ms)
+            .await?
+            .into_iter()
+            .map(|(device, hour)| (device, bucket_start(hour, len)))
+            .filter(|(_, start)| (q.from_ms..q.to_ms).contains(start))
+            .collect();
+        let mut out: Vec<FleetCount> = self
+            .fleet_rows(q)
+            .await?
+            .into_iter()
+            .filter(|r| !stale.contains(&(r.device_id, r.start_ms)))
+            .collect();
+        let lagging: Vec<Vec<FleetCount>> = stream::iter(stale)
+            .map(|(device, start)| async move {
+                let part = RollupQuery {
+                    user_id: q.user_id,
+                    device_id: device,
+                    level: q.level,
+                    from_ms: start,
+                    to_ms: start + len,
+                    metric: None,
+                    kind: q.kind.clone(),
+                };
+                let rows = self.coarse_rollups(&part).await?;
+                Ok::<_, StoreError>(
+                    rows.into_iter()
+                        .map(|r| FleetCount {
+                            start_ms: r.start_ms,
+                            device_id: device,
+                            kind: r.kind,
+                            count: r.summary.count,
+                        })
+                        .collect(),
+                )
+            })
+            .buffer_unordered(STALE_FANOUT)
+            .try_collect()
+            .await?;
+        out.extend(lagging.into_iter().flatten());
+        out.sort_by(|a, b| {
+            (a.start_ms, a.device_id, &a.kind).cmp(&(b.start_ms, b.device_id, &b.kind))
+        });
+        Ok(Some(out))
+    }
+}
+
+/// Fills `fleet_counts` and `pending_hours` in a keyspace written before them (`iotpipe
+/// migrate`): a fleet row for every count row of `rollups_coarse`, an hour marker for
+/// every pending minute (the sweep deletes it once the minute is recomputed). Rewrites
+/// rather than adds, so a build cut short is simply done again.
+pub(super) async fn build(
+    session: &scylla::client::session::Session,
+    settings: &super::ScyllaSettings,
+) -> Result<(), StoreError> {
+    use super::errors::{exec_error, prepare_error};
+    use super::pending::hour_row;
+    use super::statements::Cql;
+    use crate::store::retention::Tier;
+    use scylla::value::CqlTimestamp;
+    use uuid::Uuid;
+
+    const FANOUT: usize = 32;
+    let ks = &settings.keyspace;
+    let prepare = |cql: String| async move {
+        let mut p = session.prepare(cql).await.map_err(prepare_error)?;
+        p.set_is_idempotent(true);
+        Ok::<_, StoreError>(p)
+    };
+    let insert_fleet = prepare(Cql::insert_fleet(ks)).await?;
+    let insert_hour = prepare(Cql::insert_pending_hour(ks)).await?;
+    type CountRow = (i64, Uuid, i32, String, CqlTimestamp, String, i64);
+    let counts = session
+        .query_iter(
+            format!("SELECT user_id, device_id, level, metric, start, type, count FROM {ks}.rollups_coarse"),
+            (),
+        )
+        .await
+        .map_err(pager_error)?
+        .rows_stream::<CountRow>()
+        .map_err(corrupt)?
+        .map_err(row_error)
+        .try_filter(|r| futures::future::ready(r.3.is_empty()));
+    let now = crate::model::now_ms();
+    counts
+        .map_ok(|(user_id, device_id, level, _, start, kind, count)| {
+            let insert_fleet = &insert_fleet;
+            async move {
+                let level = match level {
+                    1 => Level::Hour,
+                    2 => Level::Day,
+                    other => return Err(StoreError::Corrupt(format!("rollup level {other}"))),
+                };
+                let ttl = settings
+                    .retention
+                    .ttl(Tier::Rollup(level), start.0, now)
+                    .cql();
+                let row = FleetIn {
+                    user_id,
+                    level: i32::from(level.tag()),
+                    slab: ms(bucket_start(start.0, fleet_slab_ms(level))),
+                    start,
+                    device_id,
+                    kind: &kind,
+                    count,
+                    writetime: count,
+                    ttl,
+                };
+                session
+                    .execute_unpaged(insert_fleet, row)
+                    .await
+                    .map_err(exec_error)?;
+                Ok(())
+            }
+        })
+        .try_buffer_unordered(FANOUT)
+        .try_collect::<()>()
+        .await?;
+    let markers = session
+        .query_iter(
+            format!("SELECT user_id, device_id, minute FROM {ks}.pending_minutes"),
+            (),
+        )
+        .await
+        .map_err(pager_error)?
+        .rows_stream::<(i64, Uuid, CqlTimestamp)>()
+        .map_err(corrupt)?
+        .map_err(row_error);
+    markers
+        .map_ok(|(user, device, minute)| {
+            let insert_hour = &insert_hour;
+            async move {
+                let row = hour_row(
+                    (user, device, bucket_start(minute.0, HOUR_MS)),
+                    Uuid::now_v7(),
+                );
+                session
+                    .execute_unpaged(insert_hour, row)
+                    .await
+                    .map_err(exec_error)?;
+                Ok(())
+            }
+        })
+        .try_buffer_unordered(FANOUT)
+        .try_collect::<()>()
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slabs_cover_the_range_once() {
+        let parts: Vec<_> = slabs(10, 250, 100).collect();
+        assert_eq!(parts, [(0, 10, 100), (100, 100, 200), (200, 200, 250)]);
+        assert_eq!(slabs(100, 200, 100).count(), 1);
+        assert_eq!(slabs(5, 5, 100).count(), 0);
+    }
+}
