@@ -87,6 +87,7 @@ struct Inner {
     batches_written: Counter,
     store_write_seconds: Histogram,
     queue_depth: Gauge,
+    rollup_backlog: Gauge,
     mqtt_connections: Gauge,
     mqtt_messages_received: Counter,
     mqtt_acks_sent: Counter,
@@ -147,6 +148,13 @@ impl Telemetry {
             "Events accepted by the pipeline and not yet durable.".into(),
         );
         recorder.describe_gauge(
+            "iotpipe_rollup_backlog".into(),
+            Some(Unit::Count),
+            "Minutes this instance marked pending and has not yet recomputed into rollups \
+             (wide-column store; aggregates read them from their events meanwhile)."
+                .into(),
+        );
+        recorder.describe_gauge(
             "iotpipe_mqtt_connections".into(),
             Some(Unit::Count),
             "Devices connected to the built-in MQTT endpoint.".into(),
@@ -190,6 +198,8 @@ impl Telemetry {
             recorder.register_histogram(&Key::from_name("iotpipe_store_write_seconds"), &meta);
         let queue_depth =
             recorder.register_gauge(&Key::from_name("iotpipe_pipeline_queue_depth"), &meta);
+        let rollup_backlog =
+            recorder.register_gauge(&Key::from_name("iotpipe_rollup_backlog"), &meta);
         let mqtt_connections =
             recorder.register_gauge(&Key::from_name("iotpipe_mqtt_connections"), &meta);
         let mqtt_messages_received = recorder.register_counter(
@@ -211,6 +221,7 @@ impl Telemetry {
         mqtt_connections.set(0.0);
         batches_written.increment(0);
         queue_depth.set(0.0);
+        rollup_backlog.set(0.0);
         Self {
             inner: Arc::new(Inner {
                 handle: recorder.handle(),
@@ -219,6 +230,7 @@ impl Telemetry {
                 batches_written,
                 store_write_seconds,
                 queue_depth,
+                rollup_backlog,
                 mqtt_connections,
                 mqtt_messages_received,
                 mqtt_acks_sent,
@@ -270,9 +282,11 @@ impl Telemetry {
         self.inner.mqtt_ack_latency.record(seconds);
     }
 
-    /// Renders the Prometheus text format, with the queue depth sampled now.
-    pub fn render(&self, queue_depth: usize) -> String {
+    /// Renders the Prometheus text format, with the queue depth and the store's rollup
+    /// backlog sampled now.
+    pub fn render(&self, queue_depth: usize, rollup_backlog: usize) -> String {
         self.inner.queue_depth.set(queue_depth as f64);
+        self.inner.rollup_backlog.set(rollup_backlog as f64);
         self.inner.handle.run_upkeep();
         self.inner.handle.render()
     }

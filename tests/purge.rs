@@ -298,19 +298,26 @@ async fn purge_on_cassandra_mariadb_and_redis() {
     let server = support::start(config.clone()).await;
     let f = populate(&server).await;
 
-    // The rollups are recomputed in the background: wait until both devices have
-    // theirs at every level, so that the purge has rows to remove.
-    let store = ScyllaStore::connect(settings.clone()).await.unwrap();
+    // The rollups are recomputed in the background, once a minute has been quiet for a
+    // second: the gauge counts the minutes still to do, and at 0 both devices have
+    // their rows at every level, so that the purge has rows to remove.
+    let backlog = |page: String| support::metric(&page, "iotpipe_rollup_backlog");
+    assert!(
+        backlog(f.api.metrics().await) > 0.0,
+        "the last flush's minutes wait"
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while backlog(f.api.metrics().await) > 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rollups never written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let store = ScyllaStore::connect(settings.clone()).await.unwrap();
     for device in [f.purged, f.kept] {
         for level in [Level::Minute, Level::Hour, Level::Day] {
-            while count_rollups(&store, &f, device, level).await != f.events {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "rollups never written"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            assert_eq!(count_rollups(&store, &f, device, level).await, f.events);
         }
     }
     let redis = redis::Client::open(support::REDIS).unwrap();

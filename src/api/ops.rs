@@ -119,6 +119,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.intake.telemetry.render(state.intake.pipeline.depth()),
+        (state.intake.telemetry)
+            .render(state.intake.pipeline.depth(), state.store.rollup_backlog()),
     )
 }

@@ -193,6 +193,13 @@ pub trait EventStore: Send + Sync + 'static {
     /// A cheap round trip, for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Minutes this instance has written events into and not yet recomputed into its
+    /// rollups, for engines that recompute them in the background (the `/metrics`
+    /// gauge `iotpipe_rollup_backlog`). Aggregates are exact meanwhile.
+    fn rollup_backlog(&self) -> usize {
+        0
+    }
+
     /// Deletes what the retention tiers expired by `now_ms` (see `retention.rs`) and
     /// returns how many rows went. Reads hide expired rows already; this gives the
     /// space back. Stores that expire rows themselves (by TTL) do nothing.

@@ -18,7 +18,7 @@
 //!   that no instance holds once no minute of their hour is pending (after it has
 //!   recomputed the minutes a crashed writer left).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 
@@ -44,7 +44,7 @@ pub(super) fn fleet_slab_ms(level: Level) -> i64 {
 /// Partitions read at once.
 const SLICES: usize = 4;
 
-/// Lagging (device, interval) pairs read from the device's own rows at once.
+/// Lagging devices read from their own rows at once.
 const STALE_FANOUT: usize = 16;
 
 /// The slabs of length `len` that `[from, to)` touches, each with its part of the range.
@@ -238,20 +238,29 @@ impl Inner {
             .into_iter()
             .filter(|r| !stale.contains(&(r.device_id, r.start_ms)))
             .collect();
-        let lagging: Vec<Vec<FleetCount>> = stream::iter(stale)
-            .map(|(device, start)| async move {
+        // One read per lagging device, over the span of its lagging intervals: after a
+        // backfill every interval of every device may lag at once.
+        let mut spans: BTreeMap<DeviceId, (i64, i64)> = BTreeMap::new();
+        for (device, start) in &stale {
+            let span = spans.entry(*device).or_insert((*start, *start));
+            span.1 = span.1.max(*start);
+        }
+        let stale = &stale;
+        let lagging: Vec<Vec<FleetCount>> = stream::iter(spans)
+            .map(|(device, (first, last))| async move {
                 let part = RollupQuery {
                     user_id: q.user_id,
                     device_id: device,
                     level: q.level,
-                    from_ms: start,
-                    to_ms: start + len,
+                    from_ms: first,
+                    to_ms: last + len,
                     metric: None,
                     kind: q.kind.clone(),
                 };
                 let rows = self.coarse_rollups(&part).await?;
                 Ok::<_, StoreError>(
                     rows.into_iter()
+                        .filter(|r| stale.contains(&(device, r.start_ms)))
                         .map(|r| FleetCount {
                             start_ms: r.start_ms,
                             device_id: device,

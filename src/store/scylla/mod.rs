@@ -243,6 +243,10 @@ impl EventStore for ScyllaStore {
         Ok(())
     }
 
+    fn rollup_backlog(&self) -> usize {
+        self.inner.recomputer.pending.backlog()
+    }
+
     async fn close(&self) -> Result<(), StoreError> {
         // Every write was acknowledged by the cluster at the configured consistency
         // before it returned. What is left is recomputing the rollups of the last

@@ -324,6 +324,12 @@ impl Pending {
         done
     }
 
+    /// Marks not yet recomputed: open, closed, or taken by a round in progress.
+    pub(super) fn backlog(&self) -> usize {
+        let marks = self.marks();
+        marks.open.len() + marks.closed.len() + marks.taken.len()
+    }
+
     /// Whether `marker` is one of this instance's marks still in the table.
     pub(super) fn holds(&self, key: MinuteKey, marker: Uuid) -> bool {
         self.marks().mark_mut(&key, marker).is_some()
