@@ -7,8 +7,9 @@
 //! lightweight transactions cost a Paxos round per row. Instead:
 //!
 //! - **Recomputed, not incremented.** A minute's rows are always computed from that
-//!   minute's stored events (one slice of one partition), so they count what is
-//!   stored, once, however often an event was sent.
+//!   minute's stored events (one slice of one partition, which may hold a run of the
+//!   device's due minutes of that bucket, split into minutes as it is read), so they
+//!   count what is stored, once, however often an event was sent.
 //! - **The larger count wins.** Each row is written `USING TIMESTAMP <its count>`.
 //!   The events of a minute only ever grow, and each recomputation reads after its own
 //!   writer's events are durable, so the sets of events two recomputations saw are
@@ -34,6 +35,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use std::ops::Range;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -58,6 +60,51 @@ const FANOUT: usize = 16;
 
 /// Summaries of one device's minute, by (metric, type); metric `""` counts every event.
 type MinuteSummaries = BTreeMap<(String, String), Stats>;
+
+/// Due minutes of a device farther apart than this are read with separate slices:
+/// a slice reads the minutes between them too, and a busy device's minutes hold
+/// thousands of events.
+const MAX_GAP: i64 = 4 * ROLLUP_MS;
+
+/// Whether minute `b`, the next due minute of a device after `a`, is read with the
+/// same events slice as `a`: it is in the same bucket (one partition), and close.
+/// The fleet shape (a device per flush with one event a minute) needs one slice
+/// per hour of a device instead of one per event.
+fn one_read(a: i64, b: i64, bucket_len: i64) -> bool {
+    b - a <= MAX_GAP && bucket_start(a, bucket_len) == bucket_start(b, bucket_len)
+}
+
+/// The index ranges of `items`' runs of neighbours that `same` puts together, like
+/// `chunk_by`; ranges, not slices, so that the futures made from them own them.
+fn runs<T>(items: &[T], same: impl Fn(&T, &T) -> bool) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=items.len() {
+        if i == items.len() || !same(&items[i - 1], &items[i]) {
+            out.push(start..i);
+            start = i;
+        }
+    }
+    out
+}
+
+/// Counts one event in its minute's summaries. The keys are moved into the lookup
+/// and back out, so that an event allocates only for a (metric, type) its minute has
+/// not seen yet.
+fn add_event(out: &mut MinuteSummaries, kind: String, metrics: BTreeMap<String, f64>) {
+    let mut key = (String::new(), kind);
+    match out.get_mut(&key) {
+        Some(s) => s.add(None),
+        None => out.entry(key.clone()).or_default().add(None),
+    }
+    for (metric, v) in metrics {
+        key.0 = metric;
+        match out.get_mut(&key) {
+            Some(s) => s.add(Some(v)),
+            None => out.entry(key.clone()).or_default().add(Some(v)),
+        }
+    }
+}
 
 /// This instance's marks, and the lock that makes recomputation rounds one at a time.
 #[derive(Default)]
@@ -154,47 +201,53 @@ impl Inner {
         Ok(n + self.sweep_hours(cutoff).await?)
     }
 
-    /// One round: each minute is read and written once, then its hour and day are
-    /// summed again (`levels.rs`), then the pending rows it covers are deleted. A
-    /// minute that failed at any level keeps its rows for the sweep.
-    async fn recompute(&self, minutes: Vec<(MinuteKey, Vec<Uuid>)>) {
-        let markers: Vec<(MinuteKey, Uuid)> = minutes
-            .iter()
-            .flat_map(|(k, ms)| ms.iter().map(move |m| (*k, *m)))
-            .collect();
-        let done: Vec<(MinuteKey, Vec<Uuid>, BTreeSet<String>)> = stream::iter(minutes)
-            .map(|(key, flushes)| async move {
-                match self.recompute_minute(key).await {
-                    Ok(metrics) => Some((key, flushes, metrics)),
+    /// One round: the minutes are read and written once, a run of a device's minutes
+    /// at a time (`one_read`), then their hours and days are summed again (`levels.rs`),
+    /// then the pending rows they cover are deleted. A minute that failed at any level
+    /// keeps its rows for the sweep.
+    async fn recompute(&self, mut minutes: Vec<(MinuteKey, Vec<Uuid>)>) {
+        // A minute can be due twice in one round (an old mark closed to new flushes
+        // and the newer one): it is read once, and clears both.
+        minutes.sort_unstable_by_key(|(key, _)| *key);
+        minutes.dedup_by(|later, first| {
+            let same = later.0 == first.0;
+            if same {
+                first.1.append(&mut later.1);
+            }
+            same
+        });
+        let len = self.settings.bucket_len_ms;
+        let runs = runs(&minutes, |(a, _), (b, _)| {
+            (a.0, a.1) == (b.0, b.1) && one_read(a.2, b.2, len)
+        });
+        let minutes = &minutes;
+        let done: Vec<Vec<(MinuteKey, BTreeSet<String>)>> = stream::iter(runs)
+            .map(|run| async move {
+                let run = &minutes[run];
+                let (user, device, first) = run[0].0;
+                let keys: Vec<MinuteKey> = run.iter().map(|(k, _)| *k).collect();
+                match self.recompute_minutes(&keys).await {
+                    Ok(metrics) => keys.into_iter().zip(metrics).collect(),
                     Err(e) => {
-                        let (_, device, minute) = key;
-                        tracing::warn!(error = %e, %device, minute, "rollup recomputation failed; left pending");
-                        None
+                        tracing::warn!(error = %e, %user, %device, first, n = run.len(), "rollup recomputation failed; left pending");
+                        Vec::new()
                     }
                 }
             })
             .buffer_unordered(FANOUT)
-            .filter_map(futures::future::ready)
             .collect()
             .await;
-        let levels: Vec<(MinuteKey, BTreeSet<String>)> =
-            done.iter().map(|(k, _, m)| (*k, m.clone())).collect();
-        let mut failed = self.recompute_levels(&levels).await;
-        // Minutes that failed before their levels.
-        let recomputed: HashSet<MinuteKey> = done.iter().map(|(k, _, _)| *k).collect();
-        failed.extend(
-            markers
-                .iter()
-                .map(|(k, _)| *k)
-                .filter(|k| !recomputed.contains(k)),
-        );
-        // Deleted per device in unlogged batches, like they were written.
-        let mut deletes: Vec<PendingRow> = done
-            .into_iter()
-            .filter(|(k, _, _)| !failed.contains(k))
-            .flat_map(|(key, flushes, _)| flushes.into_iter().map(move |m| marker_row(key, m)))
+        let levels: Vec<(MinuteKey, BTreeSet<String>)> = done.into_iter().flatten().collect();
+        let failed = self.recompute_levels(&levels).await;
+        // Deleted per device in unlogged batches, like they were written. `minutes`
+        // is sorted, so the rows come out grouped by device.
+        let written: HashSet<MinuteKey> = levels.into_iter().map(|(k, _)| k).collect();
+        let ok = |key: &MinuteKey| written.contains(key) && !failed.contains(key);
+        let deletes: Vec<PendingRow> = minutes
+            .iter()
+            .filter(|(key, _)| ok(key))
+            .flat_map(|(key, flushes)| flushes.iter().map(move |m| marker_row(*key, *m)))
             .collect();
-        deletes.sort_unstable_by_key(|m| (m.user_id, m.device_id));
         let per_device =
             deletes.chunk_by(|a, b| (a.user_id, a.device_id) == (b.user_id, b.device_id));
         stream::iter(per_device)
@@ -206,65 +259,93 @@ impl Inner {
             .await;
         // Hours whose every minute is now recomputed at every level (`fleet.rs`).
         let hours = (self.recomputer.pending).finish(
-            markers
-                .into_iter()
-                .map(|(k, m)| (k, m, !failed.contains(&k))),
+            minutes
+                .iter()
+                .flat_map(|(key, flushes)| flushes.iter().map(move |m| (*key, *m, ok(key)))),
         );
         self.delete_hour_markers(hours).await;
     }
 
-    /// Writes one minute's rows from its events; returns the metrics it carries
+    /// Writes the rows of a run of one device's minutes (ascending, one read: see
+    /// `one_read`) from their events; returns, for each minute, the metrics it carries
     /// (`""`, counting every event, always among them).
-    async fn recompute_minute(&self, key: MinuteKey) -> Result<BTreeSet<String>, StoreError> {
-        let (user, device, minute) = key;
+    async fn recompute_minutes(
+        &self,
+        keys: &[MinuteKey],
+    ) -> Result<Vec<BTreeSet<String>>, StoreError> {
+        let (user, device, _) = keys[0];
+        let minutes: Vec<i64> = keys.iter().map(|k| k.2).collect();
         // Read only after every flush whose marker this clears has its events
         // durable: they were submitted after their writes returned.
-        let summaries = self.summarize_minute(user, device, minute).await?;
-        let day = bucket_start(minute, DAY_MS);
+        let summaries = self.summarize_minutes(user, device, &minutes).await?;
+        let now = now_ms();
         let tier = Tier::Rollup(Level::Minute);
-        let ttl = self.settings.retention.ttl(tier, minute, now_ms()).cql();
-        let rows: Vec<RollupIn<'_>> = summaries
+        let rows: Vec<RollupIn<'_>> = minutes
             .iter()
-            .map(|((metric, kind), Stats { summary: s, sketch })| RollupIn {
-                user_id: user,
-                device_id: device,
-                day: ms(day),
-                metric,
-                minute: ms(minute),
-                kind,
-                count: s.count as i64,
-                min: s.min,
-                max: s.max,
-                sum: s.sum,
-                sketch: sketch.as_ref().map(Sketch::to_bytes),
-                writetime: s.count as i64,
-                ttl,
+            .zip(&summaries)
+            .flat_map(|(&minute, by_metric)| {
+                let day = ms(bucket_start(minute, DAY_MS));
+                let ttl = self.settings.retention.ttl(tier, minute, now).cql();
+                by_metric
+                    .iter()
+                    .map(
+                        move |((metric, kind), Stats { summary: s, sketch })| RollupIn {
+                            user_id: user,
+                            device_id: device,
+                            day,
+                            metric,
+                            minute: ms(minute),
+                            kind,
+                            count: s.count as i64,
+                            min: s.min,
+                            max: s.max,
+                            sum: s.sum,
+                            sketch: sketch.as_ref().map(Sketch::to_bytes),
+                            writetime: s.count as i64,
+                            ttl,
+                        },
+                    )
             })
             .collect();
-        self.write_rows(&self.cql.insert_rollup, &rows).await?;
-        let mut metrics: BTreeSet<String> = summaries.into_keys().map(|(m, _)| m).collect();
-        metrics.insert(String::new());
-        Ok(metrics)
+        // A partition of `rollups` is a device's day: its rows go in shared batches
+        // (a fleet device has one event a minute, and a write per minute was most of
+        // the cost of its rollups).
+        for day in rows.chunk_by(|a, b| a.day == b.day) {
+            self.write_rows(&self.cql.insert_rollup, day).await?;
+        }
+        Ok(summaries
+            .into_iter()
+            .map(|by_metric| {
+                let mut metrics: BTreeSet<String> = by_metric.into_keys().map(|(m, _)| m).collect();
+                metrics.insert(String::new());
+                metrics
+            })
+            .collect())
     }
 
-    /// Summaries of one device's minute, computed from its stored events.
-    async fn summarize_minute(
+    /// Summaries of some of one device's minutes (ascending; see `one_read`),
+    /// computed from its stored events with one slice per bucket they lie in.
+    async fn summarize_minutes(
         &self,
         user: UserId,
         device: DeviceId,
-        minute: i64,
-    ) -> Result<MinuteSummaries, StoreError> {
+        minutes: &[i64],
+    ) -> Result<Vec<MinuteSummaries>, StoreError> {
+        let mut out: Vec<MinuteSummaries> =
+            minutes.iter().map(|_| MinuteSummaries::new()).collect();
+        let (Some(&from), Some(&last)) = (minutes.first(), minutes.last()) else {
+            return Ok(out);
+        };
         let len = self.settings.bucket_len_ms;
-        let end = minute + ROLLUP_MS;
-        let mut out = MinuteSummaries::new();
-        let mut bucket = bucket_start(minute, len);
-        // A minute lies in one bucket unless buckets are shorter than a minute.
+        let end = last + ROLLUP_MS;
+        let mut bucket = bucket_start(from, len);
+        // The run lies in one bucket unless buckets are shorter than a minute.
         while bucket < end {
             let slice = SliceIn {
                 user_id: user,
                 device_id: device,
                 bucket: ms(bucket),
-                from_ts: ms(minute),
+                from_ts: ms(from),
                 to_ts: ms(end),
             };
             let _p = self.permit().await;
@@ -276,12 +357,9 @@ impl Inner {
                 .rows_stream::<MetricOut>()
                 .map_err(corrupt)?;
             while let Some(r) = rows.try_next().await.map_err(row_error)? {
-                let kind = r.kind;
-                out.entry((String::new(), kind.clone()))
-                    .or_default()
-                    .add(None);
-                for (metric, v) in r.metrics.unwrap_or_default() {
-                    out.entry((metric, kind.clone())).or_default().add(Some(v));
+                // Events of minutes between the run's that are not due are skipped.
+                if let Ok(i) = minutes.binary_search(&bucket_start(r.ts.0, ROLLUP_MS)) {
+                    add_event(&mut out[i], r.kind, r.metrics.unwrap_or_default());
                 }
             }
             bucket += len;
@@ -312,17 +390,15 @@ impl Inner {
             .into_iter()
             .filter(|r| !pending.contains(&r.start_ms) && kind_ok(&r.kind))
             .collect();
-        let computed: Vec<(i64, MinuteSummaries)> = stream::iter(pending)
-            .map(|minute| async move {
-                let s = self
-                    .summarize_minute(q.user_id, q.device_id, minute)
-                    .await?;
-                Ok::<_, StoreError>((minute, s))
-            })
-            .buffered(4)
-            .try_collect()
-            .await?;
-        for (start_ms, summaries) in computed {
+        let pending: Vec<i64> = pending.into_iter().collect();
+        let len = self.settings.bucket_len_ms;
+        let computed: Vec<Vec<MinuteSummaries>> =
+            stream::iter(runs(&pending, |a, b| one_read(*a, *b, len)))
+                .map(|run| self.summarize_minutes(q.user_id, q.device_id, &pending[run]))
+                .buffered(4)
+                .try_collect()
+                .await?;
+        for (&start_ms, summaries) in pending.iter().zip(computed.into_iter().flatten()) {
             for ((m, kind), s) in summaries {
                 if m == metric && kind_ok(&kind) {
                     out.push(Rollup {
@@ -384,5 +460,47 @@ impl Inner {
             .try_collect()
             .await?;
         Ok(parts.into_iter().flatten().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: i64 = 3_600_000;
+
+    #[test]
+    fn a_read_covers_close_minutes_of_one_bucket_only() {
+        let m = ROLLUP_MS;
+        assert!(one_read(0, m, HOUR));
+        assert!(one_read(0, MAX_GAP, HOUR), "a few minutes apart");
+        assert!(!one_read(0, MAX_GAP + m, HOUR), "too far apart");
+        assert!(!one_read(59 * m, 60 * m, HOUR), "another bucket");
+        let due = [0, m, 2 * m, 9 * m, 59 * m, 60 * m];
+        let runs = runs(&due, |a, b| one_read(*a, *b, HOUR));
+        assert_eq!(runs, [0..3, 3..4, 4..5, 5..6], "runs of one read each");
+        assert!(super::runs(&[] as &[i64], |_, _| true).is_empty());
+    }
+
+    #[test]
+    fn events_are_counted_by_metric_and_type() {
+        let mut out = MinuteSummaries::new();
+        let metrics = |v: &[(&str, f64)]| v.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        add_event(&mut out, "a".into(), metrics(&[("t", 1.0), ("h", 5.0)]));
+        add_event(&mut out, "a".into(), metrics(&[("t", 3.0)]));
+        add_event(&mut out, "b".into(), BTreeMap::new());
+        let got: Vec<((&str, &str), u64, f64)> = out
+            .iter()
+            .map(|((m, k), s)| ((m.as_str(), k.as_str()), s.summary.count, s.summary.sum))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (("", "a"), 2, 0.0),
+                (("", "b"), 1, 0.0),
+                (("h", "a"), 1, 5.0),
+                (("t", "a"), 2, 4.0),
+            ]
+        );
     }
 }

@@ -109,24 +109,30 @@ impl Inner {
         Ok(())
     }
 
-    async fn write_bucket(&self, p: &PartitionBatch) -> Result<(), StoreError> {
-        let _p = self.permit().await;
-        // The bucket row goes with the bucket's last instant.
-        let last_ms = p.key.bucket_ms + self.settings.bucket_len_ms - 1;
-        let row = BucketIn {
-            user_id: p.key.user_id,
-            device_id: p.key.device_id,
-            bucket: ms(p.key.bucket_ms),
-            ttl: self
-                .settings
-                .retention
-                .ttl(Tier::Raw, last_ms, now_ms())
-                .cql(),
-        };
-        self.session
-            .execute_unpaged(&self.cql.insert_bucket, row)
-            .await
-            .map_err(exec_error)?;
+    /// The `buckets` index rows of the partitions written, one device's in shared
+    /// batches (its partition of `buckets`): a fleet flush writes a day of a device in
+    /// 24 small partitions, and one write per bucket row cost as much as its events.
+    async fn write_buckets(&self, partitions: &[&PartitionBatch]) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut rows: Vec<BucketIn> = partitions
+            .iter()
+            .map(|p| {
+                // The bucket row goes with the bucket's last instant.
+                let last_ms = p.key.bucket_ms + self.settings.bucket_len_ms - 1;
+                BucketIn {
+                    user_id: p.key.user_id,
+                    device_id: p.key.device_id,
+                    bucket: ms(p.key.bucket_ms),
+                    ttl: self.settings.retention.ttl(Tier::Raw, last_ms, now).cql(),
+                }
+            })
+            .collect();
+        rows.sort_unstable_by_key(|r| (r.user_id, r.device_id));
+        let per_device = rows.chunk_by(|a, b| (a.user_id, a.device_id) == (b.user_id, b.device_id));
+        futures::future::try_join_all(
+            per_device.map(|rows| self.write_rows(&self.cql.insert_bucket, rows)),
+        )
+        .await?;
         Ok(())
     }
 
@@ -237,18 +243,21 @@ impl Inner {
         // 3. Events, and the bucket index, partition by partition.
         let max = self.settings.batch_max_bytes;
         let mut writes = Vec::new();
+        let mut written = Vec::new();
         for (p, rs) in partitions.iter().zip(&fresh) {
             if rs.is_empty() {
                 continue;
             }
             for run in split_by_bytes(rs, max) {
-                writes.push(futures::future::Either::Left(async move {
-                    self.write_run(&run).await
-                }));
+                writes.push(async move { self.write_run(&run).await });
             }
-            writes.push(futures::future::Either::Right(self.write_bucket(p)));
+            written.push(p);
         }
-        futures::future::try_join_all(writes).await?;
+        futures::future::try_join(
+            futures::future::try_join_all(writes),
+            self.write_buckets(&written),
+        )
+        .await?;
 
         // 3b. The newest values. Before the ids, so that a flush that fails before them
         //     is retried in full and writes these again.
