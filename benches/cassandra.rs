@@ -162,8 +162,8 @@ async fn raw_round(session: &Session, ks: &str) -> f64 {
 async fn settled(session: &Session, ks: &str, user: i64, devices: &[Uuid], day: i64) {
     let select = session
         .prepare(format!(
-            "SELECT minute FROM {ks}.pending_minutes WHERE user_id = ? AND device_id = ? \
-             AND minute >= ? AND minute < ? LIMIT 1"
+            "SELECT hour FROM {ks}.pending_by_device WHERE user_id = ? AND device_id = ? \
+             AND hour >= ? AND hour < ? LIMIT 1"
         ))
         .await
         .unwrap();

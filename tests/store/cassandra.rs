@@ -262,11 +262,11 @@ async fn two_writers_on_the_same_minutes_keep_the_rollups_exact() {
     a.settle().await;
     b.settle().await;
     assert_eq!(
-        ks.count("pending_minutes").await,
+        ks.count("pending_by_device").await,
         0,
         "every minute recomputed"
     );
-    assert_eq!(ks.count("pending_hours").await, 0, "every hour marker gone");
+    assert_eq!(ks.count("pending_by_user").await, 0, "every user mark gone");
     let truth: Vec<Event> = sent.values().cloned().collect();
     for level in [Level::Hour, Level::Day] {
         assert_eq!(
@@ -289,7 +289,9 @@ async fn two_writers_on_the_same_minutes_keep_the_rollups_exact() {
 
 #[tokio::test]
 async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
-    let ks = Keyspace::new(|c| c.rollup_sweep_after_secs = 1).await;
+    // The sweep's own ticks come once a minute: the test's sweep is the one to find
+    // the marks, made (by their ids) two hours ago.
+    let ks = Keyspace::new(|c| c.rollup_sweep_after_secs = 3_600).await;
     let store = ks.store().await;
     let (user, device) = (9, Uuid::new_v4());
     let first: Vec<Event> = (1..=3)
@@ -301,34 +303,44 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
         .unwrap();
     store.settle().await;
 
-    // What a writer that died mid-flush leaves: its minute and hour marked pending,
-    // its events stored, its rollups never written.
+    // What a writer that died mid-flush leaves: its mark of the minute (a device row
+    // and its user twin, one flush id), its events stored, its rollups never written.
+    // Beside it, a user row whose device row is gone (a writer that died between the
+    // two deletes): the sweep drops it.
     let name = &ks.settings.keyspace;
-    let crashed = Uuid::now_v7();
-    ks.session
-        .query_unpaged(
-            format!(
-                "INSERT INTO {name}.pending_hours (user_id, slab, hour, device_id, flush) \
-                 VALUES (?, ?, ?, ?, ?)"
-            ),
-            (
-                user,
-                ts(T0 - T0.rem_euclid(28 * DAY)),
-                ts(T0 - T0.rem_euclid(HOUR)),
-                device,
-                Uuid::now_v7(),
-            ),
-        )
-        .await
-        .unwrap();
+    let crashed = made_ago(2 * HOUR);
+    let hour = T0 - T0.rem_euclid(HOUR);
+    let user_row = |hour: i64, flush: Uuid| {
+        let cql = format!(
+            "INSERT INTO {name}.pending_by_user (user_id, slab, hour, device_id, flush) \
+             VALUES (?, ?, ?, ?, ?)"
+        );
+        let values = (
+            user,
+            ts(hour - hour.rem_euclid(28 * DAY)),
+            ts(hour),
+            device,
+            flush,
+        );
+        let session = &ks.session;
+        async move { session.query_unpaged(cql, values).await.unwrap() }
+    };
+    user_row(hour, crashed).await;
+    user_row(hour + 2 * HOUR, made_ago(2 * HOUR)).await;
     let late = event(50, T0 + 30_000, "telemetry", &[("temp", 100.0)]);
     ks.session
         .query_unpaged(
             format!(
-                "INSERT INTO {name}.pending_minutes (user_id, device_id, minute, flush) \
-                 VALUES (?, ?, ?, ?)"
+                "UPDATE {name}.pending_by_device SET minutes = minutes + ? \
+                 WHERE user_id = ? AND device_id = ? AND hour = ? AND flush = ?"
             ),
-            (user, device, ts(T0), crashed),
+            (
+                vec![((T0 - hour) / 60_000) as i32],
+                user,
+                device,
+                ts(hour),
+                crashed,
+            ),
         )
         .await
         .unwrap();
@@ -364,13 +376,13 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
     // ...and the rollup rows themselves still miss the event until the sweep.
     let stale = scalar_count(&ks, user, device).await;
     assert_eq!(stale, 3);
-    tokio::time::sleep(Duration::from_millis(1_100)).await; // older than sweep_after
-    assert!(
-        store.sweep().await.unwrap() >= 2,
-        "a minute and an hour marker"
+    assert_eq!(
+        store.sweep().await.unwrap(),
+        2,
+        "the crashed writer's mark, and the user row left alone"
     );
-    assert_eq!(ks.count("pending_minutes").await, 0);
-    assert_eq!(ks.count("pending_hours").await, 0);
+    assert_eq!(ks.count("pending_by_device").await, 0);
+    assert_eq!(ks.count("pending_by_user").await, 0);
     for level in [Level::Hour, Level::Day] {
         assert_eq!(
             fleet_at(level, &store, user, DAY0, DAY0 + 2 * DAY).await,
@@ -457,7 +469,7 @@ async fn minutes_recomputed_together_match_brute_force() {
     }
     store.settle().await;
     assert_eq!(
-        ks.count("pending_minutes").await,
+        ks.count("pending_by_device").await,
         0,
         "every minute recomputed"
     );
@@ -483,6 +495,14 @@ async fn scalar_count(ks: &Keyspace, user: i64, device: Uuid) -> i64 {
     );
     let day = ts(bucket_start(T0, 86_400_000));
     ks.one_i64(cql, (user, device, day, ts(T0))).await
+}
+
+/// A mark's id as a writer `ago` milliseconds back would have made it (UUIDv7).
+fn made_ago(ago: i64) -> Uuid {
+    let at = std::time::SystemTime::now() - Duration::from_millis(ago as u64);
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let stamp = uuid::Timestamp::from_unix(uuid::NoContext, since.as_secs(), since.subsec_nanos());
+    Uuid::new_v7(stamp)
 }
 
 fn ts(ms: i64) -> scylla::value::CqlTimestamp {
@@ -548,8 +568,8 @@ async fn iotpipe_migrate_creates_the_schema_in_a_fresh_keyspace() {
             "fleet_counts",
             "latest",
             "meta",
-            "pending_hours",
-            "pending_minutes",
+            "pending_by_device",
+            "pending_by_user",
             "rollups",
             "rollups_coarse"
         ]
@@ -635,24 +655,70 @@ async fn migrate_builds_the_fleet_rows_of_an_older_keyspace() {
     store.settle().await;
     drop(store);
     let name = &ks.settings.keyspace;
+    // The older keyspace marked pending minutes one row each, in `pending_minutes`:
+    // one is left by a writer that stored an event and died before its rollups.
+    let late = event(500, T0 + 30_000, "telemetry", &[("temp", 2.0)]);
     for cql in [
         format!("TRUNCATE {name}.fleet_counts"),
         format!("DELETE FROM {name}.meta WHERE name = 'fleet_rows'"),
+        format!(
+            "CREATE TABLE {name}.pending_minutes (user_id bigint, device_id uuid, \
+             minute timestamp, flush uuid, PRIMARY KEY ((user_id, device_id), minute, flush))"
+        ),
     ] {
         ks.session.query_unpaged(cql, ()).await.unwrap();
     }
+    ks.session
+        .query_unpaged(
+            format!("INSERT INTO {name}.pending_minutes (user_id, device_id, minute, flush) VALUES (?, ?, ?, ?)"),
+            (user, device, ts(T0), made_ago(2 * HOUR)),
+        )
+        .await
+        .unwrap();
+    ks.session
+        .query_unpaged(
+            format!(
+                "INSERT INTO {name}.events (user_id, device_id, bucket, ts, event_id, type, \
+                 metrics, attrs, received) VALUES (?, ?, ?, ?, ?, 'telemetry', {{'temp': 2.0}}, \
+                 {{}}, ?)"
+            ),
+            (user, device, ts(T0), ts(late.ts_ms), late.id, ts(T0)),
+        )
+        .await
+        .unwrap();
+    let truth: Vec<Event> = events.iter().cloned().chain([late]).collect();
+
     let refused = ScyllaStore::connect(ks.settings.clone())
         .await
         .err()
         .unwrap();
     assert!(refused.to_string().contains("iotpipe migrate"), "{refused}");
     ScyllaStore::migrate(&ks.settings).await.unwrap();
+    assert_eq!(
+        ks.count("pending_by_device").await,
+        1,
+        "the old mark carried"
+    );
+    assert_eq!(ks.count("pending_by_user").await, 1);
+    // Until it is swept (by the store's first tick, at start, or by this test's),
+    // the fleet read takes that hour from the device's rows, which read the marked
+    // minute from its events; after, from the repaired fleet rows.
     let store = ks.store().await;
     for level in [Level::Hour, Level::Day] {
         assert_eq!(
             fleet_at(level, &store, user, DAY0, DAY0 + 2 * DAY).await,
-            fleet_expected(level, device, &events),
+            fleet_expected(level, device, &truth),
             "{level:?}"
+        );
+    }
+    store.sweep().await.unwrap();
+    assert_eq!(ks.count("pending_by_device").await, 0);
+    assert_eq!(ks.count("pending_by_user").await, 0);
+    for level in [Level::Hour, Level::Day] {
+        assert_eq!(
+            fleet_at(level, &store, user, DAY0, DAY0 + 2 * DAY).await,
+            fleet_expected(level, device, &truth),
+            "{level:?}, from the fleet rows once swept"
         );
     }
     ks.drop_it().await;

@@ -6,27 +6,30 @@
 //!   again (`levels.rs`), its count rows (metric `""`) are also written here, keyed
 //!   time first, with the same count as write time: they are exact the same way.
 //! - **Pending hours say which rows may lag.** A device's fleet row misses an
-//!   acknowledged event while a minute of that hour is pending. Every minute marker has
-//!   an hour marker in `pending_hours` (`pending.rs`), written with it before the
-//!   events and deleted after every minute that joined it is recomputed at every level;
-//!   that table is partitioned by user, so one slice names every (device, hour) that
-//!   lags. A read takes those from the device's own rows instead (`coarse_rollups`,
+//!   acknowledged event while a minute of that hour is pending. Every mark of a
+//!   device's hour (`pending.rs`) has a row in `pending_by_user` beside its row in
+//!   `pending_by_device`, written with it before the events and deleted with it after
+//!   every minute under it is recomputed at every level; that table is partitioned by
+//!   user, so one slice names every (device, hour) that lags. A read takes those from the device's own rows instead (`coarse_rollups`,
 //!   down to the events of its pending minutes), and the rest from the fleet rows.
 //! - **Pending first.** As for one device: the markers are read before the rows, so an
 //!   interval without a marker then has rows that hold everything acknowledged before.
-//! - **The sweep** deletes hour markers older than `store.rollup_sweep_after_secs`
-//!   that no instance holds once no minute of their hour is pending (after it has
-//!   recomputed the minutes a crashed writer left).
+//! - **The sweep** deletes the `pending_by_user` rows older than
+//!   `store.rollup_sweep_after_secs` that no instance holds once their device has no
+//!   pending minute in that hour (after it has recomputed the marks a crashed writer
+//!   left, deleting both rows of each).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::stream::{self, StreamExt, TryStreamExt};
+use uuid::Uuid;
 
 use super::errors::{corrupt, pager_error, row_error};
 use super::levels::ByType;
-use super::pending::{DAY_MS, HOUR_MS, HOUR_SLAB_MS};
+use super::pending::{device_row, hour_row, HourKey, DAY_MS, HOUR_MS, HOUR_SLAB_MS};
 use super::rows::{
     ms, FleetIn, FleetOut, FleetSliceIn, PendingHourOut, PendingHourRangeIn, PendingHourRow,
+    PendingRow,
 };
 use super::Inner;
 use crate::model::{assigned_id_ts, bucket_start, DeviceId, UserId};
@@ -84,14 +87,46 @@ impl Inner {
         self.write_rows(&self.cql.insert_fleet, &rows).await
     }
 
-    /// Deletes hour markers whose minutes are all recomputed, per partition.
-    pub(super) async fn delete_hour_markers(&self, mut rows: Vec<PendingHourRow>) {
+    /// Deletes the rows of hour marks whose minutes are all recomputed: in
+    /// `pending_by_device` per device, in `pending_by_user` per user and slab.
+    pub(super) async fn delete_marks(&self, mut marks: Vec<(HourKey, Uuid)>) {
+        marks.sort_unstable();
+        let by_device: Vec<PendingRow> = marks.iter().map(|(k, m)| device_row(*k, *m)).collect();
+        let by_user: Vec<PendingHourRow> = marks.iter().map(|(k, m)| hour_row(*k, *m)).collect();
+        futures::future::join(
+            self.delete_grouped(&self.cql.delete_pending, &by_device, |r| {
+                (r.user_id, r.device_id)
+            }),
+            self.delete_user_rows(by_user),
+        )
+        .await;
+    }
+
+    /// Deletes rows of `pending_by_user`, per partition.
+    async fn delete_user_rows(&self, mut rows: Vec<PendingHourRow>) {
         rows.sort_unstable_by_key(|r| (r.user_id, r.slab.0));
-        let per_slab = rows.chunk_by(|a, b| (a.user_id, a.slab) == (b.user_id, b.slab));
-        stream::iter(per_slab)
+        self.delete_grouped(&self.cql.delete_pending_hour, &rows, |r| {
+            (r.user_id, r.slab.0)
+        })
+        .await;
+    }
+
+    /// Deletes `rows` (grouped by `partition`, adjacent) in unlogged batches, one
+    /// partition each. A failure leaves the rows for the sweep.
+    async fn delete_grouped<T, K>(
+        &self,
+        statement: &scylla::statement::prepared::PreparedStatement,
+        rows: &[T],
+        partition: impl Fn(&T) -> K,
+    ) where
+        T: scylla::serialize::row::SerializeRow + Sync,
+        K: PartialEq,
+    {
+        let groups = rows.chunk_by(|a, b| partition(a) == partition(b));
+        stream::iter(groups)
             .for_each_concurrent(SLICES, |rows| async move {
-                if let Err(e) = self.write_rows(&self.cql.delete_pending_hour, rows).await {
-                    tracing::warn!(error = %e, "pending hour markers not deleted; the sweep will");
+                if let Err(e) = self.write_rows(statement, rows).await {
+                    tracing::warn!(error = %e, "pending marks not deleted; the sweep will");
                 }
             })
             .await;
@@ -138,7 +173,7 @@ impl Inner {
                 "rollup sweep: deleting hour markers left behind"
             );
         }
-        self.delete_hour_markers(done).await;
+        self.delete_user_rows(done).await;
         Ok(n)
     }
 
@@ -281,20 +316,21 @@ impl Inner {
     }
 }
 
-/// Fills `fleet_counts` and `pending_hours` in a keyspace written before them (`iotpipe
-/// migrate`): a fleet row for every count row of `rollups_coarse`, an hour marker for
-/// every pending minute (the sweep deletes it once the minute is recomputed). Rewrites
-/// rather than adds, so a build cut short is simply done again.
+/// Fills `fleet_counts`, `pending_by_device` and `pending_by_user` in a keyspace
+/// written before them (`iotpipe migrate`): a fleet row for every count row of
+/// `rollups_coarse`, and a mark for every row of the older `pending_minutes` (the
+/// sweep recomputes and deletes it). Rewrites rather than adds, so a build cut short
+/// is simply done again (at worst with a mark twice).
 pub(super) async fn build(
     session: &scylla::client::session::Session,
     settings: &super::ScyllaSettings,
 ) -> Result<(), StoreError> {
     use super::errors::{exec_error, prepare_error};
-    use super::pending::hour_row;
+    use super::pending::minute_offset;
+    use super::rows::PendingAddIn;
     use super::statements::Cql;
     use crate::store::retention::Tier;
     use scylla::value::CqlTimestamp;
-    use uuid::Uuid;
 
     const FANOUT: usize = 32;
     let ks = &settings.keyspace;
@@ -352,32 +388,67 @@ pub(super) async fn build(
         .try_buffer_unordered(FANOUT)
         .try_collect::<()>()
         .await?;
-    let markers = session
+    // Marks of the table before `pending_by_device` (one row per minute), if the
+    // keyspace has it: each becomes a mark of its own, which the sweep recomputes.
+    let old_marks = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? \
+             AND table_name = 'pending_minutes'",
+            (ks.as_str(),),
+        )
+        .await
+        .map_err(exec_error)?
+        .into_rows_result()
+        .map_err(corrupt)?
+        .rows_num()
+        > 0;
+    if !old_marks {
+        return Ok(());
+    }
+    let add = prepare(Cql::insert_pending(ks)).await?;
+    // Rows of one old flush in one hour become one mark with that flush id: its time
+    // is when the minutes were marked, so the sweep sees them as old as they are, and
+    // a build done again rewrites the same rows. Old marks live for seconds, so there
+    // are few of them.
+    let mut marks: BTreeMap<(HourKey, Uuid), Vec<i32>> = BTreeMap::new();
+    let mut rows = session
         .query_iter(
-            format!("SELECT user_id, device_id, minute FROM {ks}.pending_minutes"),
+            format!("SELECT user_id, device_id, minute, flush FROM {ks}.pending_minutes"),
             (),
         )
         .await
         .map_err(pager_error)?
-        .rows_stream::<(i64, Uuid, CqlTimestamp)>()
+        .rows_stream::<(i64, Uuid, CqlTimestamp, Uuid)>()
         .map_err(corrupt)?
         .map_err(row_error);
-    markers
-        .map_ok(|(user, device, minute)| {
-            let insert_hour = &insert_hour;
+    while let Some((user, device, minute, flush)) = rows.try_next().await? {
+        let key = (user, device, bucket_start(minute.0, HOUR_MS));
+        (marks.entry((key, flush)).or_default()).push(minute_offset(minute.0));
+    }
+    stream::iter(marks)
+        .map(|((key, flush), minutes)| {
+            let (insert_hour, add) = (&insert_hour, &add);
             async move {
-                let row = hour_row(
-                    (user, device, bucket_start(minute.0, HOUR_MS)),
-                    Uuid::now_v7(),
-                );
+                let row = device_row(key, flush);
+                let minutes = PendingAddIn {
+                    minutes,
+                    user_id: row.user_id,
+                    device_id: row.device_id,
+                    hour: row.hour,
+                    flush: row.flush,
+                };
                 session
-                    .execute_unpaged(insert_hour, row)
+                    .execute_unpaged(add, minutes)
                     .await
                     .map_err(exec_error)?;
-                Ok(())
+                session
+                    .execute_unpaged(insert_hour, hour_row(key, flush))
+                    .await
+                    .map_err(exec_error)?;
+                Ok::<_, StoreError>(())
             }
         })
-        .try_buffer_unordered(FANOUT)
+        .buffer_unordered(FANOUT)
         .try_collect::<()>()
         .await
 }

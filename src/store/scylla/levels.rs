@@ -10,11 +10,11 @@
 //!   minutes, so of two concurrent ones the one that reads last sees both minutes as
 //!   written; finer rows only grow, so it has the larger count, and its row wins
 //!   whatever order the writes arrive in. The same holds one level up.
-//! - **Pending minutes make their hour and day pending too.** A minute's marker is
+//! - **Pending minutes make their hour and day pending too.** A minute's mark is
 //!   deleted only after its hour and day are written, so a query reads an hour or a
 //!   day from its row only when no minute inside is pending, and otherwise sums it
 //!   from the finer levels (down to the events of the pending minutes). One slice of
-//!   the device's `pending_minutes` partition tells which.
+//!   the device's `pending_by_device` partition tells which.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -24,7 +24,7 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 
 use super::errors::{corrupt, exec_error, pager_error, row_error};
-use super::pending::{MinuteKey, DAY_MS};
+use super::pending::{MinuteKey, DAY_MS, HOUR_MS};
 use super::rows::{ms, CoarseIn, CoarseOut, CoarseSliceIn, PendingOut, PendingRangeIn};
 use super::Inner;
 use crate::model::{bucket_start, now_ms, DeviceId, UserId};
@@ -253,7 +253,8 @@ impl Inner {
         Ok(parts.into_iter().flatten().collect())
     }
 
-    /// The pending minutes of a device in `[from, to)`: one slice of its partition.
+    /// The pending minutes of a device in `[from, to)`: one slice of its partition
+    /// (the marks of the hours that overlap the range).
     pub(super) async fn pending_minutes(
         &self,
         user: UserId,
@@ -261,24 +262,35 @@ impl Inner {
         from: i64,
         to: i64,
     ) -> Result<BTreeSet<i64>, StoreError> {
-        self.session
+        let marks: Vec<PendingOut> = self
+            .session
             .execute_iter(
                 self.cql.select_pending.clone(),
                 PendingRangeIn {
                     user_id: user,
                     device_id: device,
-                    from_minute: ms(from),
-                    to_minute: ms(to),
+                    from_hour: ms(bucket_start(from, HOUR_MS)),
+                    to_hour: ms(to),
                 },
             )
             .await
             .map_err(pager_error)?
             .rows_stream::<PendingOut>()
             .map_err(corrupt)?
-            .map_ok(|r| r.minute.0)
             .map_err(row_error)
             .try_collect()
-            .await
+            .await?;
+        Ok(marks
+            .into_iter()
+            .flat_map(|m| {
+                let hour = m.hour.0;
+                m.minutes
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |offset| hour + i64::from(offset) * Level::Minute.ms())
+            })
+            .filter(|minute| (from..to).contains(minute))
+            .collect())
     }
 
     /// Hours or days for a query: from their rows, except those holding a pending

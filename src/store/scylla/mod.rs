@@ -11,7 +11,9 @@
 //! Writes, per flush:
 //! 1. Duplicates within the flush are dropped; the others are looked up in
 //!    `event_ids` (read-before-write, in parallel).
-//! 2. The minutes the new events fall in are marked pending in `pending_minutes`.
+//! 2. The minutes the new events fall in are marked pending: one row per device and
+//!    hour in `pending_by_device` holds their offsets, and a twin row in the user's
+//!    `pending_by_user` partition tells fleet reads that the hour may lag.
 //! 3. The new events are written partition by partition, in unlogged batches that
 //!    each hold one partition and stay under `store.batch_max_bytes`, together with
 //!    the partition's row in the `buckets` index.

@@ -1,33 +1,37 @@
-//! The minutes this instance has marked pending in `pending_minutes`, and their hours
-//! in `pending_hours`, not yet recomputed (see `rollup.rs` for why minutes are marked,
-//! `fleet.rs` for the hours).
+//! The minutes this instance has marked pending, not yet recomputed (see `rollup.rs`
+//! for why minutes are marked, `fleet.rs` for the per-user rows).
 //!
-//! One marker row per minute and recomputation, not per flush: a flush that writes
-//! into a minute this instance already marked joins that mark instead of writing its
-//! own. Every marker row becomes a tombstone once recomputed, and tombstones are what
-//! Cassandra reads slowly, then refuses to read (`READ_TOO_MANY_TOMBSTONES`); a busy
-//! device flushes a hundred times a minute. Hours go one step further: every minute
-//! mark opened in an hour joins the instance's mark of that hour, so a fleet's flush
-//! of a day of one device writes 24 hour rows, not 1,440.
+//! Marks live at two grains. In memory, one mark per minute and recomputation, not
+//! per flush: a flush that writes into a minute this instance already marked joins
+//! that mark, and the mark is recomputed once quiet. In the tables, one mark per
+//! (device, hour) at a time: every minute mark opened in an hour joins the instance's
+//! mark of that hour, whose row in `pending_by_device` holds the minutes (a set,
+//! added to as minutes join) and whose row in `pending_by_user` names the hour for
+//! fleet reads. Every row becomes a tombstone once recomputed, and tombstones are
+//! what Cassandra reads slowly, then refuses to read (`READ_TOO_MANY_TOMBSTONES`): a
+//! fleet's flush of a day of one device writes 24 marks, not 1,440, and a busy
+//! device's hour one or a few, not one per flush.
 //!
-//! A mark may be recomputed only once every flush that joined it has its events
-//! durable (`writers` is back to zero), and must then not be joined any more: a
-//! recomputation takes the mark out of the table under the lock, so the next flush
-//! into that minute opens (and writes) a new one. An hour mark is deleted once the
-//! last minute mark that joined it has been recomputed at every level; if any of them
-//! failed, its row stays for the sweep.
+//! A minute mark may be recomputed only once every flush that joined it has its
+//! events durable (`writers` is back to zero), and must then not be joined any more:
+//! a recomputation takes the mark out of the table under the lock, so the next flush
+//! into that minute opens a new one. An hour mark's rows are deleted once the last
+//! minute mark that joined it has been recomputed at every level; if any of them
+//! failed, they stay for the sweep. An hour mark too old to join (`MAX_AGE`) makes
+//! new minutes open another, so that the sweep, which waits far longer, never deletes
+//! a mark still being joined.
 //!
-//! A flush that joins a mark whose row another flush is still writing writes the row
-//! too (the same key: no second tombstone): its own events must not become durable
-//! before the marker that covers them.
+//! A flush that joins a mark whose rows another flush is still writing writes them
+//! too (the same keys and set elements: no second tombstone): its own events must not
+//! become durable before the rows that cover them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::rows::{ms, PendingHourRow, PendingRow};
+use super::rows::{ms, PendingAddIn, PendingHourRow, PendingRow};
 use crate::model::{bucket_start, DeviceId, UserId};
 
 /// A partition of minute rollups holds one device's UTC day.
@@ -35,7 +39,7 @@ pub(super) const DAY_MS: i64 = 86_400_000;
 
 pub(super) const HOUR_MS: i64 = 3_600_000;
 
-/// A partition of `pending_hours` holds one user's 28 days.
+/// A partition of `pending_by_user` holds one user's 28 days.
 pub(super) const HOUR_SLAB_MS: i64 = 28 * DAY_MS;
 
 /// A minute is recomputed once no flush has touched it for this long: a device's
@@ -58,18 +62,23 @@ fn hour_of((user, device, minute): MinuteKey) -> HourKey {
     (user, device, bucket_start(minute, HOUR_MS))
 }
 
-/// The marker row of a mark.
-pub(super) fn marker_row(key: MinuteKey, marker: Uuid) -> PendingRow {
-    let (user_id, device_id, minute) = key;
+/// The offset of a minute in its hour (0-59), as `pending_by_device` keeps it.
+pub(super) fn minute_offset(minute: i64) -> i32 {
+    ((minute - bucket_start(minute, HOUR_MS)) / 60_000) as i32
+}
+
+/// The key of an hour mark's row in `pending_by_device`.
+pub(super) fn device_row(key: HourKey, marker: Uuid) -> PendingRow {
+    let (user_id, device_id, hour) = key;
     PendingRow {
         user_id,
         device_id,
-        minute: ms(minute),
+        hour: ms(hour),
         flush: marker,
     }
 }
 
-/// The marker row of an hour mark.
+/// An hour mark's row in `pending_by_user`.
 pub(super) fn hour_row(key: HourKey, marker: Uuid) -> PendingHourRow {
     let (user_id, device_id, hour) = key;
     PendingHourRow {
@@ -133,11 +142,15 @@ pub(super) struct Pending {
     marks: Mutex<Marks>,
 }
 
-/// Marker rows a flush must write before its events.
+/// Rows a flush must write before its events.
 #[derive(Debug, Default)]
 pub(super) struct Markers {
-    pub(super) minutes: Vec<PendingRow>,
+    /// Minutes to add to hour marks' rows in `pending_by_device`, one per mark.
+    pub(super) minutes: Vec<PendingAddIn>,
+    /// Rows of hour marks in `pending_by_user`.
     pub(super) hours: Vec<PendingHourRow>,
+    /// The minute marks these rows cover, for [`Pending::confirm`].
+    marks: Vec<(MinuteKey, Uuid)>,
 }
 
 /// A flush's hold on its minutes' marks; released (the flush's events are durable, or
@@ -166,6 +179,7 @@ impl Pending {
         } = &mut *marks;
         let mut held = Vec::new();
         let mut rows = Markers::default();
+        let mut adds: BTreeMap<(HourKey, Uuid), Vec<i32>> = BTreeMap::new();
         for key in keys {
             let mark = open.entry(key).or_insert_with(|| {
                 let hk = hour_of(key);
@@ -200,10 +214,13 @@ impl Pending {
                     durable: false,
                 }
             });
-            if !mark.durable {
-                rows.minutes.push(marker_row(key, mark.marker));
-            }
             let hk = hour_of(key);
+            if !mark.durable {
+                adds.entry((hk, mark.hour))
+                    .or_default()
+                    .push(minute_offset(key.2));
+                rows.marks.push((key, mark.marker));
+            }
             if hours.get(&(hk, mark.hour)).is_some_and(|h| !h.durable) {
                 rows.hours.push(hour_row(hk, mark.hour));
             }
@@ -213,6 +230,22 @@ impl Pending {
         rows.hours
             .sort_unstable_by_key(|r| (r.user_id, r.slab.0, r.hour.0, r.device_id, r.flush));
         rows.hours.dedup();
+        // Sorted by device: written per partition.
+        rows.minutes = adds
+            .into_iter()
+            .map(|((hk, marker), mut minutes)| {
+                minutes.sort_unstable();
+                minutes.dedup();
+                let row = device_row(hk, marker);
+                PendingAddIn {
+                    minutes,
+                    user_id: row.user_id,
+                    device_id: row.device_id,
+                    hour: row.hour,
+                    flush: row.flush,
+                }
+            })
+            .collect();
         (
             Claim {
                 pending: self,
@@ -226,8 +259,8 @@ impl Pending {
     /// need not write them again.
     pub(super) fn confirm(&self, rows: &Markers) {
         let mut marks = self.marks();
-        for r in &rows.minutes {
-            if let Some(m) = marks.mark_mut(&(r.user_id, r.device_id, r.minute.0), r.flush) {
+        for (key, marker) in &rows.marks {
+            if let Some(m) = marks.mark_mut(key, *marker) {
                 m.durable = true;
             }
         }
@@ -288,12 +321,12 @@ impl Pending {
     }
 
     /// Ends taken marks: `ok` when the minute was recomputed at every level. Returns
-    /// the hour rows whose every minute is done, to delete. Marks this instance did not
-    /// take (the sweep's) are ignored.
+    /// the hour marks whose every minute is done: their rows are to be deleted. Marks
+    /// this instance did not take (the sweep's) are ignored.
     pub(super) fn finish(
         &self,
         results: impl IntoIterator<Item = (MinuteKey, Uuid, bool)>,
-    ) -> Vec<PendingHourRow> {
+    ) -> Vec<(HourKey, Uuid)> {
         let mut marks = self.marks();
         let Marks {
             hours,
@@ -317,7 +350,7 @@ impl Pending {
                     open_hours.remove(&hk);
                 }
                 if hours.remove(&(hk, hour)).is_some_and(|h| !h.kept) {
-                    done.push(hour_row(hk, hour));
+                    done.push((hk, hour));
                 }
             }
         }
@@ -331,7 +364,8 @@ impl Pending {
     }
 
     /// Whether `marker` is one of this instance's marks still in the table.
-    pub(super) fn holds(&self, key: MinuteKey, marker: Uuid) -> bool {
+    #[cfg(test)]
+    fn holds(&self, key: MinuteKey, marker: Uuid) -> bool {
         self.marks().mark_mut(&key, marker).is_some()
     }
 
@@ -366,14 +400,20 @@ mod tests {
     fn flushes_into_a_marked_minute_join_its_mark() {
         let p = Pending::default();
         let (a, rows) = p.claim([key(0), key(60_000)]);
-        assert_eq!(rows.minutes.len(), 2, "two new marks, two rows to write");
-        assert_eq!(rows.hours.len(), 1, "one hour mark for both");
+        assert_eq!(
+            rows.minutes.len(),
+            1,
+            "two new minutes, one hour mark's row"
+        );
+        assert_eq!(rows.minutes[0].minutes, [0, 1]);
+        assert_eq!(rows.hours.len(), 1, "and its row by user");
         let (early, again) = p.claim([key(0)]);
         assert_eq!(
             (again.minutes.len(), again.hours.len()),
             (1, 1),
             "joined before the rows are known written: written again"
         );
+        assert_eq!(again.minutes[0].minutes, [0]);
         drop(early);
         p.confirm(&rows);
         let (b, rows) = p.claim([key(0)]);
@@ -391,13 +431,13 @@ mod tests {
         drop(b);
         let due = p.take_due(Instant::now(), true);
         assert_eq!(due.len(), 1);
-        // Taken out: the next flush opens a new mark, with a row of its own.
+        // Taken out: the next flush opens a new minute mark, which adds itself to
+        // the hour mark's row again.
         let (_c, rows) = p.claim([key(0)]);
         assert_eq!(rows.minutes.len(), 1);
-        assert_ne!(
-            rows.minutes[0].flush,
-            due.iter().find(|d| d.0 == key(0)).unwrap().1
-        );
+        assert_eq!(rows.minutes[0].minutes, [0]);
+        assert!(p.holds(key(0), rows.marks[0].1));
+        assert_ne!(rows.marks[0].1, due[0].1);
     }
 
     #[test]
@@ -412,11 +452,12 @@ mod tests {
         let later = Instant::now() + MAX_AGE;
         assert!(p.take_due(later, false).is_empty(), "still being written");
         let (_later, new_rows) = p.claim([key(0)]);
-        assert_eq!(new_rows.minutes.len(), 1, "an old mark is not joined");
-        assert!(p.holds(key(0), rows.minutes[0].flush));
+        assert_eq!(new_rows.marks.len(), 1, "an old mark is not joined");
+        assert_ne!(new_rows.marks[0].1, rows.marks[0].1);
+        assert!(p.holds(key(0), rows.marks[0].1));
         drop(held);
         let due = p.take_due(later, false);
-        assert_eq!(due, vec![(key(0), rows.minutes[0].flush)]);
+        assert_eq!(due, vec![(key(0), rows.marks[0].1)]);
     }
 
     #[test]
@@ -429,7 +470,12 @@ mod tests {
         drop(a);
         let (b, more) = p.claim([key(120_000)]);
         assert_eq!(more.minutes.len(), 1);
-        assert!(more.hours.is_empty(), "the minute joins the open hour mark");
+        assert_eq!(
+            more.minutes[0].minutes,
+            [2],
+            "added to the open hour mark's row"
+        );
+        assert!(more.hours.is_empty(), "whose row by user is written");
         let first_hour = rows.hours.iter().find(|r| r.hour.0 == 0).unwrap().flush;
         assert!(p.holds_hour(hour(0), first_hour));
 
@@ -437,7 +483,7 @@ mod tests {
         assert_eq!(due.len(), 3, "the fourth minute is still being written");
         let done = p.finish(due.iter().map(|(k, m)| (*k, *m, true)));
         assert_eq!(
-            done.iter().map(|r| r.hour.0).collect::<Vec<_>>(),
+            done.iter().map(|(k, _)| k.2).collect::<Vec<_>>(),
             [HOUR_MS],
             "hour 0 still has a minute to recompute"
         );

@@ -5,8 +5,8 @@
 //! index; each bucket is one `events` partition, and its event ids name the
 //! `event_ids` rows (keyed by device and id, so they cannot be found otherwise); the
 //! buckets' days and slabs name the `rollups` and `rollups_coarse` partitions;
-//! `pending_minutes` is one partition per device; `latest` rows are one clustering
-//! prefix of the user's partition; its `fleet_counts` rows and `pending_hours` markers
+//! `pending_by_device` is one partition per device; `latest` rows are one clustering
+//! prefix of the user's partition; its `fleet_counts` rows and `pending_by_user` marks
 //! are a prefix (interval, device) of the user's partitions, for each hour and day of
 //! its buckets. Everything is removed by partition or prefix
 //! deletes (one tombstone each), except `event_ids` (one per event).
@@ -91,7 +91,7 @@ impl Inner {
             .await?;
         let delete_hour_markers = self
             .prepare(format!(
-                "DELETE FROM {ks}.pending_hours WHERE user_id = ? AND slab = ? AND hour = ? \
+                "DELETE FROM {ks}.pending_by_user WHERE user_id = ? AND slab = ? AND hour = ? \
                  AND device_id = ?"
             ))
             .await?;
@@ -100,7 +100,7 @@ impl Inner {
                 "DELETE FROM {ks}.{table} WHERE user_id = ? AND device_id = ?"
             ))
         };
-        let delete_pending = delete_device("pending_minutes").await?;
+        let delete_pending = delete_device("pending_by_device").await?;
         let delete_index = delete_device("buckets").await?;
 
         let len = self.settings.bucket_len_ms;
@@ -167,7 +167,7 @@ impl Inner {
                 .await
                 .map_err(exec_error)?;
         }
-        // The device's rows in the user's fleet partitions, and its hour markers.
+        // The device's rows in the user's fleet partitions, and its marks there.
         let fleet_keys: Vec<(Level, i64)> = hours
             .iter()
             .map(|h| (Level::Hour, *h))

@@ -19,9 +19,9 @@
 //!   writes arrive in; equal counts mean equal sets. The recomputation that read last
 //!   saw every event, so the row that wins is exact.
 //! - **Pending minutes.** Before writing its events a flush marks their minutes in
-//!   `pending_minutes` (or joins its instance's mark of them, `pending.rs`); a
+//!   `pending_by_device` (or joins its instance's mark of them, `pending.rs`); a
 //!   recomputation that read after every joined flush's events deletes the mark once
-//!   its rollups are written.
+//!   the rollups of every minute in it are written.
 //!   Aggregates read pending minutes from the events instead of the rollups, so an
 //!   acknowledged event is in every aggregate at once; the rollups merely catch up.
 //!   A writer that crashes leaves its rows behind, and the sweep recomputes them.
@@ -33,19 +33,18 @@
 //! square of its events. Meanwhile queries read it from its events, at most a minute
 //! of one device.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use std::ops::Range;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
-use uuid::Uuid;
 
 use super::errors::{corrupt, pager_error, row_error};
 use super::levels::rollup_of;
-use super::pending::{marker_row, MinuteKey, Pending, DAY_MS};
-use super::rows::{ms, MetricOut, PendingRow, RollupIn, RollupOut, RollupSliceIn, SliceIn};
+use super::pending::{MinuteKey, Pending, DAY_MS};
+use super::rows::{ms, MetricOut, PendingScan, RollupIn, RollupOut, RollupSliceIn, SliceIn};
 use super::Inner;
 use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, UserId};
 use crate::store::retention::Tier;
@@ -148,38 +147,41 @@ async fn sweep_forever(store: Weak<Inner>, after: Duration) {
 
 impl Inner {
     /// One recomputation round over this instance's due marks (with `all`, every mark
-    /// no flush is writing into: `settle`).
+    /// no flush is writing into: `settle`); then the rows of the hour marks whose every
+    /// minute is done are deleted.
     pub(super) async fn round(&self, all: bool) {
         let _one_at_a_time = self.recomputer.round.lock().await;
         let due = self
             .recomputer
             .pending
             .take_due(std::time::Instant::now(), all);
-        if !due.is_empty() {
-            self.recompute(due.into_iter().map(|(k, m)| (k, vec![m])).collect())
-                .await;
+        if due.is_empty() {
+            return;
         }
+        let ok = self.recompute(due.iter().map(|(k, _)| *k).collect()).await;
+        let done =
+            (self.recomputer.pending).finish(due.into_iter().map(|(k, m)| (k, m, ok.contains(&k))));
+        self.delete_marks(done).await;
     }
 
-    /// Recomputes every marked minute older than the sweep age that is not one of
-    /// this instance's own marks in progress; returns how many marker rows it found.
+    /// Recomputes the minutes of every mark older than the sweep age that is not one
+    /// of this instance's own in progress, and deletes the marks whose minutes all
+    /// succeeded; returns how many old marks it found.
     pub(super) async fn sweep(&self) -> Result<usize, StoreError> {
         let cutoff = now_ms() - self.settings.rollup_sweep_after.as_millis() as i64;
-        let rows: Vec<PendingRow> = self
+        let rows: Vec<PendingScan> = self
             .session
             .execute_iter(self.cql.scan_pending.clone(), ())
             .await
             .map_err(pager_error)?
-            .rows_stream::<PendingRow>()
+            .rows_stream::<PendingScan>()
             .map_err(corrupt)?
             .map_err(row_error)
             .try_filter(|r| {
-                // Markers are UUIDv7: their time is when the mark was made.
+                // Marks are UUIDv7: their time is when the mark was made.
                 let made = assigned_id_ts(r.flush).unwrap_or(i64::MIN);
-                let own = self
-                    .recomputer
-                    .pending
-                    .holds((r.user_id, r.device_id, r.minute.0), r.flush);
+                let own = (self.recomputer.pending)
+                    .holds_hour((r.user_id, r.device_id, r.hour.0), r.flush);
                 futures::future::ready(made <= cutoff && !own)
             })
             .try_collect()
@@ -187,49 +189,48 @@ impl Inner {
         let n = rows.len();
         if n > 0 {
             tracing::info!(rows = n, "rollup sweep: recomputing minutes left pending");
-            let mut minutes: HashMap<MinuteKey, Vec<Uuid>> = HashMap::new();
-            for r in rows {
-                minutes
-                    .entry((r.user_id, r.device_id, r.minute.0))
-                    .or_default()
-                    .push(r.flush);
-            }
+            let minutes_of = |r: &PendingScan| -> Vec<MinuteKey> {
+                let offsets = r.minutes.as_deref().unwrap_or_default();
+                (offsets.iter())
+                    .map(|m| (r.user_id, r.device_id, r.hour.0 + i64::from(*m) * ROLLUP_MS))
+                    .collect()
+            };
+            let minutes: Vec<MinuteKey> = rows.iter().flat_map(minutes_of).collect();
             let _one_at_a_time = self.recomputer.round.lock().await;
-            self.recompute(minutes.into_iter().collect()).await;
+            let ok = self.recompute(minutes).await;
+            let done = rows
+                .iter()
+                .filter(|r| minutes_of(r).iter().all(|k| ok.contains(k)))
+                .map(|r| ((r.user_id, r.device_id, r.hour.0), r.flush))
+                .collect();
+            self.delete_marks(done).await;
         }
-        // After the minutes: an hour row goes once no minute inside is pending.
+        // After the marks: a user row left without its device row goes too.
         Ok(n + self.sweep_hours(cutoff).await?)
     }
 
     /// One round: the minutes are read and written once, a run of a device's minutes
-    /// at a time (`one_read`), then their hours and days are summed again (`levels.rs`),
-    /// then the pending rows they cover are deleted. A minute that failed at any level
-    /// keeps its rows for the sweep.
-    async fn recompute(&self, mut minutes: Vec<(MinuteKey, Vec<Uuid>)>) {
+    /// at a time (`one_read`), then their hours and days are summed again (`levels.rs`).
+    /// Returns the minutes recomputed at every level; the others keep their marks for
+    /// the sweep.
+    async fn recompute(&self, mut minutes: Vec<MinuteKey>) -> HashSet<MinuteKey> {
         // A minute can be due twice in one round (an old mark closed to new flushes
-        // and the newer one): it is read once, and clears both.
-        minutes.sort_unstable_by_key(|(key, _)| *key);
-        minutes.dedup_by(|later, first| {
-            let same = later.0 == first.0;
-            if same {
-                first.1.append(&mut later.1);
-            }
-            same
-        });
+        // and the newer one): it is read once.
+        minutes.sort_unstable();
+        minutes.dedup();
         let len = self.settings.bucket_len_ms;
-        let runs = runs(&minutes, |(a, _), (b, _)| {
+        let runs = runs(&minutes, |a, b| {
             (a.0, a.1) == (b.0, b.1) && one_read(a.2, b.2, len)
         });
         let minutes = &minutes;
         let done: Vec<Vec<(MinuteKey, BTreeSet<String>)>> = stream::iter(runs)
             .map(|run| async move {
-                let run = &minutes[run];
-                let (user, device, first) = run[0].0;
-                let keys: Vec<MinuteKey> = run.iter().map(|(k, _)| *k).collect();
-                match self.recompute_minutes(&keys).await {
-                    Ok(metrics) => keys.into_iter().zip(metrics).collect(),
+                let keys = &minutes[run];
+                let (user, device, first) = keys[0];
+                match self.recompute_minutes(keys).await {
+                    Ok(metrics) => keys.iter().copied().zip(metrics).collect(),
                     Err(e) => {
-                        tracing::warn!(error = %e, %user, %device, first, n = run.len(), "rollup recomputation failed; left pending");
+                        tracing::warn!(error = %e, %user, %device, first, n = keys.len(), "rollup recomputation failed; left pending");
                         Vec::new()
                     }
                 }
@@ -239,31 +240,11 @@ impl Inner {
             .await;
         let levels: Vec<(MinuteKey, BTreeSet<String>)> = done.into_iter().flatten().collect();
         let failed = self.recompute_levels(&levels).await;
-        // Deleted per device in unlogged batches, like they were written. `minutes`
-        // is sorted, so the rows come out grouped by device.
-        let written: HashSet<MinuteKey> = levels.into_iter().map(|(k, _)| k).collect();
-        let ok = |key: &MinuteKey| written.contains(key) && !failed.contains(key);
-        let deletes: Vec<PendingRow> = minutes
-            .iter()
-            .filter(|(key, _)| ok(key))
-            .flat_map(|(key, flushes)| flushes.iter().map(move |m| marker_row(*key, *m)))
-            .collect();
-        let per_device =
-            deletes.chunk_by(|a, b| (a.user_id, a.device_id) == (b.user_id, b.device_id));
-        stream::iter(per_device)
-            .for_each_concurrent(FANOUT, |rows| async move {
-                if let Err(e) = self.write_rows(&self.cql.delete_pending, rows).await {
-                    tracing::warn!(error = %e, "pending markers not deleted; the sweep will");
-                }
-            })
-            .await;
-        // Hours whose every minute is now recomputed at every level (`fleet.rs`).
-        let hours = (self.recomputer.pending).finish(
-            minutes
-                .iter()
-                .flat_map(|(key, flushes)| flushes.iter().map(move |m| (*key, *m, ok(key)))),
-        );
-        self.delete_hour_markers(hours).await;
+        levels
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| !failed.contains(k))
+            .collect()
     }
 
     /// Writes the rows of a run of one device's minutes (ascending, one read: see

@@ -236,22 +236,42 @@ pub(super) struct RollupOut {
     pub sketch: Option<Vec<u8>>,
 }
 
-/// A row of `pending_minutes` (its whole primary key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, SerializeRow, DeserializeRow)]
+/// The key of a row of `pending_by_device`: one mark of one device's hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, SerializeRow)]
 pub(super) struct PendingRow {
     pub user_id: i64,
     pub device_id: Uuid,
-    pub minute: CqlTimestamp,
+    pub hour: CqlTimestamp,
     pub flush: Uuid,
 }
 
-/// One device's pending minutes in `[from, to)`.
+/// Minutes (offsets in the hour) added to a row of `pending_by_device`.
+#[derive(Debug, SerializeRow)]
+pub(super) struct PendingAddIn {
+    pub minutes: Vec<i32>,
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub hour: CqlTimestamp,
+    pub flush: Uuid,
+}
+
+/// A row of `pending_by_device`, scanned whole (the sweep).
+#[derive(Debug, DeserializeRow)]
+pub(super) struct PendingScan {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub hour: CqlTimestamp,
+    pub flush: Uuid,
+    pub minutes: Option<Vec<i32>>,
+}
+
+/// One device's pending marks whose hour is in `[from, to)`.
 #[derive(Debug, SerializeRow)]
 pub(super) struct PendingRangeIn {
     pub user_id: i64,
     pub device_id: Uuid,
-    pub from_minute: CqlTimestamp,
-    pub to_minute: CqlTimestamp,
+    pub from_hour: CqlTimestamp,
+    pub to_hour: CqlTimestamp,
 }
 
 /// A row of `rollups_coarse`, as written; `writetime` is its count.
@@ -300,7 +320,8 @@ pub(super) struct CoarseOut {
 
 #[derive(Debug, DeserializeRow)]
 pub(super) struct PendingOut {
-    pub minute: CqlTimestamp,
+    pub hour: CqlTimestamp,
+    pub minutes: Option<Vec<i32>>,
 }
 
 /// A row of `fleet_counts`, as written; `writetime` is its count.
@@ -337,7 +358,7 @@ pub(super) struct FleetOut {
     pub count: i64,
 }
 
-/// A marker row of `pending_hours`, written, deleted and scanned whole.
+/// A row of `pending_by_user`, written, deleted and scanned whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, SerializeRow, DeserializeRow)]
 pub(super) struct PendingHourRow {
     pub user_id: i64,
@@ -347,7 +368,7 @@ pub(super) struct PendingHourRow {
     pub flush: Uuid,
 }
 
-/// One partition of `pending_hours` in `[from_hour, to_hour)`.
+/// One partition of `pending_by_user` in `[from_hour, to_hour)`.
 #[derive(Debug, SerializeRow)]
 pub(super) struct PendingHourRangeIn {
     pub user_id: i64,

@@ -115,23 +115,25 @@ impl Cql {
              AND start < :to_start"
         )
     }
+    /// Adds minutes to a mark's row: set elements, so concurrent additions merge.
     pub(super) fn insert_pending(ks: &str) -> String {
         format!(
-            "INSERT INTO {ks}.pending_minutes (user_id, device_id, minute, flush) \
-             VALUES (?, ?, ?, ?)"
+            "UPDATE {ks}.pending_by_device SET minutes = minutes + :minutes \
+             WHERE user_id = :user_id AND device_id = :device_id AND hour = :hour \
+             AND flush = :flush"
         )
     }
     pub(super) fn delete_pending(ks: &str) -> String {
         format!(
-            "DELETE FROM {ks}.pending_minutes WHERE user_id = ? AND device_id = ? \
-             AND minute = ? AND flush = ?"
+            "DELETE FROM {ks}.pending_by_device WHERE user_id = ? AND device_id = ? \
+             AND hour = ? AND flush = ?"
         )
     }
     pub(super) fn select_pending(ks: &str) -> String {
         format!(
-            "SELECT minute FROM {ks}.pending_minutes \
+            "SELECT hour, minutes FROM {ks}.pending_by_device \
              WHERE user_id = :user_id AND device_id = :device_id \
-             AND minute >= :from_minute AND minute < :to_minute"
+             AND hour >= :from_hour AND hour < :to_hour"
         )
     }
     /// Written beside each count row of `rollups_coarse`, with the same write time.
@@ -150,26 +152,26 @@ impl Cql {
     }
     pub(super) fn insert_pending_hour(ks: &str) -> String {
         format!(
-            "INSERT INTO {ks}.pending_hours (user_id, slab, hour, device_id, flush) \
+            "INSERT INTO {ks}.pending_by_user (user_id, slab, hour, device_id, flush) \
              VALUES (?, ?, ?, ?, ?)"
         )
     }
     pub(super) fn delete_pending_hour(ks: &str) -> String {
         format!(
-            "DELETE FROM {ks}.pending_hours WHERE user_id = ? AND slab = ? AND hour = ? \
+            "DELETE FROM {ks}.pending_by_user WHERE user_id = ? AND slab = ? AND hour = ? \
              AND device_id = ? AND flush = ?"
         )
     }
     pub(super) fn select_pending_hours(ks: &str) -> String {
         format!(
-            "SELECT hour, device_id FROM {ks}.pending_hours \
+            "SELECT hour, device_id FROM {ks}.pending_by_user \
              WHERE user_id = :user_id AND slab = :slab \
              AND hour >= :from_hour AND hour < :to_hour"
         )
     }
     /// Every pending hour of the keyspace: the sweep after a crash.
     pub(super) fn scan_pending_hours(ks: &str) -> String {
-        format!("SELECT user_id, slab, hour, device_id, flush FROM {ks}.pending_hours")
+        format!("SELECT user_id, slab, hour, device_id, flush FROM {ks}.pending_by_user")
     }
     /// Written `USING TIMESTAMP` the event's ts in microseconds: see `cql/schema.cql`.
     pub(super) fn insert_latest(ks: &str) -> String {
@@ -187,9 +189,9 @@ impl Cql {
              WHERE user_id = ? AND device_id = ?"
         )
     }
-    /// Every pending minute of the keyspace: the sweep after a crash.
+    /// Every pending mark of the keyspace: the sweep after a crash.
     pub(super) fn scan_pending(ks: &str) -> String {
-        format!("SELECT user_id, device_id, minute, flush FROM {ks}.pending_minutes")
+        format!("SELECT user_id, device_id, hour, flush, minutes FROM {ks}.pending_by_device")
     }
 }
 

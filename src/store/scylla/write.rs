@@ -136,10 +136,10 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes marker rows, grouped by partition (a device's minutes, a user's 28 days
-    /// of hours) into unlogged batches: a fleet flush of a few devices marks thousands
-    /// of minutes, and one write each was most of its cost. The partitions are written
-    /// concurrently.
+    /// Writes mark rows, grouped by partition (a device's hours, a user's 28 days of
+    /// hours) into unlogged batches: a fleet flush of a few devices marks a day of
+    /// hours each, and one write each was most of its cost. The minutes of a mark go
+    /// in one set update, not a row each. The partitions are written concurrently.
     async fn write_markers(&self, markers: &mut Markers) -> Result<(), StoreError> {
         markers
             .minutes

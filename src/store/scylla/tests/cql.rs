@@ -177,6 +177,7 @@ pub(super) fn specs(cql: &str) -> (Vec<ColumnSpec<'static>>, Vec<ColumnSpec<'sta
     let pos = |word: &str| t.iter().position(|x| x.eq_ignore_ascii_case(word));
     let table = match t[0].to_ascii_uppercase().as_str() {
         "INSERT" => table_of(&t[2]),
+        "UPDATE" => table_of(&t[1]),
         "SELECT" | "DELETE" => table_of(&t[pos("FROM").unwrap() + 1]),
         other => panic!("unexpected statement {other}"),
     };
@@ -224,10 +225,22 @@ pub(super) fn specs(cql: &str) -> (Vec<ColumnSpec<'static>>, Vec<ColumnSpec<'sta
             ));
         }
     } else {
-        let from = pos("FROM").unwrap();
         if t[0].eq_ignore_ascii_case("SELECT") {
+            let from = pos("FROM").unwrap();
             for c in t[1..from].iter().filter(|x| *x != ",") {
                 results.push(spec(c, c));
+            }
+        }
+        if t[0].eq_ignore_ascii_case("UPDATE") {
+            // `SET a = :a, b = b + :b`: each marker binds the column assigned.
+            let (set, wher) = (pos("SET").unwrap(), pos("WHERE").unwrap());
+            let mut column = "";
+            for k in set + 1..wher {
+                if t[k + 1] == "=" && !is_marker(&t[k]) {
+                    column = &t[k];
+                } else if is_marker(&t[k]) {
+                    binds.push(spec(&marker_name(&t[k], column), column));
+                }
             }
         }
         let end = pos("ORDER").or(pos("LIMIT")).unwrap_or(t.len());

@@ -57,8 +57,8 @@ fn the_schema_parses_into_its_tables() {
             "fleet_counts",
             "latest",
             "meta",
-            "pending_hours",
-            "pending_minutes",
+            "pending_by_device",
+            "pending_by_user",
             "rollups",
             "rollups_coarse"
         ]
@@ -81,7 +81,7 @@ fn every_bound_row_type_serializes_against_the_schema() {
     let pending = PendingRow {
         user_id: 1,
         device_id: d,
-        minute: t,
+        hour: t,
         flush: e,
     };
     let hour = PendingHourRow {
@@ -197,7 +197,16 @@ fn every_bound_row_type_serializes_against_the_schema() {
                 to_minute: t,
             },
         ),
-        check_bind(&Cql::insert_pending(KS), &pending),
+        check_bind(
+            &Cql::insert_pending(KS),
+            &PendingAddIn {
+                minutes: vec![0, 59],
+                user_id: 1,
+                device_id: d,
+                hour: t,
+                flush: e,
+            },
+        ),
         check_bind(
             &Cql::insert_coarse(KS),
             &CoarseIn {
@@ -258,8 +267,8 @@ fn every_bound_row_type_serializes_against_the_schema() {
             &PendingRangeIn {
                 user_id: 1,
                 device_id: d,
-                from_minute: t,
-                to_minute: t,
+                from_hour: t,
+                to_hour: t,
             },
         ),
         check_bind(
@@ -323,7 +332,7 @@ fn every_read_row_type_type_checks_against_the_schema() {
     check_read::<RollupOut>(&Cql::select_rollups(KS)).unwrap();
     check_read::<CoarseOut>(&Cql::select_coarse(KS)).unwrap();
     check_read::<PendingOut>(&Cql::select_pending(KS)).unwrap();
-    check_read::<PendingRow>(&Cql::scan_pending(KS)).unwrap();
+    check_read::<PendingScan>(&Cql::scan_pending(KS)).unwrap();
     check_read::<FleetOut>(&Cql::select_fleet(KS)).unwrap();
     check_read::<PendingHourOut>(&Cql::select_pending_hours(KS)).unwrap();
     check_read::<PendingHourRow>(&Cql::scan_pending_hours(KS)).unwrap();
