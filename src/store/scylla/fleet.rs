@@ -61,27 +61,29 @@ fn slabs(from: i64, to: i64, len: i64) -> impl Iterator<Item = (i64, i64, i64)> 
 }
 
 impl Inner {
-    /// The fleet rows of one device's hour or day: its count rows, by type.
+    /// The fleet rows of one device's hours or days (`start`, its sums by type and
+    /// the rows' TTL), all in one fleet partition: its count rows, by type.
     pub(super) async fn write_fleet(
         &self,
         (user, device): (UserId, DeviceId),
-        (level, start): (Level, i64),
-        sums: &ByType,
-        ttl: i32,
+        level: Level,
+        intervals: &[(i64, ByType, i32)],
     ) -> Result<(), StoreError> {
-        let slab = ms(bucket_start(start, fleet_slab_ms(level)));
-        let rows: Vec<FleetIn<'_>> = sums
+        let rows: Vec<FleetIn<'_>> = intervals
             .iter()
-            .map(|(kind, s)| FleetIn {
-                user_id: user,
-                level: i32::from(level.tag()),
-                slab,
-                start: ms(start),
-                device_id: device,
-                kind,
-                count: s.summary.count as i64,
-                writetime: s.summary.count as i64,
-                ttl,
+            .flat_map(|(start, sums, ttl)| {
+                let slab = ms(bucket_start(*start, fleet_slab_ms(level)));
+                sums.iter().map(move |(kind, s)| FleetIn {
+                    user_id: user,
+                    level: i32::from(level.tag()),
+                    slab,
+                    start: ms(*start),
+                    device_id: device,
+                    kind,
+                    count: s.summary.count as i64,
+                    writetime: s.summary.count as i64,
+                    ttl: *ttl,
+                })
             })
             .collect();
         self.write_rows(&self.cql.insert_fleet, &rows).await

@@ -86,90 +86,122 @@ impl Inner {
     /// Recomputes the hours, then the days, of freshly recomputed minutes, for the
     /// metrics each carries. Returns the minutes whose hour or day failed: their
     /// markers must stay for the sweep.
+    ///
+    /// The due hours of one device, metric and day are recomputed together: one slice
+    /// of the finer rows covering them, one batch of hour rows, one of fleet rows. A
+    /// fleet device sending once a minute makes every hour of its day due at once,
+    /// and one request per hour was most of the cost of catching up.
     pub(super) async fn recompute_levels(
         &self,
         minutes: &[(MinuteKey, BTreeSet<String>)],
     ) -> HashSet<MinuteKey> {
         let mut failed = HashSet::new();
         for level in [Level::Hour, Level::Day] {
-            // (user, device, start, metric) -> the minutes that wait on it.
-            let mut work: BTreeMap<(UserId, DeviceId, i64, String), Vec<MinuteKey>> =
-                BTreeMap::new();
+            // Hours are grouped by day (one partition of minute rows, of hour rows
+            // and of fleet rows); days one at a time (a device's days are few).
+            let group_ms = match level {
+                Level::Hour => DAY_MS,
+                _ => level.ms(),
+            };
+            // (user, device, group, metric) -> interval start -> the minutes that
+            // wait on it.
+            type Work = BTreeMap<(UserId, DeviceId, i64, String), BTreeMap<i64, Vec<MinuteKey>>>;
+            let mut work = Work::new();
             for (key, metrics) in minutes {
                 let (user, device, minute) = *key;
                 for metric in metrics {
-                    work.entry((
-                        user,
-                        device,
-                        bucket_start(minute, level.ms()),
-                        metric.clone(),
-                    ))
-                    .or_default()
-                    .push(*key);
+                    let group = (user, device, bucket_start(minute, group_ms), metric.clone());
+                    (work.entry(group).or_default())
+                        .entry(bucket_start(minute, level.ms()))
+                        .or_default()
+                        .push(*key);
                 }
             }
             let results: Vec<_> = stream::iter(work)
-                .map(|((user, device, start, metric), waiting)| async move {
+                .map(|((user, device, _, metric), due)| async move {
+                    let starts: Vec<i64> = due.keys().copied().collect();
                     let r = self
-                        .recompute_interval(user, device, level, start, &metric)
+                        .recompute_intervals((user, device), level, &starts, &metric)
                         .await;
-                    (r, waiting)
+                    (r, due)
                 })
                 .buffer_unordered(FANOUT)
                 .collect()
                 .await;
-            for (r, waiting) in results {
+            for (r, due) in results {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, ?level, "rollup recomputation failed; left pending");
-                    failed.extend(waiting);
+                    failed.extend(due.into_values().flatten());
                 }
             }
         }
         failed
     }
 
-    async fn recompute_interval(
+    /// Sums the intervals of `level` starting at `starts` (ascending, all in one
+    /// partition of the level's rows and of the fleet rows) from the finer level, and
+    /// writes them.
+    async fn recompute_intervals(
         &self,
-        user: UserId,
-        device: DeviceId,
+        (user, device): (UserId, DeviceId),
         level: Level,
-        start: i64,
+        starts: &[i64],
         metric: &str,
     ) -> Result<(), StoreError> {
         let finer = match level {
             Level::Day => Level::Hour,
             _ => Level::Minute,
         };
-        let rows = self
-            .stored_rows(user, device, finer, metric, start, start + level.ms())
-            .await?;
-        let sums = by_type(rows);
-        let slab = ms(bucket_start(start, slab_ms(level)));
-        let tier = Tier::Rollup(level);
-        let ttl = self.settings.retention.ttl(tier, start, now_ms()).cql();
+        let (Some(&first), Some(&last)) = (starts.first(), starts.last()) else {
+            return Ok(());
+        };
+        let mut finer_rows: BTreeMap<i64, Vec<Rollup>> = BTreeMap::new();
+        for row in (self.stored_rows(user, device, finer, metric, first, last + level.ms())).await?
+        {
+            (finer_rows
+                .entry(bucket_start(row.start_ms, level.ms()))
+                .or_default())
+            .push(row);
+        }
+        let now = now_ms();
+        // Rows between two due intervals were read too; only the due ones are summed.
+        let sums: Vec<(i64, ByType, i32)> = starts
+            .iter()
+            .map(|start| {
+                let rows = finer_rows.remove(start).unwrap_or_default();
+                let ttl = (self.settings.retention)
+                    .ttl(Tier::Rollup(level), *start, now)
+                    .cql();
+                (*start, by_type(rows), ttl)
+            })
+            .collect();
         let rows: Vec<CoarseIn<'_>> = sums
             .iter()
-            .map(|(kind, Stats { summary: s, sketch })| CoarseIn {
-                user_id: user,
-                device_id: device,
-                level: i32::from(level.tag()),
-                slab,
-                metric,
-                start: ms(start),
-                kind,
-                count: s.count as i64,
-                min: s.min,
-                max: s.max,
-                sum: s.sum,
-                sketch: sketch.as_ref().map(Sketch::to_bytes),
-                writetime: s.count as i64,
-                ttl,
+            .flat_map(|(start, sums, ttl)| {
+                let slab = ms(bucket_start(*start, slab_ms(level)));
+                sums.iter()
+                    .map(move |(kind, Stats { summary: s, sketch })| CoarseIn {
+                        user_id: user,
+                        device_id: device,
+                        level: i32::from(level.tag()),
+                        slab,
+                        metric,
+                        start: ms(*start),
+                        kind,
+                        count: s.count as i64,
+                        min: s.min,
+                        max: s.max,
+                        sum: s.sum,
+                        sketch: sketch.as_ref().map(Sketch::to_bytes),
+                        writetime: s.count as i64,
+                        ttl: *ttl,
+                    })
             })
             .collect();
         let coarse = self.write_rows(&self.cql.insert_coarse, &rows);
         if metric.is_empty() {
             // Counts also go to the user's fleet rows (`fleet.rs`).
-            let fleet = self.write_fleet((user, device), (level, start), &sums, ttl);
+            let fleet = self.write_fleet((user, device), level, &sums);
             futures::future::try_join(coarse, fleet).await?;
             Ok(())
         } else {
