@@ -198,6 +198,11 @@ pub struct StoreConfig {
     /// recomputing its rollups) is recomputed by any instance's sweep. Longer than a
     /// flush may keep retrying.
     pub rollup_sweep_after_secs: u64,
+    /// Minutes this instance may hold pending (written, rollups not yet recomputed)
+    /// before its writes are refused as overload (retried, then 503): the pending
+    /// minutes are held in memory, and a fleet can be acknowledged faster than its
+    /// rollups are recomputed.
+    pub rollup_backlog_max: usize,
 }
 
 /// Batching and queue bounds.
@@ -327,6 +332,7 @@ impl Default for StoreConfig {
             page_size: 5_000,
             local_datacenter: None,
             rollup_sweep_after_secs: 300,
+            rollup_backlog_max: 200_000,
         }
     }
 }

@@ -723,3 +723,40 @@ async fn migrate_builds_the_fleet_rows_of_an_older_keyspace() {
     }
     ks.drop_it().await;
 }
+
+#[tokio::test]
+async fn writes_past_the_rollup_backlog_are_refused_as_overload_and_store_nothing() {
+    let ks = Keyspace::new(|c| c.rollup_backlog_max = 10).await;
+    let store = ks.store().await;
+    let user = 12;
+    let minutes = |id: u128| -> Vec<Event> {
+        (0..20u128)
+            .map(|m| event(id + m, T0 + m as i64 * ROLLUP_MS, "telemetry", &[]))
+            .collect()
+    };
+    // Under the bound when it starts, a flush goes through whatever it adds...
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    store.write(flush(user, first, minutes(1))).await.unwrap();
+    // ...and leaves 20 minutes pending for at least a second (a minute waits that long
+    // for quiet), so the next one is refused, retryably, before anything is written.
+    let refused = store
+        .write(flush(user, second, minutes(100)))
+        .await
+        .unwrap_err();
+    assert!(refused.is_retryable(), "{refused}");
+    assert!(
+        refused.to_string().contains("store.rollup_backlog_max"),
+        "{refused}"
+    );
+    assert_eq!(ks.count("events").await, 20, "nothing of the refused flush");
+    // Once the rollups catch up, the same flush is taken.
+    store.settle().await;
+    store
+        .write(flush(user, second, minutes(100)))
+        .await
+        .unwrap();
+    store.settle().await;
+    assert_eq!(ks.count("events").await, 40);
+    assert_eq!(ks.count("pending_by_device").await, 0);
+    ks.drop_it().await;
+}

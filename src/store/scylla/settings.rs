@@ -25,6 +25,8 @@ pub struct ScyllaSettings {
     pub bucket_len_ms: i64,
     /// Age after which the sweep recomputes a pending minute (see `rollup.rs`).
     pub rollup_sweep_after: Duration,
+    /// Pending minutes past which writes are refused as overload (see `write.rs`).
+    pub rollup_backlog_max: usize,
 }
 
 impl ScyllaSettings {
@@ -73,6 +75,7 @@ impl ScyllaSettings {
             local_datacenter: config.local_datacenter.clone(),
             bucket_len_ms,
             rollup_sweep_after: Duration::from_secs(config.rollup_sweep_after_secs),
+            rollup_backlog_max: config.rollup_backlog_max.max(1),
         })
     }
 }

@@ -205,6 +205,15 @@ impl Inner {
         &self,
         partitions: &[PartitionBatch],
     ) -> Result<Vec<usize>, StoreError> {
+        // 0. Pending minutes are held in memory until recomputed: past the bound, the
+        //    flush is refused as overload, so the pipeline retries it with backoff and
+        //    then answers 503, and its queues fill instead of this instance's memory.
+        let backlog = self.recomputer.pending.backlog();
+        if backlog >= self.settings.rollup_backlog_max {
+            return Err(StoreError::Unavailable(format!(
+                "{backlog} minutes wait for their rollups (store.rollup_backlog_max)"
+            )));
+        }
         // 1. Drop duplicates within the flush, then look the rest up.
         let mut in_flush = HashSet::new();
         let candidates: Vec<Vec<&Record>> = partitions

@@ -28,6 +28,7 @@ pub(super) fn schema() -> HashMap<String, HashMap<String, ColumnType<'static>>> 
         local_datacenter: None,
         bucket_len_ms: 3_600_000,
         rollup_sweep_after: Duration::from_secs(300),
+        rollup_backlog_max: 1_000,
     };
     let mut tables = HashMap::new();
     for stmt in schema_statements(&settings) {
