@@ -149,11 +149,14 @@ impl EmbeddedStore {
             KeyspaceCreateOptions::default()
                 .max_memtable_size(MEMTABLE_BYTES)
                 .compaction_strategy(Arc::new(
-                    // Eight level-0 tables before they are merged down, not four: a
+                    // Sixteen level-0 tables before they are merged down, not four: a
                     // fleet's flushes each span every device's key range, so every
-                    // merge rewrites most of level 1, and half as many merges halve
-                    // that work.
-                    fjall::compaction::Leveled::default().with_l0_threshold(8),
+                    // merge rewrites most of level 1, and a quarter as many merges
+                    // cut that work. Over 4.3M fleet events (3,000 devices), server
+                    // CPU fell from 16.6 s at eight to 14.6 s, and the fleet rate
+                    // from 65% of the dense rate to 74%. Reads that miss (duplicate
+                    // lookups) pass more tables, but their bloom filters answer.
+                    fjall::compaction::Leveled::default().with_l0_threshold(16),
                 ))
         };
         let small = || KeyspaceCreateOptions::default().max_memtable_size(SMALL_MEMTABLE_BYTES);
