@@ -76,6 +76,23 @@ impl Keyspace {
             .await
     }
 
+    /// Writes an event's row as a writer that dies before anything else would leave
+    /// it: no id row, no rollup, no mark (a telemetry event of T0's bucket).
+    async fn store_by_hand(&self, user: i64, device: Uuid, e: &Event) {
+        let name = &self.settings.keyspace;
+        let metrics: HashMap<String, f64> = e.metrics.iter().cloned().collect();
+        self.session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {name}.events (user_id, device_id, bucket, ts, event_id, type, \
+                     metrics, attrs, received) VALUES (?, ?, ?, ?, ?, 'telemetry', ?, {{}}, ?)"
+                ),
+                (user, device, ts(T0), ts(e.ts_ms), e.id, metrics, ts(T0)),
+            )
+            .await
+            .unwrap();
+    }
+
     /// The single bigint a query answers.
     async fn one_i64(&self, cql: String, values: impl scylla::serialize::row::SerializeRow) -> i64 {
         self.session
@@ -171,6 +188,34 @@ async fn fleet_at(
         .collect()
 }
 
+/// Both metrics of a device's first two days, at every level, read through `store`,
+/// are those of `truth`.
+async fn assert_levels(store: &dyn EventStore, (user, device): (i64, Uuid), truth: &[Event]) {
+    for metric in ["", "temp"] {
+        for level in [Level::Minute, Level::Hour, Level::Day] {
+            let got = rollups_at(level, store, user, device, metric, DAY0, DAY0 + 2 * DAY).await;
+            assert_same(&got, &expected_at(level, truth, metric));
+        }
+    }
+}
+
+/// The user's fleet counts of its first two days, hours and days, are those of its
+/// one device's `truth`.
+async fn assert_fleet(
+    store: &dyn EventStore,
+    (user, device): (i64, Uuid),
+    truth: &[Event],
+    why: &str,
+) {
+    for level in [Level::Hour, Level::Day] {
+        assert_eq!(
+            fleet_at(level, store, user, DAY0, DAY0 + 2 * DAY).await,
+            fleet_expected(level, device, truth),
+            "{level:?} {why}"
+        );
+    }
+}
+
 /// What `fleet_at` must answer for one device's events.
 fn fleet_expected(
     level: Level,
@@ -244,20 +289,9 @@ async fn two_writers_on_the_same_minutes_keep_the_rollups_exact() {
         // Exact at once, before any recomputation has caught up: pending minutes
         // are read from the events.
         let truth: Vec<Event> = sent.values().cloned().collect();
-        for metric in ["", "temp"] {
-            for level in [Level::Minute, Level::Hour, Level::Day] {
-                let got = rollups_at(level, &a, user, device, metric, DAY0, DAY0 + 2 * DAY).await;
-                assert_same(&got, &expected_at(level, &truth, metric));
-            }
-        }
+        assert_levels(&a, (user, device), &truth).await;
         // The fleet rows too: the pending hours are read from the device's rows.
-        for level in [Level::Hour, Level::Day] {
-            assert_eq!(
-                fleet_at(level, &b, user, DAY0, DAY0 + 2 * DAY).await,
-                fleet_expected(level, device, &truth),
-                "{level:?}"
-            );
-        }
+        assert_fleet(&b, (user, device), &truth, "").await;
     }
     a.settle().await;
     b.settle().await;
@@ -268,22 +302,9 @@ async fn two_writers_on_the_same_minutes_keep_the_rollups_exact() {
     );
     assert_eq!(ks.count("pending_by_user").await, 0, "every user mark gone");
     let truth: Vec<Event> = sent.values().cloned().collect();
-    for level in [Level::Hour, Level::Day] {
-        assert_eq!(
-            fleet_at(level, &a, user, DAY0, DAY0 + 2 * DAY).await,
-            fleet_expected(level, device, &truth),
-            "{level:?}, from the fleet rows alone"
-        );
-    }
-    for metric in ["", "temp"] {
-        // Now from the rollup rows alone, through either instance, at every level.
-        for level in [Level::Minute, Level::Hour, Level::Day] {
-            assert_same(
-                &rollups_at(level, &b, user, device, metric, DAY0, DAY0 + 2 * DAY).await,
-                &expected_at(level, &truth, metric),
-            );
-        }
-    }
+    assert_fleet(&a, (user, device), &truth, "from the fleet rows alone").await;
+    // Now from the rollup rows alone, through either instance, at every level.
+    assert_levels(&b, (user, device), &truth).await;
     ks.drop_it().await;
 }
 
@@ -344,35 +365,12 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
         )
         .await
         .unwrap();
-    ks.session
-        .query_unpaged(
-            format!(
-                "INSERT INTO {name}.events (user_id, device_id, bucket, ts, event_id, type, \
-                 metrics, attrs, received) VALUES (?, ?, ?, ?, ?, 'telemetry', {{'temp': 100.0}}, \
-                 {{}}, ?)"
-            ),
-            (user, device, ts(T0), ts(late.ts_ms), late.id, ts(T0)),
-        )
-        .await
-        .unwrap();
+    ks.store_by_hand(user, device, &late).await;
     let truth: Vec<Event> = first.iter().cloned().chain([late]).collect();
 
     // Aggregates are exact at once (the minute is pending, so read from the events)...
-    for metric in ["", "temp"] {
-        for level in [Level::Minute, Level::Hour, Level::Day] {
-            assert_same(
-                &rollups_at(level, &store, user, device, metric, DAY0, DAY0 + 2 * DAY).await,
-                &expected_at(level, &truth, metric),
-            );
-        }
-    }
-    for level in [Level::Hour, Level::Day] {
-        assert_eq!(
-            fleet_at(level, &store, user, DAY0, DAY0 + 2 * DAY).await,
-            fleet_expected(level, device, &truth),
-            "{level:?}"
-        );
-    }
+    assert_levels(&store, (user, device), &truth).await;
+    assert_fleet(&store, (user, device), &truth, "").await;
     // ...and the rollup rows themselves still miss the event until the sweep.
     let stale = scalar_count(&ks, user, device).await;
     assert_eq!(stale, 3);
@@ -383,13 +381,13 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
     );
     assert_eq!(ks.count("pending_by_device").await, 0);
     assert_eq!(ks.count("pending_by_user").await, 0);
-    for level in [Level::Hour, Level::Day] {
-        assert_eq!(
-            fleet_at(level, &store, user, DAY0, DAY0 + 2 * DAY).await,
-            fleet_expected(level, device, &truth),
-            "{level:?}, from the fleet rows once swept"
-        );
-    }
+    assert_fleet(
+        &store,
+        (user, device),
+        &truth,
+        "from the fleet rows once swept",
+    )
+    .await;
     assert_eq!(scalar_count(&ks, user, device).await, 4);
     for metric in ["", "temp"] {
         assert_same(
@@ -475,14 +473,7 @@ async fn minutes_recomputed_together_match_brute_force() {
     );
     // Now read from the rollup rows alone.
     let truth: Vec<Event> = sent.into_values().collect();
-    for metric in ["", "temp"] {
-        for level in [Level::Minute, Level::Hour, Level::Day] {
-            assert_same(
-                &rollups_at(level, &store, user, device, metric, DAY0, DAY0 + 2 * DAY).await,
-                &expected_at(level, &truth, metric),
-            );
-        }
-    }
+    assert_levels(&store, (user, device), &truth).await;
     ks.drop_it().await;
 }
 
@@ -675,17 +666,7 @@ async fn migrate_builds_the_fleet_rows_of_an_older_keyspace() {
         )
         .await
         .unwrap();
-    ks.session
-        .query_unpaged(
-            format!(
-                "INSERT INTO {name}.events (user_id, device_id, bucket, ts, event_id, type, \
-                 metrics, attrs, received) VALUES (?, ?, ?, ?, ?, 'telemetry', {{'temp': 2.0}}, \
-                 {{}}, ?)"
-            ),
-            (user, device, ts(T0), ts(late.ts_ms), late.id, ts(T0)),
-        )
-        .await
-        .unwrap();
+    ks.store_by_hand(user, device, &late).await;
     let truth: Vec<Event> = events.iter().cloned().chain([late]).collect();
 
     let refused = ScyllaStore::connect(ks.settings.clone())
@@ -704,23 +685,17 @@ async fn migrate_builds_the_fleet_rows_of_an_older_keyspace() {
     // the fleet read takes that hour from the device's rows, which read the marked
     // minute from its events; after, from the repaired fleet rows.
     let store = ks.store().await;
-    for level in [Level::Hour, Level::Day] {
-        assert_eq!(
-            fleet_at(level, &store, user, DAY0, DAY0 + 2 * DAY).await,
-            fleet_expected(level, device, &truth),
-            "{level:?}"
-        );
-    }
+    assert_fleet(&store, (user, device), &truth, "").await;
     store.sweep().await.unwrap();
     assert_eq!(ks.count("pending_by_device").await, 0);
     assert_eq!(ks.count("pending_by_user").await, 0);
-    for level in [Level::Hour, Level::Day] {
-        assert_eq!(
-            fleet_at(level, &store, user, DAY0, DAY0 + 2 * DAY).await,
-            fleet_expected(level, device, &truth),
-            "{level:?}, from the fleet rows once swept"
-        );
-    }
+    assert_fleet(
+        &store,
+        (user, device),
+        &truth,
+        "from the fleet rows once swept",
+    )
+    .await;
     ks.drop_it().await;
 }
 

@@ -32,7 +32,7 @@ use super::rows::{
     PendingRow,
 };
 use super::Inner;
-use crate::model::{assigned_id_ts, bucket_start, DeviceId, UserId};
+use crate::model::{bucket_start, DeviceId, UserId};
 use crate::store::{FleetCount, FleetQuery, Level, RollupQuery, StoreError};
 
 /// Fleet rows of hours are partitioned by UTC day (24 rows per device and type), of
@@ -137,24 +137,14 @@ impl Inner {
     /// Deletes the hour markers made before `cutoff` that this instance does not hold
     /// and whose hour has no pending minute left; returns how many old ones it found.
     pub(super) async fn sweep_hours(&self, cutoff: i64) -> Result<usize, StoreError> {
+        // A mark that old is closed to new minutes (`pending.rs`), so the minutes it
+        // covers are all marked by now.
         let old: Vec<PendingHourRow> = self
-            .session
-            .execute_iter(self.cql.scan_pending_hours.clone(), ())
-            .await
-            .map_err(pager_error)?
-            .rows_stream::<PendingHourRow>()
-            .map_err(corrupt)?
-            .map_err(row_error)
-            .try_filter(|r| {
-                // Markers are UUIDv7: their time is when the mark was made. A mark that
-                // old is closed to new minutes (`pending.rs`), so the minutes it covers
-                // are all marked by now.
-                let made = assigned_id_ts(r.flush).unwrap_or(i64::MIN);
-                let own = (self.recomputer.pending)
-                    .holds_hour((r.user_id, r.device_id, r.hour.0), r.flush);
-                futures::future::ready(made <= cutoff && !own)
-            })
-            .try_collect()
+            .old_marks(
+                &self.cql.scan_pending_hours,
+                cutoff,
+                |r: &PendingHourRow| ((r.user_id, r.device_id, r.hour.0), r.flush),
+            )
             .await?;
         let n = old.len();
         let done: Vec<PendingHourRow> = stream::iter(old)

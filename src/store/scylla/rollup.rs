@@ -43,7 +43,10 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 
 use super::errors::{corrupt, pager_error, row_error};
 use super::levels::rollup_of;
-use super::pending::{MinuteKey, Pending, DAY_MS};
+use scylla::deserialize::row::DeserializeRow;
+use scylla::statement::prepared::PreparedStatement;
+
+use super::pending::{HourKey, MinuteKey, Pending, DAY_MS};
 use super::rows::{ms, MetricOut, PendingScan, RollupIn, RollupOut, RollupSliceIn, SliceIn};
 use super::Inner;
 use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, UserId};
@@ -170,21 +173,9 @@ impl Inner {
     pub(super) async fn sweep(&self) -> Result<usize, StoreError> {
         let cutoff = now_ms() - self.settings.rollup_sweep_after.as_millis() as i64;
         let rows: Vec<PendingScan> = self
-            .session
-            .execute_iter(self.cql.scan_pending.clone(), ())
-            .await
-            .map_err(pager_error)?
-            .rows_stream::<PendingScan>()
-            .map_err(corrupt)?
-            .map_err(row_error)
-            .try_filter(|r| {
-                // Marks are UUIDv7: their time is when the mark was made.
-                let made = assigned_id_ts(r.flush).unwrap_or(i64::MIN);
-                let own = (self.recomputer.pending)
-                    .holds_hour((r.user_id, r.device_id, r.hour.0), r.flush);
-                futures::future::ready(made <= cutoff && !own)
+            .old_marks(&self.cql.scan_pending, cutoff, |r: &PendingScan| {
+                ((r.user_id, r.device_id, r.hour.0), r.flush)
             })
-            .try_collect()
             .await?;
         let n = rows.len();
         if n > 0 {
@@ -207,6 +198,35 @@ impl Inner {
         }
         // After the marks: a user row left without its device row goes too.
         Ok(n + self.sweep_hours(cutoff).await?)
+    }
+
+    /// The rows of a mark table (`scan`) made before `cutoff` that this instance
+    /// does not hold, `mark` naming each row's mark.
+    pub(super) async fn old_marks<T>(
+        &self,
+        scan: &PreparedStatement,
+        cutoff: i64,
+        mark: impl Fn(&T) -> (HourKey, uuid::Uuid),
+    ) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'f, 'm> DeserializeRow<'f, 'm> + 'static,
+    {
+        self.session
+            .execute_iter(scan.clone(), ())
+            .await
+            .map_err(pager_error)?
+            .rows_stream::<T>()
+            .map_err(corrupt)?
+            .map_err(row_error)
+            .try_filter(|r| {
+                // Marks are UUIDv7: their time is when the mark was made.
+                let (key, marker) = mark(r);
+                let made = assigned_id_ts(marker).unwrap_or(i64::MIN);
+                let own = self.recomputer.pending.holds_hour(key, marker);
+                futures::future::ready(made <= cutoff && !own)
+            })
+            .try_collect()
+            .await
     }
 
     /// One round: the minutes are read and written once, a run of a device's minutes
