@@ -2,10 +2,13 @@
 //! store and against a real Apache Cassandra node (`scripts/cassandra`; any
 //! Cassandra or ScyllaDB node with `IOTPIPE_TEST_SCYLLA=host:port`), in a fresh random
 //! keyspace that is dropped afterwards. The wide-column store's own tests (rollups
-//! under concurrent writers and crashes, `iotpipe migrate`) are in `store/cassandra.rs`.
+//! under concurrent writers and crashes) are in `store/cassandra.rs`, `iotpipe migrate`'s
+//! in `store/cassandra_migrate.rs`.
 
 #[path = "store/cassandra.rs"]
 mod cassandra;
+#[path = "store/cassandra_migrate.rs"]
+mod cassandra_migrate;
 #[path = "store/levels.rs"]
 mod levels;
 #[path = "store/retention.rs"]
