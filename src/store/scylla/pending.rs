@@ -274,9 +274,10 @@ impl Pending {
         }
     }
 
-    /// Takes the marks due for recomputation at `now`: those no flush is writing into
-    /// that are quiet, too old, or (with `all`) any. Each comes out of the table.
-    pub(super) fn take_due(&self, now: Instant, all: bool) -> Vec<(MinuteKey, Uuid)> {
+    /// Takes at most `limit` of the marks due for recomputation at `now`: those no
+    /// flush is writing into that are quiet, too old, or (with `all`) any; the closed
+    /// ones (the oldest) first. Each comes out of the table.
+    pub(super) fn take_due(&self, now: Instant, all: bool, limit: usize) -> Vec<(MinuteKey, Uuid)> {
         let mut marks = self.marks();
         let Marks {
             open,
@@ -285,13 +286,37 @@ impl Pending {
             ..
         } = &mut *marks;
         let mut due = Vec::new();
-        open.retain(|key, m| {
-            let old = now.duration_since(m.opened) >= MAX_AGE;
-            if m.writers == 0 && (all || old || now.duration_since(m.touched) >= QUIET) {
+        closed.retain(|(key, m)| {
+            if m.writers == 0 && due.len() < limit {
                 due.push((*key, m.marker));
                 taken.insert(m.marker, m.hour);
                 false
-            } else if old {
+            } else {
+                true
+            }
+        });
+        let old = |m: &Mark| now.duration_since(m.opened) >= MAX_AGE;
+        // In key order, so that a pass holds whole runs of a device's minutes, whose
+        // events, hours and days it then reads once (`rollup.rs`, `levels.rs`); in
+        // the map's order, every pass touched every device's day again.
+        let mut ready: Vec<MinuteKey> = open
+            .iter()
+            .filter(|(_, m)| {
+                m.writers == 0 && (all || old(m) || now.duration_since(m.touched) >= QUIET)
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        ready.sort_unstable();
+        ready.truncate(limit.saturating_sub(due.len()));
+        for key in ready {
+            if let Some(m) = open.remove(&key) {
+                due.push((key, m.marker));
+                taken.insert(m.marker, m.hour);
+            }
+        }
+        // The old marks left are closed to new flushes.
+        open.retain(|key, m| {
+            if old(m) {
                 closed.push((
                     *key,
                     Mark {
@@ -303,15 +328,6 @@ impl Pending {
                         durable: m.durable,
                     },
                 ));
-                false
-            } else {
-                true
-            }
-        });
-        closed.retain(|(key, m)| {
-            if m.writers == 0 {
-                due.push((*key, m.marker));
-                taken.insert(m.marker, m.hour);
                 false
             } else {
                 true
@@ -422,14 +438,14 @@ mod tests {
             "joined, nothing to write"
         );
         drop(a);
-        let first = p.take_due(Instant::now(), true);
+        let first = p.take_due(Instant::now(), true, usize::MAX);
         assert_eq!(
             first.iter().map(|d| d.0).collect::<Vec<_>>(),
             [key(60_000)],
             "the joined minute waits for its other writer"
         );
         drop(b);
-        let due = p.take_due(Instant::now(), true);
+        let due = p.take_due(Instant::now(), true, usize::MAX);
         assert_eq!(due.len(), 1);
         // Taken out: the next flush opens a new minute mark, which adds itself to
         // the hour mark's row again.
@@ -445,18 +461,24 @@ mod tests {
         let p = Pending::default();
         drop(p.claim([key(0)]).0);
         let now = Instant::now();
-        assert!(p.take_due(now, false).is_empty(), "just touched");
-        assert_eq!(p.take_due(now + QUIET, false).len(), 1);
+        assert!(
+            p.take_due(now, false, usize::MAX).is_empty(),
+            "just touched"
+        );
+        assert_eq!(p.take_due(now + QUIET, false, usize::MAX).len(), 1);
 
         let (held, rows) = p.claim([key(0)]);
         let later = Instant::now() + MAX_AGE;
-        assert!(p.take_due(later, false).is_empty(), "still being written");
+        assert!(
+            p.take_due(later, false, usize::MAX).is_empty(),
+            "still being written"
+        );
         let (_later, new_rows) = p.claim([key(0)]);
         assert_eq!(new_rows.marks.len(), 1, "an old mark is not joined");
         assert_ne!(new_rows.marks[0].1, rows.marks[0].1);
         assert!(p.holds(key(0), rows.marks[0].1));
         drop(held);
-        let due = p.take_due(later, false);
+        let due = p.take_due(later, false, usize::MAX);
         assert_eq!(due, vec![(key(0), rows.marks[0].1)]);
     }
 
@@ -479,7 +501,7 @@ mod tests {
         let first_hour = rows.hours.iter().find(|r| r.hour.0 == 0).unwrap().flush;
         assert!(p.holds_hour(hour(0), first_hour));
 
-        let due = p.take_due(Instant::now(), true);
+        let due = p.take_due(Instant::now(), true, usize::MAX);
         assert_eq!(due.len(), 3, "the fourth minute is still being written");
         let done = p.finish(due.iter().map(|(k, m)| (*k, *m, true)));
         assert_eq!(
@@ -488,7 +510,7 @@ mod tests {
             "hour 0 still has a minute to recompute"
         );
         drop(b);
-        let due = p.take_due(Instant::now(), true);
+        let due = p.take_due(Instant::now(), true, usize::MAX);
         let done = p.finish(due.iter().map(|(k, m)| (*k, *m, false)));
         assert!(
             done.is_empty(),
@@ -498,5 +520,22 @@ mod tests {
         let (_c, rows) = p.claim([key(0)]);
         assert_eq!(rows.hours.len(), 1, "the next minute opens a new hour mark");
         assert_ne!(rows.hours[0].flush, first_hour);
+    }
+
+    #[test]
+    fn due_marks_are_taken_at_most_a_limit_at_a_time_and_stay_counted_until_finished() {
+        let p = Pending::default();
+        let (claim, _rows) = p.claim((0..5).map(|m| key(m * 60_000)));
+        drop(claim);
+        let first = p.take_due(Instant::now(), true, 2);
+        assert_eq!(first.len(), 2);
+        assert_eq!(p.backlog(), 5, "taken minutes count until their pass ends");
+        p.finish(first.into_iter().map(|(k, m)| (k, m, true)));
+        assert_eq!(p.backlog(), 3);
+        let rest: Vec<_> = (0..2)
+            .flat_map(|_| p.take_due(Instant::now(), true, 2))
+            .collect();
+        assert_eq!(rest.len(), 3, "the others in later passes, each once");
+        assert!(p.take_due(Instant::now(), true, 2).is_empty());
     }
 }

@@ -54,6 +54,9 @@ use crate::store::retention::Tier;
 use crate::store::rollup::Stats;
 use crate::store::{Level, Rollup, RollupQuery, Sketch, StoreError, ROLLUP_MS};
 
+/// Minutes taken for recomputation at a time (see `Inner::round`).
+const PASS_MINUTES: usize = 20_000;
+
 /// How often the recomputer looks for marks that are due.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -150,21 +153,31 @@ async fn sweep_forever(store: Weak<Inner>, after: Duration) {
 
 impl Inner {
     /// One recomputation round over this instance's due marks (with `all`, every mark
-    /// no flush is writing into: `settle`); then the rows of the hour marks whose every
-    /// minute is done are deleted.
+    /// no flush is writing into: `settle`), in passes of at most [`PASS_MINUTES`];
+    /// after each, the rows of the hour marks whose every minute is done are deleted.
+    ///
+    /// Why passes: a taken minute counts in the backlog until its pass ends, and past
+    /// `store.rollup_backlog_max` writes are refused. One pass over a fleet's whole
+    /// backlog held it at its peak for as long as the pass ran, longer than the
+    /// pipeline retries a write, so a burst got 503s that the recomputer was already
+    /// working off; passes let the backlog fall as they go.
     pub(super) async fn round(&self, all: bool) {
         let _one_at_a_time = self.recomputer.round.lock().await;
-        let due = self
-            .recomputer
-            .pending
-            .take_due(std::time::Instant::now(), all);
-        if due.is_empty() {
-            return;
+        loop {
+            let due =
+                (self.recomputer.pending).take_due(std::time::Instant::now(), all, PASS_MINUTES);
+            let full = due.len() >= PASS_MINUTES;
+            if !due.is_empty() {
+                let ok = self.recompute(due.iter().map(|(k, _)| *k).collect()).await;
+                let results = due.into_iter().map(|(k, m)| (k, m, ok.contains(&k)));
+                let done = self.recomputer.pending.finish(results);
+                self.delete_marks(done).await;
+            }
+            // A pass under the limit took every mark due when it began.
+            if !full {
+                return;
+            }
         }
-        let ok = self.recompute(due.iter().map(|(k, _)| *k).collect()).await;
-        let done =
-            (self.recomputer.pending).finish(due.into_iter().map(|(k, m)| (k, m, ok.contains(&k))));
-        self.delete_marks(done).await;
     }
 
     /// Recomputes the minutes of every mark older than the sweep age that is not one
