@@ -382,18 +382,13 @@ pub(super) async fn build(
         .await?;
     // Marks of the table before `pending_by_device` (one row per minute), if the
     // keyspace has it: each becomes a mark of its own, which the sweep recomputes.
-    let old_marks = session
-        .query_unpaged(
-            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? \
-             AND table_name = 'pending_minutes'",
-            (ks.as_str(),),
-        )
-        .await
-        .map_err(exec_error)?
-        .into_rows_result()
-        .map_err(corrupt)?
-        .rows_num()
-        > 0;
+    let old_marks = super::schema::answers_rows(
+        session,
+        "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? \
+         AND table_name = 'pending_minutes'",
+        (ks.as_str(),),
+    )
+    .await?;
     if !old_marks {
         return Ok(());
     }

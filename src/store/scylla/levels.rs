@@ -233,6 +233,20 @@ impl Inner {
         Ok(())
     }
 
+    /// Writes `rows` with one statement in unlogged batches per partition (`partition`
+    /// names a row's; rows of one partition must be adjacent), the partitions
+    /// concurrently.
+    pub(super) async fn write_grouped<T: SerializeRow, K: PartialEq>(
+        &self,
+        statement: &PreparedStatement,
+        rows: &[T],
+        partition: impl Fn(&T) -> K,
+    ) -> Result<(), StoreError> {
+        let groups = rows.chunk_by(|a, b| partition(a) == partition(b));
+        futures::future::try_join_all(groups.map(|rows| self.write_rows(statement, rows))).await?;
+        Ok(())
+    }
+
     /// One device's stored rows of one level and metric in `[from, to)`, as written,
     /// whether or not they are complete.
     pub(super) async fn stored_rows(

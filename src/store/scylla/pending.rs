@@ -315,24 +315,7 @@ impl Pending {
             }
         }
         // The old marks left are closed to new flushes.
-        open.retain(|key, m| {
-            if old(m) {
-                closed.push((
-                    *key,
-                    Mark {
-                        marker: m.marker,
-                        hour: m.hour,
-                        writers: m.writers,
-                        opened: m.opened,
-                        touched: m.touched,
-                        durable: m.durable,
-                    },
-                ));
-                false
-            } else {
-                true
-            }
-        });
+        closed.extend(open.extract_if(|_, m| old(m)));
         due
     }
 

@@ -186,6 +186,22 @@ async fn set_meta(session: &Session, ks: &str, name: &str, value: i64) -> Result
     Ok(())
 }
 
+/// Whether `cql` (an unpaged query, such as a lookup in `system_schema`) answers any
+/// row.
+pub(super) async fn answers_rows(
+    session: &Session,
+    cql: &str,
+    values: impl scylla::serialize::row::SerializeRow,
+) -> Result<bool, StoreError> {
+    let rows = session
+        .query_unpaged(cql, values)
+        .await
+        .map_err(exec_error)?
+        .into_rows_result()
+        .map_err(corrupt)?;
+    Ok(rows.rows_num() > 0)
+}
+
 /// Adds the columns that tables made by earlier versions lack (`CREATE TABLE IF NOT
 /// EXISTS` leaves an existing table as it is): the sketch of `rollups`.
 pub(super) async fn add_missing_columns(
@@ -194,18 +210,13 @@ pub(super) async fn add_missing_columns(
 ) -> Result<(), StoreError> {
     let ks = &settings.keyspace;
     for (table, column, kind) in [("rollups", "sketch", "blob")] {
-        let present = session
-            .query_unpaged(
-                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? \
-                 AND table_name = ? AND column_name = ?",
-                (ks.as_str(), table, column),
-            )
-            .await
-            .map_err(exec_error)?
-            .into_rows_result()
-            .map_err(corrupt)?
-            .rows_num()
-            > 0;
+        let present = answers_rows(
+            session,
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? \
+             AND table_name = ? AND column_name = ?",
+            (ks.as_str(), table, column),
+        )
+        .await?;
         if !present {
             session
                 .query_unpaged(format!("ALTER TABLE {ks}.{table} ADD {column} {kind}"), ())

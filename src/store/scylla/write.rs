@@ -128,12 +128,8 @@ impl Inner {
             })
             .collect();
         rows.sort_unstable_by_key(|r| (r.user_id, r.device_id));
-        let per_device = rows.chunk_by(|a, b| (a.user_id, a.device_id) == (b.user_id, b.device_id));
-        futures::future::try_join_all(
-            per_device.map(|rows| self.write_rows(&self.cql.insert_bucket, rows)),
-        )
-        .await?;
-        Ok(())
+        self.write_grouped(&self.cql.insert_bucket, &rows, |r| (r.user_id, r.device_id))
+            .await
     }
 
     /// Writes mark rows, grouped by partition (a device's hours, a user's 28 days of
@@ -144,20 +140,14 @@ impl Inner {
         markers
             .minutes
             .sort_unstable_by_key(|m| (m.user_id, m.device_id));
-        let per_device = markers
-            .minutes
-            .chunk_by(|a, b| (a.user_id, a.device_id) == (b.user_id, b.device_id))
-            .map(|rows| self.write_rows(&self.cql.insert_pending, rows));
+        let per_device = self.write_grouped(&self.cql.insert_pending, &markers.minutes, |r| {
+            (r.user_id, r.device_id)
+        });
         // `claim` sorted these by partition.
-        let per_slab = markers
-            .hours
-            .chunk_by(|a, b| (a.user_id, a.slab) == (b.user_id, b.slab))
-            .map(|rows| self.write_rows(&self.cql.insert_pending_hour, rows));
-        futures::future::try_join(
-            futures::future::try_join_all(per_device),
-            futures::future::try_join_all(per_slab),
-        )
-        .await?;
+        let per_slab = self.write_grouped(&self.cql.insert_pending_hour, &markers.hours, |r| {
+            (r.user_id, r.slab.0)
+        });
+        futures::future::try_join(per_device, per_slab).await?;
         self.recomputer.pending.confirm(markers);
         Ok(())
     }
