@@ -129,7 +129,8 @@ pub trait EventStore: Send + Sync + 'static {
     async fn rollups(&self, query: RollupQuery) -> Result<Option<Vec<Rollup>>, StoreError>;
 
     /// Event counts of every device of a user at one level, in one read: what grouped
-    /// aggregates need, one row per (window, device, type). `Ok(None)` means the
+    /// aggregates need, one row per (window, device, type), in no particular order
+    /// (a fleet has tens of thousands, and callers sum them). `Ok(None)` means the
     /// engine keeps none, and the caller reads each device's rollups instead.
     async fn fleet_counts(&self, query: FleetQuery) -> Result<Option<Vec<FleetCount>>, StoreError>;
 

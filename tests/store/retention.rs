@@ -70,7 +70,10 @@ async fn fleet_starts(store: &dyn EventStore, level: Level, from: i64, to: i64) 
         kind: None,
     };
     let rows = store.fleet_counts(q).await.unwrap().expect("kept");
-    rows.iter().map(|r| r.start_ms).collect()
+    // In no particular order.
+    let mut starts: Vec<i64> = rows.iter().map(|r| r.start_ms).collect();
+    starts.sort_unstable();
+    starts
 }
 
 /// What the tiers keep of the test's four events.

@@ -1,10 +1,7 @@
 //! The devices that have stored events: the partition keys of the `buckets` index
 //! (`SELECT DISTINCT` reads one row per partition, not every bucket).
 
-use futures::TryStreamExt;
-use uuid::Uuid;
-
-use super::errors::{corrupt, pager_error, prepare_error, row_error};
+use super::errors::prepare_error;
 use super::Inner;
 use crate::model::{DeviceId, UserId};
 use crate::store::StoreError;
@@ -21,14 +18,6 @@ impl Inner {
             .map_err(prepare_error)?;
         statement.set_is_idempotent(true);
         statement.set_page_size(self.settings.page_size);
-        self.session
-            .execute_iter(statement, ())
-            .await
-            .map_err(pager_error)?
-            .rows_stream::<(i64, Uuid)>()
-            .map_err(corrupt)?
-            .map_err(row_error)
-            .try_collect()
-            .await
+        self.all_rows(&statement, ()).await
     }
 }

@@ -1,17 +1,21 @@
 //! Fleet reads in the wide-column store: the event counts of every device of a user
-//! per hour or day, in one slice of `fleet_counts`, for grouped aggregates
-//! (`group_by=device` or `type`) that would otherwise read each device's rows.
+//! per hour or day, in one partition of `fleet_series` per day (or 28 days), for
+//! grouped aggregates (`group_by=device` or `type`) that would otherwise read each
+//! device's rows.
 //!
 //! - **Written beside the count rows.** Each time a device's hour or day is summed
-//!   again (`levels.rs`), its count rows (metric `""`) are also written here, keyed
-//!   time first, with the same count as write time: they are exact the same way.
+//!   again (`levels.rs`), its count rows (metric `""`) are also written here, one
+//!   map cell per (device, type, interval), with the same count as write time: they
+//!   are exact the same way. A row holds a device and type, not an interval, because
+//!   Cassandra reads a few wide rows much faster than many narrow ones.
 //! - **Pending hours say which rows may lag.** A device's fleet row misses an
 //!   acknowledged event while a minute of that hour is pending. Every mark of a
 //!   device's hour (`pending.rs`) has a row in `pending_by_user` beside its row in
 //!   `pending_by_device`, written with it before the events and deleted with it after
 //!   every minute under it is recomputed at every level; that table is partitioned by
-//!   user, so one slice names every (device, hour) that lags. A read takes those from the device's own rows instead (`coarse_rollups`,
-//!   down to the events of its pending minutes), and the rest from the fleet rows.
+//!   user, so one slice names every (device, hour) that lags. A read takes those
+//!   from the device's own rows instead (`coarse_rollups`, down to the events of its
+//!   pending minutes), and the rest from the fleet rows.
 //! - **Pending first.** As for one device: the markers are read before the rows, so an
 //!   interval without a marker then has rows that hold everything acknowledged before.
 //! - **The sweep** deletes the `pending_by_user` rows older than
@@ -28,7 +32,7 @@ use super::errors::{corrupt, pager_error, row_error};
 use super::levels::ByType;
 use super::pending::{device_row, hour_row, HourKey, DAY_MS, HOUR_MS, HOUR_SLAB_MS};
 use super::rows::{
-    ms, FleetIn, FleetOut, FleetSliceIn, PendingHourOut, PendingHourRangeIn, PendingHourRow,
+    ms, FleetIn, FleetOut, FleetPartitionIn, PendingHourOut, PendingHourRangeIn, PendingHourRow,
     PendingRow,
 };
 use super::Inner;
@@ -60,6 +64,31 @@ fn slabs(from: i64, to: i64, len: i64) -> impl Iterator<Item = (i64, i64, i64)> 
         .filter(|(_, lo, hi)| lo < hi)
 }
 
+/// The cell of `fleet_series` that holds a device's count of one type in the interval
+/// of `level` starting at `start`.
+fn fleet_cell(
+    (user, device): (UserId, DeviceId),
+    level: Level,
+    start: i64,
+    kind: &str,
+    count: u64,
+    ttl: i32,
+) -> FleetIn<'_> {
+    let slab = bucket_start(start, fleet_slab_ms(level));
+    FleetIn {
+        writetime: count as i64,
+        ttl,
+        // At most 27: a partition holds 24 hours or 28 days.
+        index: ((start - slab) / level.ms()) as i32,
+        count: count as i64,
+        user_id: user,
+        level: i32::from(level.tag()),
+        slab: ms(slab),
+        device_id: device,
+        kind,
+    }
+}
+
 impl Inner {
     /// The fleet rows of one device's hours or days (`start`, its sums by type and
     /// the rows' TTL), all in one fleet partition: its count rows, by type.
@@ -72,17 +101,8 @@ impl Inner {
         let rows: Vec<FleetIn<'_>> = intervals
             .iter()
             .flat_map(|(start, sums, ttl)| {
-                let slab = ms(bucket_start(*start, fleet_slab_ms(level)));
-                sums.iter().map(move |(kind, s)| FleetIn {
-                    user_id: user,
-                    level: i32::from(level.tag()),
-                    slab,
-                    start: ms(*start),
-                    device_id: device,
-                    kind,
-                    count: s.summary.count as i64,
-                    writetime: s.summary.count as i64,
-                    ttl: *ttl,
+                sums.iter().map(move |(kind, s)| {
+                    fleet_cell((user, device), level, *start, kind, s.summary.count, *ttl)
                 })
             })
             .collect();
@@ -184,14 +204,9 @@ impl Inner {
                     from_hour: ms(bucket_start(lo, HOUR_MS)),
                     to_hour: ms(hi),
                 };
-                self.session
-                    .execute_iter(self.cql.select_pending_hours.clone(), slice)
-                    .await
-                    .map_err(pager_error)?
-                    .rows_stream::<PendingHourOut>()
-                    .map_err(corrupt)?
+                self.rows::<PendingHourOut>(&self.cql.select_pending_hours, slice)
+                    .await?
                     .map_ok(|r| (r.device_id, r.hour.0))
-                    .map_err(row_error)
                     .try_collect()
                     .await
             })
@@ -201,37 +216,46 @@ impl Inner {
         Ok(parts.into_iter().flatten().collect())
     }
 
-    /// The fleet rows of a user at one level in `[from, to)`, as written.
+    /// The fleet rows of a user at one level in `[from, to)`, as written: each
+    /// partition the range touches is read whole and its cells outside the range
+    /// left out.
     async fn fleet_rows(&self, q: &FleetQuery) -> Result<Vec<FleetCount>, StoreError> {
         let kind = q.kind.as_deref();
+        let len = q.level.ms();
         let parts: Vec<Vec<FleetCount>> =
             stream::iter(slabs(q.from_ms, q.to_ms, fleet_slab_ms(q.level)))
                 .map(|(slab, lo, hi)| async move {
-                    let slice = FleetSliceIn {
+                    let partition = FleetPartitionIn {
                         user_id: q.user_id,
                         level: i32::from(q.level.tag()),
                         slab: ms(slab),
-                        from_start: ms(lo),
-                        to_start: ms(hi),
                     };
-                    self.session
-                        .execute_iter(self.cql.select_fleet.clone(), slice)
-                        .await
-                        .map_err(pager_error)?
-                        .rows_stream::<FleetOut>()
-                        .map_err(corrupt)?
-                        .map_err(row_error)
-                        .try_filter_map(|r| {
-                            let keep = kind.is_none_or(|k| k == r.kind);
-                            futures::future::ready(Ok(keep.then(|| FleetCount {
-                                start_ms: r.start.0,
-                                device_id: r.device_id,
-                                kind: r.kind,
-                                count: r.count.max(0) as u64,
-                            })))
-                        })
-                        .try_collect()
-                        .await
+                    let mut out = Vec::new();
+                    let mut rows = self
+                        .rows::<FleetOut>(&self.cql.select_fleet, partition)
+                        .await?;
+                    while let Some(row) = rows.try_next().await? {
+                        if kind.is_some_and(|k| k != row.kind) {
+                            continue;
+                        }
+                        let FleetOut {
+                            device_id,
+                            kind,
+                            counts,
+                        } = row;
+                        for (index, count) in counts.into_iter().flatten() {
+                            let start_ms = slab + i64::from(index) * len;
+                            if (lo..hi).contains(&start_ms) {
+                                out.push(FleetCount {
+                                    start_ms,
+                                    device_id,
+                                    kind: kind.clone(),
+                                    count: count.max(0) as u64,
+                                });
+                            }
+                        }
+                    }
+                    Ok::<_, StoreError>(out)
                 })
                 .buffered(SLICES)
                 .try_collect()
@@ -301,15 +325,12 @@ impl Inner {
             .try_collect()
             .await?;
         out.extend(lagging.into_iter().flatten());
-        out.sort_by(|a, b| {
-            (a.start_ms, a.device_id, &a.kind).cmp(&(b.start_ms, b.device_id, &b.kind))
-        });
         Ok(Some(out))
     }
 }
 
-/// Fills `fleet_counts`, `pending_by_device` and `pending_by_user` in a keyspace
-/// written before them (`iotpipe migrate`): a fleet row for every count row of
+/// Fills `fleet_series`, `pending_by_device` and `pending_by_user` in a keyspace
+/// written before them (`iotpipe migrate`): a fleet cell for every count row of
 /// `rollups_coarse`, and a mark for every row of the older `pending_minutes` (the
 /// sweep recomputes and deletes it). Rewrites rather than adds, so a build cut short
 /// is simply done again (at worst with a mark twice).
@@ -359,17 +380,14 @@ pub(super) async fn build(
                     .retention
                     .ttl(Tier::Rollup(level), start.0, now)
                     .cql();
-                let row = FleetIn {
-                    user_id,
-                    level: i32::from(level.tag()),
-                    slab: ms(bucket_start(start.0, fleet_slab_ms(level))),
-                    start,
-                    device_id,
-                    kind: &kind,
-                    count,
-                    writetime: count,
+                let row = fleet_cell(
+                    (user_id, device_id),
+                    level,
+                    start.0,
+                    &kind,
+                    count.max(0) as u64,
                     ttl,
-                };
+                );
                 session
                     .execute_unpaged(insert_fleet, row)
                     .await

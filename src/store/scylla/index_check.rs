@@ -10,7 +10,7 @@ use futures::stream::TryStreamExt;
 use scylla::value::CqlTimestamp;
 use uuid::Uuid;
 
-use super::errors::{corrupt, exec_error, pager_error, prepare_error, row_error};
+use super::errors::{corrupt, exec_error, prepare_error};
 use super::rows::ms;
 use super::Inner;
 use crate::model::bucket_start;
@@ -44,14 +44,7 @@ impl Inner {
         .await?;
         let (users, delete) = (&users, &delete);
         let bucket_len = self.settings.bucket_len_ms;
-        let rows = self
-            .session
-            .execute_iter(scan, ())
-            .await
-            .map_err(pager_error)?
-            .rows_stream::<(Uuid, Uuid, CqlTimestamp)>()
-            .map_err(corrupt)?
-            .map_err(row_error);
+        let rows = self.rows::<(Uuid, Uuid, CqlTimestamp)>(&scan, ()).await?;
         // Folded as the rows arrive: the table has a row per event of a device that
         // chose its ids, too many to hold.
         rows.map_ok(|(device, id, ts)| async move {

@@ -23,7 +23,7 @@ use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 
-use super::errors::{corrupt, exec_error, pager_error, row_error};
+use super::errors::exec_error;
 use super::pending::{MinuteKey, DAY_MS, HOUR_MS};
 use super::rows::{ms, CoarseIn, CoarseOut, CoarseSliceIn, PendingOut, PendingRangeIn};
 use super::Inner;
@@ -275,13 +275,8 @@ impl Inner {
                     from_start: ms(from.max(slab)),
                     to_start: ms(to.min(slab + slab_len)),
                 };
-                self.session
-                    .execute_iter(self.cql.select_coarse.clone(), slice)
-                    .await
-                    .map_err(pager_error)?
-                    .rows_stream::<CoarseOut>()
-                    .map_err(corrupt)?
-                    .map_err(row_error)
+                self.rows::<CoarseOut>(&self.cql.select_coarse, slice)
+                    .await?
                     .and_then(|r| {
                         futures::future::ready(rollup_of(
                             r.start.0,
@@ -308,24 +303,13 @@ impl Inner {
         from: i64,
         to: i64,
     ) -> Result<BTreeSet<i64>, StoreError> {
-        let marks: Vec<PendingOut> = self
-            .session
-            .execute_iter(
-                self.cql.select_pending.clone(),
-                PendingRangeIn {
-                    user_id: user,
-                    device_id: device,
-                    from_hour: ms(bucket_start(from, HOUR_MS)),
-                    to_hour: ms(to),
-                },
-            )
-            .await
-            .map_err(pager_error)?
-            .rows_stream::<PendingOut>()
-            .map_err(corrupt)?
-            .map_err(row_error)
-            .try_collect()
-            .await?;
+        let range = PendingRangeIn {
+            user_id: user,
+            device_id: device,
+            from_hour: ms(bucket_start(from, HOUR_MS)),
+            to_hour: ms(to),
+        };
+        let marks: Vec<PendingOut> = self.all_rows(&self.cql.select_pending, range).await?;
         Ok(marks
             .into_iter()
             .flat_map(|m| {

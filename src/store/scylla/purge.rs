@@ -6,9 +6,9 @@
 //! `event_ids` rows (keyed by device and id, so they cannot be found otherwise); the
 //! buckets' days and slabs name the `rollups` and `rollups_coarse` partitions;
 //! `pending_by_device` is one partition per device; `latest` rows are one clustering
-//! prefix of the user's partition; its `fleet_counts` rows and `pending_by_user` marks
-//! are a prefix (interval, device) of the user's partitions, for each hour and day of
-//! its buckets. Everything is removed by partition or prefix
+//! prefix of the user's partition; its `fleet_series` rows are a prefix (device) of the
+//! user's fleet partitions of its buckets' days, and its `pending_by_user` marks a
+//! prefix (hour, device) of the user's partitions, for each hour of its buckets. Everything is removed by partition or prefix
 //! deletes (one tombstone each), except `event_ids` (one per event).
 //!
 //! Order: per bucket, the ids first, then the events partition; the `buckets` index
@@ -26,7 +26,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use scylla::statement::prepared::PreparedStatement;
 use uuid::Uuid;
 
-use super::errors::{corrupt, exec_error, pager_error, prepare_error, row_error};
+use super::errors::{exec_error, prepare_error};
 use super::fleet::fleet_slab_ms;
 use super::levels::slab_ms;
 use super::pending::{DAY_MS, HOUR_MS, HOUR_SLAB_MS};
@@ -85,8 +85,8 @@ impl Inner {
             .await?;
         let delete_fleet = self
             .prepare(format!(
-                "DELETE FROM {ks}.fleet_counts WHERE user_id = ? AND level = ? AND slab = ? \
-                 AND start = ? AND device_id = ?"
+                "DELETE FROM {ks}.fleet_series WHERE user_id = ? AND level = ? AND slab = ? \
+                 AND device_id = ?"
             ))
             .await?;
         let delete_hour_markers = self
@@ -111,21 +111,11 @@ impl Inner {
         let (mut days, mut slabs, mut hours) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
         for bucket in buckets {
             let key = (user, device, ms(bucket));
-            let ids: Vec<Uuid> = self
-                .session
-                .execute_iter(select_ids.clone(), key)
-                .await
-                .map_err(pager_error)?
-                .rows_stream::<(Uuid,)>()
-                .map_err(corrupt)?
-                .map_ok(|(id,)| id)
-                .map_err(row_error)
-                .try_collect()
-                .await?;
+            let ids: Vec<(Uuid,)> = self.all_rows(&select_ids, key).await?;
             events += ids.len() as u64;
             let delete_id = &delete_id;
             stream::iter(ids)
-                .map(|id| async move {
+                .map(|(id,)| async move {
                     let _p = self.permit().await;
                     self.session
                         .execute_unpaged(delete_id, (device, id))
@@ -168,32 +158,20 @@ impl Inner {
                 .map_err(exec_error)?;
         }
         // The device's rows in the user's fleet partitions, and its marks there.
-        let fleet_keys: Vec<(Level, i64)> = hours
+        let fleet_slabs: BTreeSet<(Level, i64)> = days
             .iter()
-            .map(|h| (Level::Hour, *h))
-            .chain(days.iter().map(|d| (Level::Day, *d)))
-            .collect();
-        stream::iter(fleet_keys)
-            .map(|(level, start)| {
-                let values = (
-                    user,
-                    i32::from(level.tag()),
-                    ms(bucket_start(start, fleet_slab_ms(level))),
-                    ms(start),
-                    device,
-                );
-                let delete_fleet = &delete_fleet;
-                async move {
-                    let _p = self.permit().await;
-                    self.session
-                        .execute_unpaged(delete_fleet, values)
-                        .await
-                        .map_err(exec_error)
-                }
+            .flat_map(|day| {
+                [Level::Hour, Level::Day]
+                    .map(|level| (level, bucket_start(*day, fleet_slab_ms(level))))
             })
-            .buffer_unordered(DELETE_FANOUT)
-            .try_collect::<Vec<_>>()
-            .await?;
+            .collect();
+        for (level, slab) in fleet_slabs {
+            let values = (user, i32::from(level.tag()), ms(slab), device);
+            self.session
+                .execute_unpaged(&delete_fleet, values)
+                .await
+                .map_err(exec_error)?;
+        }
         stream::iter(hours)
             .map(|hour| {
                 let values = (user, ms(bucket_start(hour, HOUR_SLAB_MS)), ms(hour), device);

@@ -3,7 +3,6 @@
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 
-use super::errors::{corrupt, pager_error, row_error};
 use super::rows::{
     ms, BucketOut, BucketRangeIn, CountOut, EventOut, LatestOut, MetricOut, SliceBeforeIn, SliceIn,
 };
@@ -34,21 +33,13 @@ impl Inner {
             lo: ms(bucket_start(from_ms, len)),
             hi: ms(bucket_start(to_ms - 1, len)),
         };
-        self.session
-            .execute_iter(self.cql.select_buckets.clone(), range)
-            .await
-            .map_err(pager_error)?
-            .rows_stream::<BucketOut>()
-            .map_err(corrupt)?
-            .map_ok(|b| b.bucket.0)
-            .map_err(row_error)
-            .try_collect()
-            .await
+        let rows: Vec<BucketOut> = self.all_rows(&self.cql.select_buckets, range).await?;
+        Ok(rows.into_iter().map(|b| b.bucket.0).collect())
     }
 
     /// Up to `limit` events of one bucket, newest first.
     async fn list_bucket(&self, q: &ListQuery, bucket: i64) -> Result<Vec<Event>, StoreError> {
-        let pager = match q.before.filter(|p| p.ts_ms < q.to_ms) {
+        let rows = match q.before.filter(|p| p.ts_ms < q.to_ms) {
             Some(p) => {
                 let v = SliceBeforeIn {
                     user_id: q.user_id,
@@ -57,9 +48,7 @@ impl Inner {
                     before_ts: ms(p.ts_ms),
                     before_id: p.id,
                 };
-                self.session
-                    .execute_iter(self.cql.list_before.clone(), v)
-                    .await
+                self.rows::<EventOut>(&self.cql.list_before, v).await?
             }
             None => {
                 let v = SliceIn {
@@ -69,18 +58,11 @@ impl Inner {
                     from_ts: ms(q.from_ms),
                     to_ts: ms(q.to_ms),
                 };
-                self.session
-                    .execute_iter(self.cql.list_slice.clone(), v)
-                    .await
+                self.rows::<EventOut>(&self.cql.list_slice, v).await?
             }
         };
-        let rows = pager
-            .map_err(pager_error)?
-            .rows_stream::<EventOut>()
-            .map_err(corrupt)?;
-        rows.map_err(row_error)
-            // Newest first: the first row older than `from` ends the bucket's slice.
-            .try_take_while(|r| futures::future::ready(Ok(r.ts.0 >= q.from_ms)))
+        // Newest first: the first row older than `from` ends the bucket's slice.
+        rows.try_take_while(|r| futures::future::ready(Ok(r.ts.0 >= q.from_ms)))
             .try_filter(|r| futures::future::ready(q.kind.as_deref().is_none_or(|k| k == r.kind)))
             .take(q.limit)
             .map_ok(|r| Event {
@@ -125,14 +107,11 @@ impl Inner {
         let kind_ok = |k: &str| q.kind.as_deref().is_none_or(|want| want == k);
         match &q.metric {
             Some(metric) => {
-                let pager = self
-                    .session
-                    .execute_iter(self.cql.metric_slice.clone(), slice)
-                    .await
-                    .map_err(pager_error)?;
-                let mut rows = pager.rows_stream::<MetricOut>().map_err(corrupt)?;
+                let mut rows = self
+                    .rows::<MetricOut>(&self.cql.metric_slice, slice)
+                    .await?;
                 let mut out = Vec::new();
-                while let Some(r) = rows.try_next().await.map_err(row_error)? {
+                while let Some(r) = rows.try_next().await? {
                     let value = r.metrics.as_ref().and_then(|m| m.get(metric).copied());
                     if let (true, Some(v)) = (kind_ok(&r.kind), value) {
                         out.push(Point {
@@ -145,14 +124,9 @@ impl Inner {
                 Ok(out)
             }
             None => {
-                let pager = self
-                    .session
-                    .execute_iter(self.cql.count_slice.clone(), slice)
-                    .await
-                    .map_err(pager_error)?;
-                let mut rows = pager.rows_stream::<CountOut>().map_err(corrupt)?;
+                let mut rows = self.rows::<CountOut>(&self.cql.count_slice, slice).await?;
                 let mut out = Vec::new();
-                while let Some(r) = rows.try_next().await.map_err(row_error)? {
+                while let Some(r) = rows.try_next().await? {
                     if kind_ok(&r.kind) {
                         out.push(Point {
                             ts_ms: r.ts.0,
@@ -184,30 +158,18 @@ impl Inner {
         user: UserId,
         device: Option<DeviceId>,
     ) -> Result<Vec<Latest>, StoreError> {
-        let pager = match device {
-            Some(d) => {
-                self.session
-                    .execute_iter(self.cql.select_device_latest.clone(), (user, d))
-                    .await
-            }
-            None => {
-                self.session
-                    .execute_iter(self.cql.select_latest.clone(), (user,))
-                    .await
-            }
+        let rows: Vec<LatestOut> = match device {
+            Some(d) => (self.all_rows(&self.cql.select_device_latest, (user, d))).await?,
+            None => self.all_rows(&self.cql.select_latest, (user,)).await?,
         };
-        pager
-            .map_err(pager_error)?
-            .rows_stream::<LatestOut>()
-            .map_err(corrupt)?
-            .map_ok(|r| Latest {
+        Ok(rows
+            .into_iter()
+            .map(|r| Latest {
                 device_id: r.device_id,
                 metric: r.metric,
                 ts_ms: r.ts.0,
                 value: r.value,
             })
-            .map_err(row_error)
-            .try_collect()
-            .await
+            .collect())
     }
 }

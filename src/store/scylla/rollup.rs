@@ -41,9 +41,8 @@ use std::time::Duration;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 
-use super::errors::{corrupt, pager_error, row_error};
 use super::levels::rollup_of;
-use scylla::deserialize::row::DeserializeRow;
+use super::paged::Row;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::pending::{HourKey, MinuteKey, Pending, DAY_MS};
@@ -215,22 +214,14 @@ impl Inner {
 
     /// The rows of a mark table (`scan`) made before `cutoff` that this instance
     /// does not hold, `mark` naming each row's mark.
-    pub(super) async fn old_marks<T>(
+    pub(super) async fn old_marks<T: Row>(
         &self,
         scan: &PreparedStatement,
         cutoff: i64,
         mark: impl Fn(&T) -> (HourKey, uuid::Uuid),
-    ) -> Result<Vec<T>, StoreError>
-    where
-        T: for<'f, 'm> DeserializeRow<'f, 'm> + 'static,
-    {
-        self.session
-            .execute_iter(scan.clone(), ())
-            .await
-            .map_err(pager_error)?
-            .rows_stream::<T>()
-            .map_err(corrupt)?
-            .map_err(row_error)
+    ) -> Result<Vec<T>, StoreError> {
+        self.rows::<T>(scan, ())
+            .await?
             .try_filter(|r| {
                 // Marks are UUIDv7: their time is when the mark was made.
                 let (key, marker) = mark(r);
@@ -364,13 +355,9 @@ impl Inner {
             };
             let _p = self.permit().await;
             let mut rows = self
-                .session
-                .execute_iter(self.cql.metric_slice.clone(), slice)
-                .await
-                .map_err(pager_error)?
-                .rows_stream::<MetricOut>()
-                .map_err(corrupt)?;
-            while let Some(r) = rows.try_next().await.map_err(row_error)? {
+                .rows::<MetricOut>(&self.cql.metric_slice, slice)
+                .await?;
+            while let Some(r) = rows.try_next().await? {
                 // Events of minutes between the run's that are not due are skipped.
                 if let Ok(i) = minutes.binary_search(&bucket_start(r.ts.0, ROLLUP_MS)) {
                     add_event(&mut out[i], r.kind, r.metrics.unwrap_or_default());
@@ -452,13 +439,8 @@ impl Inner {
                     from_minute: ms(from.max(day)),
                     to_minute: ms(to.min(day + DAY_MS)),
                 };
-                self.session
-                    .execute_iter(self.cql.select_rollups.clone(), slice)
-                    .await
-                    .map_err(pager_error)?
-                    .rows_stream::<RollupOut>()
-                    .map_err(corrupt)?
-                    .map_err(row_error)
+                self.rows::<RollupOut>(&self.cql.select_rollups, slice)
+                    .await?
                     .and_then(|r| {
                         futures::future::ready(rollup_of(
                             r.minute.0,

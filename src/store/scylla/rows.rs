@@ -2,7 +2,7 @@
 //! the columns (and named bind markers); the unit tests check them against
 //! `cql/schema.cql`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use scylla::value::CqlTimestamp;
 use scylla::{DeserializeRow, SerializeRow};
@@ -324,38 +324,38 @@ pub(super) struct PendingOut {
     pub minutes: Option<Vec<i32>>,
 }
 
-/// A row of `fleet_counts`, as written; `writetime` is its count.
+/// One cell of `fleet_series`, as written; `writetime` is its count, `index` the
+/// interval's place in its partition.
 #[derive(Debug, SerializeRow)]
 #[scylla(flavor = "enforce_order", skip_name_checks)]
 pub(super) struct FleetIn<'a> {
-    pub user_id: i64,
-    pub level: i32,
-    pub slab: CqlTimestamp,
-    pub start: CqlTimestamp,
-    pub device_id: Uuid,
-    pub kind: &'a str,
-    pub count: i64,
     pub writetime: i64,
     pub ttl: i32,
-}
-
-/// One partition of `fleet_counts` in `[from_start, to_start)`.
-#[derive(Debug, SerializeRow)]
-pub(super) struct FleetSliceIn {
+    pub index: i32,
+    pub count: i64,
     pub user_id: i64,
     pub level: i32,
     pub slab: CqlTimestamp,
-    pub from_start: CqlTimestamp,
-    pub to_start: CqlTimestamp,
+    pub device_id: Uuid,
+    pub kind: &'a str,
+}
+
+/// One partition of `fleet_series`.
+#[derive(Debug, SerializeRow)]
+#[scylla(flavor = "enforce_order", skip_name_checks)]
+pub(super) struct FleetPartitionIn {
+    pub user_id: i64,
+    pub level: i32,
+    pub slab: CqlTimestamp,
 }
 
 #[derive(Debug, DeserializeRow)]
 pub(super) struct FleetOut {
-    pub start: CqlTimestamp,
     pub device_id: Uuid,
     #[scylla(rename = "type")]
     pub kind: String,
-    pub count: i64,
+    /// None once every cell has expired or been deleted.
+    pub counts: Option<HashMap<i32, i64>>,
 }
 
 /// A row of `pending_by_user`, written, deleted and scanned whole.

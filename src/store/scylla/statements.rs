@@ -136,18 +136,20 @@ impl Cql {
              AND hour >= :from_hour AND hour < :to_hour"
         )
     }
-    /// Written beside each count row of `rollups_coarse`, with the same write time.
+    /// One cell of a fleet row, written beside a count row of `rollups_coarse` with
+    /// the same write time.
     pub(super) fn insert_fleet(ks: &str) -> String {
         format!(
-            "INSERT INTO {ks}.fleet_counts (user_id, level, slab, start, device_id, type, count) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?"
+            "UPDATE {ks}.fleet_series USING TIMESTAMP ? AND TTL ? SET counts[?] = ? \
+             WHERE user_id = ? AND level = ? AND slab = ? AND device_id = ? AND type = ?"
         )
     }
+    /// A whole fleet partition: its rows are devices, not intervals, so a part of it
+    /// is cut from the cells.
     pub(super) fn select_fleet(ks: &str) -> String {
         format!(
-            "SELECT start, device_id, type, count FROM {ks}.fleet_counts \
-             WHERE user_id = :user_id AND level = :level AND slab = :slab \
-             AND start >= :from_start AND start < :to_start"
+            "SELECT device_id, type, counts FROM {ks}.fleet_series \
+             WHERE user_id = ? AND level = ? AND slab = ?"
         )
     }
     pub(super) fn insert_pending_hour(ks: &str) -> String {

@@ -211,20 +211,7 @@ pub(super) fn specs(cql: &str) -> (Vec<ColumnSpec<'static>>, Vec<ColumnSpec<'sta
         for (c, m) in columns.iter().zip(markers) {
             binds.push(spec(&marker_name(m, c), c));
         }
-        // `USING TIMESTAMP ?` binds a bigint and `TTL ?` an int, named as the server
-        // names them.
-        for pair in t[using..].windows(2).filter(|w| is_marker(&w[1])) {
-            let (name, kind) = match pair[0].to_ascii_uppercase().as_str() {
-                "TIMESTAMP" => ("[timestamp]", NativeType::BigInt),
-                "TTL" => ("[ttl]", NativeType::Int),
-                other => panic!("{cql}: USING {other} ?"),
-            };
-            binds.push(ColumnSpec::owned(
-                name.into(),
-                ColumnType::Native(kind),
-                TableSpec::owned(KS.into(), table.clone()),
-            ));
-        }
+        binds.extend(using_binds(cql, &t[using..], &table));
     } else {
         if t[0].eq_ignore_ascii_case("SELECT") {
             let from = pos("FROM").unwrap();
@@ -233,14 +220,36 @@ pub(super) fn specs(cql: &str) -> (Vec<ColumnSpec<'static>>, Vec<ColumnSpec<'sta
             }
         }
         if t[0].eq_ignore_ascii_case("UPDATE") {
-            // `SET a = :a, b = b + :b`: each marker binds the column assigned.
             let (set, wher) = (pos("SET").unwrap(), pos("WHERE").unwrap());
-            let mut column = "";
+            binds.extend(using_binds(cql, &t[2..set], &table));
+            // `SET a = :a, b = b + :b, m[?] = ?`: each marker binds the column
+            // assigned, or its map's key type inside the brackets and its value
+            // type after them.
+            let (mut column, mut element) = ("", false);
             for k in set + 1..wher {
-                if t[k + 1] == "=" && !is_marker(&t[k]) {
-                    column = &t[k];
+                if t[k + 1] == "[" {
+                    (column, element) = (&t[k], true);
+                } else if t[k + 1] == "=" && !is_marker(&t[k]) && t[k] != "]" {
+                    (column, element) = (&t[k], false);
                 } else if is_marker(&t[k]) {
-                    binds.push(spec(&marker_name(&t[k], column), column));
+                    let spec = spec(&marker_name(&t[k], column), column);
+                    binds.push(match (element, spec.typ()) {
+                        (
+                            true,
+                            ColumnType::Collection {
+                                typ: CollectionType::Map(key, value),
+                                ..
+                            },
+                        ) => {
+                            let typ = if t[k - 1] == "[" { key } else { value };
+                            ColumnSpec::owned(
+                                spec.name().to_owned(),
+                                typ.as_ref().clone(),
+                                TableSpec::owned(KS.into(), table.clone()),
+                            )
+                        }
+                        _ => spec,
+                    });
                 }
             }
         }
@@ -270,6 +279,27 @@ pub(super) fn specs(cql: &str) -> (Vec<ColumnSpec<'static>>, Vec<ColumnSpec<'sta
         }
     }
     (binds, results)
+}
+
+/// The markers of a `USING TIMESTAMP ? AND TTL ?` clause (`tokens`): a bigint and an
+/// int, named as the server names them.
+fn using_binds(cql: &str, tokens: &[String], table: &str) -> Vec<ColumnSpec<'static>> {
+    tokens
+        .windows(2)
+        .filter(|w| is_marker(&w[1]))
+        .map(|pair| {
+            let (name, kind) = match pair[0].to_ascii_uppercase().as_str() {
+                "TIMESTAMP" => ("[timestamp]", NativeType::BigInt),
+                "TTL" => ("[ttl]", NativeType::Int),
+                other => panic!("{cql}: USING {other} ?"),
+            };
+            ColumnSpec::owned(
+                name.into(),
+                ColumnType::Native(kind),
+                TableSpec::owned(KS.into(), table.to_owned()),
+            )
+        })
+        .collect()
 }
 
 pub(super) fn check_bind<T: SerializeRow>(cql: &str, row: &T) -> Result<usize, String> {

@@ -54,7 +54,7 @@ fn the_schema_parses_into_its_tables() {
             "buckets",
             "event_ids",
             "events",
-            "fleet_counts",
+            "fleet_series",
             "latest",
             "meta",
             "pending_by_device",
@@ -274,25 +274,23 @@ fn every_bound_row_type_serializes_against_the_schema() {
         check_bind(
             &Cql::insert_fleet(KS),
             &FleetIn {
+                writetime: 3,
+                ttl: 0,
+                index: 23,
+                count: 3,
                 user_id: 1,
                 level: 1,
                 slab: t,
-                start: t,
                 device_id: d,
                 kind: "telemetry",
-                count: 3,
-                writetime: 3,
-                ttl: 0,
             },
         ),
         check_bind(
             &Cql::select_fleet(KS),
-            &FleetSliceIn {
+            &FleetPartitionIn {
                 user_id: 1,
                 level: 2,
                 slab: t,
-                from_start: t,
-                to_start: t,
             },
         ),
         check_bind(&Cql::insert_pending_hour(KS), &hour),
@@ -481,7 +479,7 @@ fn the_schema_is_filled_from_the_settings() {
     };
     assert_eq!(ttl_of("rollups"), "604800");
     assert_eq!(ttl_of("rollups_coarse"), "31536000");
-    assert_eq!(ttl_of("fleet_counts"), "31536000");
+    assert_eq!(ttl_of("fleet_series"), "31536000");
     let alters = super::schema::tier_ttl_statements(&settings);
     assert!(alters.contains(
         &"ALTER TABLE metrics_prod.event_ids WITH default_time_to_live = 86400".to_owned()
