@@ -1,12 +1,11 @@
 //! Aggregates: a device's windows, and counts grouped over a fleet, read along the
 //! plan (`plan.rs`) from whatever each store keeps.
 
-use std::collections::{HashMap, HashSet};
-
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use futures::FutureExt;
 
+use super::groups::{GroupBy, GroupCount, Tally};
 use super::plan::{plan, refine, Segment, Source};
 use super::windows::{Grid, Window, Windows};
 use super::{Range, Scope};
@@ -256,28 +255,6 @@ pub async fn last_value_before(
     Ok(None)
 }
 
-/// What grouped aggregates group by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
-#[schema(rename_all = "lowercase")]
-pub enum GroupBy {
-    Type,
-    Device,
-}
-
-/// One (window, group) count.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupCount {
-    pub start_ms: i64,
-    pub group: String,
-    pub count: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Group {
-    Device(DeviceId),
-    Type(String),
-}
-
 /// Counts per window and group over several devices, sorted by window then group.
 ///
 /// Hour and day pieces come from the store's fleet rows in one read each, where it
@@ -296,17 +273,7 @@ pub async fn grouped_counts(
     group_by: GroupBy,
     kind: Option<String>,
 ) -> Result<Vec<GroupCount>, StoreError> {
-    let mut counts: HashMap<(usize, Group), u64> = HashMap::new();
-    let mut add = |at_ms: i64, device: DeviceId, kind: Option<String>, n: u64| {
-        if let Some(w) = grid.slot(at_ms) {
-            let group = match group_by {
-                GroupBy::Device => Group::Device(device),
-                GroupBy::Type => Group::Type(kind.unwrap_or_default()),
-            };
-            *counts.entry((w, group)).or_default() += n;
-        }
-    };
-    let wanted: HashSet<DeviceId> = devices.iter().copied().collect();
+    let mut tally = Tally::new(&grid, group_by, devices);
     let mut per_device = Vec::new();
     for segment in plan(&grid, range) {
         let level = match segment.source {
@@ -325,8 +292,8 @@ pub async fn grouped_counts(
         };
         match scope.store.fleet_counts(q).await? {
             Some(rows) => {
-                for r in rows.into_iter().filter(|r| wanted.contains(&r.device_id)) {
-                    add(r.start_ms, r.device_id, Some(r.kind), r.count);
+                for r in rows {
+                    tally.add(r.start_ms, r.device_id, Some(&r.kind), r.count);
                 }
             }
             None => per_device.push(segment),
@@ -353,23 +320,9 @@ pub async fn grouped_counts(
             .buffer_unordered(READ_CONCURRENCY / 2);
         while let Some((device, pieces)) = reads.try_next().await? {
             for p in pieces {
-                add(p.at_ms, device, p.kind, p.summary.count);
+                tally.add(p.at_ms, device, p.kind.as_deref(), p.summary.count);
             }
         }
     }
-    // Sorted before the groups become strings: a device id orders as its text does.
-    let mut counts: Vec<((usize, Group), u64)> = counts.into_iter().collect();
-    counts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let mut names: HashMap<DeviceId, String> = HashMap::new();
-    Ok(counts
-        .into_iter()
-        .map(|((w, group), count)| GroupCount {
-            start_ms: grid.window(w).0,
-            group: match group {
-                Group::Device(d) => names.entry(d).or_insert_with(|| d.to_string()).clone(),
-                Group::Type(t) => t,
-            },
-            count,
-        })
-        .collect())
+    Ok(tally.finish())
 }

@@ -7,7 +7,8 @@
 //!   (day, hour, minute) and the ragged edges from raw events; a store that keeps no
 //!   rollups at some level is read at the finer ones, down to raw events.
 //! - Grouped aggregates read the stores' fleet rows, one row per device per window,
-//!   where they keep them (`aggregate.rs`).
+//!   where they keep them (`aggregate.rs`), and sum them per window and group
+//!   (`groups.rs`).
 //! - Raw scans fan out in parallel over chunks of the range that follow partition
 //!   (bucket) boundaries.
 //! - Empty windows are left out, or filled as asked (`fill.rs`).
@@ -15,6 +16,7 @@
 pub mod aggregate;
 pub mod export;
 pub mod fill;
+mod groups;
 pub mod latest;
 pub mod params;
 pub mod plan;
@@ -22,7 +24,8 @@ pub mod routes;
 pub mod totals;
 pub mod windows;
 
-pub use aggregate::{device_aggregate, grouped_counts, AggregateFilter, GroupBy, GroupCount};
+pub use aggregate::{device_aggregate, grouped_counts, AggregateFilter};
+pub use groups::{GroupBy, GroupCount};
 pub use windows::{Grid, Window, Windows};
 
 use crate::model::{bucket_start, UserId, MIN_TS_MS, QUERY_AHEAD_MS};
