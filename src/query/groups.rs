@@ -146,6 +146,11 @@ mod tests {
         )
     }
 
+    fn answer(t: Tally<'_>) -> Vec<(i64, String, u64)> {
+        let counts = t.finish().into_iter();
+        counts.map(|c| (c.start_ms, c.group, c.count)).collect()
+    }
+
     #[test]
     fn devices_come_out_by_window_then_id_and_only_if_wanted() {
         let (a, b, gone) = (
@@ -162,11 +167,7 @@ mod tests {
         t.add(10, a, None, 4);
         t.add(10, gone, Some("x"), 100);
         t.add(300, a, Some("x"), 100);
-        let got: Vec<(i64, String, u64)> = t
-            .finish()
-            .into_iter()
-            .map(|c| (c.start_ms, c.group, c.count))
-            .collect();
+        let got = answer(t);
         assert_eq!(
             got,
             [
@@ -186,11 +187,7 @@ mod tests {
         t.add(120, d, Some("a"), 2);
         t.add(130, d, Some("z"), 3);
         t.add(140, d, None, 4);
-        let got: Vec<(i64, String, u64)> = t
-            .finish()
-            .into_iter()
-            .map(|c| (c.start_ms, c.group, c.count))
-            .collect();
+        let got = answer(t);
         assert_eq!(
             got,
             [
