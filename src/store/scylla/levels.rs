@@ -30,7 +30,7 @@ use super::Inner;
 use crate::model::{bucket_start, now_ms, DeviceId, UserId};
 use crate::store::retention::Tier;
 use crate::store::rollup::Stats;
-use crate::store::{Level, Rollup, RollupQuery, Sketch, StoreError, Summary};
+use crate::store::{Level, Rollup, RollupQuery, Sketch, StoreError};
 
 /// Hour rows are partitioned by 28 days (672 hours of a metric), day rows by 3,640
 /// days: both multiples of a day, so a day's hours lie in one partition.
@@ -49,26 +49,6 @@ const BATCH_ROWS: usize = 64;
 
 /// Summaries by type.
 pub(super) type ByType = BTreeMap<String, Stats>;
-
-/// A rollup from a stored row's columns.
-pub(super) fn rollup_of(
-    start_ms: i64,
-    kind: String,
-    (count, min, max, sum): (i64, f64, f64, f64),
-    sketch: Option<Vec<u8>>,
-) -> Result<Rollup, StoreError> {
-    Ok(Rollup {
-        start_ms,
-        kind,
-        summary: Summary {
-            count: count.max(0) as u64,
-            min,
-            max,
-            sum,
-        },
-        sketch: sketch.as_deref().map(Sketch::from_bytes).transpose()?,
-    })
-}
 
 /// Sums rows by type.
 fn by_type(rows: Vec<Rollup>) -> ByType {
@@ -275,17 +255,7 @@ impl Inner {
                     from_start: ms(from.max(slab)),
                     to_start: ms(to.min(slab + slab_len)),
                 };
-                self.rows::<CoarseOut>(&self.cql.select_coarse, slice)
-                    .await?
-                    .and_then(|r| {
-                        futures::future::ready(rollup_of(
-                            r.start.0,
-                            r.kind,
-                            (r.count, r.min, r.max, r.sum),
-                            r.sketch,
-                        ))
-                    })
-                    .try_collect()
+                self.rollup_rows::<CoarseOut>(&self.cql.select_coarse, slice)
                     .await
             })
             .buffered(4)

@@ -9,8 +9,9 @@ use scylla::serialize::row::SerializeRow;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::errors::{corrupt, pager_error, row_error};
+use super::rows::SummaryRow;
 use super::Inner;
-use crate::store::StoreError;
+use crate::store::{Rollup, StoreError};
 
 /// A row type read from a paged answer: owned, since pages are dropped as they go.
 pub(super) trait Row: for<'f, 'm> DeserializeRow<'f, 'm> + 'static {}
@@ -36,6 +37,18 @@ impl Inner {
             .rows_stream::<T>()
             .map_err(corrupt)?
             .map_err(row_error as fn(NextRowError) -> StoreError))
+    }
+
+    /// The summary rows `statement` answers for `values`, as rollups.
+    pub(super) async fn rollup_rows<T: Row + SummaryRow>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+    ) -> Result<Vec<Rollup>, StoreError> {
+        let rows = self.rows::<T>(statement, values).await?;
+        rows.and_then(|r| futures::future::ready(r.into_rollup()))
+            .try_collect()
+            .await
     }
 
     /// All the rows `statement` answers for `values`.

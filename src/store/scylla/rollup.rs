@@ -41,7 +41,6 @@ use std::time::Duration;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 
-use super::levels::rollup_of;
 use super::paged::Row;
 use scylla::statement::prepared::PreparedStatement;
 
@@ -439,17 +438,7 @@ impl Inner {
                     from_minute: ms(from.max(day)),
                     to_minute: ms(to.min(day + DAY_MS)),
                 };
-                self.rows::<RollupOut>(&self.cql.select_rollups, slice)
-                    .await?
-                    .and_then(|r| {
-                        futures::future::ready(rollup_of(
-                            r.minute.0,
-                            r.kind,
-                            (r.count, r.min, r.max, r.sum),
-                            r.sketch,
-                        ))
-                    })
-                    .try_collect::<Vec<_>>()
+                self.rollup_rows::<RollupOut>(&self.cql.select_rollups, slice)
                     .await
             })
             .buffered(4)

@@ -9,6 +9,7 @@ use scylla::{DeserializeRow, SerializeRow};
 use uuid::Uuid;
 
 use crate::model::{bucket_start, Event, Record};
+use crate::store::{Rollup, Sketch, StoreError, Summary};
 
 /// A row of `events`, as written.
 #[derive(Debug, SerializeRow)]
@@ -316,6 +317,45 @@ pub(super) struct CoarseOut {
     pub max: f64,
     pub sum: f64,
     pub sketch: Option<Vec<u8>>,
+}
+
+/// A stored summary row (`rollups` or `rollups_coarse`), read as a [`Rollup`].
+pub(super) trait SummaryRow {
+    fn into_rollup(self) -> Result<Rollup, StoreError>;
+}
+
+impl SummaryRow for RollupOut {
+    fn into_rollup(self) -> Result<Rollup, StoreError> {
+        let figures = (self.count, self.min, self.max, self.sum);
+        rollup_of(self.minute.0, self.kind, figures, self.sketch)
+    }
+}
+
+impl SummaryRow for CoarseOut {
+    fn into_rollup(self) -> Result<Rollup, StoreError> {
+        let figures = (self.count, self.min, self.max, self.sum);
+        rollup_of(self.start.0, self.kind, figures, self.sketch)
+    }
+}
+
+/// A rollup from a stored row's columns.
+pub(super) fn rollup_of(
+    start_ms: i64,
+    kind: String,
+    (count, min, max, sum): (i64, f64, f64, f64),
+    sketch: Option<Vec<u8>>,
+) -> Result<Rollup, StoreError> {
+    Ok(Rollup {
+        start_ms,
+        kind,
+        summary: Summary {
+            count: count.max(0) as u64,
+            min,
+            max,
+            sum,
+        },
+        sketch: sketch.as_deref().map(Sketch::from_bytes).transpose()?,
+    })
 }
 
 #[derive(Debug, DeserializeRow)]
