@@ -8,8 +8,9 @@
 //! `pending_by_device` is one partition per device; `latest` rows are one clustering
 //! prefix of the user's partition; its `fleet_series` rows are a prefix (device) of the
 //! user's fleet partitions of its buckets' days, and its `pending_by_user` marks a
-//! prefix (hour, device) of the user's partitions, for each hour of its buckets. Everything is removed by partition or prefix
-//! deletes (one tombstone each), except `event_ids` (one per event).
+//! prefix (hour, device) of the user's partitions, for each hour of its buckets.
+//! Everything is removed by partition or prefix deletes (one tombstone each), except
+//! `event_ids` (one per event).
 //!
 //! Order: per bucket, the ids first, then the events partition; the `buckets` index
 //! last. A purge that stops half-way is therefore found again and finished by the

@@ -339,7 +339,7 @@ impl SummaryRow for CoarseOut {
 }
 
 /// A rollup from a stored row's columns.
-pub(super) fn rollup_of(
+fn rollup_of(
     start_ms: i64,
     kind: String,
     (count, min, max, sum): (i64, f64, f64, f64),

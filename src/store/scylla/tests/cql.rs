@@ -190,11 +190,7 @@ pub(super) fn specs(cql: &str) -> (Vec<ColumnSpec<'static>>, Vec<ColumnSpec<'sta
             .get(col)
             .unwrap_or_else(|| panic!("column {table}.{col} is not in cql/schema.cql"))
             .clone();
-        ColumnSpec::owned(
-            name.to_owned(),
-            typ,
-            TableSpec::owned(KS.into(), table.clone()),
-        )
+        bind_spec(name, typ, &table)
     };
     let marker_name = |m: &str, col: &str| m.strip_prefix(':').unwrap_or(col).to_owned();
     let mut binds = Vec::new();
@@ -242,11 +238,7 @@ pub(super) fn specs(cql: &str) -> (Vec<ColumnSpec<'static>>, Vec<ColumnSpec<'sta
                             },
                         ) => {
                             let typ = if t[k - 1] == "[" { key } else { value };
-                            ColumnSpec::owned(
-                                spec.name().to_owned(),
-                                typ.as_ref().clone(),
-                                TableSpec::owned(KS.into(), table.clone()),
-                            )
+                            bind_spec(spec.name(), typ.as_ref().clone(), &table)
                         }
                         _ => spec,
                     });
@@ -293,13 +285,18 @@ fn using_binds(cql: &str, tokens: &[String], table: &str) -> Vec<ColumnSpec<'sta
                 "TTL" => ("[ttl]", NativeType::Int),
                 other => panic!("{cql}: USING {other} ?"),
             };
-            ColumnSpec::owned(
-                name.into(),
-                ColumnType::Native(kind),
-                TableSpec::owned(KS.into(), table.to_owned()),
-            )
+            bind_spec(name, ColumnType::Native(kind), table)
         })
         .collect()
+}
+
+/// The spec of a marker or column `name` of type `typ` in `table` of the test keyspace.
+fn bind_spec(name: &str, typ: ColumnType<'static>, table: &str) -> ColumnSpec<'static> {
+    ColumnSpec::owned(
+        name.to_owned(),
+        typ,
+        TableSpec::owned(KS.into(), table.to_owned()),
+    )
 }
 
 pub(super) fn check_bind<T: SerializeRow>(cql: &str, row: &T) -> Result<usize, String> {
