@@ -3,12 +3,14 @@
 //! Cassandra or ScyllaDB node with `IOTPIPE_TEST_SCYLLA=host:port`), in a fresh random
 //! keyspace that is dropped afterwards. The wide-column store's own tests (rollups
 //! under concurrent writers and crashes) are in `store/cassandra.rs`, `iotpipe migrate`'s
-//! in `store/cassandra_migrate.rs`.
+//! in `store/cassandra_migrate.rs`, sparse minutes' in `store/cassandra_sparse.rs`.
 
 #[path = "store/cassandra.rs"]
 mod cassandra;
 #[path = "store/cassandra_migrate.rs"]
 mod cassandra_migrate;
+#[path = "store/cassandra_sparse.rs"]
+mod cassandra_sparse;
 #[path = "store/levels.rs"]
 mod levels;
 #[path = "store/retention.rs"]

@@ -117,6 +117,17 @@ impl Retention {
         Some(now_ms - keep - tier.len_ms() + 1)
     }
 
+    /// Does every event stay visible at least as long as the row of `level` that
+    /// covers it? Then a store may keep an interval of few events as just its events.
+    pub fn events_outlive(&self, level: Level) -> bool {
+        match (self.keep_ms(Tier::Raw), self.keep_ms(Tier::Rollup(level))) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            // An event at the start of the interval expires first.
+            (Some(raw), Some(rollup)) => raw >= rollup + level.ms(),
+        }
+    }
+
     /// Is an event at `ts_ms` already expired at `now_ms`?
     pub fn is_expired(&self, ts_ms: i64, now_ms: i64) -> bool {
         self.first_visible(Tier::Raw, now_ms)

@@ -189,7 +189,11 @@ pub(crate) async fn fleet_at(
 
 /// Both metrics of a device's first two days, at every level, read through `store`,
 /// are those of `truth`.
-async fn assert_levels(store: &dyn EventStore, (user, device): (i64, Uuid), truth: &[Event]) {
+pub(crate) async fn assert_levels(
+    store: &dyn EventStore,
+    (user, device): (i64, Uuid),
+    truth: &[Event],
+) {
     for metric in ["", "temp"] {
         for level in [Level::Minute, Level::Hour, Level::Day] {
             let got = rollups_at(level, store, user, device, metric, DAY0, DAY0 + 2 * DAY).await;

@@ -25,12 +25,14 @@ use scylla::statement::prepared::PreparedStatement;
 
 use super::errors::exec_error;
 use super::pending::{MinuteKey, DAY_MS, HOUR_MS};
-use super::rows::{ms, CoarseIn, CoarseOut, CoarseSliceIn, PendingOut, PendingRangeIn};
+use super::rows::{
+    ms, sketch_column, CoarseIn, CoarseOut, CoarseSliceIn, PendingOut, PendingRangeIn,
+};
 use super::Inner;
 use crate::model::{bucket_start, now_ms, DeviceId, UserId};
 use crate::store::retention::Tier;
 use crate::store::rollup::Stats;
-use crate::store::{Level, Rollup, RollupQuery, Sketch, StoreError};
+use crate::store::{Level, Rollup, RollupQuery, StoreError};
 
 /// Hour rows are partitioned by 28 days (672 hours of a metric), day rows by 3,640
 /// days: both multiples of a day, so a day's hours lie in one partition.
@@ -67,10 +69,11 @@ impl Inner {
     /// metrics each carries. Returns the minutes whose hour or day failed: their
     /// markers must stay for the sweep.
     ///
-    /// The due hours of one device, metric and day are recomputed together: one slice
-    /// of the finer rows covering them, one batch of hour rows, one of fleet rows. A
-    /// fleet device sending once a minute makes every hour of its day due at once,
-    /// and one request per hour was most of the cost of catching up.
+    /// The due hours of one device and day are recomputed together, every metric at
+    /// once: one slice of the finer rows per metric, one of the sparse minutes'
+    /// events (`sparse.rs`), one batch of hour rows, one of fleet rows. A fleet device
+    /// sending once a minute makes every hour of its day due at once, and one request
+    /// per hour was most of the cost of catching up.
     pub(super) async fn recompute_levels(
         &self,
         minutes: &[(MinuteKey, BTreeSet<String>)],
@@ -83,25 +86,23 @@ impl Inner {
                 Level::Hour => DAY_MS,
                 _ => level.ms(),
             };
-            // (user, device, group, metric) -> interval start -> the minutes that
-            // wait on it.
-            type Work = BTreeMap<(UserId, DeviceId, i64, String), BTreeMap<i64, Vec<MinuteKey>>>;
-            let mut work = Work::new();
+            // (user, device, group) -> the metrics of its due minutes, and by interval
+            // start the minutes that wait on it.
+            type Due = (BTreeSet<String>, BTreeMap<i64, Vec<MinuteKey>>);
+            let mut work = BTreeMap::<(UserId, DeviceId, i64), Due>::new();
             for (key, metrics) in minutes {
                 let (user, device, minute) = *key;
-                for metric in metrics {
-                    let group = (user, device, bucket_start(minute, group_ms), metric.clone());
-                    (work.entry(group).or_default())
-                        .entry(bucket_start(minute, level.ms()))
-                        .or_default()
-                        .push(*key);
-                }
+                let (all, due) = work
+                    .entry((user, device, bucket_start(minute, group_ms)))
+                    .or_default();
+                all.extend(metrics.iter().cloned());
+                (due.entry(bucket_start(minute, level.ms())).or_default()).push(*key);
             }
             let results: Vec<_> = stream::iter(work)
-                .map(|((user, device, _, metric), due)| async move {
+                .map(|((user, device, _), (metrics, due))| async move {
                     let starts: Vec<i64> = due.keys().copied().collect();
                     let r = self
-                        .recompute_intervals((user, device), level, &starts, &metric)
+                        .recompute_intervals((user, device), level, &starts, &metrics)
                         .await;
                     (r, due)
                 })
@@ -119,73 +120,92 @@ impl Inner {
     }
 
     /// Sums the intervals of `level` starting at `starts` (ascending, all in one
-    /// partition of the level's rows and of the fleet rows) from the finer level, and
-    /// writes them.
+    /// partition of the level's rows and of the fleet rows) from the finer level, for
+    /// each of `metrics`, and writes them.
     async fn recompute_intervals(
         &self,
         (user, device): (UserId, DeviceId),
         level: Level,
         starts: &[i64],
-        metric: &str,
+        metrics: &BTreeSet<String>,
     ) -> Result<(), StoreError> {
-        let finer = match level {
-            Level::Day => Level::Hour,
-            _ => Level::Minute,
-        };
         let (Some(&first), Some(&last)) = (starts.first(), starts.last()) else {
             return Ok(());
         };
-        let mut finer_rows: BTreeMap<i64, Vec<Rollup>> = BTreeMap::new();
-        for row in (self.stored_rows(user, device, finer, metric, first, last + level.ms())).await?
-        {
-            (finer_rows
-                .entry(bucket_start(row.start_ms, level.ms()))
-                .or_default())
-            .push(row);
-        }
+        let to = last + level.ms();
+        let metrics: Vec<&str> = metrics.iter().map(String::as_str).collect();
+        let finer: Vec<Vec<Rollup>> = match level {
+            Level::Day => {
+                let hours = metrics
+                    .iter()
+                    .map(|m| self.stored_rows(user, device, Level::Hour, m, first, to));
+                futures::future::try_join_all(hours).await?
+            }
+            _ => {
+                // Only the due hours' minutes: a sparse one is read from its events.
+                let due: HashSet<i64> = starts.iter().copied().collect();
+                let wanted = |m| due.contains(&bucket_start(m, level.ms()));
+                let none = BTreeSet::new();
+                (self.minutes((user, device), &metrics, (first, to), &none, wanted)).await?
+            }
+        };
         let now = now_ms();
-        // Rows between two due intervals were read too; only the due ones are summed.
-        let sums: Vec<(i64, ByType, i32)> = starts
-            .iter()
-            .map(|start| {
-                let rows = finer_rows.remove(start).unwrap_or_default();
-                let ttl = (self.settings.retention)
-                    .ttl(Tier::Rollup(level), *start, now)
-                    .cql();
-                (*start, by_type(rows), ttl)
+        let ttl = |start: i64| {
+            (self.settings.retention)
+                .ttl(Tier::Rollup(level), start, now)
+                .cql()
+        };
+        let sums: Vec<Vec<(i64, ByType, i32)>> = finer
+            .into_iter()
+            .map(|rows| {
+                let mut by_interval: BTreeMap<i64, Vec<Rollup>> = BTreeMap::new();
+                for row in rows {
+                    let start = bucket_start(row.start_ms, level.ms());
+                    by_interval.entry(start).or_default().push(row);
+                }
+                // Rows between two due intervals were read too; only the due ones are
+                // summed.
+                (starts.iter())
+                    .map(|&start| {
+                        let rows = by_interval.remove(&start).unwrap_or_default();
+                        (start, by_type(rows), ttl(start))
+                    })
+                    .collect()
             })
             .collect();
-        let rows: Vec<CoarseIn<'_>> = sums
+        let rows: Vec<CoarseIn<'_>> = metrics
             .iter()
-            .flat_map(|(start, sums, ttl)| {
+            .zip(&sums)
+            .flat_map(|(metric, sums)| sums.iter().map(move |s| (*metric, s)))
+            .flat_map(|(metric, (start, sums, ttl))| {
                 let slab = ms(bucket_start(*start, slab_ms(level)));
-                sums.iter()
-                    .map(move |(kind, Stats { summary: s, sketch })| CoarseIn {
-                        user_id: user,
-                        device_id: device,
-                        level: i32::from(level.tag()),
-                        slab,
-                        metric,
-                        start: ms(*start),
-                        kind,
-                        count: s.count as i64,
-                        min: s.min,
-                        max: s.max,
-                        sum: s.sum,
-                        sketch: sketch.as_ref().map(Sketch::to_bytes),
-                        writetime: s.count as i64,
-                        ttl: *ttl,
-                    })
+                sums.iter().map(move |(kind, stats)| CoarseIn {
+                    user_id: user,
+                    device_id: device,
+                    level: i32::from(level.tag()),
+                    slab,
+                    metric,
+                    start: ms(*start),
+                    kind,
+                    count: stats.summary.count as i64,
+                    min: stats.summary.min,
+                    max: stats.summary.max,
+                    sum: stats.summary.sum,
+                    sketch: sketch_column(stats),
+                    writetime: stats.summary.count as i64,
+                    ttl: *ttl,
+                })
             })
             .collect();
         let coarse = self.write_rows(&self.cql.insert_coarse, &rows);
-        if metric.is_empty() {
-            // Counts also go to the user's fleet rows (`fleet.rs`).
-            let fleet = self.write_fleet((user, device), level, &sums);
-            futures::future::try_join(coarse, fleet).await?;
-            Ok(())
-        } else {
-            coarse.await
+        // Counts also go to the user's fleet rows (`fleet.rs`).
+        match metrics.iter().position(|m| m.is_empty()) {
+            Some(i) => {
+                let fleet = self.write_fleet((user, device), level, &sums[i]);
+                futures::future::try_join(coarse, fleet).await?;
+                Ok(())
+            }
+            None => coarse.await,
         }
     }
 
@@ -227,8 +247,8 @@ impl Inner {
         Ok(())
     }
 
-    /// One device's stored rows of one level and metric in `[from, to)`, as written,
-    /// whether or not they are complete.
+    /// One device's stored hour or day rows of one metric in `[from, to)`, as
+    /// written, whether or not they are complete (minutes: `Inner::minutes`).
     pub(super) async fn stored_rows(
         &self,
         user: UserId,
@@ -238,9 +258,6 @@ impl Inner {
         from: i64,
         to: i64,
     ) -> Result<Vec<Rollup>, StoreError> {
-        if level == Level::Minute {
-            return self.minute_rows(user, device, metric, from, to).await;
-        }
         let slab_len = slab_ms(level);
         let first = bucket_start(from, slab_len);
         let slabs = (0..).map(|i| first + i * slab_len).take_while(|s| *s < to);

@@ -52,6 +52,7 @@ mod rollup;
 mod rows;
 mod schema;
 mod settings;
+mod sparse;
 mod statements;
 #[cfg(test)]
 mod tests;

@@ -45,12 +45,13 @@ use super::paged::Row;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::pending::{HourKey, MinuteKey, Pending, DAY_MS};
-use super::rows::{ms, MetricOut, PendingScan, RollupIn, RollupOut, RollupSliceIn, SliceIn};
+use super::rows::{ms, sketch_column, MetricOut, PendingScan, RollupIn, SliceIn};
+use super::sparse::is_sparse;
 use super::Inner;
 use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, UserId};
 use crate::store::retention::Tier;
 use crate::store::rollup::Stats;
-use crate::store::{Level, Rollup, RollupQuery, Sketch, StoreError, ROLLUP_MS};
+use crate::store::{Level, Rollup, RollupQuery, StoreError, ROLLUP_MS};
 
 /// Minutes taken for recomputation at a time (see `Inner::round`).
 const PASS_MINUTES: usize = 20_000;
@@ -62,7 +63,7 @@ const TICK: Duration = Duration::from_millis(250);
 const FANOUT: usize = 16;
 
 /// Summaries of one device's minute, by (metric, type); metric `""` counts every event.
-type MinuteSummaries = BTreeMap<(String, String), Stats>;
+pub(super) type MinuteSummaries = BTreeMap<(String, String), Stats>;
 
 /// Due minutes of a device farther apart than this are read with separate slices:
 /// a slice reads the minutes between them too, and a busy device's minutes hold
@@ -73,13 +74,13 @@ const MAX_GAP: i64 = 4 * ROLLUP_MS;
 /// same events slice as `a`: it is in the same bucket (one partition), and close.
 /// The fleet shape (a device per flush with one event a minute) needs one slice
 /// per hour of a device instead of one per event.
-fn one_read(a: i64, b: i64, bucket_len: i64) -> bool {
+pub(super) fn one_read(a: i64, b: i64, bucket_len: i64) -> bool {
     b - a <= MAX_GAP && bucket_start(a, bucket_len) == bucket_start(b, bucket_len)
 }
 
 /// The index ranges of `items`' runs of neighbours that `same` puts together, like
 /// `chunk_by`; ranges, not slices, so that the futures made from them own them.
-fn runs<T>(items: &[T], same: impl Fn(&T, &T) -> bool) -> Vec<Range<usize>> {
+pub(super) fn runs<T>(items: &[T], same: impl Fn(&T, &T) -> bool) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     for i in 1..=items.len() {
@@ -284,31 +285,31 @@ impl Inner {
         let summaries = self.summarize_minutes(user, device, &minutes).await?;
         let now = now_ms();
         let tier = Tier::Rollup(Level::Minute);
+        let keeps_sparse = self.keeps_sparse_minutes();
         let rows: Vec<RollupIn<'_>> = minutes
             .iter()
             .zip(&summaries)
+            .filter(|(_, by_metric)| !(keeps_sparse && is_sparse(by_metric)))
             .flat_map(|(&minute, by_metric)| {
                 let day = ms(bucket_start(minute, DAY_MS));
                 let ttl = self.settings.retention.ttl(tier, minute, now).cql();
                 by_metric
                     .iter()
-                    .map(
-                        move |((metric, kind), Stats { summary: s, sketch })| RollupIn {
-                            user_id: user,
-                            device_id: device,
-                            day,
-                            metric,
-                            minute: ms(minute),
-                            kind,
-                            count: s.count as i64,
-                            min: s.min,
-                            max: s.max,
-                            sum: s.sum,
-                            sketch: sketch.as_ref().map(Sketch::to_bytes),
-                            writetime: s.count as i64,
-                            ttl,
-                        },
-                    )
+                    .map(move |((metric, kind), stats)| RollupIn {
+                        user_id: user,
+                        device_id: device,
+                        day,
+                        metric,
+                        minute: ms(minute),
+                        kind,
+                        count: stats.summary.count as i64,
+                        min: stats.summary.min,
+                        max: stats.summary.max,
+                        sum: stats.summary.sum,
+                        sketch: sketch_column(stats),
+                        writetime: stats.summary.count as i64,
+                        ttl,
+                    })
             })
             .collect();
         // A partition of `rollups` is a device's day: its rows go in shared batches
@@ -329,7 +330,7 @@ impl Inner {
 
     /// Summaries of some of one device's minutes (ascending; see `one_read`),
     /// computed from its stored events with one slice per bucket they lie in.
-    async fn summarize_minutes(
+    pub(super) async fn summarize_minutes(
         &self,
         user: UserId,
         device: DeviceId,
@@ -379,72 +380,20 @@ impl Inner {
         }
         let metric = q.metric.as_deref().unwrap_or("");
         // Pending first: a minute not pending then has rows that hold every event
-        // acknowledged before.
+        // acknowledged before, or none (`sparse.rs`).
         let pending = self
             .pending_minutes(q.user_id, q.device_id, q.from_ms, q.to_ms)
             .await?;
         let kind_ok = |k: &str| q.kind.as_deref().is_none_or(|want| want == k);
-        let mut out: Vec<Rollup> = self
-            .minute_rows(q.user_id, q.device_id, metric, q.from_ms, q.to_ms)
-            .await?
-            .into_iter()
-            .filter(|r| !pending.contains(&r.start_ms) && kind_ok(&r.kind))
+        let range = (q.from_ms, q.to_ms);
+        let device = (q.user_id, q.device_id);
+        let metrics = &[metric];
+        let minutes = self.minutes(device, metrics, range, &pending, |_| true);
+        let mut out: Vec<Rollup> = (minutes.await?.into_iter().flatten())
+            .filter(|r| kind_ok(&r.kind))
             .collect();
-        let pending: Vec<i64> = pending.into_iter().collect();
-        let len = self.settings.bucket_len_ms;
-        let computed: Vec<Vec<MinuteSummaries>> =
-            stream::iter(runs(&pending, |a, b| one_read(*a, *b, len)))
-                .map(|run| self.summarize_minutes(q.user_id, q.device_id, &pending[run]))
-                .buffered(4)
-                .try_collect()
-                .await?;
-        for (&start_ms, summaries) in pending.iter().zip(computed.into_iter().flatten()) {
-            for ((m, kind), s) in summaries {
-                if m == metric && kind_ok(&kind) {
-                    out.push(Rollup {
-                        start_ms,
-                        kind,
-                        summary: s.summary,
-                        sketch: s.sketch,
-                    });
-                }
-            }
-        }
         out.sort_by(|a, b| (a.start_ms, &a.kind).cmp(&(b.start_ms, &b.kind)));
         Ok(Some(out))
-    }
-
-    /// One device's minute rows of one metric in `[from, to)`, as written: one slice
-    /// per UTC day.
-    pub(super) async fn minute_rows(
-        &self,
-        user: UserId,
-        device: DeviceId,
-        metric: &str,
-        from: i64,
-        to: i64,
-    ) -> Result<Vec<Rollup>, StoreError> {
-        let first_day = bucket_start(from, DAY_MS);
-        let days = (0..)
-            .map(|i| first_day + i * DAY_MS)
-            .take_while(|d| *d < to);
-        let parts: Vec<Vec<Rollup>> = stream::iter(days)
-            .map(|day| async move {
-                let slice = RollupSliceIn {
-                    user_id: user,
-                    device_id: device,
-                    day: ms(day),
-                    metric,
-                    from_minute: ms(from.max(day)),
-                    to_minute: ms(to.min(day + DAY_MS)),
-                };
-                self.rollup_rows::<RollupOut>(&self.cql.select_rollups, slice)
-                    .await
-            })
-            .buffered(4)
-            .try_collect()
-            .await?;
-        Ok(parts.into_iter().flatten().collect())
     }
 }
 

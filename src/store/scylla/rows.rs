@@ -4,11 +4,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use scylla::value::CqlTimestamp;
+use scylla::value::{CqlTimestamp, MaybeUnset};
 use scylla::{DeserializeRow, SerializeRow};
 use uuid::Uuid;
 
 use crate::model::{bucket_start, Event, Record};
+use crate::store::rollup::Stats;
 use crate::store::{Rollup, Sketch, StoreError, Summary};
 
 /// A row of `events`, as written.
@@ -209,7 +210,7 @@ pub(super) struct RollupIn<'a> {
     pub min: f64,
     pub max: f64,
     pub sum: f64,
-    pub sketch: Option<Vec<u8>>,
+    pub sketch: MaybeUnset<Vec<u8>>,
     pub writetime: i64,
     pub ttl: i32,
 }
@@ -290,7 +291,7 @@ pub(super) struct CoarseIn<'a> {
     pub min: f64,
     pub max: f64,
     pub sum: f64,
-    pub sketch: Option<Vec<u8>>,
+    pub sketch: MaybeUnset<Vec<u8>>,
     pub writetime: i64,
     pub ttl: i32,
 }
@@ -338,6 +339,22 @@ impl SummaryRow for CoarseOut {
     }
 }
 
+/// A metric's values are known exactly from its min and max when it has at most this
+/// many.
+const VALUES_IN_MIN_MAX: u64 = 2;
+
+/// The `sketch` column of a summary row, as written. A row of one or two values
+/// stores none: [`rollup_of`] rebuilds it from min and max. Most rows of a fleet hold
+/// one value a minute, and the serialized sketch (its first chunk of bins, over a
+/// hundred bytes) was most of their size. Left unset, not null: a null is a tombstone
+/// cell, which reads then step over.
+pub(super) fn sketch_column(stats: &Stats) -> MaybeUnset<Vec<u8>> {
+    match &stats.sketch {
+        Some(s) if stats.summary.count > VALUES_IN_MIN_MAX => MaybeUnset::Set(s.to_bytes()),
+        _ => MaybeUnset::Unset,
+    }
+}
+
 /// A rollup from a stored row's columns.
 fn rollup_of(
     start_ms: i64,
@@ -345,16 +362,29 @@ fn rollup_of(
     (count, min, max, sum): (i64, f64, f64, f64),
     sketch: Option<Vec<u8>>,
 ) -> Result<Rollup, StoreError> {
+    let summary = Summary {
+        count: count.max(0) as u64,
+        min,
+        max,
+        sum,
+    };
+    // A finite min: a metric's row, not the row counting events (`""`). With at most
+    // two values any stored sketch is ignored: being unset, not overwritten, an older
+    // one may remain.
+    let sketch = if min.is_finite() && summary.count <= VALUES_IN_MIN_MAX {
+        let mut s = Sketch::of(min);
+        if summary.count == 2 {
+            s.add(max);
+        }
+        Some(s)
+    } else {
+        sketch.as_deref().map(Sketch::from_bytes).transpose()?
+    };
     Ok(Rollup {
         start_ms,
         kind,
-        summary: Summary {
-            count: count.max(0) as u64,
-            min,
-            max,
-            sum,
-        },
-        sketch: sketch.as_deref().map(Sketch::from_bytes).transpose()?,
+        summary,
+        sketch,
     })
 }
 

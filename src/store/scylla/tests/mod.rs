@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use scylla::frame::types::Consistency;
-use scylla::value::CqlTimestamp;
+use scylla::value::{CqlTimestamp, MaybeUnset};
 use scylla::{DeserializeRow, SerializeRow};
 use uuid::Uuid;
 
@@ -181,7 +181,7 @@ fn every_bound_row_type_serializes_against_the_schema() {
                 min: 1.0,
                 max: 2.0,
                 sum: 4.5,
-                sketch: None,
+                sketch: MaybeUnset::Unset,
                 writetime: 3,
                 ttl: 0,
             },
@@ -221,7 +221,7 @@ fn every_bound_row_type_serializes_against_the_schema() {
                 min: 1.0,
                 max: 2.0,
                 sum: 4.5,
-                sketch: None,
+                sketch: MaybeUnset::Unset,
                 writetime: 3,
                 ttl: 0,
             },

@@ -1,0 +1,140 @@
+//! Sparse minutes: a minute of at most [`SPARSE_EVENTS`] events keeps no rows in
+//! `rollups`; its events are its rollup.
+//!
+//! Why: a fleet device sends about once a minute, so a minute row holds one event
+//! and costs more than the event (a row per metric and type, written and then read
+//! back to sum the hour). Those rows were two thirds of what a fleet's ingest cost
+//! the node. Reading such a minute from its events costs what reading its rows did:
+//! one slice of the device's partition per hour.
+//!
+//! How a reader tells a sparse minute from an empty one: by the rows of metric `""`
+//! (every event counted), written for every minute that is not sparse. A minute
+//! without one is read from its events, which finds nothing when it is empty. An
+//! hour is then summed from its minutes, each taken from one source only, its rows
+//! or its events; both only ever hold a subset of the stored events, so the exactness
+//! argument of `levels.rs` (the larger count wins) is unchanged.
+//!
+//! Only while events outlive minute rows ([`Retention::events_outlive`]): with raw
+//! events kept for less time than minute rows, every minute gets its rows.
+//!
+//! [`Retention::events_outlive`]: crate::store::retention::Retention::events_outlive
+
+use std::collections::{BTreeSet, HashSet};
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+
+use super::pending::DAY_MS;
+use super::rollup::{one_read, runs, MinuteSummaries};
+use super::rows::{ms, RollupOut, RollupSliceIn};
+use super::Inner;
+use crate::model::{bucket_start, DeviceId, UserId};
+use crate::store::{Level, Rollup, StoreError, ROLLUP_MS};
+
+/// The most events a minute may hold and keep no rows.
+pub(super) const SPARSE_EVENTS: u64 = 2;
+
+/// Whether a minute with these summaries keeps no rows.
+pub(super) fn is_sparse(summaries: &MinuteSummaries) -> bool {
+    let events: u64 = (summaries.iter())
+        .filter(|((metric, _), _)| metric.is_empty())
+        .map(|(_, s)| s.summary.count)
+        .sum();
+    events <= SPARSE_EVENTS
+}
+
+impl Inner {
+    /// Whether minutes of few events may be kept as just their events.
+    pub(super) fn keeps_sparse_minutes(&self) -> bool {
+        self.settings.retention.events_outlive(Level::Minute)
+    }
+
+    /// One device's minutes of each of `metrics` in `[from, to)` for which `wanted`
+    /// holds, by type, in no particular order: the rows of those that have them, and
+    /// for the others (sparse, or in `from_events`: pending, their rows maybe behind)
+    /// the summaries of their events, read once for every metric.
+    pub(super) async fn minutes(
+        &self,
+        (user, device): (UserId, DeviceId),
+        metrics: &[&str],
+        (from, to): (i64, i64),
+        from_events: &BTreeSet<i64>,
+        wanted: impl Fn(i64) -> bool,
+    ) -> Result<Vec<Vec<Rollup>>, StoreError> {
+        // The rows of `""` tell which minutes have rows at all: read last.
+        let mut read: Vec<&str> = metrics.iter().copied().filter(|m| !m.is_empty()).collect();
+        read.push("");
+        let rows = read
+            .iter()
+            .map(|metric| self.minute_rows(user, device, metric, from, to));
+        let mut rows = futures::future::try_join_all(rows).await?;
+        let counted: HashSet<i64> = rows[read.len() - 1].iter().map(|r| r.start_ms).collect();
+        let mut out: Vec<Vec<Rollup>> = metrics
+            .iter()
+            .map(|metric| {
+                let i = read.iter().position(|m| m == metric).expect("read");
+                (std::mem::take(&mut rows[i]).into_iter())
+                    .filter(|r| wanted(r.start_ms) && !from_events.contains(&r.start_ms))
+                    .collect()
+            })
+            .collect();
+        let first = bucket_start(from, ROLLUP_MS);
+        let from_events: Vec<i64> = (0..)
+            .map(|i| first + i * ROLLUP_MS)
+            .take_while(|m| *m < to)
+            .filter(|m| wanted(*m) && (from_events.contains(m) || !counted.contains(m)))
+            .collect();
+        let len = self.settings.bucket_len_ms;
+        let runs = runs(&from_events, |a, b| one_read(*a, *b, len));
+        let summaries: Vec<Vec<MinuteSummaries>> = stream::iter(runs)
+            .map(|run| self.summarize_minutes(user, device, &from_events[run]))
+            .buffered(4)
+            .try_collect()
+            .await?;
+        for (&start_ms, by_metric) in from_events.iter().zip(summaries.into_iter().flatten()) {
+            for ((metric, kind), s) in by_metric {
+                if let Some(i) = metrics.iter().position(|m| *m == metric) {
+                    out[i].push(Rollup {
+                        start_ms,
+                        kind,
+                        summary: s.summary,
+                        sketch: s.sketch,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One device's minute rows of one metric in `[from, to)`, as written: one slice
+    /// per UTC day.
+    pub(super) async fn minute_rows(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        metric: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Rollup>, StoreError> {
+        let first_day = bucket_start(from, DAY_MS);
+        let days = (0..)
+            .map(|i| first_day + i * DAY_MS)
+            .take_while(|d| *d < to);
+        let parts: Vec<Vec<Rollup>> = stream::iter(days)
+            .map(|day| async move {
+                let slice = RollupSliceIn {
+                    user_id: user,
+                    device_id: device,
+                    day: ms(day),
+                    metric,
+                    from_minute: ms(from.max(day)),
+                    to_minute: ms(to.min(day + DAY_MS)),
+                };
+                self.rollup_rows::<RollupOut>(&self.cql.select_rollups, slice)
+                    .await
+            })
+            .buffered(4)
+            .try_collect()
+            .await?;
+        Ok(parts.into_iter().flatten().collect())
+    }
+}
