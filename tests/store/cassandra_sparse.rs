@@ -80,3 +80,56 @@ async fn sparse_minutes_keep_no_rows_and_stay_exact_as_they_fill_up() {
     assert_fleet(&store, (user, device), &truth, "sparse and dense minutes").await;
     ks.drop_it().await;
 }
+
+#[tokio::test]
+async fn hours_read_whole_in_one_round_are_summed_from_that_read() {
+    let ks = Keyspace::new(|_| {}).await;
+    let store = ks.store().await;
+    let (user, device) = (15, Uuid::new_v4());
+    let hour = T0 - T0.rem_euclid(HOUR);
+    let mut id = 0u128;
+    let mut make = |minute: i64, temp: f64| {
+        id += 1;
+        let ts = hour + minute * ROLLUP_MS + (id as i64 * 7919) % ROLLUP_MS;
+        event(
+            id,
+            ts,
+            ["telemetry", "alarm"][id as usize % 2],
+            &[("temp", temp)],
+        )
+    };
+    // Three hours at once, as a gateway sends a day: every minute sparse in the first,
+    // one minute dense in the second (both read whole), the third's last minute empty
+    // (its read does not reach it, so the hour's events are read again).
+    let mut truth: Vec<Event> = (0..180)
+        .filter(|m| *m != 179)
+        .flat_map(|m| (0..1 + m % 2).map(move |i| (m, i)))
+        .map(|(m, i)| make(m, (m * 3 + i) as f64 / 7.0))
+        .collect();
+    truth.extend((0..4).map(|i| make(75, i as f64)));
+    truth.push(make(180, 1.0));
+    store
+        .write(flush(user, device, truth.clone()))
+        .await
+        .unwrap();
+    store.settle().await;
+    assert_eq!(
+        minutes_with_rows(&ks, user, device).await,
+        [hour + 75 * ROLLUP_MS]
+    );
+    assert_levels(&store, (user, device), &truth).await;
+    assert_fleet(&store, (user, device), &truth, "hours read whole").await;
+
+    // Late events into every hour, one minute at a time: the hours are summed from
+    // their minutes again, and the first stays without rows.
+    let late = vec![make(30, -1.0), make(100, 50.0), make(179, 2.5)];
+    store
+        .write(flush(user, device, late.clone()))
+        .await
+        .unwrap();
+    store.settle().await;
+    truth.extend(late);
+    assert_levels(&store, (user, device), &truth).await;
+    assert_fleet(&store, (user, device), &truth, "late events").await;
+    ks.drop_it().await;
+}

@@ -24,10 +24,12 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 
 use super::errors::exec_error;
+use super::minutes::MinuteSummaries;
 use super::pending::{MinuteKey, DAY_MS, HOUR_MS};
 use super::rows::{
     ms, sketch_column, CoarseIn, CoarseOut, CoarseSliceIn, PendingOut, PendingRangeIn,
 };
+use super::sparse::WholeHours;
 use super::Inner;
 use crate::model::{bucket_start, now_ms, DeviceId, UserId};
 use crate::store::retention::Tier;
@@ -51,6 +53,14 @@ const BATCH_ROWS: usize = 64;
 
 /// Summaries by type.
 pub(super) type ByType = BTreeMap<String, Stats>;
+
+/// One metric's summaries of an hour read whole (`sparse.rs`), by type.
+fn of_metric(hour: &MinuteSummaries, metric: &str) -> ByType {
+    (hour.iter())
+        .filter(|((m, _), _)| m == metric)
+        .map(|((_, kind), stats)| (kind.clone(), stats.clone()))
+        .collect()
+}
 
 /// Sums rows by type.
 fn by_type(rows: Vec<Rollup>) -> ByType {
@@ -77,6 +87,7 @@ impl Inner {
     pub(super) async fn recompute_levels(
         &self,
         minutes: &[(MinuteKey, BTreeSet<String>)],
+        whole: &WholeHours,
     ) -> HashSet<MinuteKey> {
         let mut failed = HashSet::new();
         for level in [Level::Hour, Level::Day] {
@@ -101,9 +112,9 @@ impl Inner {
             let results: Vec<_> = stream::iter(work)
                 .map(|((user, device, _), (metrics, due))| async move {
                     let starts: Vec<i64> = due.keys().copied().collect();
-                    let r = self
-                        .recompute_intervals((user, device), level, &starts, &metrics)
-                        .await;
+                    let device = (user, device);
+                    let r =
+                        (self.recompute_intervals(device, level, &starts, &metrics, whole)).await;
                     (r, due)
                 })
                 .buffer_unordered(FANOUT)
@@ -121,13 +132,14 @@ impl Inner {
 
     /// Sums the intervals of `level` starting at `starts` (ascending, all in one
     /// partition of the level's rows and of the fleet rows) from the finer level, for
-    /// each of `metrics`, and writes them.
+    /// each of `metrics`, and writes them. Hours in `whole` are taken from there.
     async fn recompute_intervals(
         &self,
         (user, device): (UserId, DeviceId),
         level: Level,
         starts: &[i64],
         metrics: &BTreeSet<String>,
+        whole: &WholeHours,
     ) -> Result<(), StoreError> {
         let (Some(&first), Some(&last)) = (starts.first(), starts.last()) else {
             return Ok(());
@@ -143,10 +155,16 @@ impl Inner {
             }
             _ => {
                 // Only the due hours' minutes: a sparse one is read from its events.
-                let due: HashSet<i64> = starts.iter().copied().collect();
+                let due: HashSet<i64> = (starts.iter().copied())
+                    .filter(|h| !whole.contains_key(&(user, device, *h)))
+                    .collect();
                 let wanted = |m| due.contains(&bucket_start(m, level.ms()));
                 let none = BTreeSet::new();
-                (self.minutes((user, device), &metrics, (first, to), &none, wanted)).await?
+                if due.is_empty() {
+                    vec![Vec::new(); metrics.len()]
+                } else {
+                    (self.minutes((user, device), &metrics, (first, to), &none, wanted)).await?
+                }
             }
         };
         let now = now_ms();
@@ -155,9 +173,8 @@ impl Inner {
                 .ttl(Tier::Rollup(level), start, now)
                 .cql()
         };
-        let sums: Vec<Vec<(i64, ByType, i32)>> = finer
-            .into_iter()
-            .map(|rows| {
+        let sums: Vec<Vec<(i64, ByType, i32)>> = (metrics.iter().zip(finer))
+            .map(|(metric, rows)| {
                 let mut by_interval: BTreeMap<i64, Vec<Rollup>> = BTreeMap::new();
                 for row in rows {
                     let start = bucket_start(row.start_ms, level.ms());
@@ -167,8 +184,11 @@ impl Inner {
                 // summed.
                 (starts.iter())
                     .map(|&start| {
-                        let rows = by_interval.remove(&start).unwrap_or_default();
-                        (start, by_type(rows), ttl(start))
+                        let sums = match whole.get(&(user, device, start)) {
+                            Some(hour) => of_metric(hour, metric),
+                            None => by_type(by_interval.remove(&start).unwrap_or_default()),
+                        };
+                        (start, sums, ttl(start))
                     })
                     .collect()
             })

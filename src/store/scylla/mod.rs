@@ -44,6 +44,7 @@ mod errors;
 mod fleet;
 mod index_check;
 mod levels;
+mod minutes;
 mod paged;
 mod pending;
 mod purge;

@@ -33,9 +33,8 @@
 //! square of its events. Meanwhile queries read it from its events, at most a minute
 //! of one device.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 
-use std::ops::Range;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -44,13 +43,14 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use super::paged::Row;
 use scylla::statement::prepared::PreparedStatement;
 
+use super::minutes::MinuteSummaries;
+use super::minutes::{one_read, runs};
 use super::pending::{HourKey, MinuteKey, Pending, DAY_MS};
-use super::rows::{ms, sketch_column, MetricOut, PendingScan, RollupIn, SliceIn};
-use super::sparse::is_sparse;
+use super::rows::{ms, sketch_column, PendingScan, RollupIn};
+use super::sparse::{hour_of_sparse_minutes, is_sparse, whole_hours, WholeHours};
 use super::Inner;
-use crate::model::{assigned_id_ts, bucket_start, now_ms, DeviceId, UserId};
+use crate::model::{assigned_id_ts, bucket_start, now_ms};
 use crate::store::retention::Tier;
-use crate::store::rollup::Stats;
 use crate::store::{Level, Rollup, RollupQuery, StoreError, ROLLUP_MS};
 
 /// Minutes taken for recomputation at a time (see `Inner::round`).
@@ -61,54 +61,6 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// Minutes recomputed at once.
 const FANOUT: usize = 16;
-
-/// Summaries of one device's minute, by (metric, type); metric `""` counts every event.
-pub(super) type MinuteSummaries = BTreeMap<(String, String), Stats>;
-
-/// Due minutes of a device farther apart than this are read with separate slices:
-/// a slice reads the minutes between them too, and a busy device's minutes hold
-/// thousands of events.
-const MAX_GAP: i64 = 4 * ROLLUP_MS;
-
-/// Whether minute `b`, the next due minute of a device after `a`, is read with the
-/// same events slice as `a`: it is in the same bucket (one partition), and close.
-/// The fleet shape (a device per flush with one event a minute) needs one slice
-/// per hour of a device instead of one per event.
-pub(super) fn one_read(a: i64, b: i64, bucket_len: i64) -> bool {
-    b - a <= MAX_GAP && bucket_start(a, bucket_len) == bucket_start(b, bucket_len)
-}
-
-/// The index ranges of `items`' runs of neighbours that `same` puts together, like
-/// `chunk_by`; ranges, not slices, so that the futures made from them own them.
-pub(super) fn runs<T>(items: &[T], same: impl Fn(&T, &T) -> bool) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    for i in 1..=items.len() {
-        if i == items.len() || !same(&items[i - 1], &items[i]) {
-            out.push(start..i);
-            start = i;
-        }
-    }
-    out
-}
-
-/// Counts one event in its minute's summaries. The keys are moved into the lookup
-/// and back out, so that an event allocates only for a (metric, type) its minute has
-/// not seen yet.
-fn add_event(out: &mut MinuteSummaries, kind: String, metrics: BTreeMap<String, f64>) {
-    let mut key = (String::new(), kind);
-    match out.get_mut(&key) {
-        Some(s) => s.add(None),
-        None => out.entry(key.clone()).or_default().add(None),
-    }
-    for (metric, v) in metrics {
-        key.0 = metric;
-        match out.get_mut(&key) {
-            Some(s) => s.add(Some(v)),
-            None => out.entry(key.clone()).or_default().add(Some(v)),
-        }
-    }
-}
 
 /// This instance's marks, and the lock that makes recomputation rounds one at a time.
 #[derive(Default)]
@@ -247,23 +199,28 @@ impl Inner {
             (a.0, a.1) == (b.0, b.1) && one_read(a.2, b.2, len)
         });
         let minutes = &minutes;
-        let done: Vec<Vec<(MinuteKey, BTreeSet<String>)>> = stream::iter(runs)
+        let done: Vec<(Vec<(MinuteKey, BTreeSet<String>)>, WholeHours)> = stream::iter(runs)
             .map(|run| async move {
                 let keys = &minutes[run];
                 let (user, device, first) = keys[0];
                 match self.recompute_minutes(keys).await {
-                    Ok(metrics) => keys.iter().copied().zip(metrics).collect(),
+                    Ok((metrics, whole)) => (keys.iter().copied().zip(metrics).collect(), whole),
                     Err(e) => {
                         tracing::warn!(error = %e, %user, %device, first, n = keys.len(), "rollup recomputation failed; left pending");
-                        Vec::new()
+                        Default::default()
                     }
                 }
             })
             .buffer_unordered(FANOUT)
             .collect()
             .await;
-        let levels: Vec<(MinuteKey, BTreeSet<String>)> = done.into_iter().flatten().collect();
-        let failed = self.recompute_levels(&levels).await;
+        let mut levels: Vec<(MinuteKey, BTreeSet<String>)> = Vec::new();
+        let mut whole = WholeHours::new();
+        for (minutes, hours) in done {
+            levels.extend(minutes);
+            whole.extend(hours);
+        }
+        let failed = self.recompute_levels(&levels, &whole).await;
         levels
             .into_iter()
             .map(|(k, _)| k)
@@ -273,24 +230,41 @@ impl Inner {
 
     /// Writes the rows of a run of one device's minutes (ascending, one read: see
     /// `one_read`) from their events; returns, for each minute, the metrics it carries
-    /// (`""`, counting every event, always among them).
+    /// (`""`, counting every event, always among them), and the hours of sparse
+    /// minutes the read covered whole (`sparse.rs`).
     async fn recompute_minutes(
         &self,
         keys: &[MinuteKey],
-    ) -> Result<Vec<BTreeSet<String>>, StoreError> {
+    ) -> Result<(Vec<BTreeSet<String>>, WholeHours), StoreError> {
         let (user, device, _) = keys[0];
-        let minutes: Vec<i64> = keys.iter().map(|k| k.2).collect();
+        let due: Vec<i64> = keys.iter().map(|k| k.2).collect();
+        let keeps_sparse = self.keeps_sparse_minutes();
+        let whole = if keeps_sparse {
+            whole_hours(&due)
+        } else {
+            Vec::new()
+        };
+        // The minutes of the hours the read covers whole are summarized too.
+        let mut minutes: Vec<i64> = (whole.iter())
+            .flat_map(|h| (0..60).map(move |i| h + i * ROLLUP_MS))
+            .chain(due.iter().copied())
+            .collect();
+        minutes.sort_unstable();
+        minutes.dedup();
         // Read only after every flush whose marker this clears has its events
         // durable: they were submitted after their writes returned.
         let summaries = self.summarize_minutes(user, device, &minutes).await?;
+        let of = |minute: i64| {
+            let i = minutes.binary_search(&minute).expect("summarized");
+            &summaries[i]
+        };
         let now = now_ms();
         let tier = Tier::Rollup(Level::Minute);
-        let keeps_sparse = self.keeps_sparse_minutes();
-        let rows: Vec<RollupIn<'_>> = minutes
+        let rows: Vec<RollupIn<'_>> = due
             .iter()
-            .zip(&summaries)
+            .map(|minute| (*minute, of(*minute)))
             .filter(|(_, by_metric)| !(keeps_sparse && is_sparse(by_metric)))
-            .flat_map(|(&minute, by_metric)| {
+            .flat_map(|(minute, by_metric)| {
                 let day = ms(bucket_start(minute, DAY_MS));
                 let ttl = self.settings.retention.ttl(tier, minute, now).cql();
                 by_metric
@@ -318,54 +292,21 @@ impl Inner {
         for day in rows.chunk_by(|a, b| a.day == b.day) {
             self.write_rows(&self.cql.insert_rollup, day).await?;
         }
-        Ok(summaries
-            .into_iter()
-            .map(|by_metric| {
-                let mut metrics: BTreeSet<String> = by_metric.into_keys().map(|(m, _)| m).collect();
+        let metrics = (due.iter())
+            .map(|minute| {
+                let mut metrics: BTreeSet<String> =
+                    of(*minute).keys().map(|(m, _)| m.clone()).collect();
                 metrics.insert(String::new());
                 metrics
             })
-            .collect())
-    }
-
-    /// Summaries of some of one device's minutes (ascending; see `one_read`),
-    /// computed from its stored events with one slice per bucket they lie in.
-    pub(super) async fn summarize_minutes(
-        &self,
-        user: UserId,
-        device: DeviceId,
-        minutes: &[i64],
-    ) -> Result<Vec<MinuteSummaries>, StoreError> {
-        let mut out: Vec<MinuteSummaries> =
-            minutes.iter().map(|_| MinuteSummaries::new()).collect();
-        let (Some(&from), Some(&last)) = (minutes.first(), minutes.last()) else {
-            return Ok(out);
-        };
-        let len = self.settings.bucket_len_ms;
-        let end = last + ROLLUP_MS;
-        let mut bucket = bucket_start(from, len);
-        // The run lies in one bucket unless buckets are shorter than a minute.
-        while bucket < end {
-            let slice = SliceIn {
-                user_id: user,
-                device_id: device,
-                bucket: ms(bucket),
-                from_ts: ms(from),
-                to_ts: ms(end),
-            };
-            let _p = self.permit().await;
-            let mut rows = self
-                .rows::<MetricOut>(&self.cql.metric_slice, slice)
-                .await?;
-            while let Some(r) = rows.try_next().await? {
-                // Events of minutes between the run's that are not due are skipped.
-                if let Ok(i) = minutes.binary_search(&bucket_start(r.ts.0, ROLLUP_MS)) {
-                    add_event(&mut out[i], r.kind, r.metrics.unwrap_or_default());
-                }
-            }
-            bucket += len;
-        }
-        Ok(out)
+            .collect();
+        let hours = (whole.into_iter())
+            .filter_map(|h| {
+                let hour: Vec<&MinuteSummaries> = (0..60).map(|i| of(h + i * ROLLUP_MS)).collect();
+                hour_of_sparse_minutes(&hour).map(|sums| ((user, device, h), sums))
+            })
+            .collect();
+        Ok((metrics, hours))
     }
 
     /// Summaries for a query at any level. Minutes come from their rows, except the
@@ -394,47 +335,5 @@ impl Inner {
             .collect();
         out.sort_by(|a, b| (a.start_ms, &a.kind).cmp(&(b.start_ms, &b.kind)));
         Ok(Some(out))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const HOUR: i64 = 3_600_000;
-
-    #[test]
-    fn a_read_covers_close_minutes_of_one_bucket_only() {
-        let m = ROLLUP_MS;
-        assert!(one_read(0, m, HOUR));
-        assert!(one_read(0, MAX_GAP, HOUR), "a few minutes apart");
-        assert!(!one_read(0, MAX_GAP + m, HOUR), "too far apart");
-        assert!(!one_read(59 * m, 60 * m, HOUR), "another bucket");
-        let due = [0, m, 2 * m, 9 * m, 59 * m, 60 * m];
-        let runs = runs(&due, |a, b| one_read(*a, *b, HOUR));
-        assert_eq!(runs, [0..3, 3..4, 4..5, 5..6], "runs of one read each");
-        assert!(super::runs(&[] as &[i64], |_, _| true).is_empty());
-    }
-
-    #[test]
-    fn events_are_counted_by_metric_and_type() {
-        let mut out = MinuteSummaries::new();
-        let metrics = |v: &[(&str, f64)]| v.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        add_event(&mut out, "a".into(), metrics(&[("t", 1.0), ("h", 5.0)]));
-        add_event(&mut out, "a".into(), metrics(&[("t", 3.0)]));
-        add_event(&mut out, "b".into(), BTreeMap::new());
-        let got: Vec<((&str, &str), u64, f64)> = out
-            .iter()
-            .map(|((m, k), s)| ((m.as_str(), k.as_str()), s.summary.count, s.summary.sum))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                (("", "a"), 2, 0.0),
-                (("", "b"), 1, 0.0),
-                (("h", "a"), 1, 5.0),
-                (("t", "a"), 2, 4.0),
-            ]
-        );
     }
 }

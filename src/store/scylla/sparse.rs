@@ -19,12 +19,12 @@
 //!
 //! [`Retention::events_outlive`]: crate::store::retention::Retention::events_outlive
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 
-use super::pending::DAY_MS;
-use super::rollup::{one_read, runs, MinuteSummaries};
+use super::minutes::{one_read, runs, MinuteSummaries};
+use super::pending::{HourKey, DAY_MS, HOUR_MS};
 use super::rows::{ms, RollupOut, RollupSliceIn};
 use super::Inner;
 use crate::model::{bucket_start, DeviceId, UserId};
@@ -40,6 +40,48 @@ pub(super) fn is_sparse(summaries: &MinuteSummaries) -> bool {
         .map(|(_, s)| s.summary.count)
         .sum();
     events <= SPARSE_EVENTS
+}
+
+/// Hours of a device read whole from their events in the minutes phase of a round,
+/// every minute of them sparse: by (user, device, hour), the hour's summaries by
+/// (metric, type).
+pub(super) type WholeHours = HashMap<HourKey, MinuteSummaries>;
+
+/// The hours that a read of the due minutes `due` (ascending, one slice: see
+/// `one_read`) covers whole: their first and last minute are due, so every minute
+/// between is in the slice.
+pub(super) fn whole_hours(due: &[i64]) -> Vec<i64> {
+    let (Some(&first), Some(&last)) = (due.first(), due.last()) else {
+        return Vec::new();
+    };
+    let start = bucket_start(first + HOUR_MS - 1, HOUR_MS);
+    (0..)
+        .map(|i| start + i * HOUR_MS)
+        .take_while(|h| h + HOUR_MS - ROLLUP_MS <= last)
+        .collect()
+}
+
+/// The summaries of an hour from those of its sixty minutes, read at once, if every
+/// minute is sparse: then no minute of it has rows, and the hour is summed from this
+/// one read instead of reading its events again.
+///
+/// Why this is exact: the read is a subset of the hour's stored events, like any
+/// other way an hour is summed, and the round of the flush that was durable last
+/// reads after all the others, so one read holds every event. And it needs no rows:
+/// an hour is summed from rows only if some minute of it has them, and whoever wrote
+/// those rows saw that minute hold more than [`SPARSE_EVENTS`] events, so it summed
+/// the hour from rows itself, after writing them (the argument of `levels.rs`).
+pub(super) fn hour_of_sparse_minutes(minutes: &[&MinuteSummaries]) -> Option<MinuteSummaries> {
+    if !minutes.iter().all(|m| is_sparse(m)) {
+        return None;
+    }
+    let mut sums = MinuteSummaries::new();
+    for minute in minutes {
+        for (key, stats) in *minute {
+            sums.entry(key.clone()).or_default().merge(stats);
+        }
+    }
+    Some(sums)
 }
 
 impl Inner {
@@ -136,5 +178,41 @@ impl Inner {
             .try_collect()
             .await?;
         Ok(parts.into_iter().flatten().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_covers_the_hours_between_its_first_and_last_minute() {
+        let (h, m) = (10 * HOUR_MS, ROLLUP_MS);
+        assert_eq!(whole_hours(&[h, h + 59 * m]), [h]);
+        assert_eq!(whole_hours(&[h + m, h + 2 * HOUR_MS]), [h + HOUR_MS]);
+        assert!(
+            whole_hours(&[h, h + 58 * m]).is_empty(),
+            "its last minute is missing"
+        );
+        assert!(whole_hours(&[]).is_empty());
+    }
+
+    #[test]
+    fn an_hour_is_summed_from_its_minutes_only_if_every_one_is_sparse() {
+        let minute = |events: u64| {
+            let mut s = MinuteSummaries::new();
+            let stats = s.entry((String::new(), "t".into())).or_default();
+            (0..events).for_each(|_| stats.add(None));
+            s
+        };
+        let sparse: Vec<MinuteSummaries> = (0..60).map(|i| minute(i % 3)).collect();
+        let hour = hour_of_sparse_minutes(&sparse.iter().collect::<Vec<_>>());
+        let count = hour.expect("all sparse")[&(String::new(), "t".into())]
+            .summary
+            .count;
+        assert_eq!(count, (0..60).map(|i| i % 3).sum::<u64>());
+        let mut one_dense = sparse.clone();
+        one_dense[7] = minute(SPARSE_EVENTS + 1);
+        assert!(hour_of_sparse_minutes(&one_dense.iter().collect::<Vec<_>>()).is_none());
     }
 }
