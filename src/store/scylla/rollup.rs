@@ -62,6 +62,9 @@ const TICK: Duration = Duration::from_millis(250);
 /// Minutes recomputed at once.
 const FANOUT: usize = 16;
 
+/// A recomputed minute and the metrics it carries.
+type MinuteMetrics = (MinuteKey, BTreeSet<String>);
+
 /// This instance's marks, and the lock that makes recomputation rounds one at a time.
 #[derive(Default)]
 pub(super) struct Recomputer {
@@ -199,7 +202,7 @@ impl Inner {
             (a.0, a.1) == (b.0, b.1) && one_read(a.2, b.2, len)
         });
         let minutes = &minutes;
-        let done: Vec<(Vec<(MinuteKey, BTreeSet<String>)>, WholeHours)> = stream::iter(runs)
+        let done: Vec<(Vec<MinuteMetrics>, WholeHours)> = stream::iter(runs)
             .map(|run| async move {
                 let keys = &minutes[run];
                 let (user, device, first) = keys[0];
@@ -214,7 +217,7 @@ impl Inner {
             .buffer_unordered(FANOUT)
             .collect()
             .await;
-        let mut levels: Vec<(MinuteKey, BTreeSet<String>)> = Vec::new();
+        let mut levels: Vec<MinuteMetrics> = Vec::new();
         let mut whole = WholeHours::new();
         for (minutes, hours) in done {
             levels.extend(minutes);
