@@ -197,7 +197,8 @@ pub(crate) async fn assert_levels(
     for metric in ["", "temp"] {
         for level in [Level::Minute, Level::Hour, Level::Day] {
             let got = rollups_at(level, store, user, device, metric, DAY0, DAY0 + 2 * DAY).await;
-            assert_same(&got, &expected_at(level, truth, metric));
+            let why = format!("{level:?} rows of metric {metric:?}");
+            assert_same(&got, &expected_at(level, truth, metric), &why);
         }
     }
 }
@@ -232,17 +233,23 @@ pub(crate) fn fleet_expected(
 }
 
 /// Sums may differ in the last bits with the order of addition.
-fn assert_same(got: &BTreeMap<(i64, String), Summary>, want: &BTreeMap<(i64, String), Summary>) {
+fn assert_same(
+    got: &BTreeMap<(i64, String), Summary>,
+    want: &BTreeMap<(i64, String), Summary>,
+    why: &str,
+) {
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
-        want.keys().collect::<Vec<_>>()
+        want.keys().collect::<Vec<_>>(),
+        "{why}"
     );
     for (k, w) in want {
         let g = &got[k];
-        assert_eq!((g.count, g.min, g.max), (w.count, w.min, w.max), "{k:?}");
+        let (got, want) = ((g.count, g.min, g.max), (w.count, w.min, w.max));
+        assert_eq!(got, want, "{why}: {k:?}");
         assert!(
             (g.sum - w.sum).abs() < 1e-6,
-            "{k:?}: {} vs {}",
+            "{why}: {k:?}: {} vs {}",
             g.sum,
             w.sum
         );
@@ -396,6 +403,7 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
         assert_same(
             &rollups(&store, user, device, metric, T0, T0 + HOUR).await,
             &expected(&truth, metric),
+            "minutes",
         );
     }
     ks.drop_it().await;

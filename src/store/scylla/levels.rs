@@ -146,6 +146,11 @@ impl Inner {
         };
         let to = last + level.ms();
         let metrics: Vec<&str> = metrics.iter().map(String::as_str).collect();
+        // An hour, not a day that starts with it.
+        let read_whole = |start: i64| match level {
+            Level::Hour => whole.get(&(user, device, start)),
+            _ => None,
+        };
         let finer: Vec<Vec<Rollup>> = match level {
             Level::Day => {
                 let hours = metrics
@@ -156,7 +161,7 @@ impl Inner {
             _ => {
                 // Only the due hours' minutes: a sparse one is read from its events.
                 let due: HashSet<i64> = (starts.iter().copied())
-                    .filter(|h| !whole.contains_key(&(user, device, *h)))
+                    .filter(|h| read_whole(*h).is_none())
                     .collect();
                 let wanted = |m| due.contains(&bucket_start(m, level.ms()));
                 let none = BTreeSet::new();
@@ -184,7 +189,7 @@ impl Inner {
                 // summed.
                 (starts.iter())
                     .map(|&start| {
-                        let sums = match whole.get(&(user, device, start)) {
+                        let sums = match read_whole(start) {
                             Some(hour) => of_metric(hour, metric),
                             None => by_type(by_interval.remove(&start).unwrap_or_default()),
                         };

@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use futures::TryStreamExt;
+use scylla::value::CqlTimestamp;
 
-use super::rows::{ms, MetricOut, SliceIn};
+use super::pending::DAY_MS;
+use super::rows::{ms, MetricOut, SlicesIn};
 use super::Inner;
 use crate::model::{bucket_start, DeviceId, UserId};
 use crate::store::rollup::Stats;
@@ -21,12 +23,20 @@ pub(super) type MinuteSummaries = BTreeMap<(String, String), Stats>;
 /// thousands of events.
 const MAX_GAP: i64 = 4 * ROLLUP_MS;
 
+/// Buckets read in one request at most: a day of hours. Only buckets shorter than an
+/// hour make a day's run need more.
+const MAX_BUCKETS: usize = 24;
+
 /// Whether minute `b`, the next due minute of a device after `a`, is read with the
-/// same events slice as `a`: it is in the same bucket (one partition), and close.
-/// The fleet shape (a device per flush with one event a minute) needs one slice
-/// per hour of a device instead of one per event.
-pub(super) fn one_read(a: i64, b: i64, bucket_len: i64) -> bool {
-    b - a <= MAX_GAP && bucket_start(a, bucket_len) == bucket_start(b, bucket_len)
+/// same request as `a`: it is close, and in the same UTC day (a read spans at most a
+/// day of buckets, one partition each).
+///
+/// The fleet shape (a device per flush with one event a minute, a day at a time)
+/// then needs one read per device and day. One read per event was most of the cost
+/// of its rollups, and later one per hour (a bucket) still made it cost the node
+/// about half again as much as a dense device's stream.
+pub(super) fn one_read(a: i64, b: i64) -> bool {
+    b - a <= MAX_GAP && bucket_start(a, DAY_MS) == bucket_start(b, DAY_MS)
 }
 
 /// The index ranges of `items`' runs of neighbours that `same` puts together, like
@@ -63,7 +73,8 @@ pub(super) fn add_event(out: &mut MinuteSummaries, kind: String, metrics: BTreeM
 
 impl Inner {
     /// Summaries of some of one device's minutes (ascending; see `one_read`),
-    /// computed from its stored events with one slice per bucket they lie in.
+    /// computed from its stored events with one request over the buckets they lie
+    /// in.
     pub(super) async fn summarize_minutes(
         &self,
         user: UserId,
@@ -77,27 +88,28 @@ impl Inner {
         };
         let len = self.settings.bucket_len_ms;
         let end = last + ROLLUP_MS;
-        let mut bucket = bucket_start(from, len);
-        // The run lies in one bucket unless buckets are shorter than a minute.
-        while bucket < end {
-            let slice = SliceIn {
+        let first = bucket_start(from, len);
+        let buckets: Vec<CqlTimestamp> = (0..)
+            .map(|i| first + i * len)
+            .take_while(|b| *b < end)
+            .map(ms)
+            .collect();
+        for buckets in buckets.chunks(MAX_BUCKETS) {
+            let slice = SlicesIn {
                 user_id: user,
                 device_id: device,
-                bucket: ms(bucket),
+                buckets: buckets.to_vec(),
                 from_ts: ms(from),
                 to_ts: ms(end),
             };
             let _p = self.permit().await;
-            let mut rows = self
-                .rows::<MetricOut>(&self.cql.metric_slice, slice)
-                .await?;
+            let mut rows = (self.rows::<MetricOut>(&self.cql.metric_slice, slice)).await?;
             while let Some(r) = rows.try_next().await? {
                 // Events of minutes between the run's that are not due are skipped.
                 if let Ok(i) = minutes.binary_search(&bucket_start(r.ts.0, ROLLUP_MS)) {
                     add_event(&mut out[i], r.kind, r.metrics.unwrap_or_default());
                 }
             }
-            bucket += len;
         }
         Ok(out)
     }
@@ -107,18 +119,17 @@ impl Inner {
 mod tests {
     use super::*;
 
-    const HOUR: i64 = 3_600_000;
-
     #[test]
-    fn a_read_covers_close_minutes_of_one_bucket_only() {
+    fn a_read_covers_close_minutes_of_one_day_only() {
         let m = ROLLUP_MS;
-        assert!(one_read(0, m, HOUR));
-        assert!(one_read(0, MAX_GAP, HOUR), "a few minutes apart");
-        assert!(!one_read(0, MAX_GAP + m, HOUR), "too far apart");
-        assert!(!one_read(59 * m, 60 * m, HOUR), "another bucket");
-        let due = [0, m, 2 * m, 9 * m, 59 * m, 60 * m];
-        let runs = runs(&due, |a, b| one_read(*a, *b, HOUR));
-        assert_eq!(runs, [0..3, 3..4, 4..5, 5..6], "runs of one read each");
+        assert!(one_read(0, m));
+        assert!(one_read(0, MAX_GAP), "a few minutes apart");
+        assert!(!one_read(0, MAX_GAP + m), "too far apart");
+        assert!(one_read(59 * m, 60 * m), "another bucket, the same day");
+        assert!(!one_read(DAY_MS - m, DAY_MS), "another day");
+        let due = [0, m, 2 * m, 9 * m, 59 * m, 60 * m, DAY_MS];
+        let runs = runs(&due, |a, b| one_read(*a, *b));
+        assert_eq!(runs, [0..3, 3..4, 4..6, 6..7], "runs of one read each");
         assert!(super::runs(&[] as &[i64], |_, _| true).is_empty());
     }
 

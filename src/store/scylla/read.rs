@@ -5,6 +5,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 
 use super::rows::{
     ms, BucketOut, BucketRangeIn, CountOut, EventOut, LatestOut, MetricOut, SliceBeforeIn, SliceIn,
+    SlicesIn,
 };
 use super::Inner;
 use crate::model::{bucket_start, DeviceId, Event, UserId};
@@ -107,6 +108,13 @@ impl Inner {
         let kind_ok = |k: &str| q.kind.as_deref().is_none_or(|want| want == k);
         match &q.metric {
             Some(metric) => {
+                let slice = SlicesIn {
+                    user_id: slice.user_id,
+                    device_id: slice.device_id,
+                    buckets: vec![slice.bucket],
+                    from_ts: slice.from_ts,
+                    to_ts: slice.to_ts,
+                };
                 let mut rows = self
                     .rows::<MetricOut>(&self.cql.metric_slice, slice)
                     .await?;

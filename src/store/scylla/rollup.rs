@@ -197,9 +197,8 @@ impl Inner {
         // and the newer one): it is read once.
         minutes.sort_unstable();
         minutes.dedup();
-        let len = self.settings.bucket_len_ms;
         let runs = runs(&minutes, |a, b| {
-            (a.0, a.1) == (b.0, b.1) && one_read(a.2, b.2, len)
+            (a.0, a.1) == (b.0, b.1) && one_read(a.2, b.2)
         });
         let minutes = &minutes;
         let done: Vec<(Vec<MinuteMetrics>, WholeHours)> = stream::iter(runs)

@@ -67,6 +67,16 @@ pub(super) struct SliceIn {
     pub to_ts: CqlTimestamp,
 }
 
+/// One device's rows in `[from_ts, to_ts)` of several partitions (`bucket IN`).
+#[derive(Debug, SerializeRow)]
+pub(super) struct SlicesIn {
+    pub user_id: i64,
+    pub device_id: Uuid,
+    pub buckets: Vec<CqlTimestamp>,
+    pub from_ts: CqlTimestamp,
+    pub to_ts: CqlTimestamp,
+}
+
 /// One partition's rows strictly before a position.
 #[derive(Debug, SerializeRow)]
 pub(super) struct SliceBeforeIn {

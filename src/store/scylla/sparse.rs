@@ -125,8 +125,7 @@ impl Inner {
             .take_while(|m| *m < to)
             .filter(|m| wanted(*m) && (from_events.contains(m) || !counted.contains(m)))
             .collect();
-        let len = self.settings.bucket_len_ms;
-        let runs = runs(&from_events, |a, b| one_read(*a, *b, len));
+        let runs = runs(&from_events, |a, b| one_read(*a, *b));
         let summaries: Vec<Vec<MinuteSummaries>> = stream::iter(runs)
             .map(|run| self.summarize_minutes(user, device, &from_events[run]))
             .buffered(4)

@@ -58,10 +58,12 @@ impl Cql {
              AND (ts, event_id) < (:before_ts, :before_id) ORDER BY ts DESC, event_id DESC"
         )
     }
+    /// One device's events in `[from_ts, to_ts)`, in one request over the buckets
+    /// that range lies in (one partition each).
     pub(super) fn metric_slice(ks: &str) -> String {
         format!(
             "SELECT ts, type, metrics FROM {ks}.events \
-             WHERE user_id = :user_id AND device_id = :device_id AND bucket = :bucket \
+             WHERE user_id = :user_id AND device_id = :device_id AND bucket IN :buckets \
              AND ts >= :from_ts AND ts < :to_ts"
         )
     }

@@ -265,6 +265,15 @@ pub(super) fn specs(cql: &str) -> (Vec<ColumnSpec<'static>>, Vec<ColumnSpec<'sta
             } else if i + 2 < end && is_op(&t[i + 1]) && is_marker(&t[i + 2]) {
                 binds.push(spec(&marker_name(&t[i + 2], &t[i]), &t[i]));
                 i += 3;
+            } else if i + 2 < end && t[i + 1].eq_ignore_ascii_case("IN") && is_marker(&t[i + 2]) {
+                // `c IN :cs` binds a list of the column's type.
+                let one = spec(&t[i], &t[i]).typ().clone();
+                let list = ColumnType::Collection {
+                    frozen: false,
+                    typ: CollectionType::List(Box::new(one)),
+                };
+                binds.push(bind_spec(&marker_name(&t[i + 2], &t[i]), list, &table));
+                i += 3;
             } else {
                 i += 1;
             }

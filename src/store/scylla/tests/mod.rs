@@ -149,10 +149,10 @@ fn every_bound_row_type_serializes_against_the_schema() {
         ),
         check_bind(
             &Cql::metric_slice(KS),
-            &SliceIn {
+            &SlicesIn {
                 user_id: 1,
                 device_id: d,
-                bucket: t,
+                buckets: vec![t, t],
                 from_ts: t,
                 to_ts: t,
             },
