@@ -80,6 +80,17 @@ pub fn bucket_start(ts_ms: i64, len_ms: i64) -> i64 {
     ts_ms.div_euclid(len_ms) * len_ms
 }
 
+/// The buckets of length `len_ms` that `[from_ms, to_ms)` touches, in order, each as
+/// (its start, the part of the range in it).
+pub fn buckets_in(from_ms: i64, to_ms: i64, len_ms: i64) -> impl Iterator<Item = (i64, i64, i64)> {
+    let first = bucket_start(from_ms, len_ms);
+    (0..)
+        .map(move |i| first + i * len_ms)
+        .take_while(move |s| *s < to_ms)
+        .map(move |s| (s, from_ms.max(s), to_ms.min(s + len_ms)))
+        .filter(|(_, lo, hi)| lo < hi)
+}
+
 /// An id for an event that came without one: a UUIDv7 whose time field is the event's
 /// own `ts`, with 74 random bits. Embedding the `ts` lets a store find the event from
 /// its id alone (see [`assigned_id_ts`]), so it needs no duplicate-index entry for it.
@@ -155,6 +166,14 @@ mod tests {
         assert_eq!(bucket_start(999, 1000), 0);
         assert_eq!(bucket_start(1000, 1000), 1000);
         assert_eq!(bucket_start(-1, 1000), -1000);
+    }
+
+    #[test]
+    fn a_range_touches_each_bucket_once() {
+        let parts: Vec<_> = buckets_in(10, 250, 100).collect();
+        assert_eq!(parts, [(0, 10, 100), (100, 100, 200), (200, 200, 250)]);
+        assert_eq!(buckets_in(100, 200, 100).count(), 1);
+        assert_eq!(buckets_in(5, 5, 100).count(), 0);
     }
 
     #[test]

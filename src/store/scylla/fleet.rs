@@ -36,7 +36,7 @@ use super::rows::{
     PendingRow,
 };
 use super::Inner;
-use crate::model::{bucket_start, DeviceId, UserId};
+use crate::model::{bucket_start, buckets_in, DeviceId, UserId};
 use crate::store::{FleetCount, FleetQuery, Level, RollupQuery, StoreError};
 
 /// Fleet rows of hours are partitioned by UTC day (24 rows per device and type), of
@@ -53,16 +53,6 @@ const SLICES: usize = 4;
 
 /// Lagging devices read from their own rows at once.
 const STALE_FANOUT: usize = 16;
-
-/// The slabs of length `len` that `[from, to)` touches, each with its part of the range.
-fn slabs(from: i64, to: i64, len: i64) -> impl Iterator<Item = (i64, i64, i64)> {
-    let first = bucket_start(from, len);
-    (0..)
-        .map(move |i| first + i * len)
-        .take_while(move |s| *s < to)
-        .map(move |s| (s, from.max(s), to.min(s + len)))
-        .filter(|(_, lo, hi)| lo < hi)
-}
 
 /// The cell of `fleet_series` that holds a device's count of one type in the interval
 /// of `level` starting at `start`.
@@ -196,7 +186,7 @@ impl Inner {
         from: i64,
         to: i64,
     ) -> Result<Vec<(DeviceId, i64)>, StoreError> {
-        let parts: Vec<Vec<(DeviceId, i64)>> = stream::iter(slabs(from, to, HOUR_SLAB_MS))
+        let parts: Vec<Vec<(DeviceId, i64)>> = stream::iter(buckets_in(from, to, HOUR_SLAB_MS))
             .map(|(slab, lo, hi)| async move {
                 let slice = PendingHourRangeIn {
                     user_id: user,
@@ -223,7 +213,7 @@ impl Inner {
         let kind = q.kind.as_deref();
         let len = q.level.ms();
         let parts: Vec<Vec<FleetCount>> =
-            stream::iter(slabs(q.from_ms, q.to_ms, fleet_slab_ms(q.level)))
+            stream::iter(buckets_in(q.from_ms, q.to_ms, fleet_slab_ms(q.level)))
                 .map(|(slab, lo, hi)| async move {
                     let partition = FleetPartitionIn {
                         user_id: q.user_id,
@@ -456,17 +446,4 @@ pub(super) async fn build(
         .buffer_unordered(FANOUT)
         .try_collect::<()>()
         .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slabs_cover_the_range_once() {
-        let parts: Vec<_> = slabs(10, 250, 100).collect();
-        assert_eq!(parts, [(0, 10, 100), (100, 100, 200), (200, 200, 250)]);
-        assert_eq!(slabs(100, 200, 100).count(), 1);
-        assert_eq!(slabs(5, 5, 100).count(), 0);
-    }
 }

@@ -31,7 +31,7 @@ use super::rows::{
 };
 use super::sparse::WholeHours;
 use super::Inner;
-use crate::model::{bucket_start, now_ms, DeviceId, UserId};
+use crate::model::{bucket_start, buckets_in, now_ms, DeviceId, UserId};
 use crate::store::retention::Tier;
 use crate::store::rollup::Stats;
 use crate::store::{Level, Rollup, RollupQuery, StoreError};
@@ -283,19 +283,16 @@ impl Inner {
         from: i64,
         to: i64,
     ) -> Result<Vec<Rollup>, StoreError> {
-        let slab_len = slab_ms(level);
-        let first = bucket_start(from, slab_len);
-        let slabs = (0..).map(|i| first + i * slab_len).take_while(|s| *s < to);
-        let parts: Vec<Vec<Rollup>> = stream::iter(slabs)
-            .map(|slab| async move {
+        let parts: Vec<Vec<Rollup>> = stream::iter(buckets_in(from, to, slab_ms(level)))
+            .map(|(slab, lo, hi)| async move {
                 let slice = CoarseSliceIn {
                     user_id: user,
                     device_id: device,
                     level: i32::from(level.tag()),
                     slab: ms(slab),
                     metric,
-                    from_start: ms(from.max(slab)),
-                    to_start: ms(to.min(slab + slab_len)),
+                    from_start: ms(lo),
+                    to_start: ms(hi),
                 };
                 self.rollup_rows::<CoarseOut>(&self.cql.select_coarse, slice)
                     .await

@@ -11,7 +11,7 @@ use scylla::value::CqlTimestamp;
 use super::pending::DAY_MS;
 use super::rows::{ms, MetricOut, SlicesIn};
 use super::Inner;
-use crate::model::{bucket_start, DeviceId, UserId};
+use crate::model::{bucket_start, buckets_in, DeviceId, UserId};
 use crate::store::rollup::Stats;
 use crate::store::{StoreError, ROLLUP_MS};
 
@@ -88,12 +88,8 @@ impl Inner {
         };
         let len = self.settings.bucket_len_ms;
         let end = last + ROLLUP_MS;
-        let first = bucket_start(from, len);
-        let buckets: Vec<CqlTimestamp> = (0..)
-            .map(|i| first + i * len)
-            .take_while(|b| *b < end)
-            .map(ms)
-            .collect();
+        let buckets: Vec<CqlTimestamp> =
+            buckets_in(from, end, len).map(|(b, _, _)| ms(b)).collect();
         for buckets in buckets.chunks(MAX_BUCKETS) {
             let slice = SlicesIn {
                 user_id: user,

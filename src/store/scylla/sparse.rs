@@ -27,7 +27,7 @@ use super::minutes::{one_read, runs, MinuteSummaries};
 use super::pending::{HourKey, DAY_MS, HOUR_MS};
 use super::rows::{ms, RollupOut, RollupSliceIn};
 use super::Inner;
-use crate::model::{bucket_start, DeviceId, UserId};
+use crate::model::{bucket_start, buckets_in, DeviceId, UserId};
 use crate::store::{Level, Rollup, StoreError, ROLLUP_MS};
 
 /// The most events a minute may hold and keep no rows.
@@ -119,19 +119,17 @@ impl Inner {
                     .collect()
             })
             .collect();
-        let first = bucket_start(from, ROLLUP_MS);
-        let from_events: Vec<i64> = (0..)
-            .map(|i| first + i * ROLLUP_MS)
-            .take_while(|m| *m < to)
+        let event_minutes: Vec<i64> = buckets_in(from, to, ROLLUP_MS)
+            .map(|(m, _, _)| m)
             .filter(|m| wanted(*m) && (from_events.contains(m) || !counted.contains(m)))
             .collect();
-        let runs = runs(&from_events, |a, b| one_read(*a, *b));
+        let runs = runs(&event_minutes, |a, b| one_read(*a, *b));
         let summaries: Vec<Vec<MinuteSummaries>> = stream::iter(runs)
-            .map(|run| self.summarize_minutes(user, device, &from_events[run]))
+            .map(|run| self.summarize_minutes(user, device, &event_minutes[run]))
             .buffered(4)
             .try_collect()
             .await?;
-        for (&start_ms, by_metric) in from_events.iter().zip(summaries.into_iter().flatten()) {
+        for (&start_ms, by_metric) in event_minutes.iter().zip(summaries.into_iter().flatten()) {
             for ((metric, kind), s) in by_metric {
                 if let Some(i) = metrics.iter().position(|m| *m == metric) {
                     out[i].push(Rollup {
@@ -156,19 +154,15 @@ impl Inner {
         from: i64,
         to: i64,
     ) -> Result<Vec<Rollup>, StoreError> {
-        let first_day = bucket_start(from, DAY_MS);
-        let days = (0..)
-            .map(|i| first_day + i * DAY_MS)
-            .take_while(|d| *d < to);
-        let parts: Vec<Vec<Rollup>> = stream::iter(days)
-            .map(|day| async move {
+        let parts: Vec<Vec<Rollup>> = stream::iter(buckets_in(from, to, DAY_MS))
+            .map(|(day, lo, hi)| async move {
                 let slice = RollupSliceIn {
                     user_id: user,
                     device_id: device,
                     day: ms(day),
                     metric,
-                    from_minute: ms(from.max(day)),
-                    to_minute: ms(to.min(day + DAY_MS)),
+                    from_minute: ms(lo),
+                    to_minute: ms(hi),
                 };
                 self.rollup_rows::<RollupOut>(&self.cql.select_rollups, slice)
                     .await
