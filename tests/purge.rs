@@ -185,7 +185,11 @@ async fn assert_store(store: &dyn EventStore, f: &Fixture) {
             "{level:?}"
         );
     }
-    for level in [Level::Hour, Level::Day] {
+    // By type, and as each device's totals (which the wide-column store keeps apart).
+    for (level, by_type) in [Level::Hour, Level::Day]
+        .into_iter()
+        .flat_map(|l| [(l, true), (l, false)])
+    {
         let fleet = store
             .fleet_counts(FleetQuery {
                 user_id: f.user,
@@ -193,17 +197,19 @@ async fn assert_store(store: &dyn EventStore, f: &Fixture) {
                 from_ms: (f.from - DAY).div_euclid(DAY) * DAY,
                 to_ms: (f.from + 5 * DAY).div_euclid(DAY) * DAY,
                 kind: None,
+                by_type,
             })
             .await
             .unwrap();
         if let Some(rows) = fleet {
-            assert!(rows.iter().all(|r| r.device_id != f.purged), "{level:?}");
+            let why = format!("{level:?}, by type: {by_type}");
+            assert!(rows.iter().all(|r| r.device_id != f.purged), "{why}");
             let kept: u64 = rows
                 .iter()
                 .filter(|r| r.device_id == f.kept)
                 .map(|r| r.count)
                 .sum();
-            assert_eq!(kept, f.events, "{level:?}");
+            assert_eq!(kept, f.events, "{why}");
         }
     }
     assert!(store

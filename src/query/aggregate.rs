@@ -255,31 +255,36 @@ pub async fn last_value_before(
     Ok(None)
 }
 
-/// Counts per window and group over several devices, sorted by window then group.
-///
-/// Hour and day pieces come from the store's fleet rows in one read each, where it
-/// keeps them; the rest (minutes, raw edges, or a store without fleet rows) is read
-/// device by device. Fleet rows are filtered to `devices`, so a deleted device's
-/// events are never counted.
+/// The part of a grouped aggregate read for the whole fleet at once: the store's fleet
+/// rows of the hour and day pieces of the plan, and the pieces left to read device by
+/// device (minutes, raw edges, or a store without fleet rows). It needs no device
+/// list, so it is read while the registry lists the devices.
+pub struct FleetPieces {
+    rows: Vec<crate::store::FleetCount>,
+    per_device: Vec<Segment>,
+}
+
+/// Reads the fleet-wide part of a grouped aggregate (see [`FleetPieces`]).
 ///
 /// # Errors
 ///
 /// A store failure.
-pub async fn grouped_counts(
+pub async fn fleet_pieces(
     scope: Scope<'_>,
-    devices: &[DeviceId],
-    grid: Grid,
+    grid: &Grid,
     range: Range,
     group_by: GroupBy,
     kind: Option<String>,
-) -> Result<Vec<GroupCount>, StoreError> {
-    let mut tally = Tally::new(&grid, group_by, devices);
-    let mut per_device = Vec::new();
-    for segment in plan(&grid, range) {
+) -> Result<FleetPieces, StoreError> {
+    let mut out = FleetPieces {
+        rows: Vec::new(),
+        per_device: Vec::new(),
+    };
+    for segment in plan(grid, range) {
         let level = match segment.source {
             Source::Rollup(level @ (Level::Hour | Level::Day)) => level,
             _ => {
-                per_device.push(segment);
+                out.per_device.push(segment);
                 continue;
             }
         };
@@ -289,16 +294,38 @@ pub async fn grouped_counts(
             from_ms: segment.range.from_ms,
             to_ms: segment.range.to_ms,
             kind: kind.clone(),
+            // Counts by device need no types: a store may answer its totals.
+            by_type: group_by == GroupBy::Type,
         };
         match scope.store.fleet_counts(q).await? {
-            Some(rows) => {
-                for r in rows {
-                    tally.add(r.start_ms, r.device_id, Some(&r.kind), r.count);
-                }
-            }
-            None => per_device.push(segment),
+            Some(rows) => out.rows.extend(rows),
+            None => out.per_device.push(segment),
         }
     }
+    Ok(out)
+}
+
+/// Counts per window and group over `devices`, sorted by window then group: the fleet
+/// rows read by [`fleet_pieces`] for the same query, and the rest read device by
+/// device. Fleet rows are filtered to `devices`, so a deleted device's events are
+/// never counted.
+///
+/// # Errors
+///
+/// A store failure.
+pub async fn grouped_counts(
+    scope: Scope<'_>,
+    devices: &[DeviceId],
+    grid: Grid,
+    group_by: GroupBy,
+    kind: Option<String>,
+    fleet: FleetPieces,
+) -> Result<Vec<GroupCount>, StoreError> {
+    let mut tally = Tally::new(&grid, group_by, devices);
+    for r in fleet.rows {
+        tally.add(r.start_ms, r.device_id, Some(&r.kind), r.count);
+    }
+    let per_device = fleet.per_device;
     if !per_device.is_empty() {
         let filter = AggregateFilter {
             metric: None,

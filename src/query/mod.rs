@@ -24,7 +24,7 @@ pub mod routes;
 pub mod totals;
 pub mod windows;
 
-pub use aggregate::{device_aggregate, grouped_counts, AggregateFilter};
+pub use aggregate::{device_aggregate, fleet_pieces, grouped_counts, AggregateFilter, FleetPieces};
 pub use groups::{GroupBy, GroupCount};
 pub use windows::{Grid, Window, Windows};
 

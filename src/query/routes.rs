@@ -419,15 +419,14 @@ pub async fn grouped_aggregates(
         })
         .transpose()?;
     // Only the user's current devices: a deleted device's events are never served.
-    let mut devices: Vec<Uuid> = state
-        .intake
-        .auth
-        .registry()
-        .devices(user)
-        .await?
-        .into_iter()
-        .map(|d| d.id)
-        .collect();
+    // Listed while the store reads the fleet's rows, which need no device list.
+    let registry = state.intake.auth.registry();
+    let (devices, fleet) = tokio::join!(
+        registry.devices(user),
+        super::fleet_pieces(scope(&state, user), &grid, range, group_by, kind.clone()),
+    );
+    let mut devices: Vec<Uuid> = devices?.into_iter().map(|d| d.id).collect();
+    let fleet = fleet?;
     // One group per device and window: past the cap, group_by=device is paged over
     // devices (in id order) so that an answer stays bounded.
     let mut next_after_device = None;
@@ -450,7 +449,7 @@ pub async fn grouped_aggregates(
         }
     }
     let counts =
-        super::grouped_counts(scope(&state, user), &devices, grid, range, group_by, kind).await?;
+        super::grouped_counts(scope(&state, user), &devices, grid, group_by, kind, fleet).await?;
     // Counts come sorted by window: each window's start is formatted once.
     let mut start = (i64::MIN, String::new());
     let buckets = counts

@@ -223,9 +223,14 @@ pub struct FleetQuery {
     pub to_ms: i64,
     /// Only events of this type.
     pub kind: Option<String>,
+    /// Whether the counts must keep types apart. Without, a store may answer each
+    /// device's total over its types (with `kind` empty), which is all `group_by=device`
+    /// needs and may be cheaper to read.
+    pub by_type: bool,
 }
 
-/// One (interval, device, type) count.
+/// One (interval, device, type) count; with a query that needs no types, possibly the
+/// device's total over them, of type "".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetCount {
     pub start_ms: i64,

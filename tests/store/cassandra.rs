@@ -162,9 +162,10 @@ async fn rollups_at(
         .collect()
 }
 
-/// A user's fleet counts at `level`, by (interval, device, type).
+/// A user's fleet counts at `level`, by (interval, device, type); without `by_type`,
+/// each device's totals over its types (type "").
 pub(crate) async fn fleet_at(
-    level: Level,
+    (level, by_type): (Level, bool),
     store: &dyn EventStore,
     user: i64,
     from_ms: i64,
@@ -176,15 +177,19 @@ pub(crate) async fn fleet_at(
         from_ms,
         to_ms,
         kind: None,
+        by_type,
     };
     let rows = store
         .fleet_counts(q)
         .await
         .unwrap()
         .expect("keeps fleet rows");
-    rows.into_iter()
-        .map(|r| ((r.start_ms, r.device_id, r.kind), r.count))
-        .collect()
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let kind = if by_type { r.kind } else { String::new() };
+        *out.entry((r.start_ms, r.device_id, kind)).or_default() += r.count;
+    }
+    out
 }
 
 /// Both metrics of a device's first two days, at every level, read through `store`,
@@ -212,24 +217,28 @@ pub(crate) async fn assert_fleet(
     why: &str,
 ) {
     for level in [Level::Hour, Level::Day] {
-        assert_eq!(
-            fleet_at(level, store, user, DAY0, DAY0 + 2 * DAY).await,
-            fleet_expected(level, device, truth),
-            "{level:?} {why}"
-        );
+        for by_type in [true, false] {
+            assert_eq!(
+                fleet_at((level, by_type), store, user, DAY0, DAY0 + 2 * DAY).await,
+                fleet_expected((level, by_type), device, truth),
+                "{level:?}, by type: {by_type}, {why}"
+            );
+        }
     }
 }
 
 /// What `fleet_at` must answer for one device's events.
 pub(crate) fn fleet_expected(
-    level: Level,
+    (level, by_type): (Level, bool),
     device: Uuid,
     events: &[Event],
 ) -> BTreeMap<(i64, Uuid, String), u64> {
-    expected_at(level, events, "")
-        .into_iter()
-        .map(|((start, kind), s)| ((start, device, kind), s.count))
-        .collect()
+    let mut out = BTreeMap::new();
+    for ((start, kind), s) in expected_at(level, events, "") {
+        let kind = if by_type { kind } else { String::new() };
+        *out.entry((start, device, kind)).or_default() += s.count;
+    }
+    out
 }
 
 /// Sums may differ in the last bits with the order of addition.

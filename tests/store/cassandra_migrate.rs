@@ -70,7 +70,7 @@ async fn iotpipe_migrate_creates_the_schema_in_a_fresh_keyspace() {
             "buckets",
             "event_ids",
             "events",
-            "fleet_series",
+            "fleet_by_type",
             "latest",
             "meta",
             "pending_by_device",
@@ -164,8 +164,8 @@ async fn migrate_builds_the_fleet_rows_of_an_older_keyspace() {
     // one is left by a writer that stored an event and died before its rollups.
     let late = event(500, T0 + 30_000, "telemetry", &[("temp", 2.0)]);
     for cql in [
-        format!("TRUNCATE {name}.fleet_series"),
-        format!("DELETE FROM {name}.meta WHERE name = 'fleet_series'"),
+        format!("TRUNCATE {name}.fleet_by_type"),
+        format!("DELETE FROM {name}.meta WHERE name = 'fleet_by_type'"),
         format!(
             "CREATE TABLE {name}.pending_minutes (user_id bigint, device_id uuid, \
              minute timestamp, flush uuid, PRIMARY KEY ((user_id, device_id), minute, flush))"

@@ -146,26 +146,53 @@ pub async fn levels_match_brute_force(store: &dyn EventStore, seed: u64) -> Resu
                     .map_err(|e| format!("seed {seed}, {level:?}, metric {metric:?}: {e}"))?;
             }
         }
-        let q = FleetQuery {
-            user_id: user,
-            level,
-            from_ms: from,
-            to_ms: to,
-            kind: None,
-        };
-        if let Some(rows) = store.fleet_counts(q).await.map_err(|e| e.to_string())? {
-            let got: BTreeMap<(i64, Uuid, String), u64> = rows
-                .into_iter()
-                .map(|r| ((r.start_ms, r.device_id, r.kind), r.count))
+        let mut want: BTreeMap<(i64, Uuid, String), u64> = BTreeMap::new();
+        for (device, e) in stored.values() {
+            *want
+                .entry((bucket_start(e.ts_ms, level.ms()), *device, e.kind.clone()))
+                .or_default() += 1;
+        }
+        // Each device's totals over its types, as `group_by=device` asks.
+        let mut totals: BTreeMap<(i64, Uuid), u64> = BTreeMap::new();
+        for ((start, device, _), n) in &want {
+            *totals.entry((*start, *device)).or_default() += n;
+        }
+        // Every type, each device's totals, and one type alone (the stores read each
+        // their own way).
+        let one = want.keys().next().map(|(_, _, kind)| kind.clone());
+        for (kind, by_type) in [(None, true), (None, false), (one, true)] {
+            let want: BTreeMap<(i64, Uuid, String), u64> = (want.iter())
+                .filter(|((_, _, k), _)| kind.as_ref().is_none_or(|one| one == k))
+                .map(|(k, n)| (k.clone(), *n))
                 .collect();
-            let mut want: BTreeMap<(i64, Uuid, String), u64> = BTreeMap::new();
-            for (device, e) in stored.values() {
-                *want
-                    .entry((bucket_start(e.ts_ms, level.ms()), *device, e.kind.clone()))
-                    .or_default() += 1;
-            }
-            if got != want {
-                return Err(format!("seed {seed}: fleet counts at {level:?} differ"));
+            let q = FleetQuery {
+                user_id: user,
+                level,
+                from_ms: from,
+                to_ms: to,
+                kind: kind.clone(),
+                by_type,
+            };
+            let Some(rows) = store.fleet_counts(q).await.map_err(|e| e.to_string())? else {
+                continue;
+            };
+            let differ = if by_type {
+                let got: BTreeMap<(i64, Uuid, String), u64> = rows
+                    .into_iter()
+                    .map(|r| ((r.start_ms, r.device_id, r.kind), r.count))
+                    .collect();
+                got != want
+            } else {
+                let mut got: BTreeMap<(i64, Uuid), u64> = BTreeMap::new();
+                for r in rows {
+                    *got.entry((r.start_ms, r.device_id)).or_default() += r.count;
+                }
+                got != totals
+            };
+            if differ {
+                return Err(format!(
+                    "seed {seed}: fleet counts at {level:?} (type {kind:?}, by type: {by_type}) differ"
+                ));
             }
         }
     }

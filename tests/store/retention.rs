@@ -68,6 +68,7 @@ async fn fleet_starts(store: &dyn EventStore, level: Level, from: i64, to: i64) 
         from_ms: from,
         to_ms: to,
         kind: None,
+        by_type: true,
     };
     let rows = store.fleet_counts(q).await.unwrap().expect("kept");
     // In no particular order.

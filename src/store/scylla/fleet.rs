@@ -1,13 +1,18 @@
 //! Fleet reads in the wide-column store: the event counts of every device of a user
-//! per hour or day, in one partition of `fleet_series` per day (or 28 days), for
+//! per hour or day, in one partition of `fleet_by_type` per day (or 28 days), for
 //! grouped aggregates (`group_by=device` or `type`) that would otherwise read each
 //! device's rows.
 //!
 //! - **Written beside the count rows.** Each time a device's hour or day is summed
 //!   again (`levels.rs`), its count rows (metric `""`) are also written here, one
-//!   map cell per (device, type, interval), with the same count as write time: they
-//!   are exact the same way. A row holds a device and type, not an interval, because
+//!   map cell per (type, device, interval), with the same count as write time: they
+//!   are exact the same way. A row holds a type and device, not an interval, because
 //!   Cassandra reads a few wide rows much faster than many narrow ones.
+//! - **Totals for `group_by=device`.** Type `""` holds each device's count over all
+//!   its types, written from the same sums (so it grows as they do, and is exact the
+//!   same way). Rows are clustered by type first, so a read by device takes the one
+//!   slice of totals, a read of one type that type's slice: Cassandra's cost is per
+//!   cell read, and a fleet with two types costs half.
 //! - **Pending hours say which rows may lag.** A device's fleet row misses an
 //!   acknowledged event while a minute of that hour is pending. Every mark of a
 //!   device's hour (`pending.rs`) has a row in `pending_by_user` beside its row in
@@ -32,8 +37,8 @@ use super::errors::{corrupt, pager_error, row_error};
 use super::levels::ByType;
 use super::pending::{device_row, hour_row, HourKey, DAY_MS, HOUR_MS, HOUR_SLAB_MS};
 use super::rows::{
-    ms, FleetIn, FleetOut, FleetPartitionIn, PendingHourOut, PendingHourRangeIn, PendingHourRow,
-    PendingRow,
+    ms, FleetIn, FleetOut, FleetPartitionIn, FleetTypeIn, PendingHourOut, PendingHourRangeIn,
+    PendingHourRow, PendingRow,
 };
 use super::Inner;
 use crate::model::{bucket_start, buckets_in, DeviceId, UserId};
@@ -54,7 +59,11 @@ const SLICES: usize = 4;
 /// Lagging devices read from their own rows at once.
 const STALE_FANOUT: usize = 16;
 
-/// The cell of `fleet_series` that holds a device's count of one type in the interval
+/// The type of the rows of `fleet_by_type` that hold each device's total over its
+/// types; no event has it (a type has 1 to 64 characters).
+const ALL_TYPES: &str = "";
+
+/// The cell of `fleet_by_type` that holds a device's count of one type in the interval
 /// of `level` starting at `start`.
 fn fleet_cell(
     (user, device): (UserId, DeviceId),
@@ -81,7 +90,8 @@ fn fleet_cell(
 
 impl Inner {
     /// The fleet rows of one device's hours or days (`start`, its sums by type and
-    /// the rows' TTL), all in one fleet partition: its count rows, by type.
+    /// the rows' TTL), all in one fleet partition: its count rows, by type, and their
+    /// total.
     pub(super) async fn write_fleet(
         &self,
         (user, device): (UserId, DeviceId),
@@ -91,9 +101,15 @@ impl Inner {
         let rows: Vec<FleetIn<'_>> = intervals
             .iter()
             .flat_map(|(start, sums, ttl)| {
-                sums.iter().map(move |(kind, s)| {
-                    fleet_cell((user, device), level, *start, kind, s.summary.count, *ttl)
-                })
+                let total = sums.values().map(|s| s.summary.count).sum();
+                let by_type = sums
+                    .iter()
+                    .map(|(kind, s)| (kind.as_str(), s.summary.count));
+                by_type
+                    .chain([(ALL_TYPES, total)])
+                    .map(move |(kind, count)| {
+                        fleet_cell((user, device), level, *start, kind, count, *ttl)
+                    })
             })
             .collect();
         self.write_rows(&self.cql.insert_fleet, &rows).await
@@ -206,28 +222,43 @@ impl Inner {
         Ok(parts.into_iter().flatten().collect())
     }
 
-    /// The fleet rows of a user at one level in `[from, to)`, as written: each
-    /// partition the range touches is read whole and its cells outside the range
-    /// left out.
+    /// The fleet rows of a user at one level in `[from, to)`, as written: the slice
+    /// of each partition the range touches that the query needs (one type, the
+    /// totals, or every type), with its cells outside the range left out.
     async fn fleet_rows(&self, q: &FleetQuery) -> Result<Vec<FleetCount>, StoreError> {
-        let kind = q.kind.as_deref();
         let len = q.level.ms();
+        let one_type = match (&q.kind, q.by_type) {
+            (Some(kind), _) => Some(kind.as_str()),
+            (None, false) => Some(ALL_TYPES),
+            (None, true) => None,
+        };
         let parts: Vec<Vec<FleetCount>> =
             stream::iter(buckets_in(q.from_ms, q.to_ms, fleet_slab_ms(q.level)))
                 .map(|(slab, lo, hi)| async move {
-                    let partition = FleetPartitionIn {
-                        user_id: q.user_id,
-                        level: i32::from(q.level.tag()),
-                        slab: ms(slab),
+                    let (user_id, level, slab_ts) = (q.user_id, i32::from(q.level.tag()), ms(slab));
+                    let mut rows = match one_type {
+                        Some(kind) => {
+                            let slice = FleetTypeIn {
+                                user_id,
+                                level,
+                                slab: slab_ts,
+                                kind,
+                            };
+                            self.rows::<FleetOut>(&self.cql.select_fleet_type, slice)
+                                .await?
+                        }
+                        None => {
+                            let partition = FleetPartitionIn {
+                                user_id,
+                                level,
+                                slab: slab_ts,
+                            };
+                            self.rows::<FleetOut>(&self.cql.select_fleet_types, partition)
+                                .await?
+                        }
                     };
                     let mut out = Vec::new();
-                    let mut rows = self
-                        .rows::<FleetOut>(&self.cql.select_fleet, partition)
-                        .await?;
                     while let Some(row) = rows.try_next().await? {
-                        if kind.is_some_and(|k| k != row.kind) {
-                            continue;
-                        }
                         let FleetOut {
                             device_id,
                             kind,
@@ -319,9 +350,9 @@ impl Inner {
     }
 }
 
-/// Fills `fleet_series`, `pending_by_device` and `pending_by_user` in a keyspace
+/// Fills `fleet_by_type`, `pending_by_device` and `pending_by_user` in a keyspace
 /// written before them (`iotpipe migrate`): a fleet cell for every count row of
-/// `rollups_coarse`, and a mark for every row of the older `pending_minutes` (the
+/// `rollups_coarse` and for each interval's total, and a mark for every row of the older `pending_minutes` (the
 /// sweep recomputes and deletes it). Rewrites rather than adds, so a build cut short
 /// is simply done again (at worst with a mark twice).
 pub(super) async fn build(
@@ -357,37 +388,63 @@ pub(super) async fn build(
         .map_err(row_error)
         .try_filter(|r| futures::future::ready(r.3.is_empty()));
     let now = crate::model::now_ms();
-    counts
-        .map_ok(|(user_id, device_id, level, _, start, kind, count)| {
-            let insert_fleet = &insert_fleet;
-            async move {
-                let level = match level {
-                    1 => Level::Hour,
-                    2 => Level::Day,
-                    other => return Err(StoreError::Corrupt(format!("rollup level {other}"))),
-                };
-                let ttl = settings
-                    .retention
-                    .ttl(Tier::Rollup(level), start.0, now)
-                    .cql();
-                let row = fleet_cell(
-                    (user_id, device_id),
-                    level,
-                    start.0,
-                    &kind,
-                    count.max(0) as u64,
-                    ttl,
-                );
-                session
-                    .execute_unpaged(insert_fleet, row)
-                    .await
-                    .map_err(exec_error)?;
-                Ok(())
-            }
-        })
-        .try_buffer_unordered(FANOUT)
-        .try_collect::<()>()
-        .await?;
+    let write = |(user_id, device_id): (UserId, DeviceId),
+                 level: i32,
+                 start: i64,
+                 kind: String,
+                 count: i64| {
+        let insert_fleet = &insert_fleet;
+        async move {
+            let level = match level {
+                1 => Level::Hour,
+                2 => Level::Day,
+                other => return Err(StoreError::Corrupt(format!("rollup level {other}"))),
+            };
+            let ttl = (settings.retention)
+                .ttl(Tier::Rollup(level), start, now)
+                .cql();
+            let count = count.max(0) as u64;
+            let row = fleet_cell((user_id, device_id), level, start, &kind, count, ttl);
+            session
+                .execute_unpaged(insert_fleet, row)
+                .await
+                .map_err(exec_error)?;
+            Ok::<_, StoreError>(())
+        }
+    };
+    // A partition's count rows come in clustering order, so the types of one interval
+    // are adjacent: each run's total is written as it ends, without holding the
+    // keyspace's intervals in memory.
+    let mut counts = std::pin::pin!(counts);
+    let mut writes = stream::FuturesUnordered::new();
+    let mut run: Option<((UserId, DeviceId, i32, i64), i64)> = None;
+    while let Some((user_id, device_id, level, _, start, kind, count)) = counts.try_next().await? {
+        let key = (user_id, device_id, level, start.0);
+        if let Some(((user, device, level, start), total)) = run.take_if(|(k, _)| *k != key) {
+            writes.push(write(
+                (user, device),
+                level,
+                start,
+                ALL_TYPES.to_owned(),
+                total,
+            ));
+        }
+        run.get_or_insert((key, 0)).1 += count;
+        writes.push(write((user_id, device_id), level, start.0, kind, count));
+        while writes.len() >= FANOUT {
+            writes.try_next().await?;
+        }
+    }
+    if let Some(((user, device, level, start), total)) = run {
+        writes.push(write(
+            (user, device),
+            level,
+            start,
+            ALL_TYPES.to_owned(),
+            total,
+        ));
+    }
+    while writes.try_next().await?.is_some() {}
     // Marks of the table before `pending_by_device` (one row per minute), if the
     // keyspace has it: each becomes a mark of its own, which the sweep recomputes.
     let old_marks = super::schema::answers_rows(

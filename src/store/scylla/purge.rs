@@ -6,14 +6,15 @@
 //! `event_ids` rows (keyed by device and id, so they cannot be found otherwise); the
 //! buckets' days and slabs name the `rollups` and `rollups_coarse` partitions;
 //! `pending_by_device` is one partition per device; `latest` rows are one clustering
-//! prefix of the user's partition; its `fleet_series` rows are a prefix (device) of the
+//! prefix of the user's partition; its `fleet_by_type` rows are one row per type
+//! (the types of its count rows in `rollups_coarse`, and the totals' "") in the
 //! user's fleet partitions of its buckets' days, and its `pending_by_user` marks a
 //! prefix (hour, device) of the user's partitions, for each hour of its buckets.
 //! Everything is removed by partition or prefix deletes (one tombstone each), except
 //! `event_ids` (one per event).
 //!
-//! Order: per bucket, the ids first, then the events partition; the `buckets` index
-//! last. A purge that stops half-way is therefore found again and finished by the
+//! Order: per bucket, the ids first, then the events partition; the fleet rows before
+//! the `rollups_coarse` partitions that name their types; the `buckets` index last. A purge that stops half-way is therefore found again and finished by the
 //! next run: what is left is always reachable from the index.
 //!
 //! Rollup rows are written `USING TIMESTAMP` their count, so a delete at the current
@@ -84,10 +85,16 @@ impl Inner {
                 "DELETE FROM {ks}.latest USING TIMESTAMP ? WHERE user_id = ? AND device_id = ?"
             ))
             .await?;
+        let select_types = self
+            .prepare(format!(
+                "SELECT type FROM {ks}.rollups_coarse WHERE user_id = ? AND device_id = ? \
+                 AND level = ? AND slab = ? AND metric = ''"
+            ))
+            .await?;
         let delete_fleet = self
             .prepare(format!(
-                "DELETE FROM {ks}.fleet_series WHERE user_id = ? AND level = ? AND slab = ? \
-                 AND device_id = ?"
+                "DELETE FROM {ks}.fleet_by_type WHERE user_id = ? AND level = ? AND slab = ? \
+                 AND type = ? AND device_id = ?"
             ))
             .await?;
         let delete_hour_markers = self
@@ -145,6 +152,30 @@ impl Inner {
                 day += DAY_MS;
             }
         }
+        // The device's rows in the user's fleet partitions, one per type it has count
+        // rows of, and its totals.
+        let mut types = BTreeSet::from([String::new()]);
+        for (level, slab) in &slabs {
+            let values = (user, device, i32::from(*level), ms(*slab));
+            let rows: Vec<(String,)> = self.all_rows(&select_types, values).await?;
+            types.extend(rows.into_iter().map(|(kind,)| kind));
+        }
+        let fleet_slabs: BTreeSet<(Level, i64)> = days
+            .iter()
+            .flat_map(|day| {
+                [Level::Hour, Level::Day]
+                    .map(|level| (level, bucket_start(*day, fleet_slab_ms(level))))
+            })
+            .collect();
+        for (level, slab) in fleet_slabs {
+            for kind in &types {
+                let values = (user, i32::from(level.tag()), ms(slab), kind, device);
+                self.session
+                    .execute_unpaged(&delete_fleet, values)
+                    .await
+                    .map_err(exec_error)?;
+            }
+        }
         for day in &days {
             self.session
                 .execute_unpaged(&delete_day, (user, device, ms(*day)))
@@ -158,21 +189,7 @@ impl Inner {
                 .await
                 .map_err(exec_error)?;
         }
-        // The device's rows in the user's fleet partitions, and its marks there.
-        let fleet_slabs: BTreeSet<(Level, i64)> = days
-            .iter()
-            .flat_map(|day| {
-                [Level::Hour, Level::Day]
-                    .map(|level| (level, bucket_start(*day, fleet_slab_ms(level))))
-            })
-            .collect();
-        for (level, slab) in fleet_slabs {
-            let values = (user, i32::from(level.tag()), ms(slab), device);
-            self.session
-                .execute_unpaged(&delete_fleet, values)
-                .await
-                .map_err(exec_error)?;
-        }
+        // Its marks in the user's partitions.
         stream::iter(hours)
             .map(|hour| {
                 let values = (user, ms(bucket_start(hour, HOUR_SLAB_MS)), ms(hour), device);

@@ -404,7 +404,7 @@ pub(super) struct PendingOut {
     pub minutes: Option<Vec<i32>>,
 }
 
-/// One cell of `fleet_series`, as written; `writetime` is its count, `index` the
+/// One cell of `fleet_by_type`, as written; `writetime` is its count, `index` the
 /// interval's place in its partition.
 #[derive(Debug, SerializeRow)]
 #[scylla(flavor = "enforce_order", skip_name_checks)]
@@ -420,13 +420,23 @@ pub(super) struct FleetIn<'a> {
     pub kind: &'a str,
 }
 
-/// One partition of `fleet_series`.
+/// One partition of `fleet_by_type`.
 #[derive(Debug, SerializeRow)]
 #[scylla(flavor = "enforce_order", skip_name_checks)]
 pub(super) struct FleetPartitionIn {
     pub user_id: i64,
     pub level: i32,
     pub slab: CqlTimestamp,
+}
+
+/// The rows of one type (or '', the totals) of a partition of `fleet_by_type`.
+#[derive(Debug, SerializeRow)]
+#[scylla(flavor = "enforce_order", skip_name_checks)]
+pub(super) struct FleetTypeIn<'a> {
+    pub user_id: i64,
+    pub level: i32,
+    pub slab: CqlTimestamp,
+    pub kind: &'a str,
 }
 
 #[derive(Debug, DeserializeRow)]

@@ -59,7 +59,7 @@ pub(super) fn tier_ttl_statements(settings: &ScyllaSettings) -> Vec<String> {
         ("buckets", Tier::Raw),
         ("rollups", Tier::Rollup(Level::Minute)),
         ("rollups_coarse", Tier::Rollup(Level::Hour)),
-        ("fleet_series", Tier::Rollup(Level::Hour)),
+        ("fleet_by_type", Tier::Rollup(Level::Hour)),
     ]
     .into_iter()
     .map(|(table, tier)| {
@@ -152,9 +152,10 @@ pub(super) async fn check_levels(
     set_meta(session, ks, LEVELS_META, 1).await
 }
 
-/// Recorded once `fleet_series` is complete. (Keyspaces whose fleet rows were built
-/// in the older `fleet_counts` table record `fleet_rows`, and are built again.)
-pub(super) const FLEET_META: &str = "fleet_series";
+/// Recorded once `fleet_by_type` is complete. (Keyspaces whose fleet rows were built
+/// in the older `fleet_counts` or `fleet_series` tables record `fleet_rows` or
+/// `fleet_series`, and are built again.)
+pub(super) const FLEET_META: &str = "fleet_by_type";
 
 /// Refuses a keyspace whose fleet rows are not complete; `iotpipe migrate` (`record`)
 /// builds them first (`fleet::build`).

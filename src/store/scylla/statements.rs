@@ -142,16 +142,23 @@ impl Cql {
     /// the same write time.
     pub(super) fn insert_fleet(ks: &str) -> String {
         format!(
-            "UPDATE {ks}.fleet_series USING TIMESTAMP ? AND TTL ? SET counts[?] = ? \
+            "UPDATE {ks}.fleet_by_type USING TIMESTAMP ? AND TTL ? SET counts[?] = ? \
              WHERE user_id = ? AND level = ? AND slab = ? AND device_id = ? AND type = ?"
         )
     }
-    /// A whole fleet partition: its rows are devices, not intervals, so a part of it
-    /// is cut from the cells.
-    pub(super) fn select_fleet(ks: &str) -> String {
+    /// The rows of one type of a fleet partition (type '': every device's total): its
+    /// rows are devices, not intervals, so a part of it is cut from the cells.
+    pub(super) fn select_fleet_type(ks: &str) -> String {
         format!(
-            "SELECT device_id, type, counts FROM {ks}.fleet_series \
-             WHERE user_id = ? AND level = ? AND slab = ?"
+            "SELECT device_id, type, counts FROM {ks}.fleet_by_type \
+             WHERE user_id = ? AND level = ? AND slab = ? AND type = ?"
+        )
+    }
+    /// The rows of every type of a fleet partition, without the totals.
+    pub(super) fn select_fleet_types(ks: &str) -> String {
+        format!(
+            "SELECT device_id, type, counts FROM {ks}.fleet_by_type \
+             WHERE user_id = ? AND level = ? AND slab = ? AND type > ''"
         )
     }
     pub(super) fn insert_pending_hour(ks: &str) -> String {
@@ -220,7 +227,8 @@ pub(super) struct Prepared {
     pub(super) select_pending: PreparedStatement,
     pub(super) scan_pending: PreparedStatement,
     pub(super) insert_fleet: PreparedStatement,
-    pub(super) select_fleet: PreparedStatement,
+    pub(super) select_fleet_type: PreparedStatement,
+    pub(super) select_fleet_types: PreparedStatement,
     pub(super) insert_pending_hour: PreparedStatement,
     pub(super) delete_pending_hour: PreparedStatement,
     pub(super) select_pending_hours: PreparedStatement,
@@ -262,7 +270,8 @@ impl Prepared {
             select_pending: prepare(Cql::select_pending(ks)).await?,
             scan_pending: prepare(Cql::scan_pending(ks)).await?,
             insert_fleet: prepare(Cql::insert_fleet(ks)).await?,
-            select_fleet: prepare(Cql::select_fleet(ks)).await?,
+            select_fleet_type: prepare(Cql::select_fleet_type(ks)).await?,
+            select_fleet_types: prepare(Cql::select_fleet_types(ks)).await?,
             insert_pending_hour: prepare(Cql::insert_pending_hour(ks)).await?,
             delete_pending_hour: prepare(Cql::delete_pending_hour(ks)).await?,
             select_pending_hours: prepare(Cql::select_pending_hours(ks)).await?,

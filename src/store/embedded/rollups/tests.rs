@@ -79,6 +79,7 @@ fn a_directory_from_before_the_levels_gets_them_built_from_its_minute_rows() {
             from_ms: m0,
             to_ms: m0 + 86_400_000,
             kind: None,
+            by_type: true,
         })
         .unwrap()
         .unwrap();

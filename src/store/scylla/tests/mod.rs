@@ -54,7 +54,7 @@ fn the_schema_parses_into_its_tables() {
             "buckets",
             "event_ids",
             "events",
-            "fleet_series",
+            "fleet_by_type",
             "latest",
             "meta",
             "pending_by_device",
@@ -286,7 +286,16 @@ fn every_bound_row_type_serializes_against_the_schema() {
             },
         ),
         check_bind(
-            &Cql::select_fleet(KS),
+            &Cql::select_fleet_type(KS),
+            &FleetTypeIn {
+                user_id: 1,
+                level: 2,
+                slab: t,
+                kind: "",
+            },
+        ),
+        check_bind(
+            &Cql::select_fleet_types(KS),
             &FleetPartitionIn {
                 user_id: 1,
                 level: 2,
@@ -331,7 +340,8 @@ fn every_read_row_type_type_checks_against_the_schema() {
     check_read::<CoarseOut>(&Cql::select_coarse(KS)).unwrap();
     check_read::<PendingOut>(&Cql::select_pending(KS)).unwrap();
     check_read::<PendingScan>(&Cql::scan_pending(KS)).unwrap();
-    check_read::<FleetOut>(&Cql::select_fleet(KS)).unwrap();
+    check_read::<FleetOut>(&Cql::select_fleet_type(KS)).unwrap();
+    check_read::<FleetOut>(&Cql::select_fleet_types(KS)).unwrap();
     check_read::<PendingHourOut>(&Cql::select_pending_hours(KS)).unwrap();
     check_read::<PendingHourRow>(&Cql::scan_pending_hours(KS)).unwrap();
     check_read::<LatestOut>(&Cql::select_latest(KS)).unwrap();
@@ -479,7 +489,7 @@ fn the_schema_is_filled_from_the_settings() {
     };
     assert_eq!(ttl_of("rollups"), "604800");
     assert_eq!(ttl_of("rollups_coarse"), "31536000");
-    assert_eq!(ttl_of("fleet_series"), "31536000");
+    assert_eq!(ttl_of("fleet_by_type"), "31536000");
     let alters = super::schema::tier_ttl_statements(&settings);
     assert!(alters.contains(
         &"ALTER TABLE metrics_prod.event_ids WITH default_time_to_live = 86400".to_owned()
