@@ -54,7 +54,7 @@ use crate::store::retention::Tier;
 use crate::store::{Level, Rollup, RollupQuery, StoreError, ROLLUP_MS};
 
 /// Minutes taken for recomputation at a time (see `Inner::round`).
-const PASS_MINUTES: usize = 20_000;
+const PASS_MINUTES: usize = 40_000;
 
 /// How often the recomputer looks for marks that are due.
 const TICK: Duration = Duration::from_millis(250);
@@ -115,20 +115,30 @@ impl Inner {
     /// backlog held it at its peak for as long as the pass ran, longer than the
     /// pipeline retries a write, so a burst got 503s that the recomputer was already
     /// working off; passes let the backlog fall as they go.
+    ///
+    /// A pass's marks are deleted while the next pass runs: they only cover minutes
+    /// already recomputed at every level, and waiting for them left the node idle
+    /// between passes.
     pub(super) async fn round(&self, all: bool) {
         let _one_at_a_time = self.recomputer.round.lock().await;
+        let mut deleting = Vec::new();
         loop {
             let due =
                 (self.recomputer.pending).take_due(std::time::Instant::now(), all, PASS_MINUTES);
             let full = due.len() >= PASS_MINUTES;
-            if !due.is_empty() {
+            let pass = async {
+                if due.is_empty() {
+                    return Vec::new();
+                }
                 let ok = self.recompute(due.iter().map(|(k, _)| *k).collect()).await;
                 let results = due.into_iter().map(|(k, m)| (k, m, ok.contains(&k)));
-                let done = self.recomputer.pending.finish(results);
-                self.delete_marks(done).await;
-            }
+                self.recomputer.pending.finish(results)
+            };
+            let previous = self.delete_marks(std::mem::take(&mut deleting));
+            (deleting, ()) = futures::future::join(pass, previous).await;
             // A pass under the limit took every mark due when it began.
             if !full {
+                self.delete_marks(deleting).await;
                 return;
             }
         }
