@@ -395,8 +395,8 @@ async fn a_writer_that_crashed_before_its_rollups_is_repaired_by_the_sweep() {
     assert_eq!(stale, 3);
     assert_eq!(
         store.sweep().await.unwrap(),
-        2,
-        "the crashed writer's mark, and the user row left alone"
+        3,
+        "the crashed writer's mark, then the rows by user: its twin and the one left alone"
     );
     assert_eq!(ks.count("pending_by_device").await, 0);
     assert_eq!(ks.count("pending_by_user").await, 0);

@@ -13,20 +13,20 @@
 //!   same way). Rows are clustered by type first, so a read by device takes the one
 //!   slice of totals, a read of one type that type's slice: Cassandra's cost is per
 //!   cell read, and a fleet with two types costs half.
-//! - **Pending hours say which rows may lag.** A device's fleet row misses an
-//!   acknowledged event while a minute of that hour is pending. Every mark of a
-//!   device's hour (`pending.rs`) has a row in `pending_by_user` beside its row in
-//!   `pending_by_device`, written with it before the events and deleted with it after
-//!   every minute under it is recomputed at every level; that table is partitioned by
-//!   user, so one slice names every (device, hour) that lags. A read takes those
-//!   from the device's own rows instead (`coarse_rollups`, down to the events of its
-//!   pending minutes), and the rest from the fleet rows.
+//! - **Pending days say which rows may lag.** A device's fleet row misses an
+//!   acknowledged event while a minute of that hour is pending. Every day mark
+//!   (`pending.rs`: the hour marks of a device's day opened together) has a row in
+//!   `pending_by_user`, written before the events and deleted once every minute under
+//!   it is recomputed at every level; that table is partitioned by user, so one slice
+//!   names every (device, day) that may lag. A read takes every interval of those
+//!   days from the device's own rows instead (`coarse_rollups`, down to the events of
+//!   its pending minutes: one read per device), and the rest from the fleet rows.
 //! - **Pending first.** As for one device: the markers are read before the rows, so an
 //!   interval without a marker then has rows that hold everything acknowledged before.
 //! - **The sweep** deletes the `pending_by_user` rows older than
 //!   `store.rollup_sweep_after_secs` that no instance holds once their device has no
-//!   pending minute in that hour (after it has recomputed the marks a crashed writer
-//!   left, deleting both rows of each).
+//!   pending minute in that day (after it has recomputed the marks a crashed writer
+//!   left, deleting their rows in `pending_by_device`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use super::errors::{corrupt, pager_error, row_error};
 use super::levels::ByType;
-use super::pending::{device_row, hour_row, HourKey, DAY_MS, HOUR_MS, HOUR_SLAB_MS};
+use super::pending::{device_row, hour_row, Ended, HourKey, DAY_MS, HOUR_MS, HOUR_SLAB_MS};
 use super::rows::{
     ms, FleetIn, FleetOut, FleetPartitionIn, FleetTypeIn, PendingHourOut, PendingHourRangeIn,
     PendingHourRow, PendingRow,
@@ -115,12 +115,17 @@ impl Inner {
         self.write_rows(&self.cql.insert_fleet, &rows).await
     }
 
-    /// Deletes the rows of hour marks whose minutes are all recomputed: in
-    /// `pending_by_device` per device, in `pending_by_user` per user and slab.
-    pub(super) async fn delete_marks(&self, mut marks: Vec<(HourKey, Uuid)>) {
+    /// Deletes the rows of ended marks: of hour marks whose minutes are all
+    /// recomputed in `pending_by_device` per device, of day marks whose hours all
+    /// ended in `pending_by_user` per user and slab.
+    pub(super) async fn delete_marks(&self, ended: Ended) {
+        let Ended {
+            hours: mut marks,
+            days,
+        } = ended;
         marks.sort_unstable();
         let by_device: Vec<PendingRow> = marks.iter().map(|(k, m)| device_row(*k, *m)).collect();
-        let by_user: Vec<PendingHourRow> = marks.iter().map(|(k, m)| hour_row(*k, *m)).collect();
+        let by_user: Vec<PendingHourRow> = days.iter().map(|(k, m)| hour_row(*k, *m)).collect();
         futures::future::join(
             self.delete_grouped(&self.cql.delete_pending, &by_device, |r| {
                 (r.user_id, r.device_id)
@@ -160,8 +165,8 @@ impl Inner {
             .await;
     }
 
-    /// Deletes the hour markers made before `cutoff` that this instance does not hold
-    /// and whose hour has no pending minute left; returns how many old ones it found.
+    /// Deletes the rows by user made before `cutoff` that this instance does not hold
+    /// and whose day has no pending minute left; returns how many old ones it found.
     pub(super) async fn sweep_hours(&self, cutoff: i64) -> Result<usize, StoreError> {
         // A mark that old is closed to new minutes (`pending.rs`), so the minutes it
         // covers are all marked by now.
@@ -169,15 +174,19 @@ impl Inner {
             .old_marks(
                 &self.cql.scan_pending_hours,
                 cutoff,
-                |r: &PendingHourRow| ((r.user_id, r.device_id, r.hour.0), r.flush),
+                |r: &PendingHourRow| {
+                    let key = (r.user_id, r.device_id, r.hour.0);
+                    (r.flush, self.recomputer.pending.holds_day(key, r.flush))
+                },
             )
             .await?;
         let n = old.len();
         let done: Vec<PendingHourRow> = stream::iter(old)
             .map(|r| async move {
-                let hour = r.hour.0;
+                // A row covers its whole day (`pending.rs`).
+                let day = bucket_start(r.hour.0, DAY_MS);
                 let pending = self
-                    .pending_minutes(r.user_id, r.device_id, hour, hour + HOUR_MS)
+                    .pending_minutes(r.user_id, r.device_id, day, day + DAY_MS)
                     .await?;
                 Ok::<_, StoreError>(pending.is_empty().then_some(r))
             })
@@ -195,30 +204,35 @@ impl Inner {
         Ok(n)
     }
 
-    /// The (device, hour) pairs of a user with a pending minute in `[from, to)`.
-    async fn pending_hours(
+    /// The (device, day) pairs of a user whose rows by user say a minute of that day
+    /// may be pending, for the days that meet `[from, to)`.
+    async fn pending_days(
         &self,
         user: UserId,
         from: i64,
         to: i64,
     ) -> Result<Vec<(DeviceId, i64)>, StoreError> {
-        let parts: Vec<Vec<(DeviceId, i64)>> = stream::iter(buckets_in(from, to, HOUR_SLAB_MS))
-            .map(|(slab, lo, hi)| async move {
-                let slice = PendingHourRangeIn {
-                    user_id: user,
-                    slab: ms(slab),
-                    from_hour: ms(bucket_start(lo, HOUR_MS)),
-                    to_hour: ms(hi),
-                };
-                self.rows::<PendingHourOut>(&self.cql.select_pending_hours, slice)
-                    .await?
-                    .map_ok(|r| (r.device_id, r.hour.0))
-                    .try_collect()
-                    .await
-            })
-            .buffered(SLICES)
-            .try_collect()
-            .await?;
+        // A day mark's row is at its day's start, before `from` when the range starts
+        // within the day; a slab holds whole days.
+        let first_day = bucket_start(from, DAY_MS);
+        let parts: Vec<Vec<(DeviceId, i64)>> =
+            stream::iter(buckets_in(first_day, to, HOUR_SLAB_MS))
+                .map(|(slab, lo, hi)| async move {
+                    let slice = PendingHourRangeIn {
+                        user_id: user,
+                        slab: ms(slab),
+                        from_hour: ms(lo),
+                        to_hour: ms(hi),
+                    };
+                    self.rows::<PendingHourOut>(&self.cql.select_pending_hours, slice)
+                        .await?
+                        .map_ok(|r| (r.device_id, bucket_start(r.hour.0, DAY_MS)))
+                        .try_collect()
+                        .await
+                })
+                .buffered(SLICES)
+                .try_collect()
+                .await?;
         Ok(parts.into_iter().flatten().collect())
     }
 
@@ -297,11 +311,14 @@ impl Inner {
             return Ok(Some(Vec::new()));
         }
         let len = q.level.ms();
+        // Every interval of a pending day lags (an hour or the day itself).
         let stale: BTreeSet<(DeviceId, i64)> = self
-            .pending_hours(q.user_id, q.from_ms, q.to_ms)
+            .pending_days(q.user_id, q.from_ms, q.to_ms)
             .await?
             .into_iter()
-            .map(|(device, hour)| (device, bucket_start(hour, len)))
+            .flat_map(|(device, day)| {
+                buckets_in(day, day + DAY_MS, len).map(move |(start, _, _)| (device, start))
+            })
             .filter(|(_, start)| (q.from_ms..q.to_ms).contains(start))
             .collect();
         let mut out: Vec<FleetCount> = self
@@ -415,19 +432,17 @@ pub(super) async fn build(
     // A partition's count rows come in clustering order, so the types of one interval
     // are adjacent: each run's total is written as it ends, without holding the
     // keyspace's intervals in memory.
+    type Interval = (UserId, DeviceId, i32, i64);
+    let total = |((user, device, level, start), n): (Interval, i64)| {
+        write((user, device), level, start, ALL_TYPES.to_owned(), n)
+    };
     let mut counts = std::pin::pin!(counts);
     let mut writes = stream::FuturesUnordered::new();
-    let mut run: Option<((UserId, DeviceId, i32, i64), i64)> = None;
+    let mut run: Option<(Interval, i64)> = None;
     while let Some((user_id, device_id, level, _, start, kind, count)) = counts.try_next().await? {
         let key = (user_id, device_id, level, start.0);
-        if let Some(((user, device, level, start), total)) = run.take_if(|(k, _)| *k != key) {
-            writes.push(write(
-                (user, device),
-                level,
-                start,
-                ALL_TYPES.to_owned(),
-                total,
-            ));
+        if let Some(ended) = run.take_if(|(k, _)| *k != key) {
+            writes.push(total(ended));
         }
         run.get_or_insert((key, 0)).1 += count;
         writes.push(write((user_id, device_id), level, start.0, kind, count));
@@ -435,14 +450,8 @@ pub(super) async fn build(
             writes.try_next().await?;
         }
     }
-    if let Some(((user, device, level, start), total)) = run {
-        writes.push(write(
-            (user, device),
-            level,
-            start,
-            ALL_TYPES.to_owned(),
-            total,
-        ));
+    if let Some(ended) = run {
+        writes.push(total(ended));
     }
     while writes.try_next().await?.is_some() {}
     // Marks of the table before `pending_by_device` (one row per minute), if the

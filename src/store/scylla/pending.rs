@@ -6,11 +6,14 @@
 //! that mark, and the mark is recomputed once quiet. In the tables, one mark per
 //! (device, hour) at a time: every minute mark opened in an hour joins the instance's
 //! mark of that hour, whose row in `pending_by_device` holds the minutes (a set,
-//! added to as minutes join) and whose row in `pending_by_user` names the hour for
-//! fleet reads. Every row becomes a tombstone once recomputed, and tombstones are
-//! what Cassandra reads slowly, then refuses to read (`READ_TOO_MANY_TOMBSTONES`): a
-//! fleet's flush of a day of one device writes 24 marks, not 1,440, and a busy
-//! device's hour one or a few, not one per flush.
+//! added to as minutes join). Hour marks of a device's day opened within `MAX_AGE` of
+//! each other share their id and one row in `pending_by_user` (its `hour` is the
+//! day's start), which names the day for fleet reads: a **day mark**. Every row
+//! becomes a tombstone once recomputed, and tombstones are what Cassandra reads
+//! slowly, then refuses to read (`READ_TOO_MANY_TOMBSTONES`): a fleet's flush of a day
+//! of one device writes 24 device rows, not 1,440, and one row by user, not 24 (after
+//! a backfill of 1,000 devices, fleet reads walked 24,000 tombstones: 6 ms of the
+//! node's CPU each).
 //!
 //! A minute mark may be recomputed only once every flush that joined it has its
 //! events durable (`writers` is back to zero), and must then not be joined any more:
@@ -19,7 +22,9 @@
 //! minute mark that joined it has been recomputed at every level; if any of them
 //! failed, they stay for the sweep. An hour mark too old to join (`MAX_AGE`) makes
 //! new minutes open another, so that the sweep, which waits far longer, never deletes
-//! a mark still being joined.
+//! a mark still being joined. A day mark's row is deleted once its last hour mark
+//! ends, and stays if any of them stayed. A day mark takes no new hour once one of
+//! its hours has ended, so an hour never has two marks with the same id.
 //!
 //! A flush that joins a mark whose rows another flush is still writing writes them
 //! too (the same keys and set elements: no second tombstone): its own events must not
@@ -59,8 +64,15 @@ pub(super) type MinuteKey = (UserId, DeviceId, i64);
 /// (user, device, hour).
 pub(super) type HourKey = (UserId, DeviceId, i64);
 
+/// (user, device, day): a day mark's key.
+pub(super) type DayKey = (UserId, DeviceId, i64);
+
 fn hour_of((user, device, minute): MinuteKey) -> HourKey {
     (user, device, bucket_start(minute, HOUR_MS))
+}
+
+fn day_of((user, device, hour): HourKey) -> DayKey {
+    (user, device, bucket_start(hour, DAY_MS))
 }
 
 /// The offset of a minute in its hour (0-59), as `pending_by_device` keeps it.
@@ -79,7 +91,9 @@ pub(super) fn device_row(key: HourKey, marker: Uuid) -> PendingRow {
     }
 }
 
-/// An hour mark's row in `pending_by_user`.
+/// A mark's row in `pending_by_user`: of a day mark (`key` is the day's start), or of
+/// an hour mark written by an older version or carried by `iotpipe migrate`. Readers
+/// take either as covering its whole day.
 pub(super) fn hour_row(key: HourKey, marker: Uuid) -> PendingHourRow {
     let (user_id, device_id, hour) = key;
     PendingHourRow {
@@ -107,8 +121,17 @@ struct HourMark {
     /// Minute marks that joined it and are not yet recomputed.
     minutes: usize,
     opened: Instant,
-    durable: bool,
     /// A minute under it failed: its row stays for the sweep.
+    kept: bool,
+}
+
+struct DayMark {
+    /// Hour marks that share its id and have not ended.
+    hours: usize,
+    opened: Instant,
+    /// Its row in `pending_by_user` is known written.
+    durable: bool,
+    /// An hour under it stayed for the sweep: so does its row.
     kept: bool,
 }
 
@@ -125,6 +148,10 @@ struct Marks {
     hours: HashMap<(HourKey, Uuid), HourMark>,
     /// The hour mark new minute marks join.
     open_hours: HashMap<HourKey, Uuid>,
+    /// Every day mark with an hour mark under it.
+    days: HashMap<(DayKey, Uuid), DayMark>,
+    /// The day mark new hour marks join.
+    open_days: HashMap<DayKey, Uuid>,
     /// The hour mark of each minute mark taken for recomputation, until `finish`.
     taken: HashMap<Uuid, Uuid>,
 }
@@ -152,10 +179,17 @@ pub(super) struct Pending {
 pub(super) struct Markers {
     /// Minutes to add to hour marks' rows in `pending_by_device`, one per mark.
     pub(super) minutes: Vec<PendingAddIn>,
-    /// Rows of hour marks in `pending_by_user`.
+    /// Rows of day marks in `pending_by_user`.
     pub(super) hours: Vec<PendingHourRow>,
     /// The minute marks these rows cover, for [`Pending::confirm`].
     marks: Vec<(MinuteKey, Uuid)>,
+}
+
+/// Marks whose rows are to be deleted (see [`Pending::finish`]).
+#[derive(Debug, Default)]
+pub(super) struct Ended {
+    pub(super) hours: Vec<(HourKey, Uuid)>,
+    pub(super) days: Vec<(DayKey, Uuid)>,
 }
 
 /// A flush's hold on its minutes' marks; released (the flush's events are durable, or
@@ -180,6 +214,8 @@ impl Pending {
             open,
             hours,
             open_hours,
+            days,
+            open_days,
             ..
         } = &mut *marks;
         let mut held = Vec::new();
@@ -195,17 +231,39 @@ impl Pending {
                         .is_some_and(|h| now.duration_since(h.opened) < MAX_AGE)
                 });
                 let hour = joinable.unwrap_or_else(|| {
-                    let id = Uuid::now_v7();
+                    // The id of the day mark it joins (opened no later than it, so
+                    // closed by age no later either).
+                    let dk = day_of(hk);
+                    let young = |id: &Uuid| {
+                        (days.get(&(dk, *id)))
+                            .is_some_and(|d| now.duration_since(d.opened) < MAX_AGE)
+                    };
+                    let id = open_days
+                        .get(&dk)
+                        .copied()
+                        .filter(young)
+                        .unwrap_or_else(|| {
+                            let id = Uuid::now_v7();
+                            open_days.insert(dk, id);
+                            let day = DayMark {
+                                hours: 0,
+                                opened: now,
+                                durable: false,
+                                kept: false,
+                            };
+                            days.insert((dk, id), day);
+                            id
+                        });
+                    if let Some(d) = days.get_mut(&(dk, id)) {
+                        d.hours += 1;
+                    }
                     open_hours.insert(hk, id);
-                    hours.insert(
-                        (hk, id),
-                        HourMark {
-                            minutes: 0,
-                            opened: now,
-                            durable: false,
-                            kept: false,
-                        },
-                    );
+                    let mark = HourMark {
+                        minutes: 0,
+                        opened: now,
+                        kept: false,
+                    };
+                    hours.insert((hk, id), mark);
                     id
                 });
                 if let Some(h) = hours.get_mut(&(hk, hour)) {
@@ -227,15 +285,16 @@ impl Pending {
                     .push(minute_offset(key.2));
                 rows.marks.push((key, mark.marker));
             }
-            if hours.get(&(hk, mark.hour)).is_some_and(|h| !h.durable) {
-                unwritten_hours.insert((hk, mark.hour));
+            let dk = day_of(hk);
+            if days.get(&(dk, mark.hour)).is_some_and(|d| !d.durable) {
+                unwritten_hours.insert((dk, mark.hour));
             }
             mark.writers += 1;
             held.push((key, mark.marker));
         }
         rows.hours = unwritten_hours
             .into_iter()
-            .map(|(hk, hour)| hour_row(hk, hour))
+            .map(|(dk, id)| hour_row(dk, id))
             .collect();
         // Grouped by partition (user, slab), as written.
         rows.hours
@@ -275,11 +334,11 @@ impl Pending {
             }
         }
         for r in &rows.hours {
-            if let Some(h) = marks
-                .hours
+            if let Some(d) = marks
+                .days
                 .get_mut(&((r.user_id, r.device_id, r.hour.0), r.flush))
             {
-                h.durable = true;
+                d.durable = true;
             }
         }
     }
@@ -339,20 +398,24 @@ impl Pending {
     }
 
     /// Ends taken marks: `ok` when the minute was recomputed at every level. Returns
-    /// the hour marks whose every minute is done: their rows are to be deleted. Marks
-    /// this instance did not take (the sweep's) are ignored.
+    /// the marks whose rows are to be deleted: the hour marks whose every minute is
+    /// done (their rows in `pending_by_device`) and the day marks whose every hour is
+    /// (their rows in `pending_by_user`). Marks this instance did not take (the
+    /// sweep's) are ignored.
     pub(super) fn finish(
         &self,
         results: impl IntoIterator<Item = (MinuteKey, Uuid, bool)>,
-    ) -> Vec<(HourKey, Uuid)> {
+    ) -> Ended {
         let mut marks = self.marks();
         let Marks {
             hours,
             open_hours,
+            days,
+            open_days,
             taken,
             ..
         } = &mut *marks;
-        let mut done = Vec::new();
+        let mut done = Ended::default();
         for (key, marker, ok) in results {
             let Some(hour) = taken.remove(&marker) else {
                 continue;
@@ -363,13 +426,28 @@ impl Pending {
             };
             h.minutes -= 1;
             h.kept |= !ok;
-            if h.minutes == 0 {
-                if open_hours.get(&hk) == Some(&hour) {
-                    open_hours.remove(&hk);
-                }
-                if hours.remove(&(hk, hour)).is_some_and(|h| !h.kept) {
-                    done.push((hk, hour));
-                }
+            if h.minutes > 0 {
+                continue;
+            }
+            if open_hours.get(&hk) == Some(&hour) {
+                open_hours.remove(&hk);
+            }
+            let kept = hours.remove(&(hk, hour)).is_some_and(|h| h.kept);
+            if !kept {
+                done.hours.push((hk, hour));
+            }
+            let dk = day_of(hk);
+            // Closed to new hours: one of this hour's could get its id again.
+            if open_days.get(&dk) == Some(&hour) {
+                open_days.remove(&dk);
+            }
+            let Some(d) = days.get_mut(&(dk, hour)) else {
+                continue;
+            };
+            d.hours -= 1;
+            d.kept |= kept;
+            if d.hours == 0 && days.remove(&(dk, hour)).is_some_and(|d| !d.kept) {
+                done.days.push((dk, hour));
             }
         }
         done
@@ -390,6 +468,11 @@ impl Pending {
     /// Whether `marker` is one of this instance's hour marks still in use.
     pub(super) fn holds_hour(&self, key: HourKey, marker: Uuid) -> bool {
         self.marks().hours.contains_key(&(key, marker))
+    }
+
+    /// Whether `marker` is one of this instance's day marks still in use.
+    pub(super) fn holds_day(&self, key: DayKey, marker: Uuid) -> bool {
+        self.marks().days.contains_key(&(key, marker))
     }
 }
 
@@ -489,7 +572,13 @@ mod tests {
         let p = Pending::default();
         let hour = |h: i64| (1, Uuid::nil(), h * HOUR_MS);
         let (a, rows) = p.claim([key(0), key(60_000), key(HOUR_MS)]);
-        assert_eq!(rows.hours.len(), 2, "two hours: two rows, not three");
+        assert_eq!(
+            rows.minutes.len(),
+            2,
+            "two hours: two rows by device, not three"
+        );
+        assert_eq!(rows.hours.len(), 1, "one day: one row by user");
+        assert_eq!(rows.hours[0].hour.0, 0, "at the day's start");
         p.confirm(&rows);
         drop(a);
         let (b, more) = p.claim([key(120_000)]);
@@ -500,27 +589,39 @@ mod tests {
             "added to the open hour mark's row"
         );
         assert!(more.hours.is_empty(), "whose row by user is written");
-        let first_hour = rows.hours.iter().find(|r| r.hour.0 == 0).unwrap().flush;
+        let first_hour = rows.hours[0].flush;
         assert!(p.holds_hour(hour(0), first_hour));
+        assert!(
+            p.holds_hour(hour(1), first_hour),
+            "hours of a day share the id"
+        );
+        assert!(p.holds_day(hour(0), first_hour));
 
         let due = p.take_due(Instant::now(), true, usize::MAX);
         assert_eq!(due.len(), 3, "the fourth minute is still being written");
         let done = p.finish(due.iter().map(|(k, m)| (*k, *m, true)));
         assert_eq!(
-            done.iter().map(|(k, _)| k.2).collect::<Vec<_>>(),
+            done.hours.iter().map(|(k, _)| k.2).collect::<Vec<_>>(),
             [HOUR_MS],
             "hour 0 still has a minute to recompute"
+        );
+        assert!(done.days.is_empty(), "and so its day");
+        let (_d, next) = p.claim([key(HOUR_MS + 60_000)]);
+        assert_ne!(
+            next.minutes[0].flush, first_hour,
+            "a day mark with an ended hour takes no new one"
         );
         drop(b);
         let due = p.take_due(Instant::now(), true, usize::MAX);
         let done = p.finish(due.iter().map(|(k, m)| (*k, *m, false)));
         assert!(
-            done.is_empty(),
-            "a failed minute leaves its hour row for the sweep"
+            done.hours.is_empty() && done.days.is_empty(),
+            "a failed minute leaves its hour's and day's rows for the sweep"
         );
         assert!(!p.holds_hour(hour(0), first_hour), "but not in memory");
+        assert!(!p.holds_day(hour(0), first_hour));
         let (_c, rows) = p.claim([key(0)]);
-        assert_eq!(rows.hours.len(), 1, "the next minute opens a new hour mark");
+        assert_eq!(rows.hours.len(), 1, "the next minute opens a new mark");
         assert_ne!(rows.hours[0].flush, first_hour);
     }
 

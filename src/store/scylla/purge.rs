@@ -137,9 +137,11 @@ impl Inner {
                 .execute_unpaged(&delete_bucket, key)
                 .await
                 .map_err(exec_error)?;
+            // The hours of its marks' rows by user: a day mark's is its day's start.
             let mut hour = bucket_start(bucket, HOUR_MS);
             while hour < bucket + len {
                 hours.insert(hour);
+                hours.insert(bucket_start(hour, DAY_MS));
                 hour += HOUR_MS;
             }
             // Every day and slab the bucket's events may have rollups in.

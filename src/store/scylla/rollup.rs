@@ -45,7 +45,7 @@ use scylla::statement::prepared::PreparedStatement;
 
 use super::minutes::MinuteSummaries;
 use super::minutes::{one_read, runs};
-use super::pending::{HourKey, MinuteKey, Pending, DAY_MS};
+use super::pending::{Ended, MinuteKey, Pending, DAY_MS};
 use super::rows::{ms, sketch_column, PendingScan, RollupIn};
 use super::sparse::{hour_of_sparse_minutes, is_sparse, whole_hours, WholeHours};
 use super::Inner;
@@ -121,14 +121,14 @@ impl Inner {
     /// between passes.
     pub(super) async fn round(&self, all: bool) {
         let _one_at_a_time = self.recomputer.round.lock().await;
-        let mut deleting = Vec::new();
+        let mut deleting = Ended::default();
         loop {
             let due =
                 (self.recomputer.pending).take_due(std::time::Instant::now(), all, PASS_MINUTES);
             let full = due.len() >= PASS_MINUTES;
             let pass = async {
                 if due.is_empty() {
-                    return Vec::new();
+                    return Ended::default();
                 }
                 let ok = self.recompute(due.iter().map(|(k, _)| *k).collect()).await;
                 let results = due.into_iter().map(|(k, m)| (k, m, ok.contains(&k)));
@@ -151,7 +151,8 @@ impl Inner {
         let cutoff = now_ms() - self.settings.rollup_sweep_after.as_millis() as i64;
         let rows: Vec<PendingScan> = self
             .old_marks(&self.cql.scan_pending, cutoff, |r: &PendingScan| {
-                ((r.user_id, r.device_id, r.hour.0), r.flush)
+                let key = (r.user_id, r.device_id, r.hour.0);
+                (r.flush, self.recomputer.pending.holds_hour(key, r.flush))
             })
             .await?;
         let n = rows.len();
@@ -166,32 +167,37 @@ impl Inner {
             let minutes: Vec<MinuteKey> = rows.iter().flat_map(minutes_of).collect();
             let _one_at_a_time = self.recomputer.round.lock().await;
             let ok = self.recompute(minutes).await;
-            let done = rows
+            let hours = rows
                 .iter()
                 .filter(|r| minutes_of(r).iter().all(|k| ok.contains(k)))
                 .map(|r| ((r.user_id, r.device_id, r.hour.0), r.flush))
                 .collect();
-            self.delete_marks(done).await;
+            // Their rows by user are the day's: `sweep_hours` deletes them once the
+            // day has no pending minute.
+            self.delete_marks(Ended {
+                hours,
+                days: Vec::new(),
+            })
+            .await;
         }
         // After the marks: a user row left without its device row goes too.
         Ok(n + self.sweep_hours(cutoff).await?)
     }
 
     /// The rows of a mark table (`scan`) made before `cutoff` that this instance
-    /// does not hold, `mark` naming each row's mark.
+    /// does not hold, `mark` naming each row's mark and whether this instance holds it.
     pub(super) async fn old_marks<T: Row>(
         &self,
         scan: &PreparedStatement,
         cutoff: i64,
-        mark: impl Fn(&T) -> (HourKey, uuid::Uuid),
+        mark: impl Fn(&T) -> (uuid::Uuid, bool),
     ) -> Result<Vec<T>, StoreError> {
         self.rows::<T>(scan, ())
             .await?
             .try_filter(|r| {
                 // Marks are UUIDv7: their time is when the mark was made.
-                let (key, marker) = mark(r);
+                let (marker, own) = mark(r);
                 let made = assigned_id_ts(marker).unwrap_or(i64::MIN);
-                let own = self.recomputer.pending.holds_hour(key, marker);
                 futures::future::ready(made <= cutoff && !own)
             })
             .try_collect()
