@@ -197,7 +197,7 @@ impl Inner {
         if !done.is_empty() {
             tracing::info!(
                 rows = done.len(),
-                "rollup sweep: deleting hour markers left behind"
+                "rollup sweep: deleting rows by user left behind"
             );
         }
         self.delete_user_rows(done).await;
