@@ -27,6 +27,12 @@ async fn minutes_with_rows(ks: &Keyspace, user: i64, device: Uuid) -> Vec<i64> {
     minutes
 }
 
+/// The time of event `id` in `minute` of `hour`: spread within the minute by a prime
+/// step, so that a minute's events are not in id order.
+fn in_minute(hour: i64, minute: i64, id: u128, step: i64) -> i64 {
+    hour + minute * ROLLUP_MS + (id as i64 * step) % ROLLUP_MS
+}
+
 #[tokio::test]
 async fn sparse_minutes_keep_no_rows_and_stay_exact_as_they_fill_up() {
     let ks = Keyspace::new(|_| {}).await;
@@ -36,7 +42,7 @@ async fn sparse_minutes_keep_no_rows_and_stay_exact_as_they_fill_up() {
     let mut id = 0u128;
     let mut make = |minute: i64, kind: &str, temp: Option<f64>| {
         id += 1;
-        let ts = hour + minute * ROLLUP_MS + (id as i64 * 997) % ROLLUP_MS;
+        let ts = in_minute(hour, minute, id, 997);
         let metrics: Vec<(&str, f64)> = temp.map(|t| ("temp", t)).into_iter().collect();
         event(id, ts, kind, &metrics)
     };
@@ -90,7 +96,7 @@ async fn hours_read_whole_in_one_round_are_summed_from_that_read() {
     let mut id = 0u128;
     let mut make = |minute: i64, temp: f64| {
         id += 1;
-        let ts = hour + minute * ROLLUP_MS + (id as i64 * 7919) % ROLLUP_MS;
+        let ts = in_minute(hour, minute, id, 7919);
         event(
             id,
             ts,
