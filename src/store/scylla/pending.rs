@@ -180,7 +180,7 @@ pub(super) struct Markers {
     /// Minutes to add to hour marks' rows in `pending_by_device`, one per mark.
     pub(super) minutes: Vec<PendingAddIn>,
     /// Rows of day marks in `pending_by_user`.
-    pub(super) hours: Vec<PendingHourRow>,
+    pub(super) days: Vec<PendingHourRow>,
     /// The minute marks these rows cover, for [`Pending::confirm`].
     marks: Vec<(MinuteKey, Uuid)>,
 }
@@ -221,7 +221,7 @@ impl Pending {
         let mut held = Vec::new();
         let mut rows = Markers::default();
         let mut adds: BTreeMap<(HourKey, Uuid), Vec<i32>> = BTreeMap::new();
-        let mut unwritten_hours = BTreeSet::new();
+        let mut unwritten_days = BTreeSet::new();
         for key in keys {
             let mark = open.entry(key).or_insert_with(|| {
                 let hk = hour_of(key);
@@ -287,17 +287,17 @@ impl Pending {
             }
             let dk = day_of(hk);
             if days.get(&(dk, mark.hour)).is_some_and(|d| !d.durable) {
-                unwritten_hours.insert((dk, mark.hour));
+                unwritten_days.insert((dk, mark.hour));
             }
             mark.writers += 1;
             held.push((key, mark.marker));
         }
-        rows.hours = unwritten_hours
+        rows.days = unwritten_days
             .into_iter()
             .map(|(dk, id)| hour_row(dk, id))
             .collect();
         // Grouped by partition (user, slab), as written.
-        rows.hours
+        rows.days
             .sort_unstable_by_key(|r| (r.user_id, r.slab.0, r.hour.0, r.device_id, r.flush));
         // Sorted by device: written per partition.
         rows.minutes = adds
@@ -333,7 +333,7 @@ impl Pending {
                 m.durable = true;
             }
         }
-        for r in &rows.hours {
+        for r in &rows.days {
             if let Some(d) = marks
                 .days
                 .get_mut(&((r.user_id, r.device_id, r.hour.0), r.flush))
@@ -507,10 +507,10 @@ mod tests {
             "two new minutes, one hour mark's row"
         );
         assert_eq!(rows.minutes[0].minutes, [0, 1]);
-        assert_eq!(rows.hours.len(), 1, "and its row by user");
+        assert_eq!(rows.days.len(), 1, "and its row by user");
         let (early, again) = p.claim([key(0)]);
         assert_eq!(
-            (again.minutes.len(), again.hours.len()),
+            (again.minutes.len(), again.days.len()),
             (1, 1),
             "joined before the rows are known written: written again"
         );
@@ -519,7 +519,7 @@ mod tests {
         p.confirm(&rows);
         let (b, rows) = p.claim([key(0)]);
         assert!(
-            rows.minutes.is_empty() && rows.hours.is_empty(),
+            rows.minutes.is_empty() && rows.days.is_empty(),
             "joined, nothing to write"
         );
         drop(a);
@@ -577,8 +577,8 @@ mod tests {
             2,
             "two hours: two rows by device, not three"
         );
-        assert_eq!(rows.hours.len(), 1, "one day: one row by user");
-        assert_eq!(rows.hours[0].hour.0, 0, "at the day's start");
+        assert_eq!(rows.days.len(), 1, "one day: one row by user");
+        assert_eq!(rows.days[0].hour.0, 0, "at the day's start");
         p.confirm(&rows);
         drop(a);
         let (b, more) = p.claim([key(120_000)]);
@@ -588,8 +588,8 @@ mod tests {
             [2],
             "added to the open hour mark's row"
         );
-        assert!(more.hours.is_empty(), "whose row by user is written");
-        let first_hour = rows.hours[0].flush;
+        assert!(more.days.is_empty(), "whose row by user is written");
+        let first_hour = rows.days[0].flush;
         assert!(p.holds_hour(hour(0), first_hour));
         assert!(
             p.holds_hour(hour(1), first_hour),
@@ -621,8 +621,8 @@ mod tests {
         assert!(!p.holds_hour(hour(0), first_hour), "but not in memory");
         assert!(!p.holds_day(hour(0), first_hour));
         let (_c, rows) = p.claim([key(0)]);
-        assert_eq!(rows.hours.len(), 1, "the next minute opens a new mark");
-        assert_ne!(rows.hours[0].flush, first_hour);
+        assert_eq!(rows.days.len(), 1, "the next minute opens a new mark");
+        assert_ne!(rows.days[0].flush, first_hour);
     }
 
     #[test]

@@ -144,7 +144,7 @@ impl Inner {
             (r.user_id, r.device_id)
         });
         // `claim` sorted these by partition.
-        let per_slab = self.write_grouped(&self.cql.insert_pending_hour, &markers.hours, |r| {
+        let per_slab = self.write_grouped(&self.cql.insert_pending_hour, &markers.days, |r| {
             (r.user_id, r.slab.0)
         });
         futures::future::try_join(per_device, per_slab).await?;
