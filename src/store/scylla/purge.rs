@@ -34,7 +34,7 @@ use super::levels::slab_ms;
 use super::pending::{DAY_MS, HOUR_MS, HOUR_SLAB_MS};
 use super::rows::ms;
 use super::Inner;
-use crate::model::{bucket_start, now_ms, DeviceId, UserId, MIN_TS_MS, QUERY_AHEAD_MS};
+use crate::model::{bucket_start, buckets_in, now_ms, DeviceId, UserId, MIN_TS_MS, QUERY_AHEAD_MS};
 use crate::store::{Level, StoreError};
 
 /// Id rows deleted at once.
@@ -138,20 +138,16 @@ impl Inner {
                 .await
                 .map_err(exec_error)?;
             // The hours of its marks' rows by user: a day mark's is its day's start.
-            let mut hour = bucket_start(bucket, HOUR_MS);
-            while hour < bucket + len {
+            for (hour, _, _) in buckets_in(bucket, bucket + len, HOUR_MS) {
                 hours.insert(hour);
                 hours.insert(bucket_start(hour, DAY_MS));
-                hour += HOUR_MS;
             }
             // Every day and slab the bucket's events may have rollups in.
-            let mut day = bucket_start(bucket, DAY_MS);
-            while day < bucket + len {
+            for (day, _, _) in buckets_in(bucket, bucket + len, DAY_MS) {
                 days.insert(day);
                 for level in [Level::Hour, Level::Day] {
                     slabs.insert((level.tag(), bucket_start(day, slab_ms(level))));
                 }
-                day += DAY_MS;
             }
         }
         // The device's rows in the user's fleet partitions, one per type it has count
