@@ -3,8 +3,8 @@
 //! Every ingest request authenticates, so this is the hot path: a warm cache answers
 //! with one SHA-256 and one map lookup. Deleting a device evicts its token and its
 //! ownership entry here at once; other instances (production mode) are told through
-//! a [`DeletionBroadcast`] (`registry::invalidation`; Redis pub/sub implements it), whose listener calls
-//! [`Auth::forget_device`] on each of them.
+//! a [`DeletionBroadcast`] (`registry::invalidation`; Redis pub/sub implements it),
+//! whose listener calls [`Auth::forget_device`] on each of them.
 //!
 //! Design: an answer is fresh for `ttl`; after that the registry is asked again, but if
 //! the registry is unavailable the stale answer is served (for up to `stale_for`,

@@ -2,9 +2,10 @@
 //!
 //! A semaphore bounds the open connections: past the limit the loop stops accepting
 //! and new devices wait in the listen backlog. One address may hold at most
-//! `mqtt.max_connections_per_ip` of them; past it, new connections are closed at once. On shutdown the listener closes first,
-//! then every connection stops reading and sends the acknowledgements still due;
-//! [`run`] returns once they have all closed, before the pipeline is drained.
+//! `mqtt.max_connections_per_ip` of them; past it, new connections are closed at
+//! once. On shutdown the listener closes first, then every connection stops reading
+//! and sends the acknowledgements still due; [`run`] returns once they have all
+//! closed, before the pipeline is drained.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -369,9 +369,9 @@ impl Inner {
 
 /// Fills `fleet_by_type`, `pending_by_device` and `pending_by_user` in a keyspace
 /// written before them (`iotpipe migrate`): a fleet cell for every count row of
-/// `rollups_coarse` and for each interval's total, and a mark for every row of the older `pending_minutes` (the
-/// sweep recomputes and deletes it). Rewrites rather than adds, so a build cut short
-/// is simply done again (at worst with a mark twice).
+/// `rollups_coarse` and for each interval's total, and a mark for every row of the
+/// older `pending_minutes` (the sweep recomputes and deletes it). Rewrites rather
+/// than adds, so a build cut short is simply done again (at worst with a mark twice).
 pub(super) async fn build(
     session: &scylla::client::session::Session,
     settings: &super::ScyllaSettings,

@@ -5,8 +5,9 @@
 //! on, the embedded store. This module only turns partitions into CQL writes and
 //! ranges into CQL reads. Its files: `settings`, `schema`, `statements` (every CQL
 //! text), `rows` (every bound or read row type), `write`, `read`, `rollup`,
-//! `minutes`, `sparse`, `levels` and `pending` (exact rollups), `fleet` (a user's counts in one read), `purge` (removing a device), `devices` (listing them) and `index_check`: rare,
-//! so they prepare their own statements; `errors`.
+//! `minutes`, `sparse`, `levels` and `pending` (exact rollups), `fleet` (a user's
+//! counts in one read), `purge` (removing a device), `devices` (listing them) and
+//! `index_check`: rare, so they prepare their own statements; `errors`.
 //!
 //! Writes, per flush:
 //! 1. Duplicates within the flush are dropped; the others are looked up in

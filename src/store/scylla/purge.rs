@@ -14,8 +14,9 @@
 //! `event_ids` (one per event).
 //!
 //! Order: per bucket, the ids first, then the events partition; the fleet rows before
-//! the `rollups_coarse` partitions that name their types; the `buckets` index last. A purge that stops half-way is therefore found again and finished by the
-//! next run: what is left is always reachable from the index.
+//! the `rollups_coarse` partitions that name their types; the `buckets` index last.
+//! A purge that stops half-way is therefore found again and finished by the next
+//! run: what is left is always reachable from the index.
 //!
 //! Rollup rows are written `USING TIMESTAMP` their count, so a delete at the current
 //! time also shadows what a recomputation still queued for the device would write
